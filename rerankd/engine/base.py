@@ -1,0 +1,61 @@
+"""The engine contract and device/dtype resolution.
+
+An engine is anything with `score(batch) -> raw scores`: the transformers engine today,
+the packed engine later, a fake one in tests. The scheduler depends on nothing else.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from rerankd.types import Batch
+
+
+class Engine(Protocol):
+    """What the scheduler needs from an engine."""
+
+    #: human-readable device and dtype, for /v1/models and logs
+    device: str
+    dtype: str
+    #: a sensible default token budget per batch on this device
+    default_batch_tokens: int
+
+    def score(self, batch: Batch) -> list[float]:
+        """Raw scores for `batch.pairs`, in order. Blocking; called from one worker thread."""
+        ...
+
+
+def cpu_supports_bf16() -> bool:
+    """True on CPUs with native bf16 matmul (AVX512-BF16 or AMX), where bf16 pays off."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def resolve_device(device: str) -> torch.device:
+    """`auto` → cuda when available, else cpu; explicit names are checked."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but torch sees no CUDA device")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """`auto` → bf16 on CUDA and on bf16-capable CPUs, float32 otherwise."""
+    if dtype == "float32":
+        return torch.float32
+    if dtype in ("bfloat16", "bf16"):
+        return torch.bfloat16
+    if dtype == "float16":
+        return torch.float16
+    if dtype != "auto":
+        raise ValueError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16")
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_supports_bf16() else torch.float32

@@ -1,0 +1,88 @@
+"""Prometheus collectors, one registry per app so tests and multiple apps never collide."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+class Metrics:
+    """All of rerankd's metrics; created once and passed to the layers that record them."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "rerankd_requests", "HTTP requests by route and status", ["route", "status"], registry=r
+        )
+        self.request_latency = Histogram(
+            "rerankd_request_seconds",
+            "End-to-end request latency",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.documents = Counter(
+            "rerankd_documents", "Documents (pairs) scored", ["model"], registry=r
+        )
+        self.tokens = Counter(
+            "rerankd_tokens", "Tokens scored (prompt tokens)", ["model"], registry=r
+        )
+        self.truncated = Counter(
+            "rerankd_truncated_documents",
+            "Documents cut to fit the model's limit",
+            ["model"],
+            registry=r,
+        )
+        self.tokenize_time = Histogram(
+            "rerankd_tokenize_seconds",
+            "Time to tokenize a request",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_time = Histogram(
+            "rerankd_queue_seconds",
+            "Time a request waited before its first batch ran",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.inference_time = Histogram(
+            "rerankd_batch_inference_seconds",
+            "Engine time per batch",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_pairs = Histogram(
+            "rerankd_batch_pairs",
+            "Pairs per engine batch",
+            ["model"],
+            buckets=_BATCH_BUCKETS,
+            registry=r,
+        )
+        self.batch_tokens = Histogram(
+            "rerankd_batch_tokens",
+            "Tokens per engine batch",
+            ["model"],
+            buckets=tuple(2**i for i in range(6, 19)),
+            registry=r,
+        )
+        self.rejected = Counter(
+            "rerankd_rejected_requests",
+            "Requests refused because the queue was full",
+            ["model"],
+            registry=r,
+        )
+        self.failures = Counter(
+            "rerankd_failures",
+            "Failures by kind (validation, inference, ...)",
+            ["kind"],
+            registry=r,
+        )
+        self.queued_tokens = Gauge(
+            "rerankd_queued_tokens", "Tokens waiting in the scheduler", ["model"], registry=r
+        )

@@ -1,0 +1,1 @@
+"""Model resolution and loading (hub ids and local directories)."""

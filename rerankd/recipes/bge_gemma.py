@@ -1,0 +1,66 @@
+"""bge-reranker-v2-gemma: FlagEmbedding's decoder-only reranker prompt, scored by the "Yes" logit."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from rerankd.recipes.base import Recipe, ScoreHead
+from rerankd.types import EncodedPair
+
+DEFAULT_PROMPT = (
+    "Given a query A and a passage B, determine whether the passage contains an answer to the "
+    "query by providing a prediction of either 'Yes' or 'No'."
+)
+SEPARATOR = "\n"
+#: FlagEmbedding's default `max_length` (L): passages are cut to L tokens, queries to 3L/4
+DEFAULT_MAX_LENGTH = 512
+
+
+class BgeGemmaReranker(Recipe):
+    name = "bge-gemma"
+    architectures = ("GemmaForCausalLM",)
+    supports_instruction = True  # an instruction replaces the prompt text
+
+    def __init__(self, tokenizer, config, max_model_len: int | None = None) -> None:
+        super().__init__(tokenizer, config, max_model_len)
+        self.sep_ids = self.encode_text(SEPARATOR)
+        self.default_prompt_ids = self.encode_text(DEFAULT_PROMPT)
+        bos, pad = tokenizer.bos_token_id, tokenizer.pad_token_id
+        # FlagEmbedding prepends bos only when the tokenizer has one distinct from pad.
+        self.bos_ids = [bos] if bos is not None and bos != pad else []
+
+    @property
+    def head(self) -> ScoreHead:
+        return ScoreHead(
+            kind="lm_rows", positive_token_id=self.tokenizer.convert_tokens_to_ids("Yes")
+        )
+
+    def _max_length(self, max_model_len: int | None) -> int:
+        return DEFAULT_MAX_LENGTH if max_model_len is None else max_model_len
+
+    def _encode_pairs(
+        self, queries: Sequence[str], documents: Sequence[str], instruction: str | None
+    ) -> list[EncodedPair]:
+        length = self.max_length
+        prompt_ids = self.encode_text(instruction) if instruction else self.default_prompt_ids
+        # The pair (bos + query, sep + passage) may use L + len(sep) + len(prompt) tokens.
+        pair_limit = length + len(self.sep_ids) + len(prompt_ids)
+        unique_queries = list(dict.fromkeys(queries))
+        query_ids = dict(
+            zip(unique_queries, self.encode_texts([f"A: {q}" for q in unique_queries]), strict=True)
+        )
+        passage_ids = self.encode_texts([f"B: {d}" for d in documents])
+        pairs = []
+        for query, passage in zip(queries, passage_ids, strict=True):
+            full_query = query_ids[query]
+            first = self.bos_ids + full_query[: length * 3 // 4]
+            second = self.sep_ids + passage[:length]
+            # prepare_for_model(truncation="only_second"): drop from the end of the second part.
+            overflow = max(0, len(first) + len(second) - pair_limit)
+            second = second[: len(second) - overflow]
+            cut = (len(full_query) - len(first) + len(self.bos_ids)) + (
+                len(passage) + len(self.sep_ids) - len(second)
+            )
+            ids = first + second + self.sep_ids + prompt_ids
+            pairs.append(EncodedPair(tuple(ids), None, cut))
+        return pairs

@@ -1,0 +1,71 @@
+"""Assemble a running service from Settings: resolve, load, warm up.
+
+The only place that wires the layers together (loader → recipe → engine → scheduler →
+service), so each of them stays constructible from plain values in tests.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from rerankd.engine import resolve_device, resolve_dtype
+from rerankd.errors import ModelLoadError
+from rerankd.metrics import Metrics
+from rerankd.models.loader import load_config_and_tokenizer, resolve_model_dir
+from rerankd.recipes import build_recipe
+from rerankd.scheduler import Scheduler
+from rerankd.service import RerankService, ServedModel, aliases_for
+from rerankd.settings import Settings
+from rerankd.types import Batch
+
+log = logging.getLogger(__name__)
+
+
+def load_model(settings: Settings, metrics: Metrics) -> ServedModel:
+    """Load the configured model; raises ModelLoadError with a user-facing message."""
+    from rerankd.engine.transformers_engine import TransformersEngine
+
+    started = time.perf_counter()
+    model_dir = resolve_model_dir(settings.model, settings.revision)
+    config, tokenizer = load_config_and_tokenizer(model_dir)
+    recipe = build_recipe(settings.recipe, tokenizer, config, settings.max_model_len)
+    try:
+        device = resolve_device(settings.device)
+        dtype = resolve_dtype(settings.dtype, device)
+    except ValueError as exc:
+        raise ModelLoadError(str(exc)) from exc
+    try:
+        engine = TransformersEngine(
+            model_dir, recipe.head, device, dtype, settings.max_batch_tokens
+        )
+    except Exception as exc:
+        raise ModelLoadError(
+            f"could not load the weights in {str(model_dir)!r}: {type(exc).__name__}: {exc}"
+        ) from exc
+    names = aliases_for(settings.model, settings.served_model_name)
+    scheduler = Scheduler(
+        engine, metrics, names[0], settings.max_batch_tokens, settings.max_queued_tokens
+    )
+    warm_up(recipe, engine)
+    log.info(
+        "loaded %s (recipe %s, %s, %s, max %d tokens/pair) in %.1fs",
+        settings.model,
+        recipe.name,
+        engine.device,
+        engine.dtype,
+        recipe.max_length,
+        time.perf_counter() - started,
+    )
+    return ServedModel(names[0], recipe, scheduler, names[1:], source=settings.model)
+
+
+def warm_up(recipe, engine) -> None:
+    """Run one tiny batch so the first request does not pay for lazy initialization."""
+    pairs = recipe.encode(["warm-up query"], ["warm-up document"])
+    engine.score(Batch(pairs))
+
+
+def build_service(settings: Settings, metrics: Metrics | None = None) -> RerankService:
+    metrics = metrics or Metrics()
+    return RerankService([load_model(settings, metrics)], metrics)

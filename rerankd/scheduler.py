@@ -1,0 +1,213 @@
+"""The scheduler: one asyncio task owns the queue and feeds the engine token-budget batches.
+
+Requests arrive already tokenized (`EncodedPair`s). The loop takes pairs round-robin
+across waiting requests — longest first within each request — until the batch holds
+`max_batch_tokens`, so a 1-document request is never stuck behind a 1,000-document one
+and concurrent requests share batches. The engine runs in one worker thread; results are
+resolved back on the event loop. Requests whose client went away are skipped before
+compute. A full queue refuses new work at once (`Overloaded`) instead of growing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from rerankd.engine import Engine
+from rerankd.errors import InferenceFailed, Overloaded, ShuttingDown
+from rerankd.metrics import Metrics
+from rerankd.types import Batch, EncodedPair
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Entry:
+    """One request's pairs waiting in the queue."""
+
+    pairs: list[EncodedPair]
+    future: asyncio.Future
+    enqueued_at: float
+    scores: list[float | None] = field(init=False)
+    #: pair indices not yet batched, longest first
+    pending: deque[int] = field(init=False)
+    outstanding: int = field(init=False)
+    started: bool = False
+
+    def __post_init__(self) -> None:
+        self.scores = [None] * len(self.pairs)
+        order = sorted(range(len(self.pairs)), key=lambda i: len(self.pairs[i]), reverse=True)
+        self.pending = deque(order)
+        self.outstanding = len(self.pairs)
+
+    @property
+    def pending_tokens(self) -> int:
+        return sum(len(self.pairs[i]) for i in self.pending)
+
+
+class Scheduler:
+    """Single owner of the pair queue for one model/engine."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        metrics: Metrics,
+        model_name: str,
+        max_batch_tokens: int | None = None,
+        max_queued_tokens: int = 2_000_000,
+    ) -> None:
+        self.engine = engine
+        self.metrics = metrics
+        self.model_name = model_name
+        self.max_batch_tokens = max_batch_tokens or engine.default_batch_tokens
+        self.max_queued_tokens = max_queued_tokens
+        self._queue: deque[_Entry] = deque()
+        self._queued_tokens = 0
+        self._wakeup = asyncio.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rerankd-engine")
+        self._task: asyncio.Task | None = None
+        self._accepting = True
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(
+                self._run(), name="rerankd-scheduler"
+            )
+
+    async def stop(self) -> None:
+        """Stop taking work, finish what is queued, then stop the loop."""
+        self._accepting = False
+        while self._queue:
+            await asyncio.sleep(0.01)
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        self._executor.shutdown(wait=True)
+
+    # --- submission --------------------------------------------------------------------
+
+    async def submit(self, pairs: list[EncodedPair]) -> list[float]:
+        """Queue pairs and wait for their raw scores (in the same order)."""
+        if not pairs:
+            return []
+        if not self._accepting:
+            raise ShuttingDown("the server is shutting down and takes no new requests")
+        tokens = sum(len(p) for p in pairs)
+        if self._queued_tokens and self._queued_tokens + tokens > self.max_queued_tokens:
+            self.metrics.rejected.labels(self.model_name).inc()
+            raise Overloaded(
+                f"the server is busy ({self._queued_tokens} tokens queued, limit "
+                f"{self.max_queued_tokens}); retry shortly"
+            )
+        loop = asyncio.get_running_loop()
+        entry = _Entry(pairs, loop.create_future(), time.perf_counter())
+        self._queue.append(entry)
+        self._add_queued(tokens)
+        self._wakeup.set()
+        try:
+            return await entry.future
+        finally:
+            if not entry.future.done():
+                entry.future.cancel()  # client went away: the loop drops the rest of its pairs
+
+    def _add_queued(self, tokens: int) -> None:
+        self._queued_tokens += tokens
+        self.metrics.queued_tokens.labels(self.model_name).set(self._queued_tokens)
+
+    # --- the loop ------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            self._drop_cancelled()
+            if not self._queue:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            taken = self._next_batch()
+            batch = Batch([entry.pairs[i] for entry, i in taken])
+            self._record_batch_start(taken, batch)
+            started = time.perf_counter()
+            try:
+                raw = await loop.run_in_executor(self._executor, self.engine.score, batch)
+                if len(raw) != len(taken):
+                    raise RuntimeError(f"engine returned {len(raw)} scores for {len(taken)} pairs")
+            except Exception as exc:  # a failed batch fails its requests, never the server
+                log.exception("engine failed on a batch of %d pairs", len(taken))
+                self.metrics.failures.labels("inference").inc()
+                self._fail(taken, exc)
+                continue
+            self.metrics.inference_time.labels(self.model_name).observe(
+                time.perf_counter() - started
+            )
+            self._resolve(taken, raw)
+
+    def _next_batch(self) -> list[tuple[_Entry, int]]:
+        """Round-robin over waiting requests, longest pair first in each, up to the budget."""
+        taken: list[tuple[_Entry, int]] = []
+        tokens = 0
+        progress = True
+        while progress:
+            progress = False
+            for entry in self._queue:
+                if not entry.pending:
+                    continue
+                size = len(entry.pairs[entry.pending[0]])
+                if taken and tokens + size > self.max_batch_tokens:
+                    continue
+                taken.append((entry, entry.pending.popleft()))
+                tokens += size
+                progress = True
+        self._add_queued(-tokens)
+        # fully batched entries leave the queue; their futures resolve when results come back
+        self._queue = deque(entry for entry in self._queue if entry.pending)
+        return taken
+
+    def _drop_cancelled(self) -> None:
+        kept = deque()
+        for entry in self._queue:
+            if entry.future.done():
+                self._add_queued(-entry.pending_tokens)
+                entry.pending.clear()
+            else:
+                kept.append(entry)
+        self._queue = kept
+
+    def _record_batch_start(self, taken: list[tuple[_Entry, int]], batch: Batch) -> None:
+        now = time.perf_counter()
+        for entry, _ in taken:
+            if not entry.started:
+                entry.started = True
+                self.metrics.queue_time.labels(self.model_name).observe(now - entry.enqueued_at)
+        self.metrics.batch_pairs.labels(self.model_name).observe(len(batch.pairs))
+        self.metrics.batch_tokens.labels(self.model_name).observe(batch.num_tokens)
+
+    def _resolve(self, taken: list[tuple[_Entry, int]], raw: list[float]) -> None:
+        for (entry, index), value in zip(taken, raw, strict=True):
+            entry.scores[index] = float(value)
+            entry.outstanding -= 1
+            if entry.outstanding == 0 and not entry.future.done():
+                entry.future.set_result(entry.scores)
+
+    def _fail(self, taken: list[tuple[_Entry, int]], exc: Exception) -> None:
+        failed = {id(entry): entry for entry, _ in taken}
+        for entry in failed.values():
+            if not entry.future.done():
+                entry.future.set_exception(
+                    InferenceFailed(
+                        f"inference failed for this request: {type(exc).__name__}: {exc}"
+                    )
+                )
+            if entry.pending:
+                self._add_queued(-entry.pending_tokens)
+                entry.pending.clear()
+        self._queue = deque(e for e in self._queue if e.pending)

@@ -1,0 +1,51 @@
+"""Small dataclasses that cross layer boundaries (api → service → scheduler → engine).
+
+Nothing here imports torch or knows about HTTP: these are the only shapes the layers
+share, so each layer can be tested alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class EncodedPair:
+    """One (query, document) pair as the recipe tokenized it, ready for the engine.
+
+    `token_type_ids` is only set for encoders that use segment embeddings (BERT).
+    `cut_tokens` counts the tokens the recipe had to cut (document tail, or an over-long
+    query where the official recipe cuts it) to fit the model's limit.
+    """
+
+    input_ids: tuple[int, ...]
+    token_type_ids: tuple[int, ...] | None = None
+    cut_tokens: int = 0
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def truncated(self) -> bool:
+        return self.cut_tokens > 0
+
+
+@dataclass
+class Batch:
+    """A list of pairs the engine scores together; order of `raw_scores` follows `pairs`."""
+
+    pairs: list[EncodedPair] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(p) for p in self.pairs)
+
+
+@dataclass(frozen=True)
+class ScoredPairs:
+    """What the service hands back to the API layer for one request."""
+
+    raw_scores: list[float]
+    scores: list[float]
+    prompt_tokens: int
+    truncated_documents: int
