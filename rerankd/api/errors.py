@@ -10,10 +10,10 @@ import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import ORJSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from rerankd.api.responses import JSONResponse
 from rerankd.errors import (
     InferenceFailed,
     InvalidRequest,
@@ -58,7 +58,7 @@ class HTTPError(Exception):
 
 def error_response(
     status: int, message: str, param: str | None = None, headers: dict | None = None
-) -> ORJSONResponse:
+) -> JSONResponse:
     body = {
         "error": {
             "message": message,
@@ -67,7 +67,7 @@ def error_response(
             "code": status,
         }
     }
-    return ORJSONResponse(body, status_code=status, headers=headers)
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 _TYPE_TAGS = {"str", "int", "bool", "float", "dict", "list", "none"}
@@ -104,7 +104,7 @@ def validation_message(exc: ValidationError | RequestValidationError) -> tuple[s
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RerankdError)
-    async def _domain(_: Request, exc: RerankdError) -> ORJSONResponse:
+    async def _domain(_: Request, exc: RerankdError) -> JSONResponse:
         status = next((s for cls, s in _STATUS.items() if isinstance(exc, cls)), 500)
         headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, Overloaded) else None
         if isinstance(exc, ShuttingDown):
@@ -112,23 +112,23 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(status, exc.message, exc.param, headers)
 
     @app.exception_handler(HTTPError)
-    async def _http(_: Request, exc: HTTPError) -> ORJSONResponse:
+    async def _http(_: Request, exc: HTTPError) -> JSONResponse:
         return error_response(exc.status, exc.message, exc.param, exc.headers)
 
     @app.exception_handler(ValidationError)
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc) -> ORJSONResponse:
+    async def _validation(_: Request, exc) -> JSONResponse:
         message, param = validation_message(exc)
         return error_response(400, message, param)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _starlette(request: Request, exc: StarletteHTTPException) -> ORJSONResponse:
+    async def _starlette(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         if exc.status_code == 404:
             return error_response(404, f"no route {request.method} {request.url.path}")
         return error_response(exc.status_code, str(exc.detail), None, getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
-    async def _bug(_: Request, exc: Exception) -> ORJSONResponse:
+    async def _bug(_: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error; this is a bug")
         return error_response(
             500, f"internal error ({type(exc).__name__}); this is a bug in rerankd"

@@ -8,12 +8,13 @@ from typing import Any
 
 import orjson
 from fastapi import APIRouter, Request
-from fastapi.responses import ORJSONResponse, PlainTextResponse
+from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from rerankd import __version__
 from rerankd.api.documents import document_texts, echo
 from rerankd.api.errors import HTTPError, error_response
+from rerankd.api.responses import JSONResponse
 from rerankd.api.schemas import (
     ErrorResponse,
     RerankRequest,
@@ -62,7 +63,7 @@ def _usage(scored: ScoredPairs) -> dict[str, int]:
 # --- rerank ------------------------------------------------------------------------------
 
 
-async def _rerank(request: Request, cohere_v2: bool = False) -> ORJSONResponse:
+async def _rerank(request: Request, cohere_v2: bool = False) -> JSONResponse:
     data = await read_json(request)
     if "texts" in data and "documents" not in data:
         return await _tei_rerank(request, data)
@@ -89,10 +90,10 @@ async def _rerank(request: Request, cohere_v2: bool = False) -> ORJSONResponse:
     }
     if cohere_v2:
         body["meta"] = {"api_version": {"version": "2"}, "billed_units": {"search_units": 1}}
-    return ORJSONResponse(body)
+    return JSONResponse(body)
 
 
-async def _tei_rerank(request: Request, data: dict[str, Any]) -> ORJSONResponse:
+async def _tei_rerank(request: Request, data: dict[str, Any]) -> JSONResponse:
     req = TEIRerankRequest.model_validate(data)
     service = _service(request)
     model = service.resolve(req.model)
@@ -104,7 +105,7 @@ async def _tei_rerank(request: Request, data: dict[str, Any]) -> ORJSONResponse:
         if req.return_text:
             item["text"] = req.texts[index]
         items.append(item)
-    return ORJSONResponse(items)
+    return JSONResponse(items)
 
 
 _RERANK_DOC = {
@@ -116,7 +117,7 @@ _RERANK_DOC = {
 @router.post(
     "/v1/rerank", summary="Rerank documents (vLLM / Jina / Cohere v1 shape)", **_RERANK_DOC
 )
-async def rerank_v1(request: Request) -> ORJSONResponse:
+async def rerank_v1(request: Request) -> JSONResponse:
     return await _rerank(request)
 
 
@@ -126,12 +127,12 @@ async def rerank_v1(request: Request) -> ORJSONResponse:
     responses={200: {"model": RerankResponse | list[TEIRerankItem]}, **_ERRORS},
     openapi_extra={"x-request-model": "RerankRequest|TEIRerankRequest"},
 )
-async def rerank_plain(request: Request) -> ORJSONResponse:
+async def rerank_plain(request: Request) -> JSONResponse:
     return await _rerank(request)
 
 
 @router.post("/v2/rerank", summary="Rerank documents (Cohere v2 shape, with `meta`)", **_RERANK_DOC)
-async def rerank_v2(request: Request) -> ORJSONResponse:
+async def rerank_v2(request: Request) -> JSONResponse:
     return await _rerank(request, cohere_v2=True)
 
 
@@ -142,7 +143,7 @@ def _as_list(value: Any) -> list:
     return [value] if isinstance(value, str) else list(value)
 
 
-async def _score(request: Request) -> ORJSONResponse:
+async def _score(request: Request) -> JSONResponse:
     req = ScoreRequest.model_validate(await read_json(request))
     service = _service(request)
     model = service.resolve(req.model)
@@ -160,7 +161,7 @@ async def _score(request: Request) -> ORJSONResponse:
         model, queries, documents, req.instruction, req.truncate is not False
     )
     scores = scored.raw_scores if req.use_activation is False else scored.scores
-    return ORJSONResponse(
+    return JSONResponse(
         {
             "id": f"score-{uuid.uuid4().hex}",
             "object": "list",
@@ -179,12 +180,12 @@ _SCORE_DOC = {
 
 
 @router.post("/v1/score", summary="Score aligned query/document pairs (vLLM shape)", **_SCORE_DOC)
-async def score_v1(request: Request) -> ORJSONResponse:
+async def score_v1(request: Request) -> JSONResponse:
     return await _score(request)
 
 
 @router.post("/score", summary="Score aligned query/document pairs (vLLM shape)", **_SCORE_DOC)
-async def score_plain(request: Request) -> ORJSONResponse:
+async def score_plain(request: Request) -> JSONResponse:
     return await _score(request)
 
 
@@ -192,16 +193,16 @@ async def score_plain(request: Request) -> ORJSONResponse:
 
 
 @router.get("/health", summary="200 when the model is loaded and warmed; 503 otherwise")
-async def health(request: Request) -> ORJSONResponse:
+async def health(request: Request) -> JSONResponse:
     service = _service(request)
     if service.ready and not service.draining:
-        return ORJSONResponse({"status": "ok"})
+        return JSONResponse({"status": "ok"})
     state = "draining" if service.draining else "loading"
     return error_response(503, f"the server is {state}", headers={"Retry-After": "5"})
 
 
 @router.get("/v1/models", summary="Served models (OpenAI list shape)")
-async def models(request: Request) -> ORJSONResponse:
+async def models(request: Request) -> JSONResponse:
     data = [
         {
             "id": m.name,
@@ -215,12 +216,12 @@ async def models(request: Request) -> ORJSONResponse:
         }
         for m in _service(request).models
     ]
-    return ORJSONResponse({"object": "list", "data": data})
+    return JSONResponse({"object": "list", "data": data})
 
 
 @router.get("/version", summary="rerankd's version")
-async def version() -> ORJSONResponse:
-    return ORJSONResponse({"version": __version__})
+async def version() -> JSONResponse:
+    return JSONResponse({"version": __version__})
 
 
 @router.get("/metrics", summary="Prometheus metrics")
