@@ -59,9 +59,21 @@ def free_port() -> int:
 def running_server(*args: str, env: dict[str, str] | None = None) -> Iterator[str]:
     """Start `rerankd serve ARGS` on a free loopback port; yield its base URL; stop it."""
     port = free_port()
-    cmd = [sys.executable, "-m", "rerankd.cli", "serve", "--host", "127.0.0.1", "--port", str(port), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "rerankd.cli",
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        *args,
+    ]
     proc_env = {**os.environ, **(env or {})}
-    proc = subprocess.Popen(cmd, env=proc_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        cmd, env=proc_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + SERVER_START_TIMEOUT_S
