@@ -24,8 +24,6 @@ log = logging.getLogger(__name__)
 
 def load_model(settings: Settings, metrics: Metrics) -> ServedModel:
     """Load the configured model; raises ModelLoadError with a user-facing message."""
-    from rerankd.engine.transformers_engine import TransformersEngine
-
     started = time.perf_counter()
     model_dir = resolve_model_dir(settings.model, settings.revision)
     config, tokenizer = load_config_and_tokenizer(model_dir)
@@ -36,9 +34,9 @@ def load_model(settings: Settings, metrics: Metrics) -> ServedModel:
     except ValueError as exc:
         raise ModelLoadError(str(exc)) from exc
     try:
-        engine = TransformersEngine(
-            model_dir, recipe.head, device, dtype, settings.max_batch_tokens
-        )
+        engine = build_engine(settings.engine, model_dir, config, recipe, device, dtype, settings)
+    except ModelLoadError:
+        raise
     except Exception as exc:
         raise ModelLoadError(
             f"could not load the weights in {str(model_dir)!r}: {type(exc).__name__}: {exc}"
@@ -49,15 +47,34 @@ def load_model(settings: Settings, metrics: Metrics) -> ServedModel:
     )
     warm_up(recipe, engine)
     log.info(
-        "loaded %s (recipe %s, %s, %s, max %d tokens/pair) in %.1fs",
+        "loaded %s (recipe %s, %s engine, %s, %s, max %d tokens/pair) in %.1fs",
         settings.model,
         recipe.name,
+        engine.name,
         engine.device,
         engine.dtype,
         recipe.max_length,
         time.perf_counter() - started,
     )
     return ServedModel(names[0], recipe, scheduler, names[1:], source=settings.model)
+
+
+def build_engine(kind: str, model_dir, config, recipe, device, dtype, settings: Settings):
+    """`packed` (our model code), `transformers` (generic fallback) or `auto` (packed if we
+    have code for the architecture, else transformers)."""
+    from rerankd.engine.transformers_engine import TransformersEngine
+    from rerankd.models.registry import UnsupportedCheckpoint, build_packed_engine
+
+    if kind not in ("auto", "packed", "transformers"):
+        raise ModelLoadError(f"unknown engine {kind!r}; use auto, packed or transformers")
+    if kind in ("auto", "packed"):
+        try:
+            return build_packed_engine(model_dir, config, recipe.head, device, dtype)
+        except UnsupportedCheckpoint as exc:
+            if kind == "packed":
+                raise ModelLoadError(f"--engine packed cannot serve this model: {exc}") from exc
+            log.info("packed engine unavailable (%s); using the transformers engine", exc)
+    return TransformersEngine(model_dir, recipe.head, device, dtype, settings.max_batch_tokens)
 
 
 def warm_up(recipe, engine) -> None:

@@ -134,7 +134,13 @@ class Scheduler:
                 await self._wakeup.wait()
                 continue
             taken = self._next_batch()
-            batch = Batch([entry.pairs[i] for entry, i in taken])
+            # pairs of one request form a group: the engine may share their token prefix
+            group_of: dict[int, int] = {}
+            for entry, _ in taken:
+                group_of.setdefault(id(entry), len(group_of))
+            batch = Batch(
+                [entry.pairs[i] for entry, i in taken], [group_of[id(e)] for e, _ in taken]
+            )
             self._record_batch_start(taken, batch)
             started = time.perf_counter()
             try:

@@ -64,6 +64,13 @@ class Settings:
             "qwen3-seq-cls, bge-gemma, cross-encoder."
         },
     )
+    engine: str = field(
+        default="auto",
+        metadata={
+            "help": "auto (our packed engine where we have model code, else transformers), packed, "
+            "or transformers (generic, padded; for architectures without our own code)."
+        },
+    )
     revision: str | None = field(
         default=None, metadata={"help": "Hub revision (branch, tag or commit) to download."}
     )

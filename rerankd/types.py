@@ -32,9 +32,14 @@ class EncodedPair:
 
 @dataclass
 class Batch:
-    """A list of pairs the engine scores together; order of `raw_scores` follows `pairs`."""
+    """Pairs the engine scores together; scores come back in `pairs` order.
+
+    `groups[i]` identifies the request pair i came from: pairs of one request may share a
+    token prefix, which the engine then computes once. None: no grouping known.
+    """
 
     pairs: list[EncodedPair] = field(default_factory=list)
+    groups: list[int] | None = None
 
     @property
     def num_tokens(self) -> int:

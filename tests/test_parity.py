@@ -40,17 +40,34 @@ FAMILIES = {
 }
 
 
+#: every engine path that can serve a family (the packed engine has decoder code only so far)
+ENGINES = {
+    "qwen3": ("packed", "transformers"),
+    "qwen3-seq-cls": ("packed", "transformers"),
+    "gemma": ("packed", "transformers"),
+    "xlmr": ("transformers",),
+    "bert": ("transformers",),
+}
+CASES = [(family, engine) for family, engines in ENGINES.items() for engine in engines]
+
+
 @cache
-def _model(name: str, dtype: str, max_len: int):
+def _model(name: str, dtype: str, max_len: int, engine: str = "auto"):
     settings = Settings(
-        model=str(fixture_dir(name)), dtype=dtype, max_model_len=max_len, device="cpu"
+        model=str(fixture_dir(name)),
+        dtype=dtype,
+        max_model_len=max_len,
+        device="cpu",
+        engine=engine,
     )
     return load_model(settings, Metrics())
 
 
-def _score(model, queries, documents, instruction=None) -> tuple[list, list[float]]:
+def _score(model, queries, documents, instruction=None, shared=False) -> tuple[list, list[float]]:
+    """Score pairs in one batch; `shared` marks them as one request (prefix sharing on)."""
     pairs = model.recipe.encode(queries, documents, instruction)
-    return pairs, model.scheduler.engine.score(Batch(pairs))
+    groups = [0] * len(pairs) if shared else None
+    return pairs, model.scheduler.engine.score(Batch(pairs, groups))
 
 
 def _ranking(scores) -> list[int]:
@@ -73,22 +90,25 @@ def test_token_ids_equal_reference_including_truncation(family):
     assert len(pairs[-1]) <= max_len or family == "gemma"  # gemma's L excludes its prompt
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_float32_scores_match_reference(family):
+@pytest.mark.parametrize(("family", "engine"), CASES)
+@pytest.mark.parametrize("shared", [False, True], ids=["unshared", "shared-prefix"])
+def test_float32_scores_match_reference(family, engine, shared):
     fixture, _, max_len = FAMILIES[family]
-    _, scores = _score(_model(fixture, "float32", max_len), [QUERY] * len(DOCUMENTS), DOCUMENTS)
+    model = _model(fixture, "float32", max_len, engine)
+    assert model.scheduler.engine.name == engine
+    _, scores = _score(model, [QUERY] * len(DOCUMENTS), DOCUMENTS, shared=shared)
     expected = [raw for _, raw in _reference(family)]
     assert scores == pytest.approx(expected, abs=1e-4)
     assert _ranking(scores) == _ranking(expected)
     assert max(expected) - min(expected) > 0.1, "fixture scores too flat to test ranking"
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_bfloat16_scores_close_to_reference(family):
+@pytest.mark.parametrize(("family", "engine"), CASES)
+def test_bfloat16_scores_close_to_reference(family, engine):
     fixture, _, max_len = FAMILIES[family]
-    model = _model(fixture, "bfloat16", max_len)
+    model = _model(fixture, "bfloat16", max_len, engine)
     assert model.scheduler.engine.dtype == "bfloat16"
-    _, raw = _score(model, [QUERY] * len(DOCUMENTS), DOCUMENTS)
+    _, raw = _score(model, [QUERY] * len(DOCUMENTS), DOCUMENTS, shared=True)
     # the tolerance applies to the scores clients get (activated, in [0, 1])
     scores = [sigmoid(x) for x in raw]
     expected = [sigmoid(x) for _, x in _reference(family)]
@@ -100,11 +120,11 @@ def test_bfloat16_scores_close_to_reference(family):
                 assert scores[i] > scores[j], (i, j)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_batch_composition_does_not_change_scores(family):
+@pytest.mark.parametrize(("family", "engine"), CASES)
+def test_batch_composition_does_not_change_scores(family, engine):
     """A pair scores the same alone, in its request's batch, or mixed with other requests."""
     fixture, _, max_len = FAMILIES[family]
-    model = _model(fixture, "float32", max_len)
+    model = _model(fixture, "float32", max_len, engine)
     rng = random.Random(0)
     queries = [
         QUERY if i % 2 else f"query number {i} about cities" for i in range(len(DOCUMENTS) * 2)
@@ -113,6 +133,11 @@ def test_batch_composition_does_not_change_scores(family):
     order = list(range(len(documents)))
     rng.shuffle(order)
     _, together = _score(model, [queries[i] for i in order], [documents[i] for i in order])
+    # two requests in one batch, each sharing its own prefix
+    groups = [0 if queries[i] == QUERY else 1 for i in order]
+    pairs = model.recipe.encode([queries[i] for i in order], [documents[i] for i in order])
+    grouped = model.scheduler.engine.score(Batch(pairs, groups))
+    assert grouped == pytest.approx(together, abs=1e-5)
     for position, i in enumerate(order):
         _, alone = _score(model, [queries[i]], [documents[i]])
         assert together[position] == pytest.approx(alone[0], abs=1e-5)
@@ -158,3 +183,23 @@ def test_bert_pairs_carry_token_types():
     pairs, _ = _score(_model("bert", "float32", 128), [QUERY], [DOCUMENTS[0]])
     types = pairs[0].token_type_ids
     assert types is not None and types[0] == 0 and types[-1] == 1
+
+
+@pytest.mark.parametrize("family", ["qwen3", "qwen3-seq-cls", "gemma"])
+def test_shared_prefix_equals_unshared_to_1e5(family):
+    fixture, _, max_len = FAMILIES[family]
+    model = _model(fixture, "float32", max_len, "packed")
+    docs = DOCUMENTS + [f"document {i} about a city" for i in range(10)]
+    _, unshared = _score(model, [QUERY] * len(docs), docs)
+    _, shared = _score(model, [QUERY] * len(docs), docs, shared=True)
+    assert shared == pytest.approx(unshared, abs=1e-5)
+
+
+def test_identical_pairs_still_score_with_a_shared_prefix():
+    """When one pair is a prefix of another, each keeps at least its last token unshared."""
+    model = _model("qwen3", "float32", 512, "packed")
+    docs = ["same text", "same text", "same text", "same text and more"]
+    _, unshared = _score(model, [QUERY] * 4, docs)
+    _, shared = _score(model, [QUERY] * 4, docs, shared=True)
+    assert shared == pytest.approx(unshared, abs=1e-5)
+    assert shared[0] == pytest.approx(shared[1], abs=1e-6)

@@ -16,7 +16,8 @@ from rerankd.types import Batch
 class Engine(Protocol):
     """What the scheduler needs from an engine."""
 
-    #: human-readable device and dtype, for /v1/models and logs
+    #: human-readable engine name, device and dtype, for /v1/models and logs
+    name: str
     device: str
     dtype: str
     #: a sensible default token budget per batch on this device

@@ -31,6 +31,7 @@ class TransformersEngine:
         dtype: torch.dtype,
         max_batch_tokens: int | None = None,
     ) -> None:
+        self.name = "transformers"
         self.device = str(device)
         self.dtype = str(dtype).removeprefix("torch.")
         self._device, self._dtype = device, dtype

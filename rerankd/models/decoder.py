@@ -1,0 +1,231 @@
+"""A compact decoder-only transformer (Qwen3, Gemma) that runs packed batches.
+
+Config at the top, then Model → Block → Attention → MLP → Norm, helpers at the bottom.
+It computes hidden states only; the engine applies the final norm and the score head at
+each sequence's last token. It knows nothing about tokenization or requests.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from rerankd.engine.attention import PrefixKV, packed_attention
+from rerankd.engine.batch import PackedBatch
+
+
+@dataclass
+class DecoderConfig:
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    rms_norm_eps: float
+    rope_theta: float
+    #: Qwen3 normalizes q and k per head before RoPE
+    qk_norm: bool = False
+    #: Gemma's RMSNorm scales by (1 + w) and multiplies in float32
+    gemma_norm: bool = False
+    #: Gemma multiplies embeddings by sqrt(hidden_size)
+    embed_scale: float = 1.0
+    activation: str = "silu"
+
+    @property
+    def scale(self) -> float:
+        return self.head_dim**-0.5
+
+
+# ---------------------------------------------------------------------------------------
+
+
+class Decoder(nn.Module):
+    def __init__(self, config: DecoderConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.gemma_norm)
+        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+
+    def embed(self, ids: Tensor) -> Tensor:
+        x = self.embed_tokens(ids)
+        if self.config.embed_scale != 1.0:
+            x = x * torch.tensor(self.config.embed_scale, dtype=x.dtype)
+        return x
+
+    def prefix_kv(self, prefixes: list[Tensor]) -> list[list[PrefixKV]]:
+        """Per layer, per prefix: (k, v) of shape (KVH, P, D) — each prefix run once."""
+        lengths = [len(p) for p in prefixes]
+        starts = [sum(lengths[:i]) for i in range(len(lengths))]
+        ids = torch.cat(prefixes)
+        positions = torch.cat([torch.arange(n, device=ids.device) for n in lengths])
+        cos, sin = rotary(positions, self.inv_freq, self.embed_tokens.weight.dtype)
+        x = self.embed(ids)
+        per_layer: list[list[PrefixKV]] = []
+        for index, layer in enumerate(self.layers):
+            last = index == len(self.layers) - 1
+            x, (k, v) = layer(x, cos, sin, starts, lengths, None, need_output=not last)
+            per_layer.append(
+                [
+                    (k[s : s + n].transpose(0, 1), v[s : s + n].transpose(0, 1))
+                    for s, n in zip(starts, lengths, strict=True)
+                ]
+            )
+        return per_layer
+
+    def forward(self, batch: PackedBatch) -> Tensor:
+        """Hidden states (T, hidden) of the unshared tokens, before the final norm."""
+        kv = self.prefix_kv(batch.prefixes) if batch.prefixes else None
+        cos, sin = rotary(batch.positions, self.inv_freq, self.embed_tokens.weight.dtype)
+        x = self.embed(batch.input_ids)
+        for index, layer in enumerate(self.layers):
+            prefix = None
+            if kv is not None:
+                prefix = [kv[index][p] if p >= 0 else None for p in batch.prefix_of]
+            x, _ = layer(x, cos, sin, batch.starts, batch.lengths, prefix)
+        return x
+
+
+class Block(nn.Module):
+    def __init__(self, config: DecoderConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.gemma_norm)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(
+            config.hidden_size, config.rms_norm_eps, config.gemma_norm
+        )
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, starts, lengths, prefix, need_output: bool = True):
+        attn, kv = self.self_attn(
+            self.input_layernorm(x), cos, sin, starts, lengths, prefix, need_output
+        )
+        if not need_output:
+            return x, kv
+        x = x + attn
+        return x + self.mlp(self.post_attention_layernorm(x)), kv
+
+
+class Attention(nn.Module):
+    def __init__(self, config: DecoderConfig) -> None:
+        super().__init__()
+        self.config = config
+        c = config
+        self.q_size, self.kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        # fused q/k/v projection: one GEMM instead of three
+        self.wqkv = nn.Linear(c.hidden_size, self.q_size + 2 * self.kv_size, bias=False)
+        self.wo = nn.Linear(self.q_size, c.hidden_size, bias=False)
+        if c.qk_norm:
+            self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
+            self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
+
+    def forward(self, x, cos, sin, starts, lengths, prefix, need_output: bool = True):
+        c = self.config
+        seqlen = x.shape[0]
+        q, k, v = self.wqkv(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(seqlen, c.num_heads, c.head_dim)  # (T, H, D)
+        k = k.view(seqlen, c.num_kv_heads, c.head_dim)  # (T, KVH, D)
+        v = v.view(seqlen, c.num_kv_heads, c.head_dim)
+        if c.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if not need_output:
+            return None, (k, v)
+        y = packed_attention(q, k, v, starts, lengths, prefix, causal=True, scale=c.scale)
+        return self.wo(y.reshape(seqlen, self.q_size)), (k, v)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: DecoderConfig) -> None:
+        super().__init__()
+        self.intermediate = config.intermediate_size
+        self.w13 = nn.Linear(
+            config.hidden_size, 2 * config.intermediate_size, bias=False
+        )  # gate ‖ up
+        self.w2 = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.act = F.silu if config.activation == "silu" else _gelu_tanh
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.w13(x).split(self.intermediate, dim=-1)
+        return self.w2(self.act(gate) * up)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, gemma: bool = False) -> None:
+        super().__init__()
+        self.eps = eps
+        self.gemma = gemma
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.gemma:  # Gemma: (x * (1 + w)) in float32, then cast
+            return (h * (1.0 + self.weight.float())).type_as(x)
+        return self.weight * h.type_as(x)  # Llama/Qwen: cast, then scale
+
+
+class DecoderReranker(nn.Module):
+    """Decoder + score head read at each sequence's last token: raw scores (N,) in float32.
+
+    The head is (labels=1, hidden): for LM-head recipes the yes − no row difference (or the
+    "Yes" row), for converted checkpoints their classifier. Final norm and head run on N
+    rows only, never on every token nor on the vocabulary.
+    """
+
+    def __init__(
+        self, decoder: Decoder, head_weight: Tensor, head_bias: Tensor | None = None
+    ) -> None:
+        super().__init__()
+        self.decoder = decoder
+        self.register_buffer("head_weight", head_weight.float(), persistent=False)  # (1, hidden)
+        self.register_buffer(
+            "head_bias", None if head_bias is None else head_bias.float(), persistent=False
+        )
+
+    def forward(self, batch: PackedBatch) -> Tensor:
+        hidden = self.decoder(batch)[batch.last]  # (N, hidden)
+        h = self.decoder.norm(hidden).float()
+        raw = h @ self.head_weight.T  # (N, hidden) x (hidden, 1) -> (N, 1)
+        if self.head_bias is not None:
+            raw = raw + self.head_bias
+        return raw[:, 0]
+
+
+# --- helpers --------------------------------------------------------------------------------
+
+
+def _gelu_tanh(x: Tensor) -> Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+def rope_inv_freq(config: DecoderConfig, device: torch.device | None = None) -> Tensor:
+    exponents = (
+        torch.arange(0, config.head_dim, 2, dtype=torch.float, device=device) / config.head_dim
+    )
+    return 1.0 / (config.rope_theta**exponents)
+
+
+def rotary(positions: Tensor, inv_freq: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos/sin tables (T, D) for the given positions, computed in float32 then cast."""
+    freqs = positions[:, None].float() * inv_freq[None, :]  # (T, D/2)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x: (T, heads, D); rotate-half RoPE as in the HF Llama family."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+def gemma_embed_scale(hidden_size: int) -> float:
+    return math.sqrt(hidden_size)

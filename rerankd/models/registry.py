@@ -1,0 +1,32 @@
+"""Which of our own model implementations serves a checkpoint (by `config.model_type`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rerankd.engine.packed_engine import PackedEngine
+from rerankd.models.decoder_weights import load_decoder_reranker
+from rerankd.models.gemma import gemma_config
+from rerankd.models.qwen3 import UnsupportedCheckpoint, qwen3_config
+from rerankd.models.weights import open_checkpoint
+from rerankd.recipes import ScoreHead
+
+DECODERS = {"qwen3": qwen3_config, "gemma": gemma_config}
+
+__all__ = ["UnsupportedCheckpoint", "build_packed_engine"]
+
+
+def build_packed_engine(
+    model_dir: Path, hf_config: Any, head: ScoreHead, device: torch.device, dtype: torch.dtype
+) -> PackedEngine:
+    """Our packed engine for this checkpoint, or UnsupportedCheckpoint saying why not."""
+    model_type = getattr(hf_config, "model_type", None)
+    if model_type in DECODERS:
+        config = DECODERS[model_type](hf_config)
+        with open_checkpoint(model_dir) as checkpoint:
+            model = load_decoder_reranker(checkpoint, config, head, dtype, device)
+        return PackedEngine(model, device, dtype, share_prefix=True)
+    raise UnsupportedCheckpoint(f"no packed implementation for model_type {model_type!r}")
