@@ -40,13 +40,13 @@ FAMILIES = {
 }
 
 
-#: every engine path that can serve a family (the packed engine has decoder code only so far)
+#: every engine path that can serve a family
 ENGINES = {
     "qwen3": ("packed", "transformers"),
     "qwen3-seq-cls": ("packed", "transformers"),
     "gemma": ("packed", "transformers"),
-    "xlmr": ("transformers",),
-    "bert": ("transformers",),
+    "xlmr": ("packed", "transformers"),
+    "bert": ("packed", "transformers"),
 }
 CASES = [(family, engine) for family, engines in ENGINES.items() for engine in engines]
 

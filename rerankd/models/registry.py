@@ -9,12 +9,14 @@ import torch
 
 from rerankd.engine.packed_engine import PackedEngine
 from rerankd.models.decoder_weights import load_decoder_reranker
+from rerankd.models.encoder import EncoderConfig, load_encoder
 from rerankd.models.gemma import gemma_config
 from rerankd.models.qwen3 import UnsupportedCheckpoint, qwen3_config
 from rerankd.models.weights import open_checkpoint
 from rerankd.recipes import ScoreHead
 
 DECODERS = {"qwen3": qwen3_config, "gemma": gemma_config}
+ENCODERS = ("bert", "xlm-roberta", "roberta", "camembert")
 
 __all__ = ["UnsupportedCheckpoint", "build_packed_engine"]
 
@@ -26,7 +28,18 @@ def build_packed_engine(
     model_type = getattr(hf_config, "model_type", None)
     if model_type in DECODERS:
         config = DECODERS[model_type](hf_config)
-        with open_checkpoint(model_dir) as checkpoint:
-            model = load_decoder_reranker(checkpoint, config, head, dtype, device)
-        return PackedEngine(model, device, dtype, share_prefix=True)
-    raise UnsupportedCheckpoint(f"no packed implementation for model_type {model_type!r}")
+        load = lambda ckpt: load_decoder_reranker(ckpt, config, head, dtype, device)  # noqa: E731
+        share_prefix = True
+    elif model_type in ENCODERS and head.kind == "classifier":
+        config = EncoderConfig.from_hf_config(hf_config)
+        load = lambda ckpt: load_encoder(ckpt, config, dtype, device)  # noqa: E731
+        # bidirectional attention: a shared prefix would see the documents, so never share
+        share_prefix = False
+    else:
+        raise UnsupportedCheckpoint(f"no packed implementation for model_type {model_type!r}")
+    with open_checkpoint(model_dir) as checkpoint:
+        try:
+            model = load(checkpoint)
+        except KeyError as exc:  # unusual tensor names: the generic engine copes
+            raise UnsupportedCheckpoint(f"unexpected checkpoint layout ({exc})") from exc
+    return PackedEngine(model, device, dtype, share_prefix=share_prefix)

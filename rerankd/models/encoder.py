@@ -1,0 +1,193 @@
+"""A compact BERT / XLM-RoBERTa cross-encoder that runs packed batches.
+
+Config at the top, then Model → Block → Attention → MLP, the classification heads, and the
+checkpoint mapping at the bottom. Bidirectional attention means no prefix can be shared;
+packing still means no padding token is ever computed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from rerankd.engine.attention import packed_attention
+from rerankd.engine.batch import PackedBatch
+from rerankd.models.qwen3 import UnsupportedCheckpoint
+from rerankd.models.weights import Checkpoint
+
+#: position ids of RoBERTa-family models start after the padding index
+_ROBERTA_TYPES = {"xlm-roberta": "roberta", "roberta": "roberta", "camembert": "roberta"}
+_BERT_TYPES = {"bert": "bert"}
+
+
+@dataclass
+class EncoderConfig:
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    intermediate_size: int
+    max_position_embeddings: int
+    type_vocab_size: int
+    layer_norm_eps: float
+    #: added to 0-based positions (RoBERTa: padding_idx + 1)
+    position_offset: int = 0
+    #: "bert" (pooler + classifier) or "roberta" (dense + tanh + out_proj on <s>)
+    head: str = "bert"
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @classmethod
+    def from_hf_config(cls, hf: Any) -> EncoderConfig:
+        family = _ROBERTA_TYPES.get(hf.model_type) or _BERT_TYPES.get(hf.model_type)
+        if family is None:
+            raise UnsupportedCheckpoint(f"no packed encoder for model_type {hf.model_type!r}")
+        if getattr(hf, "hidden_act", "gelu") != "gelu":
+            raise UnsupportedCheckpoint(f"activation {hf.hidden_act!r} is not implemented")
+        if getattr(hf, "position_embedding_type", "absolute") not in (None, "absolute"):
+            raise UnsupportedCheckpoint("only absolute position embeddings are implemented")
+        return cls(
+            vocab_size=hf.vocab_size,
+            hidden_size=hf.hidden_size,
+            num_layers=hf.num_hidden_layers,
+            num_heads=hf.num_attention_heads,
+            intermediate_size=hf.intermediate_size,
+            max_position_embeddings=hf.max_position_embeddings,
+            type_vocab_size=hf.type_vocab_size,
+            layer_norm_eps=hf.layer_norm_eps,
+            position_offset=(hf.pad_token_id + 1) if family == "roberta" else 0,
+            head=family,
+        )
+
+
+# ---------------------------------------------------------------------------------------
+
+
+class Encoder(nn.Module):
+    """Embeddings + layers + classification head → raw scores (N,) in float32."""
+
+    def __init__(self, config: EncoderConfig) -> None:
+        super().__init__()
+        c = self.config = config
+        self.word_embeddings = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.position_embeddings = nn.Embedding(c.max_position_embeddings, c.hidden_size)
+        self.token_type_embeddings = nn.Embedding(c.type_vocab_size, c.hidden_size)
+        self.embed_norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.layers = nn.ModuleList(Block(c) for _ in range(c.num_layers))
+        # BERT: pooler (dense + tanh) then classifier; RoBERTa: dense + tanh then out_proj
+        self.head_dense = nn.Linear(c.hidden_size, c.hidden_size)
+        self.head_out = nn.Linear(c.hidden_size, 1)
+
+    def forward(self, batch: PackedBatch) -> Tensor:
+        c = self.config
+        types = (
+            batch.token_type_ids
+            if batch.token_type_ids is not None
+            else torch.zeros_like(batch.input_ids)
+        )
+        x = (
+            self.word_embeddings(batch.input_ids)
+            + self.position_embeddings(batch.positions + c.position_offset)
+            + self.token_type_embeddings(types)
+        )
+        x = self.embed_norm(x)
+        for layer in self.layers:
+            x = layer(x, batch.starts, batch.lengths)
+        first = x[torch.tensor(batch.starts, device=x.device)]  # (N, hidden): [CLS] / <s>
+        pooled = torch.tanh(self.head_dense(first))
+        return self.head_out(pooled)[:, 0].float()
+
+
+class Block(nn.Module):
+    """Post-norm transformer layer (BERT style)."""
+
+    def __init__(self, config: EncoderConfig) -> None:
+        super().__init__()
+        self.attention = Attention(config)
+        self.attention_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = MLP(config)
+        self.mlp_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, x: Tensor, starts: list[int], lengths: list[int]) -> Tensor:
+        x = self.attention_norm(x + self.attention(x, starts, lengths))
+        return self.mlp_norm(x + self.mlp(x))
+
+
+class Attention(nn.Module):
+    def __init__(self, config: EncoderConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.wqkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)  # fused q ‖ k ‖ v
+        self.wo = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, x: Tensor, starts: list[int], lengths: list[int]) -> Tensor:
+        c = self.config
+        seqlen = x.shape[0]
+        q, k, v = (
+            self.wqkv(x).view(seqlen, 3, c.num_heads, c.head_dim).unbind(dim=1)
+        )  # (T, H, D) each
+        y = packed_attention(q, k, v, starts, lengths, None, causal=False, scale=c.head_dim**-0.5)
+        return self.wo(y.reshape(seqlen, c.hidden_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: EncoderConfig) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.w2 = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(F.gelu(self.w1(x)))
+
+
+# --- checkpoint mapping -----------------------------------------------------------------------
+
+
+def load_encoder(
+    checkpoint: Checkpoint, config: EncoderConfig, dtype: torch.dtype, device: torch.device
+) -> Encoder:
+    """Map a BERT/XLM-R *ForSequenceClassification checkpoint onto `Encoder`."""
+    base = "bert." if config.head == "bert" else "roberta."
+
+    def get(name: str) -> Tensor:
+        return checkpoint.get(name).to(device=device, dtype=dtype)
+
+    emb = base + "embeddings."
+    state = {
+        "word_embeddings.weight": get(emb + "word_embeddings.weight"),
+        "position_embeddings.weight": get(emb + "position_embeddings.weight"),
+        "token_type_embeddings.weight": get(emb + "token_type_embeddings.weight"),
+        "embed_norm.weight": get(emb + "LayerNorm.weight"),
+        "embed_norm.bias": get(emb + "LayerNorm.bias"),
+    }
+    for i in range(config.num_layers):
+        src, dst = f"{base}encoder.layer.{i}.", f"layers.{i}."
+        for kind in ("weight", "bias"):
+            state[dst + f"attention.wqkv.{kind}"] = torch.cat(
+                [get(src + f"attention.self.{n}.{kind}") for n in ("query", "key", "value")]
+            )
+            state[dst + f"attention.wo.{kind}"] = get(src + f"attention.output.dense.{kind}")
+            state[dst + f"attention_norm.{kind}"] = get(src + f"attention.output.LayerNorm.{kind}")
+            state[dst + f"mlp.w1.{kind}"] = get(src + f"intermediate.dense.{kind}")
+            state[dst + f"mlp.w2.{kind}"] = get(src + f"output.dense.{kind}")
+            state[dst + f"mlp_norm.{kind}"] = get(src + f"output.LayerNorm.{kind}")
+    dense, out = (
+        ("bert.pooler.dense", "classifier")
+        if config.head == "bert"
+        else ("classifier.dense", "classifier.out_proj")
+    )
+    for kind in ("weight", "bias"):
+        state[f"head_dense.{kind}"] = get(f"{dense}.{kind}")
+        state[f"head_out.{kind}"] = get(f"{out}.{kind}")
+    if state["head_out.weight"].shape[0] != 1:
+        raise UnsupportedCheckpoint("only one-label classification heads are rerankers")
+    with torch.device("meta"):
+        model = Encoder(config)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval()
