@@ -34,25 +34,23 @@ def packed_attention(
 ) -> torch.Tensor:
     """q: (T, H, D), k/v: (T, KVH, D) → (T, H, D); sequence i owns rows starts[i]:+lengths[i]."""
     out = torch.empty_like(q)
-    groups = q.shape[1] // k.shape[1]
+    gqa = q.shape[1] != k.shape[1]
     for i, (start, length) in enumerate(zip(starts, lengths, strict=True)):
         end = start + length
-        qi = q[start:end].transpose(0, 1)  # (H, L, D)
-        ki = k[start:end].transpose(0, 1)  # (KVH, L, D)
-        vi = v[start:end].transpose(0, 1)
+        # (1, heads, L, D): SDPA's fused CPU/GPU kernels need 4-D inputs (3-D falls back to math)
+        qi = q[start:end].transpose(0, 1)[None]
+        ki = k[start:end].transpose(0, 1)[None]
+        vi = v[start:end].transpose(0, 1)[None]
         prefix = prefix_kv[i] if prefix_kv is not None else None
         mask = None
         is_causal = causal
         if prefix is not None:
-            ki = torch.cat((prefix[0], ki), dim=1)  # (KVH, P + L, D)
-            vi = torch.cat((prefix[1], vi), dim=1)
-            mask = _lower_right_causal_mask(length, ki.shape[1], q.device)
+            ki = torch.cat((prefix[0][None], ki), dim=2)  # (1, KVH, P + L, D)
+            vi = torch.cat((prefix[1][None], vi), dim=2)
+            mask = _lower_right_causal_mask(length, ki.shape[2], q.device)
             is_causal = False
-        if groups > 1:
-            ki = ki.repeat_interleave(groups, dim=0)  # (H, S, D)
-            vi = vi.repeat_interleave(groups, dim=0)
         oi = F.scaled_dot_product_attention(
-            qi, ki, vi, attn_mask=mask, is_causal=is_causal, scale=scale
+            qi, ki, vi, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=gqa
         )
-        out[start:end] = oi.transpose(0, 1)  # (H, L, D) -> (L, H, D)
+        out[start:end] = oi[0].transpose(0, 1)  # (H, L, D) -> (L, H, D)
     return out
