@@ -36,6 +36,10 @@ class ShuttingDown(RerankdError):
     """The server is draining and takes no new work (→ 503)."""
 
 
+class RequestTimeout(RerankdError):
+    """The request took longer than the server's timeout; its work was cancelled (→ 504)."""
+
+
 class InferenceFailed(RerankdError):
     """The engine failed on this request's batch; the server itself keeps serving (→ 500)."""
 

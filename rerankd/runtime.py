@@ -15,7 +15,7 @@ from rerankd.metrics import Metrics
 from rerankd.models.loader import load_config_and_tokenizer, resolve_model_dir
 from rerankd.recipes import build_recipe
 from rerankd.scheduler import Scheduler
-from rerankd.service import RerankService, ServedModel, aliases_for
+from rerankd.service import Limits, RerankService, ServedModel, aliases_for
 from rerankd.settings import Settings
 from rerankd.types import Batch
 
@@ -85,4 +85,10 @@ def warm_up(recipe, engine) -> None:
 
 def build_service(settings: Settings, metrics: Metrics | None = None) -> RerankService:
     metrics = metrics or Metrics()
-    return RerankService([load_model(settings, metrics)], metrics)
+    limits = Limits(
+        max_documents=settings.max_documents,
+        max_query_tokens=settings.max_query_tokens,
+        max_concurrent_requests=settings.max_concurrent_requests,
+        request_timeout=settings.request_timeout,
+    )
+    return RerankService([load_model(settings, metrics)], metrics, limits)

@@ -1,7 +1,7 @@
 """The service: plain request values → recipe-encoded pairs → scheduler → scored results.
 
-It knows models (names and aliases), recipes and the scheduler, but neither HTTP nor
-tensors. Tokenization runs in worker threads (the Rust tokenizers drop the GIL), so the
+It knows models (names and aliases), recipes, limits and the scheduler, but neither HTTP
+nor tensors. Tokenization runs in worker threads (the Rust tokenizers drop the GIL), so the
 event loop only routes.
 """
 
@@ -12,11 +12,11 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from rerankd.errors import ModelNotFound
+from rerankd.errors import InvalidRequest, ModelNotFound, Overloaded, RequestTimeout, ShuttingDown
 from rerankd.metrics import Metrics
 from rerankd.recipes import Recipe
 from rerankd.scheduler import Scheduler
-from rerankd.types import ScoredPairs
+from rerankd.types import EncodedPair, ScoredPairs
 
 
 @dataclass
@@ -35,6 +35,16 @@ class ServedModel:
         return self.recipe.max_length
 
 
+@dataclass(frozen=True)
+class Limits:
+    """Per-request limits; see Settings for what each protects against."""
+
+    max_documents: int = 10_000
+    max_query_tokens: int | None = None
+    max_concurrent_requests: int = 512
+    request_timeout: float = 300.0
+
+
 def aliases_for(source: str, served_names: Sequence[str]) -> list[str]:
     """The names a model answers to: served names, the hub id/path, and its last part."""
     names = list(served_names)
@@ -48,17 +58,22 @@ def aliases_for(source: str, served_names: Sequence[str]) -> list[str]:
 class RerankService:
     """Scores pairs for the API layer; one instance per server process."""
 
-    def __init__(self, models: list[ServedModel], metrics: Metrics) -> None:
+    def __init__(
+        self, models: list[ServedModel], metrics: Metrics, limits: Limits | None = None
+    ) -> None:
         if not models:
             raise ValueError("a service needs at least one model")
         self.models = models
         self.metrics = metrics
+        self.limits = limits or Limits()
         self._by_name: dict[str, ServedModel] = {}
         for model in models:
             for name in [model.name, *model.aliases]:
                 self._by_name.setdefault(name, model)
         self.ready = False
         self.draining = False
+        #: requests between admission and their answer (drain waits for this to reach 0)
+        self.in_flight = 0
 
     def resolve(self, name: str | None) -> ServedModel:
         """The model a request names (None/empty → the default, i.e. first, model)."""
@@ -81,9 +96,42 @@ class RerankService:
         truncate: bool = True,
     ) -> ScoredPairs:
         """Score aligned pairs; raw scores and activated scores in input order."""
+        self._admit(len(documents))
+        self.in_flight += 1
+        try:
+            return await asyncio.wait_for(
+                self._score(model, queries, documents, instruction, truncate),
+                self.limits.request_timeout,
+            )
+        except TimeoutError as exc:
+            self.metrics.failures.labels("timeout").inc()
+            raise RequestTimeout(
+                f"the request took longer than {self.limits.request_timeout:g}s and was cancelled; "
+                "send fewer or shorter documents, or raise --request-timeout"
+            ) from exc
+        finally:
+            self.in_flight -= 1
+
+    def _admit(self, num_documents: int) -> None:
+        if self.draining:
+            raise ShuttingDown("the server is shutting down and takes no new requests")
+        if num_documents > self.limits.max_documents:
+            raise InvalidRequest(
+                f"{num_documents} documents in one request; this server accepts at most "
+                f"{self.limits.max_documents} (--max-documents): split the request",
+                param="documents",
+            )
+        if self.in_flight >= self.limits.max_concurrent_requests:
+            self.metrics.failures.labels("overloaded").inc()
+            raise Overloaded(
+                f"{self.in_flight} requests are already being served (limit "
+                f"{self.limits.max_concurrent_requests}); retry shortly"
+            )
+
+    async def _score(self, model, queries, documents, instruction, truncate) -> ScoredPairs:
         started = time.perf_counter()
         pairs = await asyncio.to_thread(
-            model.recipe.encode, queries, documents, instruction, truncate
+            self._encode, model.recipe, queries, documents, instruction, truncate
         )
         self.metrics.tokenize_time.labels(model.name).observe(time.perf_counter() - started)
         raw = await model.scheduler.submit(pairs)
@@ -94,6 +142,33 @@ class RerankService:
         self.metrics.truncated.labels(model.name).inc(truncated)
         activate = model.recipe.activate
         return ScoredPairs(raw, [activate(r) for r in raw], tokens, truncated)
+
+    def _encode(
+        self, recipe: Recipe, queries, documents, instruction, truncate
+    ) -> list[EncodedPair]:
+        """Tokenize; a tokenizer failure is a 400 naming the first document that fails."""
+        max_query = self.limits.max_query_tokens
+        if max_query is not None:
+            for query in dict.fromkeys(queries):
+                if len(recipe.encode_text(query)) > max_query:
+                    raise InvalidRequest(
+                        f"the query is longer than {max_query} tokens (--max-query-tokens)",
+                        param="query",
+                    )
+        try:
+            return recipe.encode(queries, documents, instruction, truncate)
+        except InvalidRequest:
+            raise
+        except Exception as exc:
+            for index, (query, document) in enumerate(zip(queries, documents, strict=True)):
+                try:
+                    recipe.encode([query], [document], instruction, True)
+                except Exception as single:
+                    raise InvalidRequest(
+                        f"document {index} could not be tokenized: {type(single).__name__}: {single}",
+                        param=f"documents[{index}]",
+                    ) from single
+            raise InvalidRequest(f"the request could not be tokenized: {exc}") from exc
 
     async def rerank(
         self,
@@ -113,8 +188,12 @@ class RerankService:
             model.scheduler.start()
         self.ready = True
 
+    def begin_drain(self) -> None:
+        """Stop admitting requests (health turns 503); in-flight ones go on."""
+        self.draining = True
+
     async def stop(self) -> None:
-        """Drain: refuse new work, finish queued work."""
+        """Refuse new work, finish queued work, stop the schedulers."""
         self.draining = True
         self.ready = False
         for model in self.models:

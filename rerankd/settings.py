@@ -1,8 +1,9 @@
 """One typed Settings object, built from flags and RERANKD_* environment variables.
 
 Every flag `--some-flag` is also `RERANKD_SOME_FLAG`; a flag beats its variable. Lists
-(`--api-key`, `--served-model-name`) are repeatable flags or comma-separated variables.
-The object is passed down explicitly; no module reads the environment on its own.
+(`--api-key`, `--served-model-name`, `--cors-origin`) are repeatable flags or
+comma-separated variables; booleans are `--flag/--no-flag` or `true/false`. The object is
+passed down explicitly; no other module reads the environment for configuration.
 """
 
 from __future__ import annotations
@@ -11,125 +12,160 @@ import argparse
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 DEFAULT_MODEL = "Qwen/Qwen3-Reranker-0.6B"
 
 
+def _opt(default: Any, help: str) -> Any:
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class Settings:
-    model: str = field(
-        default=DEFAULT_MODEL,
-        metadata={"help": "Hugging Face hub id or local checkpoint directory to serve."},
+    # --- model ---------------------------------------------------------------------------
+    model: str = _opt(DEFAULT_MODEL, "Hugging Face hub id or local checkpoint directory to serve.")
+    served_model_name: list[str] = _opt(
+        [],
+        "Name clients use for the model (repeatable); default: the model id. The hub id and "
+        "its last part are always accepted as aliases.",
     )
-    host: str = field(
-        default="0.0.0.0",
-        metadata={"help": "Address to bind; use 127.0.0.1 to accept local clients only."},
+    revision: str | None = _opt(None, "Hub revision (branch, tag or commit) to download.")
+    recipe: str = _opt(
+        "auto",
+        "Scoring recipe: auto (from the checkpoint's architecture), qwen3-reranker, "
+        "qwen3-seq-cls, bge-gemma, cross-encoder.",
     )
-    port: int = field(default=8000, metadata={"help": "TCP port to listen on."})
-    served_model_name: list[str] = field(
-        default_factory=list,
-        metadata={
-            "help": "Name clients use for the model (repeatable); default: the model id. "
-            "The hub id and its last part are always accepted as aliases."
-        },
+    max_model_len: int | None = _opt(
+        None,
+        "Cap on tokens per query-document pair (default: the recipe's own limit: 8192 for "
+        "Qwen3-Reranker as in its card, L=512 for bge-reranker-v2-gemma, the context of "
+        "cross-encoders). Longer pairs are cut at the end of the document.",
     )
-    api_key: list[str] = field(
-        default_factory=list,
-        metadata={
-            "help": "Require `Authorization: Bearer KEY` on every route but /health and /version "
-            "(repeatable; env: comma-separated)."
-        },
+    # --- engine --------------------------------------------------------------------------
+    engine: str = _opt(
+        "auto",
+        "auto (our packed engine where we have model code, else transformers), packed, or "
+        "transformers (generic, padded; for architectures without our own code).",
     )
-    max_model_len: int | None = field(
-        default=None,
-        metadata={
-            "help": "Cap on tokens per query-document pair (default: the recipe's own limit, e.g. "
-            "8192 for Qwen3-Reranker, 512 for bge-reranker-v2-gemma's L, the context of "
-            "cross-encoders). Longer pairs are cut at the end of the document."
-        },
+    dtype: str = _opt(
+        "auto",
+        "auto (bf16 on CUDA and on CPUs with AVX512-BF16/AMX, else float32), float32, "
+        "bfloat16, float16. float32 matches the reference to 1e-4; bf16 is faster, ~1e-2 off.",
     )
-    dtype: str = field(
-        default="auto",
-        metadata={
-            "help": "auto (bf16 on CUDA and bf16-capable CPUs, else float32), float32, bfloat16, float16. "
-            "float32 gives scores equal to the reference to 1e-4; bf16 is faster, ~1e-2 off."
-        },
+    device: str = _opt("auto", "auto, cpu, cuda or cuda:N.")
+    max_batch_tokens: int | None = _opt(
+        None,
+        "Token budget of one engine batch (default: 8192 on CPU, 32768 on CUDA). Larger "
+        "batches raise throughput and memory use.",
     )
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N."})
-    recipe: str = field(
-        default="auto",
-        metadata={
-            "help": "Scoring recipe: auto (from the checkpoint's architecture), qwen3-reranker, "
-            "qwen3-seq-cls, bge-gemma, cross-encoder."
-        },
+    # --- HTTP ----------------------------------------------------------------------------
+    host: str = _opt("0.0.0.0", "Address to bind; 127.0.0.1 accepts local clients only.")
+    port: int = _opt(8000, "TCP port to listen on.")
+    api_key: list[str] = _opt(
+        [],
+        "Require `Authorization: Bearer KEY` on every route but /health and /version "
+        "(repeatable; env: comma-separated).",
     )
-    engine: str = field(
-        default="auto",
-        metadata={
-            "help": "auto (our packed engine where we have model code, else transformers), packed, "
-            "or transformers (generic, padded; for architectures without our own code)."
-        },
+    api_key_file: str | None = _opt(None, "File with one API key per line (# comments allowed).")
+    cors_origin: list[str] = _opt(
+        [], "Allow browser calls from this origin (repeatable; `*` for any). Off by default."
     )
-    revision: str | None = field(
-        default=None, metadata={"help": "Hub revision (branch, tag or commit) to download."}
+    access_log: bool = _opt(True, "Log one JSON line per request (never the document text).")
+    log_level: str = _opt("info", "debug, info, warning or error.")
+    # --- limits --------------------------------------------------------------------------
+    max_request_bytes: int = _opt(64 * 1024 * 1024, "Largest request body accepted (413 beyond).")
+    max_documents: int = _opt(10_000, "Most documents (or pairs) per request (400 beyond).")
+    max_query_tokens: int | None = _opt(
+        None, "Most tokens in a query (400 beyond); default: whatever fits the model's limit."
     )
-    max_batch_tokens: int | None = field(
-        default=None,
-        metadata={
-            "help": "Token budget of one engine batch (default: 8192 on CPU, 32768 on CUDA). Larger "
-            "batches raise throughput and memory use."
-        },
+    max_queued_tokens: int = _opt(
+        2_000_000,
+        "Tokens allowed to wait in the queue; beyond it new requests get 429 at once "
+        "instead of waiting ever longer.",
     )
-    max_queued_tokens: int = field(
-        default=2_000_000,
-        metadata={
-            "help": "Tokens allowed to wait in the queue; beyond it new requests get 429 at once "
-            "instead of waiting ever longer."
-        },
+    max_concurrent_requests: int = _opt(
+        512, "Requests being served at once; beyond it new requests get 429 at once."
     )
-    log_level: str = field(default="info", metadata={"help": "debug, info, warning or error."})
+    request_timeout: float = _opt(
+        300.0, "Seconds a request may take before it is cancelled with a 504."
+    )
+    drain_timeout: float = _opt(
+        30.0, "On SIGTERM/SIGINT, seconds to let in-flight requests finish before exiting."
+    )
+
+    def all_api_keys(self) -> list[str]:
+        """Keys from --api-key plus those in --api-key-file."""
+        keys = list(self.api_key)
+        if self.api_key_file:
+            text = Path(self.api_key_file).expanduser().read_text(encoding="utf-8")
+            keys += [
+                line.strip()
+                for line in text.splitlines()
+                if line.strip() and not line.startswith("#")
+            ]
+        return keys
 
 
-def _parse_list(value: str) -> list[str]:
-    return [item.strip() for item in value.split(",") if item.strip()]
+# --- flags and environment -----------------------------------------------------------------
+
+_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
 
 
-def _field_type(f) -> str:
-    return str(f.type).replace(" ", "")
+def _kind(f) -> str:
+    """'list', 'int', 'float', 'bool' or 'str' from the field's annotation string."""
+    annotation = str(f.type).replace(" ", "")
+    return next((k for k in ("list", "int", "float", "bool") if annotation.startswith(k)), "str")
 
 
-def _env_default(f, env: Mapping[str, str]) -> Any:
-    raw = env.get(f"RERANKD_{f.name.upper()}")
+def _convert(kind: str, raw: str, name: str) -> Any:
+    try:
+        if kind == "list":
+            return [item.strip() for item in raw.split(",") if item.strip()]
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+        if kind == "bool":
+            if raw.lower() in _TRUE | _FALSE:
+                return raw.lower() in _TRUE
+            raise ValueError(raw)
+    except ValueError as exc:
+        raise SystemExit(f"{name}={raw!r} is not a valid {kind}") from exc
+    return raw
+
+
+def _default(f, env: Mapping[str, str]) -> Any:
+    name = f"RERANKD_{f.name.upper()}"
+    raw = env.get(name)
     if raw is None or raw == "":
         return f.default_factory() if callable(f.default_factory) else f.default
-    kind = _field_type(f)
-    try:
-        if kind.startswith("list"):
-            return _parse_list(raw)
-        if kind.startswith("int"):
-            return int(raw)
-    except ValueError as exc:
-        raise SystemExit(f"RERANKD_{f.name.upper()}={raw!r} is not a valid integer") from exc
-    return raw
+    return _convert(_kind(f), raw, name)
 
 
 def add_settings_arguments(
     parser: argparse.ArgumentParser, env: Mapping[str, str] | None = None
 ) -> None:
-    """Add one flag per Settings field, its default taken from RERANKD_* variables."""
+    """One flag per Settings field, its default taken from RERANKD_* variables."""
     env = os.environ if env is None else env
     for f in fields(Settings):
         flag = "--" + f.name.replace("_", "-")
-        kind = _field_type(f)
-        default = _env_default(f, env)
-        help_text = f"{f.metadata.get('help', '')} [env RERANKD_{f.name.upper()}]"
-        if kind.startswith("list"):
+        kind = _kind(f)
+        default = _default(f, env)
+        help_text = f"{f.metadata['help']} [env RERANKD_{f.name.upper()}]"
+        if kind == "list":
+            # flags replace the environment's list rather than extending it
             parser.add_argument(flag, action="append", default=None, help=help_text)
-            parser.set_defaults(**{f.name: None})
             parser.set_defaults(**{f"_env_{f.name}": default})
+        elif kind == "bool":
+            parser.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=default, help=help_text
+            )
         else:
-            convert = int if kind.startswith("int") else str
+            convert = {"int": int, "float": float}.get(kind, str)
             parser.add_argument(flag, type=convert, default=default, help=help_text)
 
 
@@ -137,7 +173,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     values = {}
     for f in fields(Settings):
         value = getattr(args, f.name)
-        if _field_type(f).startswith("list") and value is None:
+        if _kind(f) == "list" and value is None:
             value = getattr(args, f"_env_{f.name}")
         values[f.name] = value
     return Settings(**values)

@@ -2,53 +2,28 @@
 
 from __future__ import annotations
 
-import time
 from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.middleware.cors import CORSMiddleware
 
 from rerankd import __version__
 from rerankd.api import schemas
 from rerankd.api.auth import APIKeyMiddleware
 from rerankd.api.errors import install_error_handlers
+from rerankd.api.middleware import AccessMiddleware, BodyLimitMiddleware
 from rerankd.api.routes import router
-from rerankd.metrics import Metrics
 from rerankd.service import RerankService
 
 
-class RequestMetricsMiddleware:
-    """Counts requests by route template and status, and times them."""
-
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
-        self.app = app
-        self.metrics = metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = time.perf_counter()
-        status = 500
-
-        async def send_and_record(message: dict) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_and_record)
-        finally:
-            route = scope.get("route")
-            # unmatched paths share one label, so random URLs cannot blow up cardinality
-            path = getattr(route, "path", "unmatched")
-            self.metrics.requests.labels(path, str(status)).inc()
-            self.metrics.request_latency.labels(path).observe(time.perf_counter() - started)
-
-
-def create_app(service: RerankService, api_keys: list[str] | None = None) -> FastAPI:
+def create_app(
+    service: RerankService,
+    api_keys: list[str] | None = None,
+    cors_origins: list[str] | None = None,
+    max_request_bytes: int = 64 * 1024 * 1024,
+    access_log: bool = True,
+) -> FastAPI:
     """Build the ASGI app around a ready-to-start service."""
 
     @asynccontextmanager
@@ -69,8 +44,18 @@ def create_app(service: RerankService, api_keys: list[str] | None = None) -> Fas
     app.state.metrics = service.metrics
     app.include_router(router)
     install_error_handlers(app)
+    # added last = runs first: access log/ids → CORS → size limit → auth → routes
     app.add_middleware(APIKeyMiddleware, keys=list(api_keys or []))
-    app.add_middleware(RequestMetricsMiddleware, metrics=service.metrics)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=max_request_bytes)
+    if cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=cors_origins,
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type", "X-Request-Id"],
+            expose_headers=["X-Request-Id", "Retry-After"],
+        )
+    app.add_middleware(AccessMiddleware, metrics=service.metrics, log_requests=access_log)
     _install_openapi(app)
     return app
 

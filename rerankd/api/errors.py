@@ -19,6 +19,7 @@ from rerankd.errors import (
     InvalidRequest,
     ModelNotFound,
     Overloaded,
+    RequestTimeout,
     RerankdError,
     ShuttingDown,
 )
@@ -32,6 +33,7 @@ _TYPES = {
     405: "MethodNotAllowedError",
     413: "RequestTooLargeError",
     429: "RateLimitError",
+    499: "ClientClosedRequest",
     500: "InternalServerError",
     503: "ServiceUnavailableError",
     504: "TimeoutError",
@@ -42,6 +44,7 @@ _STATUS = {
     ModelNotFound: 404,
     Overloaded: 429,
     ShuttingDown: 503,
+    RequestTimeout: 504,
     InferenceFailed: 500,
 }
 

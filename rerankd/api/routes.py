@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
+from collections.abc import Awaitable
 from typing import Any
 
 import orjson
@@ -52,6 +54,26 @@ async def read_json(request: Request) -> dict[str, Any]:
     return data
 
 
+async def _wait_for_disconnect(request: Request) -> None:
+    """Returns when the client goes away (the body has been read: receive() waits for that)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def until_disconnect(request: Request, work: Awaitable[ScoredPairs]) -> ScoredPairs:
+    """Await the work, cancelling it (and its queued pairs) if the client disconnects."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if task in done:
+        return task.result()
+    task.cancel()
+    raise HTTPError(499, "the client closed the connection; its work was cancelled")
+
+
 def _usage(scored: ScoredPairs) -> dict[str, int]:
     return {
         "prompt_tokens": scored.prompt_tokens,
@@ -71,8 +93,8 @@ async def _rerank(request: Request, cohere_v2: bool = False) -> JSONResponse:
     service = _service(request)
     model = service.resolve(req.model)
     texts = document_texts(req.documents, req.rank_fields)
-    scored = await service.rerank(
-        model, req.query, texts, req.instruction, req.truncate is not False
+    scored = await until_disconnect(
+        request, service.rerank(model, req.query, texts, req.instruction, req.truncate is not False)
     )
     scores = scored.scores if req.activated else scored.raw_scores
     results = []
@@ -97,7 +119,9 @@ async def _tei_rerank(request: Request, data: dict[str, Any]) -> JSONResponse:
     req = TEIRerankRequest.model_validate(data)
     service = _service(request)
     model = service.resolve(req.model)
-    scored = await service.rerank(model, req.query, req.texts, None, req.truncate is not False)
+    scored = await until_disconnect(
+        request, service.rerank(model, req.query, req.texts, None, req.truncate is not False)
+    )
     scores = scored.raw_scores if req.raw_scores else scored.scores
     items = []
     for index in rank(scores, None):
@@ -157,8 +181,9 @@ async def _score(request: Request) -> JSONResponse:
             "(scored pair by pair) or one query (scored against every document)",
             param="queries",
         )
-    scored = await service.score_pairs(
-        model, queries, documents, req.instruction, req.truncate is not False
+    scored = await until_disconnect(
+        request,
+        service.score_pairs(model, queries, documents, req.instruction, req.truncate is not False),
     )
     scores = scored.raw_scores if req.use_activation is False else scored.scores
     return JSONResponse(
