@@ -41,6 +41,15 @@ def load_model(settings: Settings, metrics: Metrics) -> ServedModel:
         raise ModelLoadError(
             f"could not load the weights in {str(model_dir)!r}: {type(exc).__name__}: {exc}"
         ) from exc
+    if settings.fault_injection:
+        from rerankd.engine.faults import FaultInjectingEngine, FaultPlan
+
+        log.warning("fault injection on: %s (testing only)", settings.fault_injection)
+        try:
+            plan = FaultPlan.parse(settings.fault_injection, recipe.encode_text)
+        except ValueError as exc:
+            raise ModelLoadError(f"--fault-injection: {exc}") from exc
+        engine = FaultInjectingEngine(engine, plan)
     names = aliases_for(settings.model, settings.served_model_name)
     scheduler = Scheduler(
         engine, metrics, names[0], settings.max_batch_tokens, settings.max_queued_tokens

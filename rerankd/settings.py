@@ -93,6 +93,9 @@ class Settings:
     request_timeout: float = _opt(
         300.0, "Seconds a request may take before it is cancelled with a 504."
     )
+    fault_injection: str | None = _opt(
+        None, "Testing only: inject engine faults (raise-on:TEXT, oom-above:N, delay:SECONDS)."
+    )
     drain_timeout: float = _opt(
         30.0, "On SIGTERM/SIGINT, seconds to let in-flight requests finish before exiting."
     )
