@@ -42,6 +42,9 @@ class PackedBatch:
     - ``prefix_of``: for each sequence, the index of its shared prefix in ``prefixes`` or -1
     - ``prefixes``: (P_k,) token ids of each shared prefix (positions 0..P_k-1)
     - ``token_type_ids``: (T,) for encoders with segment embeddings, else None
+
+    Shared prefixes are themselves run as one packed stream: prefix k occupies rows
+    ``prefix_starts[k]:+len(prefixes[k])`` of the flat prefix keys/values.
     """
 
     input_ids: torch.Tensor
@@ -52,10 +55,80 @@ class PackedBatch:
     prefix_of: list[int]
     prefixes: list[torch.Tensor]
     token_type_ids: torch.Tensor | None = None
+    varlen: VarlenLayout | None = None
 
     @property
     def num_sequences(self) -> int:
         return len(self.lengths)
+
+    @property
+    def prefix_lengths(self) -> list[int]:
+        return [len(p) for p in self.prefixes]
+
+    @property
+    def prefix_starts(self) -> list[int]:
+        return _offsets(self.prefix_lengths)
+
+    def prefix_span(self, sequence: int) -> tuple[int, int] | None:
+        """(start, length) of this sequence's prefix in the flat prefix stream, or None."""
+        index = self.prefix_of[sequence]
+        if index < 0:
+            return None
+        return self.prefix_starts[index], len(self.prefixes[index])
+
+    def with_varlen_layout(self) -> PackedBatch:
+        """Attach the cu_seqlens/gather layout that varlen attention kernels need."""
+        self.varlen = VarlenLayout.build(self)
+        return self
+
+
+@dataclass
+class VarlenLayout:
+    """Inputs of a varlen attention kernel for this batch.
+
+    Keys of sequence i are [its prefix's keys, its own keys]: ``gather`` picks them, in
+    that order, from ``cat(flat prefix keys, flat own keys)``. Causal masking is aligned
+    bottom-right (the last query sees every key), as flash-attention does when q < k.
+    """
+
+    cu_seq_q: torch.Tensor  # (N+1,) int32
+    cu_seq_k: torch.Tensor  # (N+1,) int32
+    max_q: int
+    max_k: int
+    gather: torch.Tensor  # (T_k,) long
+
+    @classmethod
+    def build(cls, batch: PackedBatch) -> VarlenLayout:
+        device = batch.input_ids.device
+        shared_total = sum(batch.prefix_lengths)
+        index: list[int] = []
+        k_lengths = []
+        for i, (start, length) in enumerate(zip(batch.starts, batch.lengths, strict=True)):
+            span = batch.prefix_span(i)
+            if span is not None:
+                index.extend(range(span[0], span[0] + span[1]))
+            index.extend(range(shared_total + start, shared_total + start + length))
+            k_lengths.append(length + (span[1] if span else 0))
+        return cls(
+            cu_seq_q=torch.tensor(
+                _offsets(batch.lengths, total=True), dtype=torch.int32, device=device
+            ),
+            cu_seq_k=torch.tensor(
+                _offsets(k_lengths, total=True), dtype=torch.int32, device=device
+            ),
+            max_q=max(batch.lengths),
+            max_k=max(k_lengths),
+            gather=torch.tensor(index, dtype=torch.long, device=device),
+        )
+
+
+def _offsets(lengths: Sequence[int], total: bool = False) -> list[int]:
+    """Start offsets of consecutive spans (with the end appended when `total`)."""
+    out, position = [], 0
+    for n in lengths:
+        out.append(position)
+        position += n
+    return [*out, position] if total else out
 
 
 def pack(

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rerankd.engine.attention import PrefixKV, packed_attention
+from rerankd.engine.attention import ATTENTION, PrefixKV
 from rerankd.engine.batch import PackedBatch
 
 
@@ -60,36 +60,46 @@ class Decoder(nn.Module):
             x = x * torch.tensor(self.config.embed_scale, dtype=x.dtype)
         return x
 
-    def prefix_kv(self, prefixes: list[Tensor]) -> list[list[PrefixKV]]:
-        """Per layer, per prefix: (k, v) of shape (KVH, P, D) — each prefix run once."""
-        lengths = [len(p) for p in prefixes]
-        starts = [sum(lengths[:i]) for i in range(len(lengths))]
-        ids = torch.cat(prefixes)
-        positions = torch.cat([torch.arange(n, device=ids.device) for n in lengths])
-        cos, sin = rotary(positions, self.inv_freq, self.embed_tokens.weight.dtype)
+    def set_attention(self, backend: str) -> None:
+        """Choose the attention implementation (`sdpa` everywhere, `varlen` on CUDA)."""
+        for layer in self.layers:
+            layer.self_attn.attend = ATTENTION[backend]
+
+    def prefix_kv(self, batch: PackedBatch) -> list[PrefixKV]:
+        """Per layer, the flat (k, v) of all shared prefixes, each (sum P, KVH, D).
+
+        The prefixes run as their own packed stream, once, whatever the number of
+        documents; the last layer stops after its keys/values (nothing else is needed).
+        """
+        lengths = batch.prefix_lengths
+        ids = torch.cat(batch.prefixes)
+        stream = PackedBatch(
+            input_ids=ids,
+            positions=torch.cat([torch.arange(n, device=ids.device) for n in lengths]),
+            starts=batch.prefix_starts,
+            lengths=lengths,
+            last=torch.empty(0, dtype=torch.long, device=ids.device),
+            prefix_of=[-1] * len(lengths),
+            prefixes=[],
+        )
+        if batch.varlen is not None:
+            stream.with_varlen_layout()
+        cos, sin = rotary(stream.positions, self.inv_freq, self.embed_tokens.weight.dtype)
         x = self.embed(ids)
-        per_layer: list[list[PrefixKV]] = []
+        per_layer: list[PrefixKV] = []
         for index, layer in enumerate(self.layers):
             last = index == len(self.layers) - 1
-            x, (k, v) = layer(x, cos, sin, starts, lengths, None, need_output=not last)
-            per_layer.append(
-                [
-                    (k[s : s + n].transpose(0, 1), v[s : s + n].transpose(0, 1))
-                    for s, n in zip(starts, lengths, strict=True)
-                ]
-            )
+            x, kv = layer(x, cos, sin, stream, None, need_output=not last)
+            per_layer.append(kv)
         return per_layer
 
     def forward(self, batch: PackedBatch) -> Tensor:
         """Hidden states (T, hidden) of the unshared tokens, before the final norm."""
-        kv = self.prefix_kv(batch.prefixes) if batch.prefixes else None
+        kv = self.prefix_kv(batch) if batch.prefixes else None
         cos, sin = rotary(batch.positions, self.inv_freq, self.embed_tokens.weight.dtype)
         x = self.embed(batch.input_ids)
         for index, layer in enumerate(self.layers):
-            prefix = None
-            if kv is not None:
-                prefix = [kv[index][p] if p >= 0 else None for p in batch.prefix_of]
-            x, _ = layer(x, cos, sin, batch.starts, batch.lengths, prefix)
+            x, _ = layer(x, cos, sin, batch, kv[index] if kv is not None else None)
         return x
 
 
@@ -103,10 +113,10 @@ class Block(nn.Module):
         )
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, starts, lengths, prefix, need_output: bool = True):
-        attn, kv = self.self_attn(
-            self.input_layernorm(x), cos, sin, starts, lengths, prefix, need_output
-        )
+    def forward(
+        self, x, cos, sin, batch: PackedBatch, prefix: PrefixKV | None, need_output: bool = True
+    ):
+        attn, kv = self.self_attn(self.input_layernorm(x), cos, sin, batch, prefix, need_output)
         if not need_output:
             return x, kv
         x = x + attn
@@ -125,8 +135,11 @@ class Attention(nn.Module):
         if c.qk_norm:
             self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
             self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
+        self.attend = ATTENTION["sdpa"]
 
-    def forward(self, x, cos, sin, starts, lengths, prefix, need_output: bool = True):
+    def forward(
+        self, x, cos, sin, batch: PackedBatch, prefix: PrefixKV | None, need_output: bool = True
+    ):
         c = self.config
         seqlen = x.shape[0]
         q, k, v = self.wqkv(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -138,7 +151,7 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if not need_output:
             return None, (k, v)
-        y = packed_attention(q, k, v, starts, lengths, prefix, causal=True, scale=c.scale)
+        y = self.attend(q, k, v, batch, prefix, causal=True, scale=c.scale)
         return self.wo(y.reshape(seqlen, self.q_size)), (k, v)
 
 
@@ -189,6 +202,9 @@ class DecoderReranker(nn.Module):
         self.register_buffer(
             "head_bias", None if head_bias is None else head_bias.float(), persistent=False
         )
+
+    def set_attention(self, backend: str) -> None:
+        self.decoder.set_attention(backend)
 
     def forward(self, batch: PackedBatch) -> Tensor:
         hidden = self.decoder(batch)[batch.last]  # (N, hidden)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rerankd.engine.attention import packed_attention
+from rerankd.engine.attention import ATTENTION
 from rerankd.engine.batch import PackedBatch
 from rerankd.models.qwen3 import UnsupportedCheckpoint
 from rerankd.models.weights import Checkpoint
@@ -84,6 +84,11 @@ class Encoder(nn.Module):
         self.head_dense = nn.Linear(c.hidden_size, c.hidden_size)
         self.head_out = nn.Linear(c.hidden_size, 1)
 
+    def set_attention(self, backend: str) -> None:
+        """Choose the attention implementation (`sdpa` everywhere, `varlen` on CUDA)."""
+        for layer in self.layers:
+            layer.attention.attend = ATTENTION[backend]
+
     def forward(self, batch: PackedBatch) -> Tensor:
         c = self.config
         types = (
@@ -98,7 +103,7 @@ class Encoder(nn.Module):
         )
         x = self.embed_norm(x)
         for layer in self.layers:
-            x = layer(x, batch.starts, batch.lengths)
+            x = layer(x, batch)
         first = x[torch.tensor(batch.starts, device=x.device)]  # (N, hidden): [CLS] / <s>
         pooled = torch.tanh(self.head_dense(first))
         return self.head_out(pooled)[:, 0].float()
@@ -114,8 +119,8 @@ class Block(nn.Module):
         self.mlp = MLP(config)
         self.mlp_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
-    def forward(self, x: Tensor, starts: list[int], lengths: list[int]) -> Tensor:
-        x = self.attention_norm(x + self.attention(x, starts, lengths))
+    def forward(self, x: Tensor, batch: PackedBatch) -> Tensor:
+        x = self.attention_norm(x + self.attention(x, batch))
         return self.mlp_norm(x + self.mlp(x))
 
 
@@ -125,14 +130,15 @@ class Attention(nn.Module):
         self.config = config
         self.wqkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)  # fused q ‖ k ‖ v
         self.wo = nn.Linear(config.hidden_size, config.hidden_size)
+        self.attend = ATTENTION["sdpa"]
 
-    def forward(self, x: Tensor, starts: list[int], lengths: list[int]) -> Tensor:
+    def forward(self, x: Tensor, batch: PackedBatch) -> Tensor:
         c = self.config
         seqlen = x.shape[0]
         q, k, v = (
             self.wqkv(x).view(seqlen, 3, c.num_heads, c.head_dim).unbind(dim=1)
         )  # (T, H, D) each
-        y = packed_attention(q, k, v, starts, lengths, None, causal=False, scale=c.head_dim**-0.5)
+        y = self.attend(q, k, v, batch, None, causal=False, scale=c.head_dim**-0.5)
         return self.wo(y.reshape(seqlen, c.hidden_size))
 
 

@@ -42,4 +42,6 @@ def build_packed_engine(
             model = load(checkpoint)
         except KeyError as exc:  # unusual tensor names: the generic engine copes
             raise UnsupportedCheckpoint(f"unexpected checkpoint layout ({exc})") from exc
-    return PackedEngine(model, device, dtype, share_prefix=share_prefix)
+    return PackedEngine(
+        model, device, dtype, share_prefix=share_prefix, vocab_size=config.vocab_size
+    )
