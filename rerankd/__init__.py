@@ -2,4 +2,6 @@
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+from rerankd.client import AsyncClient, Client  # noqa: E402  (needs __version__)
+
+__all__ = ["AsyncClient", "Client", "__version__"]

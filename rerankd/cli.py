@@ -1,14 +1,16 @@
-"""Command line: `rerankd serve …`. Builds Settings and hands them on; nothing else."""
+"""Command line: `rerankd serve | rerank | eval`. Builds Settings and hands them on; nothing else."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
 from rerankd import __version__
-from rerankd.settings import add_settings_arguments, settings_from_args
+from rerankd.settings import DEFAULT_MODEL, Settings, add_settings_arguments, settings_from_args
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -25,6 +27,112 @@ def _serve(args: argparse.Namespace) -> int:
     except ModelLoadError as exc:
         print(f"rerankd: cannot start: {exc.message}", file=sys.stderr)
         return 1
+    except OSError as exc:  # e.g. an unreadable --api-key-file
+        print(f"rerankd: cannot start: {exc}", file=sys.stderr)
+        return 1
+
+
+# --- rerank / eval: the engine in this process, or a server (--url) -----------------------
+
+
+def _add_backend_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("where to score")
+    group.add_argument(
+        "--model",
+        default=None,
+        help="Hub id or local checkpoint directory to load in this process (default: "
+        f"{DEFAULT_MODEL}); with --url, the served model name (default: the server's).",
+    )
+    group.add_argument(
+        "--url",
+        default=None,
+        help="Score on a running rerankd server instead, e.g. http://host:8000.",
+    )
+    group.add_argument(
+        "--api-key",
+        default=None,
+        help="API key for --url (default: the first of RERANKD_API_KEY, if set).",
+    )
+    group.add_argument("--instruction", default=None, help="Task instruction for every query.")
+    local = parser.add_argument_group("in-process engine (ignored with --url)")
+    local.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16.")
+    local.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
+    local.add_argument("--recipe", default="auto", help="Force a scoring recipe (see `serve`).")
+    local.add_argument("--max-model-len", type=int, default=None, help="Cap on tokens per pair.")
+    local.add_argument(
+        "--max-batch-tokens", type=int, default=None, help="Token budget of one engine batch."
+    )
+    local.add_argument("--revision", default=None, help="Hub revision to download.")
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=4,
+        help="Queries in flight at once (their pairs share engine batches).",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="No progress bar.")
+
+
+def _backend_factory(args: argparse.Namespace):
+    """An awaitable factory of the offline backend the flags ask for."""
+    from rerankd.offline import LocalBackend, RemoteBackend
+
+    if args.url:
+        key = args.api_key
+        if key is None:
+            env_keys = [k for k in os.environ.get("RERANKD_API_KEY", "").split(",") if k.strip()]
+            key = env_keys[0].strip() if env_keys else None
+        return lambda: RemoteBackend.open(args.url, key, args.model)
+    settings = Settings(
+        model=args.model or DEFAULT_MODEL,
+        dtype=args.dtype,
+        device=args.device,
+        recipe=args.recipe,
+        max_model_len=args.max_model_len,
+        max_batch_tokens=args.max_batch_tokens,
+        revision=args.revision,
+        log_level="warning",
+    )
+    return lambda: LocalBackend.open(settings)
+
+
+def _rerank(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from rerankd.offline import FatalError, rerank_file, summary_line
+
+    logging.basicConfig(level="WARNING", format="%(levelname)s %(name)s: %(message)s")
+    if args.top_n is not None and args.top_n < 0:
+        print("rerankd rerank: --top-n must be >= 0", file=sys.stderr)
+        return 2
+    input_path, output_path = Path(args.input), Path(args.output)
+    if not input_path.is_file():
+        print(f"rerankd rerank: no input file {str(input_path)!r}", file=sys.stderr)
+        return 2
+    try:
+        summary = asyncio.run(
+            rerank_file(
+                _backend_factory(args),
+                input_path,
+                output_path,
+                top_n=args.top_n or None,
+                instruction=args.instruction,
+                return_documents=not args.no_documents,
+                concurrency=args.concurrency,
+                progress=False if args.no_progress else None,
+            )
+        )
+    except FatalError as exc:
+        print(f"rerankd rerank: {exc}", file=sys.stderr)
+        return 2
+    print(summary_line(summary, output_path), file=sys.stderr)
+    return 1 if summary.failed else 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from rerankd.evaluation import main as eval_main
+
+    logging.basicConfig(level="WARNING", format="%(levelname)s %(name)s: %(message)s")
+    return eval_main(args, _backend_factory(args))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,6 +144,33 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="Serve a reranker model over HTTP.")
     add_settings_arguments(serve)
     serve.set_defaults(handler=_serve)
+
+    rerank = commands.add_parser(
+        "rerank",
+        help="Rerank a JSONL file offline (resumable).",
+        description='Each input line: {"query": str, "documents": [str | {"text": ...}], '
+        '"id": optional}. Each output line: {"id", "model", "results", "usage"} as '
+        '/v1/rerank answers, or {"id", "line", "error"}. Ids already in the output are '
+        "skipped. Exit code 1 if any line failed.",
+    )
+    rerank.add_argument("--input", required=True, help="JSONL file of queries and documents.")
+    rerank.add_argument("--output", required=True, help="JSONL file to append results to.")
+    rerank.add_argument("--top-n", type=int, default=None, help="Keep the best N per query.")
+    rerank.add_argument(
+        "--no-documents", action="store_true", help="Leave `document` out of the results."
+    )
+    _add_backend_arguments(rerank)
+    rerank.set_defaults(handler=_rerank)
+
+    evaluate = commands.add_parser(
+        "eval",
+        help="Measure nDCG@10, MRR@10 and recall before/after reranking on a BEIR dataset.",
+    )
+    from rerankd.evaluation import add_eval_arguments
+
+    add_eval_arguments(evaluate)
+    _add_backend_arguments(evaluate)
+    evaluate.set_defaults(handler=_eval)
     return parser
 
 

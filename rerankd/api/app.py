@@ -13,6 +13,7 @@ from rerankd.api import schemas
 from rerankd.api.auth import APIKeyMiddleware
 from rerankd.api.errors import install_error_handlers
 from rerankd.api.middleware import AccessMiddleware, BodyLimitMiddleware
+from rerankd.api.playground import router as playground_router
 from rerankd.api.routes import router
 from rerankd.service import RerankService
 
@@ -43,6 +44,7 @@ def create_app(
     app.state.service = service
     app.state.metrics = service.metrics
     app.include_router(router)
+    app.include_router(playground_router)
     install_error_handlers(app)
     # added last = runs first: access log/ids → CORS → size limit → auth → routes
     app.add_middleware(APIKeyMiddleware, keys=list(api_keys or []))

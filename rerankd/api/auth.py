@@ -8,8 +8,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from rerankd.api.errors import error_response
 
-#: routes that stay open so orchestrators can probe a protected server
-OPEN_PATHS = frozenset({"/health", "/version"})
+#: open routes: probes for orchestrators, and the playground page (static, holds no data;
+#: its own API calls send the key typed into it)
+OPEN_PATHS = frozenset({"/health", "/version", "/"})
 
 
 class APIKeyMiddleware:
