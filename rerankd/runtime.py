@@ -10,6 +10,7 @@ import logging
 import time
 
 from rerankd.engine import resolve_device, resolve_dtype
+from rerankd.engine.quantize import QUANTIZE_MODES
 from rerankd.errors import ModelLoadError
 from rerankd.metrics import Metrics
 from rerankd.models.loader import load_config_and_tokenizer, resolve_model_dir
@@ -76,11 +77,19 @@ def build_engine(kind: str, model_dir, config, recipe, device, dtype, settings: 
 
     if kind not in ("auto", "packed", "transformers"):
         raise ModelLoadError(f"unknown engine {kind!r}; use auto, packed or transformers")
+    if settings.quantize not in QUANTIZE_MODES:
+        raise ModelLoadError(f"unknown --quantize {settings.quantize!r}; use none or int8")
+    if settings.quantize != "none" and kind == "transformers":
+        raise ModelLoadError("--quantize needs the packed engine (--engine auto or packed)")
     if kind in ("auto", "packed"):
         try:
-            return build_packed_engine(model_dir, config, recipe.head, device, dtype)
+            return build_packed_engine(
+                model_dir, config, recipe.head, device, dtype, settings.quantize
+            )
+        except ValueError as exc:
+            raise ModelLoadError(str(exc)) from exc
         except UnsupportedCheckpoint as exc:
-            if kind == "packed":
+            if kind == "packed" or settings.quantize != "none":
                 raise ModelLoadError(f"--engine packed cannot serve this model: {exc}") from exc
             log.info("packed engine unavailable (%s); using the transformers engine", exc)
     return TransformersEngine(model_dir, recipe.head, device, dtype, settings.max_batch_tokens)

@@ -57,6 +57,11 @@ class Settings:
         "bfloat16, float16. float32 matches the reference to 1e-4; bf16 is faster, ~1e-2 off.",
     )
     device: str = _opt("auto", "auto, cpu, cuda or cuda:N.")
+    quantize: str = _opt(
+        "none",
+        "none, or int8: dynamic int8 linear layers on CPU (faster; scores move slightly, "
+        "see docs/benchmarks.md for the measured fidelity). Needs --engine packed/auto.",
+    )
     max_batch_tokens: int | None = _opt(
         None,
         "Token budget of one engine batch (default: 8192 on CPU, 32768 on CUDA). Larger "

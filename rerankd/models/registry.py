@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from rerankd.engine.packed_engine import PackedEngine
+from rerankd.engine.quantize import quantize_int8
 from rerankd.models.decoder_weights import load_decoder_reranker
 from rerankd.models.encoder import EncoderConfig, load_encoder
 from rerankd.models.gemma import gemma_config
@@ -22,9 +23,18 @@ __all__ = ["UnsupportedCheckpoint", "build_packed_engine"]
 
 
 def build_packed_engine(
-    model_dir: Path, hf_config: Any, head: ScoreHead, device: torch.device, dtype: torch.dtype
+    model_dir: Path,
+    hf_config: Any,
+    head: ScoreHead,
+    device: torch.device,
+    dtype: torch.dtype,
+    quantize: str = "none",
 ) -> PackedEngine:
     """Our packed engine for this checkpoint, or UnsupportedCheckpoint saying why not."""
+    if quantize == "int8":
+        if device.type != "cpu":
+            raise ValueError("--quantize int8 runs on CPU only")
+        dtype = torch.float32  # int8 linears take float32 activations
     model_type = getattr(hf_config, "model_type", None)
     if model_type in DECODERS:
         config = DECODERS[model_type](hf_config)
@@ -42,6 +52,11 @@ def build_packed_engine(
             model = load(checkpoint)
         except KeyError as exc:  # unusual tensor names: the generic engine copes
             raise UnsupportedCheckpoint(f"unexpected checkpoint layout ({exc})") from exc
-    return PackedEngine(
+    if quantize == "int8":
+        model = quantize_int8(model)
+    engine = PackedEngine(
         model, device, dtype, share_prefix=share_prefix, vocab_size=config.vocab_size
     )
+    if quantize == "int8":
+        engine.dtype = "int8-dynamic"
+    return engine
