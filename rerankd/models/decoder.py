@@ -178,11 +178,12 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        if self.gemma:  # Gemma: (x * (1 + w)) in float32, then cast
-            return (h * (1.0 + self.weight.float())).type_as(x)
-        return self.weight * h.type_as(x)  # Llama/Qwen: cast, then scale
+        if self.gemma:  # Gemma: normalize and scale by (1 + w) in float32, then cast
+            h = F.rms_norm(x.float(), (x.shape[-1],), 1.0 + self.weight.float(), self.eps)
+            return h.type_as(x)
+        # Llama/Qwen: torch's fused kernel (statistics in float32); in float32 this is the
+        # reference exactly, in bf16 it rounds once instead of twice (well inside tolerance)
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
 class DecoderReranker(nn.Module):
