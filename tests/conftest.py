@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -57,45 +58,44 @@ def free_port() -> int:
 
 @contextmanager
 def running_server(*args: str, env: dict[str, str] | None = None) -> Iterator[str]:
-    """Start `rerankd serve ARGS` on a free loopback port; yield its base URL; stop it."""
+    """Start `rerankd serve ARGS` on a free loopback port; yield its base URL; stop it.
+
+    The server's output goes to a temporary file, never an unread pipe: a pipe fills up
+    after a few hundred access-log lines and would block the server.
+    """
     port = free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "rerankd.cli",
-        "serve",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        *args,
-    ]
+    cmd = [sys.executable, "-m", "rerankd.cli", "serve", "--host", "127.0.0.1", "--port", str(port), *args]
     proc_env = {**os.environ, **(env or {})}
-    proc = subprocess.Popen(
-        cmd, env=proc_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"rerankd exited with {proc.returncode}:\n{proc.stdout.read()}")
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("rerankd did not become healthy in time")
-            time.sleep(0.2)
-        yield url
-    finally:
-        proc.terminate()
+    with tempfile.TemporaryFile(mode="w+", encoding="utf-8") as log:
+        proc = subprocess.Popen(cmd, env=proc_env, stdout=log, stderr=subprocess.STDOUT, text=True)
+        url = f"http://127.0.0.1:{port}"
+
+        def output() -> str:
+            log.flush()
+            log.seek(0)
+            return log.read()
+
         try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"rerankd exited with {proc.returncode}:\n{output()}")
+                try:
+                    if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"rerankd did not become healthy in time:\n{output()}")
+                time.sleep(0.2)
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 @pytest.fixture(scope="session")

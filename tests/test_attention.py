@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from rerankd.engine.attention import sdpa_attention, varlen_attention
+from rerankd.engine.attention import split_prefix_attention, sdpa_attention, varlen_attention
 from rerankd.engine.batch import pack
 from rerankd.types import EncodedPair
 
@@ -91,3 +91,12 @@ def test_sdpa_prefix_attention_equals_attention_over_the_full_sequence():
             enable_gqa=True,
         )
         torch.testing.assert_close(got[start : start + length], whole[plen:], atol=1e-5, rtol=1e-5)
+
+
+def test_split_prefix_attention_matches_sdpa():
+    batch = _batch()
+    q, k, v = _qkv(len(batch.input_ids))
+    _, pk, pv = _qkv(sum(batch.prefix_lengths), seed=1)
+    expected = sdpa_attention(q, k, v, batch, (pk, pv), causal=True, scale=0.3)
+    got = split_prefix_attention(q, k, v, batch, (pk, pv), causal=True, scale=0.3)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)

@@ -95,3 +95,55 @@ def varlen_attention(
 
 
 ATTENTION = {"sdpa": sdpa_attention, "varlen": varlen_attention}
+
+
+def split_prefix_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    batch: PackedBatch,
+    prefix_kv: PrefixKV | None,
+    causal: bool,
+    scale: float,
+) -> torch.Tensor:
+    """CPU: the prefix part of attention for all of a prefix's sequences in ONE kernel call.
+
+    softmax over [prefix keys, own keys] = a log-sum-exp weighted mix of two softmaxes:
+    (a) every token of a group against its shared prefix (no mask, one call per prefix),
+    (b) every sequence against its own keys (plain causal, the fused kernel's fast path).
+    Exact up to float rounding; avoids copying the prefix's keys once per document.
+    """
+    if prefix_kv is None or not causal:
+        return sdpa_attention(q, k, v, batch, prefix_kv, causal, scale)
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    own = torch.empty_like(q)
+    own_lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)  # (T, H)
+    for start, length in zip(batch.starts, batch.lengths, strict=True):
+        end = start + length
+        o, lse = flash(
+            q[start:end].transpose(0, 1)[None],
+            k[start:end].transpose(0, 1)[None],
+            v[start:end].transpose(0, 1)[None],
+            0.0,
+            True,
+            scale=scale,
+        )[:2]
+        own[start:end] = o[0].transpose(0, 1)
+        own_lse[start:end] = lse[0].transpose(0, 1)
+    out = own
+    for index, (p_start, p_len) in enumerate(zip(batch.prefix_starts, batch.prefix_lengths, strict=True)):
+        rows = batch.prefix_rows(index)  # (T_g,) flat rows of the sequences sharing prefix `index`
+        qg = q[rows].transpose(0, 1)[None]  # (1, H, T_g, D)
+        pk = prefix_kv[0][p_start : p_start + p_len].transpose(0, 1)[None]  # (1, KVH, P, D)
+        pv = prefix_kv[1][p_start : p_start + p_len].transpose(0, 1)[None]
+        o_pre, lse_pre = flash(qg, pk, pv, 0.0, False, scale=scale)[:2]
+        o_pre, lse_pre = o_pre[0].transpose(0, 1).float(), lse_pre[0].transpose(0, 1)  # (T_g, H, D), (T_g, H)
+        lse_own = own_lse[rows]
+        top = torch.maximum(lse_pre, lse_own)
+        w_pre, w_own = torch.exp(lse_pre - top), torch.exp(lse_own - top)
+        mixed = (o_pre * w_pre[..., None] + own[rows].float() * w_own[..., None]) / (w_pre + w_own)[..., None]
+        out[rows] = mixed.to(q.dtype)
+    return out
+
+
+ATTENTION["split"] = split_prefix_attention
