@@ -6,11 +6,15 @@ the packed engine later, a fake one in tests. The scheduler depends on nothing e
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
 
-from rerankd.types import Batch
+from rerankd.types import Batch, EncodedPair
+
+log = logging.getLogger(__name__)
 
 
 class Engine(Protocol):
@@ -60,3 +64,26 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.bfloat16 if cpu_supports_bf16() else torch.float32
+
+
+def split_on_oom(
+    forward: Callable[[list[EncodedPair], list[int] | None], list[float]],
+    pairs: list[EncodedPair],
+    groups: list[int] | None,
+    device: torch.device,
+) -> list[float]:
+    """`forward(pairs, groups)`, halving the batch and retrying while it runs out of memory.
+
+    A single pair that does not fit re-raises: its request fails, the server does not.
+    """
+    try:
+        return forward(pairs, groups)
+    except torch.OutOfMemoryError:
+        if len(pairs) == 1:
+            raise
+        log.warning("out of memory on %d pairs; splitting the batch and retrying", len(pairs))
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        half = len(pairs) // 2
+        left = split_on_oom(forward, pairs[:half], groups[:half] if groups else None, device)
+        return left + split_on_oom(forward, pairs[half:], groups[half:] if groups else None, device)

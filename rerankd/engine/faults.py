@@ -57,7 +57,7 @@ class FaultInjectingEngine:
         if plan.oom_above is not None and hasattr(engine, "_forward"):
             inner = engine._forward
 
-            def forward_or_oom(pairs: list[EncodedPair], *args):
+            def forward_or_oom(pairs: list[EncodedPair], *args):  # same signature as _forward
                 if len(pairs) > plan.oom_above:
                     raise torch.OutOfMemoryError(f"injected: {len(pairs)} pairs > {plan.oom_above}")
                 return inner(pairs, *args)

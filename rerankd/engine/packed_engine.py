@@ -14,6 +14,7 @@ import random
 import torch
 from torch import nn
 
+from rerankd.engine.base import split_on_oom
 from rerankd.engine.batch import pack
 from rerankd.types import EncodedPair
 
@@ -47,22 +48,10 @@ class PackedEngine:
         model.set_attention(self.attention)
 
     def score(self, batch) -> list[float]:
-        return self._score_split_on_oom(batch.pairs, batch.groups)
-
-    def _score_split_on_oom(
-        self, pairs: list[EncodedPair], groups: list[int] | None
-    ) -> list[float]:
-        try:
-            return self._forward(pairs, groups)
-        except torch.OutOfMemoryError:
-            if len(pairs) == 1:
-                raise
-            log.warning("out of memory on %d pairs; splitting the batch and retrying", len(pairs))
-            if self._device.type == "cuda":
-                torch.cuda.empty_cache()
-            half = len(pairs) // 2
-            left = self._score_split_on_oom(pairs[:half], groups[:half] if groups else None)
-            return left + self._score_split_on_oom(pairs[half:], groups[half:] if groups else None)
+        # `self._forward` is looked up per call so the fault-injection hook can wrap it
+        return split_on_oom(
+            lambda p, g: self._forward(p, g), batch.pairs, batch.groups, self._device
+        )
 
     @torch.inference_mode()
     def _forward(self, pairs: list[EncodedPair], groups: list[int] | None) -> list[float]:

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+from rerankd.engine.base import split_on_oom
 from rerankd.recipes import ScoreHead
 from rerankd.types import Batch, EncodedPair
 
@@ -79,24 +80,13 @@ class TransformersEngine:
             width = len(pairs[order[start]])
             count = max(1, self.max_padded_tokens // max(width, 1))
             chunk = order[start : start + count]
-            for index, value in zip(
-                chunk, self._score_split_on_oom([pairs[i] for i in chunk]), strict=True
-            ):
+            chunk_scores = split_on_oom(
+                lambda p, _: self._forward(p), [pairs[i] for i in chunk], None, self._device
+            )
+            for index, value in zip(chunk, chunk_scores, strict=True):
                 scores[index] = value
             start += count
         return scores
-
-    def _score_split_on_oom(self, pairs: list[EncodedPair]) -> list[float]:
-        try:
-            return self._forward(pairs)
-        except torch.OutOfMemoryError:
-            if len(pairs) == 1:
-                raise
-            log.warning("out of memory on %d pairs; splitting the batch and retrying", len(pairs))
-            if self._device.type == "cuda":
-                torch.cuda.empty_cache()
-            half = len(pairs) // 2
-            return self._score_split_on_oom(pairs[:half]) + self._score_split_on_oom(pairs[half:])
 
     @torch.inference_mode()
     def _forward(self, pairs: list[EncodedPair]) -> list[float]:

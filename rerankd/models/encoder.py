@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from rerankd.engine.attention import ATTENTION
 from rerankd.engine.batch import PackedBatch
-from rerankd.models.qwen3 import UnsupportedCheckpoint
+from rerankd.models.hf_config import UnsupportedCheckpoint
 from rerankd.models.weights import Checkpoint
 
 #: position ids of RoBERTa-family models start after the padding index

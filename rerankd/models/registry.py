@@ -12,7 +12,8 @@ from rerankd.engine.quantize import quantize_int8
 from rerankd.models.decoder_weights import load_decoder_reranker
 from rerankd.models.encoder import EncoderConfig, load_encoder
 from rerankd.models.gemma import gemma_config
-from rerankd.models.qwen3 import UnsupportedCheckpoint, qwen3_config
+from rerankd.models.hf_config import UnsupportedCheckpoint
+from rerankd.models.qwen3 import qwen3_config
 from rerankd.models.weights import open_checkpoint
 from rerankd.recipes import ScoreHead
 
