@@ -131,17 +131,21 @@ def split_prefix_attention(
         own[start:end] = o[0].transpose(0, 1)
         own_lse[start:end] = lse[0].transpose(0, 1)
     out = own
-    for index, (p_start, p_len) in enumerate(zip(batch.prefix_starts, batch.prefix_lengths, strict=True)):
+    for index, (p_start, p_len) in enumerate(
+        zip(batch.prefix_starts, batch.prefix_lengths, strict=True)
+    ):
         rows = batch.prefix_rows(index)  # (T_g,) flat rows of the sequences sharing prefix `index`
         qg = q[rows].transpose(0, 1)[None]  # (1, H, T_g, D)
         pk = prefix_kv[0][p_start : p_start + p_len].transpose(0, 1)[None]  # (1, KVH, P, D)
         pv = prefix_kv[1][p_start : p_start + p_len].transpose(0, 1)[None]
         o_pre, lse_pre = flash(qg, pk, pv, 0.0, False, scale=scale)[:2]
-        o_pre, lse_pre = o_pre[0].transpose(0, 1).float(), lse_pre[0].transpose(0, 1)  # (T_g, H, D), (T_g, H)
+        o_pre = o_pre[0].transpose(0, 1).float()  # (T_g, H, D)
+        lse_pre = lse_pre[0].transpose(0, 1)  # (T_g, H)
         lse_own = own_lse[rows]
         top = torch.maximum(lse_pre, lse_own)
-        w_pre, w_own = torch.exp(lse_pre - top), torch.exp(lse_own - top)
-        mixed = (o_pre * w_pre[..., None] + own[rows].float() * w_own[..., None]) / (w_pre + w_own)[..., None]
+        w_pre = torch.exp(lse_pre - top)[..., None]  # (T_g, H, 1)
+        w_own = torch.exp(lse_own - top)[..., None]
+        mixed = (o_pre * w_pre + own[rows].float() * w_own) / (w_pre + w_own)
         out[rows] = mixed.to(q.dtype)
     return out
 
