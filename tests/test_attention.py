@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from rerankd.engine.attention import split_prefix_attention, sdpa_attention, varlen_attention
+from rerankd.engine.attention import sdpa_attention, split_prefix_attention, varlen_attention
 from rerankd.engine.batch import pack
 from rerankd.types import EncodedPair
 
