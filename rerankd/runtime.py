@@ -28,7 +28,9 @@ def load_model(settings: Settings, metrics: Metrics) -> ServedModel:
     started = time.perf_counter()
     model_dir = resolve_model_dir(settings.model, settings.revision)
     config, tokenizer = load_config_and_tokenizer(model_dir)
-    recipe = build_recipe(settings.recipe, tokenizer, config, settings.max_model_len)
+    recipe = build_recipe(
+        settings.recipe, tokenizer, config, settings.max_model_len, model_dir=model_dir
+    )
     try:
         device = resolve_device(settings.device)
         dtype = resolve_dtype(settings.dtype, device)
@@ -81,6 +83,15 @@ def build_engine(kind: str, model_dir, config, recipe, device, dtype, settings: 
         raise ModelLoadError(f"unknown --quantize {settings.quantize!r}; use none or int8")
     if settings.quantize != "none" and kind == "transformers":
         raise ModelLoadError("--quantize needs the packed engine (--engine auto or packed)")
+    if recipe.head.kind == "cosine":  # bi-encoders: each sequence embedded on its own
+        from rerankd.engine.embedding_engine import EmbeddingEngine
+
+        if kind == "packed" or settings.quantize != "none":
+            raise ModelLoadError(
+                "the bi-encoder recipe runs on its embedding engine only; drop --engine packed "
+                "and --quantize"
+            )
+        return EmbeddingEngine(model_dir, device, dtype, settings.max_batch_tokens)
     if kind in ("auto", "packed"):
         try:
             return build_packed_engine(

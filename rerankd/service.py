@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from rerankd.errors import InvalidRequest, ModelNotFound, Overloaded, RequestTimeout, ShuttingDown
 from rerankd.metrics import Metrics
@@ -33,6 +33,36 @@ class ServedModel:
     @property
     def max_length(self) -> int:
         return self.recipe.max_length
+
+
+@dataclass(frozen=True)
+class _LongInputs:
+    """What a request asked for about documents that do not fit (see `score_pairs`)."""
+
+    truncate: bool = True
+    side: str = "right"
+    max_tokens_per_doc: int | None = None
+    max_chunks_per_doc: int | None = None
+
+    def encode(self, recipe: Recipe, queries, documents, instruction) -> list[list[EncodedPair]]:
+        if self.max_chunks_per_doc is not None:
+            return recipe.encode_chunks(
+                queries,
+                documents,
+                instruction,
+                self.truncate,
+                max_chunks=self.max_chunks_per_doc,
+                max_document_tokens=self.max_tokens_per_doc,
+            )
+        pairs = recipe.encode(
+            queries,
+            documents,
+            instruction,
+            self.truncate,
+            side=self.side,
+            max_document_tokens=self.max_tokens_per_doc,
+        )
+        return [[pair] for pair in pairs]
 
 
 @dataclass(frozen=True)
@@ -94,13 +124,24 @@ class RerankService:
         documents: Sequence[str],
         instruction: str | None = None,
         truncate: bool = True,
+        *,
+        truncation_side: str = "right",
+        max_tokens_per_doc: int | None = None,
+        max_chunks_per_doc: int | None = None,
     ) -> ScoredPairs:
-        """Score aligned pairs; raw scores and activated scores in input order."""
+        """Score aligned pairs; raw scores and activated scores in input order.
+
+        Long documents (DESIGN §1 and the dialect extras): `truncation_side="left"` keeps a
+        too-long document's end (TEI); `max_tokens_per_doc` cuts each document to that many
+        tokens first (Cohere v2); `max_chunks_per_doc` scores up to that many chunks of a long
+        document and keeps the best chunk's score (Cohere v1; usage counts every chunk).
+        """
         self._admit(len(documents))
         self.in_flight += 1
+        options = _LongInputs(truncate, truncation_side, max_tokens_per_doc, max_chunks_per_doc)
         try:
             return await asyncio.wait_for(
-                self._score(model, queries, documents, instruction, truncate),
+                self._score(model, queries, documents, instruction, options),
                 self.limits.request_timeout,
             )
         except TimeoutError as exc:
@@ -128,25 +169,32 @@ class RerankService:
                 f"{self.limits.max_concurrent_requests}); retry shortly"
             )
 
-    async def _score(self, model, queries, documents, instruction, truncate) -> ScoredPairs:
+    async def _score(self, model, queries, documents, instruction, options) -> ScoredPairs:
         started = time.perf_counter()
-        pairs = await asyncio.to_thread(
-            self._encode, model.recipe, queries, documents, instruction, truncate
+        groups = await asyncio.to_thread(
+            self._encode, model.recipe, queries, documents, instruction, options
         )
         self.metrics.tokenize_time.labels(model.name).observe(time.perf_counter() - started)
-        raw = await model.scheduler.submit(pairs)
+        pairs = [pair for group in groups for pair in group]
+        flat = await model.scheduler.submit(pairs)
+        # a document's score is its best chunk's (one chunk unless max_chunks_per_doc split it)
+        raw, at = [], 0
+        for group in groups:
+            raw.append(max(flat[at : at + len(group)]))
+            at += len(group)
         tokens = sum(len(p) for p in pairs)
-        truncated = sum(1 for p in pairs if p.truncated)
-        self.metrics.documents.labels(model.name).inc(len(pairs))
+        truncated = sum(1 for group in groups if any(p.truncated for p in group))
+        self.metrics.documents.labels(model.name).inc(len(groups))
         self.metrics.tokens.labels(model.name).inc(tokens)
         self.metrics.truncated.labels(model.name).inc(truncated)
         activate = model.recipe.activate
         return ScoredPairs(raw, [activate(r) for r in raw], tokens, truncated)
 
     def _encode(
-        self, recipe: Recipe, queries, documents, instruction, truncate
-    ) -> list[EncodedPair]:
-        """Tokenize; a tokenizer failure is a 400 naming the first document that fails."""
+        self, recipe: Recipe, queries, documents, instruction, options: _LongInputs
+    ) -> list[list[EncodedPair]]:
+        """Tokenize (per document: its pairs, more than one only when chunked); a tokenizer
+        failure is a 400 naming the first document that fails."""
         max_query = self.limits.max_query_tokens
         if max_query is not None:
             for query in dict.fromkeys(queries):
@@ -156,13 +204,14 @@ class RerankService:
                         param="query",
                     )
         try:
-            return recipe.encode(queries, documents, instruction, truncate)
+            return options.encode(recipe, queries, documents, instruction)
         except InvalidRequest:
             raise
         except Exception as exc:
+            lenient = replace(options, truncate=True)
             for index, (query, document) in enumerate(zip(queries, documents, strict=True)):
                 try:
-                    recipe.encode([query], [document], instruction, True)
+                    lenient.encode(recipe, [query], [document], instruction)
                 except Exception as single:
                     raise InvalidRequest(
                         f"document {index} could not be tokenized: {type(single).__name__}: {single}",
@@ -177,10 +226,11 @@ class RerankService:
         documents: Sequence[str],
         instruction: str | None = None,
         truncate: bool = True,
+        **long_inputs,
     ) -> ScoredPairs:
-        """One query against many documents."""
+        """One query against many documents (`long_inputs`: see `score_pairs`)."""
         return await self.score_pairs(
-            model, [query] * len(documents), documents, instruction, truncate
+            model, [query] * len(documents), documents, instruction, truncate, **long_inputs
         )
 
     async def start(self) -> None:

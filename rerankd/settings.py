@@ -37,7 +37,7 @@ class Settings:
     recipe: str = _opt(
         "auto",
         "Scoring recipe: auto (from the checkpoint's architecture), qwen3-reranker, "
-        "qwen3-seq-cls, bge-gemma, cross-encoder.",
+        "qwen3-seq-cls, bge-gemma, cross-encoder, bi-encoder.",
     )
     max_model_len: int | None = _opt(
         None,

@@ -85,16 +85,26 @@ def _usage(scored: ScoredPairs) -> dict[str, int]:
 # --- rerank ------------------------------------------------------------------------------
 
 
-async def _rerank(request: Request, cohere_v2: bool = False) -> JSONResponse:
+async def _rerank(request: Request, cohere_v2: bool = False, tei: bool = False) -> JSONResponse:
+    """`tei`: this route (POST /rerank) also speaks TEI, recognised by its `texts` field."""
     data = await read_json(request)
-    if "texts" in data and "documents" not in data:
+    if tei and "texts" in data and "documents" not in data:
         return await _tei_rerank(request, data)
     req = RerankRequest.model_validate(data)
     service = _service(request)
     model = service.resolve(req.model)
     texts = document_texts(req.documents, req.rank_fields)
     scored = await until_disconnect(
-        request, service.rerank(model, req.query, texts, req.instruction, req.truncate is not False)
+        request,
+        service.rerank(
+            model,
+            req.query,
+            texts,
+            req.instruction,
+            req.truncate is not False,
+            max_tokens_per_doc=req.max_tokens_per_doc,
+            max_chunks_per_doc=req.max_chunks_per_doc,
+        ),
     )
     scores = scored.scores if req.activated else scored.raw_scores
     results = []
@@ -120,7 +130,15 @@ async def _tei_rerank(request: Request, data: dict[str, Any]) -> JSONResponse:
     service = _service(request)
     model = service.resolve(req.model)
     scored = await until_disconnect(
-        request, service.rerank(model, req.query, req.texts, None, req.truncate is not False)
+        request,
+        service.rerank(
+            model,
+            req.query,
+            req.texts,
+            None,
+            req.truncate is not False,
+            truncation_side=req.truncation_direction.lower(),
+        ),
     )
     scores = scored.raw_scores if req.raw_scores else scored.scores
     items = []
@@ -152,7 +170,7 @@ async def rerank_v1(request: Request) -> JSONResponse:
     openapi_extra={"x-request-model": "RerankRequest|TEIRerankRequest"},
 )
 async def rerank_plain(request: Request) -> JSONResponse:
-    return await _rerank(request)
+    return await _rerank(request, tei=True)
 
 
 @router.post("/v2/rerank", summary="Rerank documents (Cohere v2 shape, with `meta`)", **_RERANK_DOC)

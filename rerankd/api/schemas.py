@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 #: ints beyond this come from JSON numbers no client means (and orjson turns into floats)
 _MAX_INT = 2**53
 NonNegativeInt = Annotated[StrictInt, Field(ge=0, le=_MAX_INT)]
+PositiveInt = Annotated[StrictInt, Field(ge=1, le=_MAX_INT)]
 #: a document is a string or an object with a `text` string (other keys kept and echoed)
 Document = StrictStr | dict[str, Any]
 
@@ -49,6 +50,16 @@ class RerankRequest(_Request):
     rank_fields: list[StrictStr] | None = Field(
         None, description="Cohere: object fields that form the text, as `key: value` lines."
     )
+    max_tokens_per_doc: PositiveInt | None = Field(
+        None,
+        description="Cohere v2: cut each document to this many tokens before scoring "
+        "(counted in usage.truncated_documents).",
+    )
+    max_chunks_per_doc: PositiveInt | None = Field(
+        None,
+        description="Cohere v1: split a document longer than the model's limit into up to this "
+        "many chunks; its score is its best chunk's, and usage counts every chunk's tokens.",
+    )
 
     @property
     def limit(self) -> int | None:
@@ -70,9 +81,10 @@ class TEIRerankRequest(_Request):
     raw_scores: StrictBool = False
     return_text: StrictBool = False
     truncate: StrictBool | None = None
-    truncation_direction: Literal["Right", "right"] = Field(
+    truncation_direction: Literal["Right", "Left", "right", "left"] = Field(
         "Right",
-        description="Only Right: the recipes cut documents at their end, as the model cards do.",
+        description="Right (default): cut a too-long text at its end, as the model cards do; "
+        "Left: keep its end instead (the query and prompt template are never cut).",
     )
 
 

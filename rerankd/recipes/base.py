@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from rerankd.errors import InvalidRequest
@@ -23,11 +23,35 @@ class ScoreHead:
     - ``lm_rows``: a causal LM; raw = h_last · (W[positive] − W[negative]) where W is the LM
       head. Only those rows are ever used, never the full vocabulary.
     - ``classifier``: the checkpoint's own one-label classification head (logit 0).
+    - ``cosine``: a bi-encoder; raw = cosine of the query's and the document's mean-pooled
+      embeddings, each sequence encoded on its own (see `recipes/bi_encoder.py`).
     """
 
     kind: str
     positive_token_id: int | None = None
     negative_token_id: int | None = None
+
+
+#: truncation sides: "right" cuts the end of a document (the model cards' way, the default);
+#: "left" keeps its end (TEI's `truncation_direction: "Left"`)
+TRUNCATION_SIDES = ("right", "left")
+
+
+def keep_document_end(
+    ids: Sequence[int], offsets: Sequence[tuple[int, int]], document_start: int, limit: int
+) -> list[int]:
+    """Cut `ids` to `limit` tokens by dropping the *first* tokens of the document text.
+
+    `ids` encode a template head followed by a document that starts at character
+    `document_start`; `offsets` are their character spans. Tokens that end at or before the
+    document's start are the template's and are all kept; a token straddling the boundary
+    counts as the document's. The document keeps its last ``limit - len(head)`` tokens.
+    """
+    head = next((i for i, (_, end) in enumerate(offsets) if end > document_start), len(ids))
+    if head >= limit:  # no room for any of the document
+        return list(ids[:limit])
+    room = limit - head
+    return list(ids[:head]) + list(ids[max(head, len(ids) - room) :])
 
 
 def sigmoid(x: float) -> float:
@@ -65,9 +89,17 @@ class Recipe(ABC):
 
     @abstractmethod
     def _encode_pairs(
-        self, queries: Sequence[str], documents: Sequence[str], instruction: str | None
+        self,
+        queries: Sequence[str],
+        documents: Sequence[str],
+        instruction: str | None,
+        side: str = "right",
     ) -> list[EncodedPair]:
-        """Tokenize aligned (query, document) pairs, truncating as the model card does."""
+        """Tokenize aligned (query, document) pairs, truncating as the model card does.
+
+        `side="left"` keeps the end of an over-long document instead of its start; the
+        default ("right") is the model card's own truncation, token for token.
+        """
 
     # --- shared behaviour -----------------------------------------------------------------
 
@@ -77,22 +109,219 @@ class Recipe(ABC):
         documents: Sequence[str],
         instruction: str | None = None,
         truncate: bool = True,
+        *,
+        side: str = "right",
+        max_document_tokens: int | None = None,
     ) -> list[EncodedPair]:
-        """Encode aligned pairs; with ``truncate=False`` a pair that needed cutting is a 400."""
+        """Encode aligned pairs; with ``truncate=False`` a pair that needed cutting is a 400.
+
+        `side`: which end of an over-long document to cut (see `_encode_pairs`).
+        `max_document_tokens` (Cohere v2 `max_tokens_per_doc`): each document is first cut to
+        that many tokens of its own, before templating; the cut counts as truncation, but is
+        what the client asked for, so it never makes ``truncate=False`` fail.
+        """
         if len(queries) != len(documents):
             raise ValueError("queries and documents must be aligned; this is a bug")
-        pairs = self._encode_pairs(queries, documents, instruction)
+        if side not in TRUNCATION_SIDES:
+            raise ValueError(f"unknown truncation side {side!r}")
+        if not documents:
+            return []
+        capped: list[int] = []
+        if max_document_tokens is not None:
+            documents, capped = self._cap_documents(documents, max_document_tokens, side)
+        pairs = self._encode_side(queries, documents, instruction, side)
         if not truncate:
-            for index, pair in enumerate(pairs):
-                if pair.truncated:
-                    full = len(pair) + pair.cut_tokens
+            self._check_fits(pairs)
+        if capped:
+            pairs = [
+                replace(pair, cut_tokens=pair.cut_tokens + cut) if cut else pair
+                for pair, cut in zip(pairs, capped, strict=True)
+            ]
+        return pairs
+
+    def encode_chunks(
+        self,
+        queries: Sequence[str],
+        documents: Sequence[str],
+        instruction: str | None = None,
+        truncate: bool = True,
+        *,
+        max_chunks: int,
+        max_document_tokens: int | None = None,
+    ) -> list[list[EncodedPair]]:
+        """Cohere v1 `max_chunks_per_doc`: per document, the pairs of its chunks.
+
+        A document that fits beside its query is one chunk, encoded exactly as `encode` does.
+        A longer one is split (at token boundaries of the document's own tokenization) into
+        consecutive chunks that each fit beside the query; the first `max_chunks` are kept.
+        Dropping the rest counts as truncation (its tokens are added to the last kept
+        chunk's `cut_tokens`); with ``truncate=False`` it is a 400 instead.
+        """
+        if max_chunks < 1:
+            raise ValueError("max_chunks must be at least 1")
+        if max_chunks == 1:  # one chunk is the document cut as by default, exactly
+            pairs = self.encode(
+                queries, documents, instruction, truncate, max_document_tokens=max_document_tokens
+            )
+            return [[pair] for pair in pairs]
+        if len(queries) != len(documents):
+            raise ValueError("queries and documents must be aligned; this is a bug")
+        if not documents:
+            return []
+        capped = [0] * len(documents)
+        if max_document_tokens is not None:
+            documents, capped = self._cap_documents(documents, max_document_tokens, "right")
+        whole = self._encode_pairs(queries, documents, instruction)
+        empty: dict[str, EncodedPair] = {}
+        groups: list[list[EncodedPair]] = []
+        for index, (query, document, pair) in enumerate(
+            zip(queries, documents, whole, strict=True)
+        ):
+            if query not in empty:
+                empty[query] = self._encode_pairs([query], [""], instruction)[0]
+            chunks = self._split(query, document, instruction, pair, empty[query])
+            if chunks is None:
+                if not truncate:
+                    self._check_fits([pair], first_index=index)
+                groups.append([replace(pair, cut_tokens=pair.cut_tokens + capped[index])])
+                continue
+            kept = chunks[:max_chunks]
+            if len(chunks) > max_chunks:
+                if not truncate:
                     raise InvalidRequest(
-                        f"document {index} is {full} tokens with the prompt, more than this "
-                        f"model's limit of {self.max_length} tokens, and truncate is false; "
-                        "shorten it or send truncate: true to cut its end",
+                        f"document {index} needs {len(chunks)} chunks of this model's limit "
+                        f"of {self.max_length} tokens, more than max_chunks_per_doc="
+                        f"{max_chunks}, and truncate is false; shorten it, raise "
+                        "max_chunks_per_doc or send truncate: true to drop the rest",
                         param=f"documents[{index}]",
                     )
-        return pairs
+                dropped = sum(len(self.encode_text(text)) for text, _ in chunks[max_chunks:])
+                last = kept[-1][1]
+                kept[-1] = (kept[-1][0], replace(last, cut_tokens=last.cut_tokens + dropped))
+            first = kept[0][1]
+            kept[0] = (kept[0][0], replace(first, cut_tokens=first.cut_tokens + capped[index]))
+            groups.append([chunk_pair for _, chunk_pair in kept])
+        return groups
+
+    def chunk_texts(self, query: str, document: str, instruction: str | None = None) -> list[str]:
+        """The texts `encode_chunks` scores for `document` beside `query` (all of them, before
+        `max_chunks` applies); just the document when it fits."""
+        pair = self._encode_pairs([query], [document], instruction)[0]
+        bare = self._encode_pairs([query], [""], instruction)[0]
+        chunks = self._split(query, document, instruction, pair, bare)
+        return [document] if chunks is None else [text for text, _ in chunks]
+
+    def _split(
+        self,
+        query: str,
+        document: str,
+        instruction: str | None,
+        pair: EncodedPair,
+        bare: EncodedPair,
+    ) -> list[tuple[str, EncodedPair]] | None:
+        """Split `document` into consecutive texts that each fit beside `query`; None when
+        it fits already (or nothing of it can: then only the default truncation applies).
+
+        `pair` is the whole document's encoding, `bare` the query's with an empty document:
+        their difference is how many document tokens fit. Sizes count the document's own
+        tokens; a chunk ends at a word boundary when one lies in its last quarter. The
+        template may tokenize a chunk's edges a token differently, so sizes shrink until no
+        chunk needs cutting.
+        """
+        room = len(pair) - len(bare)
+        if pair.cut_tokens - bare.cut_tokens <= 0 or room <= 0:
+            return None
+        offsets = self._offsets(document)
+        size = room
+        for _ in range(8):
+            texts = [document[a:b] for a, b in self._chunk_spans(document, offsets, size)]
+            pairs = self._encode_pairs([query] * len(texts), texts, instruction)
+            over = max(pair.cut_tokens - bare.cut_tokens for pair in pairs)
+            if over <= 0 or size == 1:
+                break
+            size = max(1, size - over)
+        return list(zip(texts, pairs, strict=True))
+
+    @staticmethod
+    def _chunk_spans(
+        text: str, offsets: Sequence[tuple[int, int]], size: int
+    ) -> list[tuple[int, int]]:
+        """Character spans of consecutive chunks of at most `size` tokens covering `text`."""
+        starts, token = [0], 0
+        while token + size < len(offsets):
+            end = token + size
+            for candidate in range(end, end - size // 4, -1):  # prefer a word boundary
+                char = offsets[candidate][0]
+                if char > starts[-1] and (text[char].isspace() or text[char - 1].isspace()):
+                    end = candidate
+                    break
+            # byte-level tokens of one character share its span: never an empty chunk
+            if offsets[end][0] > starts[-1]:
+                starts.append(offsets[end][0])
+            token = end
+        spans = []
+        for start, stop in zip(starts, [*starts[1:], len(text)], strict=True):
+            # whitespace between two chunks belongs to neither (the first chunk's start and
+            # the last chunk's end stay as sent)
+            if start > 0:
+                while start < stop and text[start].isspace():
+                    start += 1
+            if stop < len(text):
+                while stop > start and text[stop - 1].isspace():
+                    stop -= 1
+            spans.append((start, stop))
+        return spans
+
+    def _encode_side(self, queries, documents, instruction, side: str) -> list[EncodedPair]:
+        if side == "right":  # the model card's path, called exactly as before
+            return self._encode_pairs(queries, documents, instruction)
+        return self._encode_pairs(queries, documents, instruction, side)
+
+    def _check_fits(self, pairs: Sequence[EncodedPair], first_index: int = 0) -> None:
+        """`truncate: false`: a pair that needed cutting is a 400 naming its document."""
+        for offset, pair in enumerate(pairs):
+            if pair.truncated:
+                raise self._too_long(first_index + offset, pair)
+
+    def _too_long(self, index: int, pair: EncodedPair) -> InvalidRequest:
+        full = len(pair) + pair.cut_tokens
+        return InvalidRequest(
+            f"document {index} is {full} tokens with the prompt, more than this "
+            f"model's limit of {self.max_length} tokens, and truncate is false; "
+            "shorten it or send truncate: true to cut its end",
+            param=f"documents[{index}]",
+        )
+
+    def _offsets(self, text: str) -> list[tuple[int, int]]:
+        """Character spans of `text`'s tokens (no special tokens)."""
+        encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        return [tuple(span) for span in encoded["offset_mapping"]]
+
+    def _cap_documents(
+        self, documents: Sequence[str], limit: int, side: str
+    ) -> tuple[list[str], list[int]]:
+        """Each document cut to `limit` tokens of its own (its start kept, or its end with
+        side="left"), as text; and how many tokens each lost."""
+        if limit < 1:
+            raise InvalidRequest(
+                "max_tokens_per_doc must be at least 1", param="max_tokens_per_doc"
+            )
+        texts: list[str] = []
+        cuts: list[int] = []
+        if not documents:
+            return texts, cuts
+        encoded = self.tokenizer(
+            list(documents), add_special_tokens=False, return_offsets_mapping=True
+        )
+        for document, offsets in zip(documents, encoded["offset_mapping"], strict=True):
+            cut = max(0, len(offsets) - limit)
+            if cut and side == "left":
+                document = document[offsets[-limit][0] :]
+            elif cut:
+                document = document[: offsets[limit - 1][1]]
+            texts.append(document)
+            cuts.append(cut)
+        return texts, cuts
 
     def activate(self, raw: float) -> float:
         """The model's activation: a probability in [0, 1]."""

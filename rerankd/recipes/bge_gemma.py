@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from rerankd.recipes.base import Recipe, ScoreHead
+from rerankd.recipes.base import Recipe, ScoreHead, keep_document_end
 from rerankd.types import EncodedPair
 
 DEFAULT_PROMPT = (
@@ -39,7 +39,11 @@ class BgeGemmaReranker(Recipe):
         return DEFAULT_MAX_LENGTH if max_model_len is None else max_model_len
 
     def _encode_pairs(
-        self, queries: Sequence[str], documents: Sequence[str], instruction: str | None
+        self,
+        queries: Sequence[str],
+        documents: Sequence[str],
+        instruction: str | None,
+        side: str = "right",
     ) -> list[EncodedPair]:
         length = self.max_length
         prompt_ids = self.encode_text(instruction) if instruction else self.default_prompt_ids
@@ -49,15 +53,28 @@ class BgeGemmaReranker(Recipe):
         query_ids = dict(
             zip(unique_queries, self.encode_texts([f"A: {q}" for q in unique_queries]), strict=True)
         )
-        passage_ids = self.encode_texts([f"B: {d}" for d in documents])
+        passages = [f"B: {d}" for d in documents]
+        if side == "left":  # offsets, to keep the passage's "B: " head when cutting its start
+            encoded = self.tokenizer(
+                passages, add_special_tokens=False, return_offsets_mapping=True
+            )
+            passage_ids, passage_offsets = encoded["input_ids"], encoded["offset_mapping"]
+        else:
+            passage_ids, passage_offsets = self.encode_texts(passages), None
         pairs = []
-        for query, passage in zip(queries, passage_ids, strict=True):
+        for index, (query, passage) in enumerate(zip(queries, passage_ids, strict=True)):
             full_query = query_ids[query]
             first = self.bos_ids + full_query[: length * 3 // 4]
             second = self.sep_ids + passage[:length]
             # prepare_for_model(truncation="only_second"): drop from the end of the second part.
             overflow = max(0, len(first) + len(second) - pair_limit)
             second = second[: len(second) - overflow]
+            if passage_offsets is not None and len(second) - len(self.sep_ids) < len(passage):
+                # keep the end of the document instead: same number of tokens, "B: " kept
+                kept = keep_document_end(
+                    passage, passage_offsets[index], len("B: "), len(second) - len(self.sep_ids)
+                )
+                second = self.sep_ids + kept
             cut = (len(full_query) - len(first) + len(self.bos_ids)) + (
                 len(passage) + len(self.sep_ids) - len(second)
             )

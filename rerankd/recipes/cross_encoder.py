@@ -52,7 +52,11 @@ class CrossEncoder(Recipe):
         return min(limits) if limits else 512
 
     def _encode_pairs(
-        self, queries: Sequence[str], documents: Sequence[str], instruction: str | None
+        self,
+        queries: Sequence[str],
+        documents: Sequence[str],
+        instruction: str | None,
+        side: str = "right",
     ) -> list[EncodedPair]:
         length = self.max_length
         unique = list(dict.fromkeys(queries))
@@ -71,7 +75,7 @@ class CrossEncoder(Recipe):
             room = max(0, length - self._num_special - len(q_enc.ids))
             d_cut = max(0, len(doc.ids) - room)
             if d_cut:
-                doc.truncate(room)
+                doc.truncate(room, direction=side)
             merged = self._tok.post_process(q_enc, doc, add_special_tokens=True)
             types = tuple(merged.type_ids) if self._use_token_types else None
             pairs.append(EncodedPair(tuple(merged.ids), types, q_cut + d_cut))

@@ -10,7 +10,7 @@ import re
 from collections.abc import Sequence
 
 from rerankd.errors import InvalidRequest
-from rerankd.recipes.base import Recipe, ScoreHead
+from rerankd.recipes.base import Recipe, ScoreHead, keep_document_end
 from rerankd.types import EncodedPair
 
 # Verbatim from the Qwen3-Reranker model card.
@@ -86,13 +86,17 @@ class Qwen3Reranker(Recipe):
         return chosen, bare_query
 
     def _encode_pairs(
-        self, queries: Sequence[str], documents: Sequence[str], instruction: str | None
+        self,
+        queries: Sequence[str],
+        documents: Sequence[str],
+        instruction: str | None,
+        side: str = "right",
     ) -> list[EncodedPair]:
         resolved = [self._resolve(q, instruction) for q in queries]
-        bodies = [
-            format_body(inst, q, strip_document_tag(d))
-            for (inst, q), d in zip(resolved, documents, strict=True)
-        ]
+        stripped = [strip_document_tag(d) for d in documents]
+        bodies = [format_body(inst, q, d) for (inst, q), d in zip(resolved, stripped, strict=True)]
+        if side == "left":
+            return self._encode_keeping_end(bodies, stripped, resolved)
         pairs = []
         budget = self.body_budget
         for index, body_ids in enumerate(self.encode_texts(bodies)):
@@ -100,6 +104,23 @@ class Qwen3Reranker(Recipe):
             if cut:
                 self._check_query_fits(index, *resolved[index])
             ids = self.prefix_ids + body_ids[:budget] + self.suffix_ids
+            pairs.append(EncodedPair(tuple(ids), None, cut))
+        return pairs
+
+    def _encode_keeping_end(self, bodies, documents, resolved) -> list[EncodedPair]:
+        """Like the card's truncation, but an over-long document loses its start, not its end
+        (the body's tokens before the document, and the template, stay whole)."""
+        encoded = self.tokenizer(bodies, add_special_tokens=False, return_offsets_mapping=True)
+        pairs = []
+        budget = self.body_budget
+        for index, (body, document) in enumerate(zip(bodies, documents, strict=True)):
+            body_ids = encoded["input_ids"][index]
+            cut = max(0, len(body_ids) - budget)
+            if cut:
+                self._check_query_fits(index, *resolved[index])
+                offsets = encoded["offset_mapping"][index]
+                body_ids = keep_document_end(body_ids, offsets, len(body) - len(document), budget)
+            ids = self.prefix_ids + list(body_ids) + self.suffix_ids
             pairs.append(EncodedPair(tuple(ids), None, cut))
         return pairs
 

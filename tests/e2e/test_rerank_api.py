@@ -88,7 +88,7 @@ def test_cohere_v2_rerank_adds_meta_with_api_version_2_and_billed_units(client):
         "model": "qwen3",
         "query": "What is the capital of the United States?",
         "top_n": 3,
-        "max_tokens_per_doc": 4096,  # a Cohere field rerankd does not need: ignored
+        "max_tokens_per_doc": 4096,  # Cohere v2: longer than these documents, so no cut
         "documents": [
             "Carson City is the capital city of the American state of Nevada.",
             "Washington, D.C. is the capital of the United States.",
