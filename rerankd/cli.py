@@ -20,6 +20,9 @@ def _serve(args: argparse.Namespace) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     from rerankd.errors import ModelLoadError
+
+    if args.ray:
+        return _serve_on_ray(args, settings)
     from rerankd.server import serve
 
     try:
@@ -30,6 +33,128 @@ def _serve(args: argparse.Namespace) -> int:
     except OSError as exc:  # e.g. an unreadable --api-key-file
         print(f"rerankd: cannot start: {exc}", file=sys.stderr)
         return 1
+
+
+# --- Ray (rerankd.ray): `serve --ray` and `rerank --ray` ---------------------------------
+
+
+def _add_ray_arguments(parser: argparse.ArgumentParser, serving: bool) -> None:
+    what = "Serve replicas" if serving else "model actors (Ray Data)"
+    group = parser.add_argument_group(
+        "Ray (with --ray; needs `pip install rerankd[ray]`; see docs/scaling.md)"
+    )
+    group.add_argument(
+        "--ray",
+        action="store_true",
+        help="Run on Ray: the cluster in RAY_ADDRESS, else a local one started for this run. "
+        + (
+            "Ray Serve runs the same HTTP app in each replica, behind Serve's proxy on "
+            "--host/--port."
+            if serving
+            else "A Ray Data job over a JSONL or Parquet file/directory (local or a URI "
+            "pyarrow opens); the output is the same JSONL as without --ray."
+        ),
+    )
+    group.add_argument("--replicas", type=int, default=1, help=f"Number of {what} (default 1).")
+    group.add_argument(
+        "--num-cpus-per-replica", type=float, default=1.0, help="CPUs Ray reserves for each."
+    )
+    group.add_argument(
+        "--num-gpus-per-replica",
+        type=float,
+        default=0.0,
+        help="GPUs Ray reserves for each (e.g. 1, or 0.5 for two replicas per GPU).",
+    )
+    group.add_argument(
+        "--min-replicas",
+        type=int,
+        default=None,
+        help=f"Autoscale the {what} between --min-replicas and --max-replicas.",
+    )
+    group.add_argument("--max-replicas", type=int, default=None, help="See --min-replicas.")
+    if serving:
+        group.add_argument(
+            "--target-ongoing-requests",
+            type=float,
+            default=8.0,
+            help="Autoscaling target: requests in flight per replica (default 8).",
+        )
+        group.add_argument(
+            "--max-ongoing-requests",
+            type=int,
+            default=32,
+            help="Most requests Serve sends to one replica at once (default 32); the rest "
+            "wait in Serve's queue.",
+        )
+    else:
+        group.add_argument(
+            "--batch-size",
+            type=int,
+            default=16,
+            help="Input rows per actor call (scored concurrently; default 16).",
+        )
+
+
+def _serve_on_ray(args: argparse.Namespace, settings: Settings) -> int:
+    from rerankd.ray import RAY_MISSING
+
+    try:
+        from rerankd.ray.serve import ReplicaOptions, run
+    except ImportError:
+        print(f"rerankd: cannot start: {RAY_MISSING}", file=sys.stderr)
+        return 1
+    options = ReplicaOptions(
+        replicas=args.replicas,
+        num_cpus=args.num_cpus_per_replica,
+        num_gpus=args.num_gpus_per_replica,
+        min_replicas=args.min_replicas,
+        max_replicas=args.max_replicas,
+        target_ongoing_requests=args.target_ongoing_requests,
+        max_ongoing_requests=args.max_ongoing_requests,
+    )
+    try:
+        options.validate()
+        return run(settings, options)
+    except ImportError:
+        print(f"rerankd: cannot start: {RAY_MISSING}", file=sys.stderr)
+        return 1
+    except ValueError as exc:
+        print(f"rerankd: cannot start: {exc}", file=sys.stderr)
+        return 2
+
+
+def _rerank_on_ray(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from rerankd.ray import RAY_MISSING
+
+    if args.url:
+        print("rerankd rerank: --ray and --url cannot be used together", file=sys.stderr)
+        return 2
+    try:
+        from rerankd.ray.data import DataOptions, main
+    except ImportError:
+        print(f"rerankd rerank: {RAY_MISSING}", file=sys.stderr)
+        return 2
+    options = DataOptions(
+        replicas=args.replicas,
+        min_replicas=args.min_replicas,
+        max_replicas=args.max_replicas,
+        num_cpus=args.num_cpus_per_replica,
+        num_gpus=args.num_gpus_per_replica,
+        batch_size=args.batch_size,
+    )
+    return main(
+        args.input,
+        Path(args.output),
+        _local_settings(args),
+        options,
+        top_n=args.top_n or None,
+        instruction=args.instruction,
+        return_documents=not args.no_documents,
+        concurrency=args.concurrency,
+        progress=False if args.no_progress else None,
+    )
 
 
 # --- rerank / eval: the engine in this process, or a server (--url) -----------------------
@@ -82,7 +207,13 @@ def _backend_factory(args: argparse.Namespace):
             env_keys = [k for k in os.environ.get("RERANKD_API_KEY", "").split(",") if k.strip()]
             key = env_keys[0].strip() if env_keys else None
         return lambda: RemoteBackend.open(args.url, key, args.model)
-    settings = Settings(
+    settings = _local_settings(args)
+    return lambda: LocalBackend.open(settings)
+
+
+def _local_settings(args: argparse.Namespace) -> Settings:
+    """Settings of the in-process engine from the `rerank`/`eval` flags."""
+    return Settings(
         model=args.model or DEFAULT_MODEL,
         dtype=args.dtype,
         device=args.device,
@@ -92,7 +223,6 @@ def _backend_factory(args: argparse.Namespace):
         revision=args.revision,
         log_level="warning",
     )
-    return lambda: LocalBackend.open(settings)
 
 
 def _rerank(args: argparse.Namespace) -> int:
@@ -104,6 +234,8 @@ def _rerank(args: argparse.Namespace) -> int:
     if args.top_n is not None and args.top_n < 0:
         print("rerankd rerank: --top-n must be >= 0", file=sys.stderr)
         return 2
+    if args.ray:
+        return _rerank_on_ray(args)
     input_path, output_path = Path(args.input), Path(args.output)
     if not input_path.is_file():
         print(f"rerankd rerank: no input file {str(input_path)!r}", file=sys.stderr)
@@ -143,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="Serve a reranker model over HTTP.")
     add_settings_arguments(serve)
+    _add_ray_arguments(serve, serving=True)
     serve.set_defaults(handler=_serve)
 
     rerank = commands.add_parser(
@@ -160,6 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-documents", action="store_true", help="Leave `document` out of the results."
     )
     _add_backend_arguments(rerank)
+    _add_ray_arguments(rerank, serving=False)
     rerank.set_defaults(handler=_rerank)
 
     evaluate = commands.add_parser(

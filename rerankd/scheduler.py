@@ -84,14 +84,15 @@ class Scheduler:
     async def stop(self) -> None:
         """Stop taking work, finish what is queued, then stop the loop."""
         self._accepting = False
-        while self._queue:
+        # wait for queued work only while the loop is alive to do it (a forced exit cancels it)
+        while self._queue and self._task is not None and not self._task.done():
             await asyncio.sleep(0.01)
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        self._executor.shutdown(wait=True)
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
     # --- submission --------------------------------------------------------------------
 
@@ -144,18 +145,61 @@ class Scheduler:
             self._record_batch_start(taken, batch)
             started = time.perf_counter()
             try:
-                raw = await loop.run_in_executor(self._executor, self.engine.score, batch)
-                if len(raw) != len(taken):
-                    raise RuntimeError(f"engine returned {len(raw)} scores for {len(taken)} pairs")
+                raw = await self._score(loop, batch, len(taken))
             except Exception as exc:  # a failed batch fails its requests, never the server
                 log.exception("engine failed on a batch of %d pairs", len(taken))
-                self.metrics.failures.labels("inference").inc()
-                self._fail(taken, exc)
-                continue
+                if len(group_of) == 1:
+                    self.metrics.failures.labels("inference").inc()
+                    self._fail(taken, exc)
+                    continue
+                # several requests shared the batch: retry each alone, so only the request
+                # that really fails gets the error
+                raw = await self._score_requests_alone(loop, taken)
+                if raw is None:
+                    continue
             self.metrics.inference_time.labels(self.model_name).observe(
                 time.perf_counter() - started
             )
             self._resolve(taken, raw)
+
+    async def _score(self, loop, batch: Batch, expected: int) -> list[float]:
+        raw = await loop.run_in_executor(self._executor, self.engine.score, batch)
+        if len(raw) != expected:
+            raise RuntimeError(f"engine returned {len(raw)} scores for {expected} pairs")
+        return raw
+
+    async def _score_requests_alone(
+        self, loop, taken: list[tuple[_Entry, int]]
+    ) -> list[float] | None:
+        """Re-run a failed shared batch request by request; fail only those that fail again.
+
+        Returns the scores of all pairs if every request succeeded alone, else resolves the
+        survivors itself and returns None.
+        """
+        by_entry: dict[int, list[int]] = {}
+        for position, (entry, _) in enumerate(taken):
+            by_entry.setdefault(id(entry), []).append(position)
+        raw: list[float | None] = [None] * len(taken)
+        failed = []
+        for positions in by_entry.values():
+            part = [taken[p] for p in positions]
+            batch = Batch([entry.pairs[i] for entry, i in part], [0] * len(part))
+            try:
+                scores = await self._score(loop, batch, len(part))
+            except Exception as exc:
+                self.metrics.failures.labels("inference").inc()
+                self._fail(part, exc)
+                failed.append(part[0][0])
+                continue
+            for p, value in zip(positions, scores, strict=True):
+                raw[p] = value
+        if not failed:
+            return raw
+        self._resolve(
+            [t for t, r in zip(taken, raw, strict=True) if r is not None],
+            [r for r in raw if r is not None],
+        )
+        return None
 
     def _next_batch(self) -> list[tuple[_Entry, int]]:
         """Round-robin over waiting requests, longest pair first in each, up to the budget."""

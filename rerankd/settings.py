@@ -110,11 +110,8 @@ class Settings:
         keys = list(self.api_key)
         if self.api_key_file:
             text = Path(self.api_key_file).expanduser().read_text(encoding="utf-8")
-            keys += [
-                line.strip()
-                for line in text.splitlines()
-                if line.strip() and not line.startswith("#")
-            ]
+            stripped = (line.strip() for line in text.splitlines())
+            keys += [line for line in stripped if line and not line.startswith("#")]
         return keys
 
 

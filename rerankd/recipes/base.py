@@ -76,6 +76,13 @@ class Recipe(ABC):
         self.tokenizer = tokenizer
         self.config = config
         self.max_length = self._max_length(max_model_len)
+        # No token spans more characters than the longest vocabulary entry (byte-level and
+        # WordPiece/Metaspace entries are at least as long as the text they cover). A text
+        # longer than `_precut_chars` has more tokens than any pair may keep, so everything
+        # past that point is cut anyway: dropping it before tokenizing keeps a 10 MB body's
+        # cost bounded by the model's context (x4 margin for normalizers that merge chars).
+        longest = max((len(t) for t in tokenizer.get_vocab()), default=1)
+        self._precut_chars = 4 * longest * (self.max_length + 16)
 
     # --- to implement ---------------------------------------------------------------------
 
@@ -126,6 +133,8 @@ class Recipe(ABC):
             raise ValueError(f"unknown truncation side {side!r}")
         if not documents:
             return []
+        queries = [self._precut(q, "right") for q in queries]
+        documents = [self._precut(d, side) for d in documents]
         capped: list[int] = []
         if max_document_tokens is not None:
             documents, capped = self._cap_documents(documents, max_document_tokens, side)
@@ -283,10 +292,16 @@ class Recipe(ABC):
             if pair.truncated:
                 raise self._too_long(first_index + offset, pair)
 
+    def _precut(self, text: str, side: str) -> str:
+        """`text` without the part no recipe could keep (see `_precut_chars`)."""
+        if len(text) <= self._precut_chars:
+            return text
+        return text[: self._precut_chars] if side == "right" else text[-self._precut_chars :]
+
     def _too_long(self, index: int, pair: EncodedPair) -> InvalidRequest:
         full = len(pair) + pair.cut_tokens
         return InvalidRequest(
-            f"document {index} is {full} tokens with the prompt, more than this "
+            f"document {index} is at least {full} tokens with the prompt, more than this "
             f"model's limit of {self.max_length} tokens, and truncate is false; "
             "shorten it or send truncate: true to cut its end",
             param=f"documents[{index}]",
