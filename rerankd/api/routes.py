@@ -51,7 +51,32 @@ async def read_json(request: Request) -> dict[str, Any]:
         raise HTTPError(400, f"the request body is not valid JSON: {exc}") from exc
     if not isinstance(data, dict):
         raise HTTPError(400, f"the request body must be a JSON object, not {type(data).__name__}")
+    if _depth(data) > MAX_JSON_DEPTH:
+        raise HTTPError(400, f"the request body is nested more than {MAX_JSON_DEPTH} levels deep")
     return data
+
+
+#: documents are echoed back one level deeper than sent, and orjson writes at most 255
+MAX_JSON_DEPTH = 250
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of a parsed JSON value (iterative: no recursion limit to hit)."""
+    deepest = 0
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        deepest = max(deepest, depth)
+        if deepest > MAX_JSON_DEPTH:
+            return deepest
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
 
 
 async def _wait_for_disconnect(request: Request) -> None:
