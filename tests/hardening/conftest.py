@@ -1,0 +1,468 @@
+"""Real `rerankd serve` processes for the hardening suite, with their output captured.
+
+tests/conftest.py's `start_server` yields only a URL; these tests also need the process
+(signals, exit code, RSS) and the output while it runs (access log, secrets), so they start
+servers here. `ServerPool` starts every server the collected tests need at once, before the
+first test, so start-ups overlap with each other and never with a timing-sensitive test;
+output goes to a file that tests read back.
+
+The helpers are plain functions so that scripts/reliability.py can use them too.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import json
+import math
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+START_TIMEOUT_S = 180
+STOP_TIMEOUT_S = 30
+ERROR_TYPES = {
+    400: "BadRequestError",
+    401: "AuthenticationError",
+    404: "NotFoundError",
+    405: "MethodNotAllowedError",
+    413: "RequestTooLargeError",
+    429: "RateLimitError",
+    500: "InternalServerError",
+    503: "ServiceUnavailableError",
+    504: "TimeoutError",
+}
+
+_log_root: Path | None = None
+
+
+def _log_dir() -> Path:
+    global _log_root
+    if _log_root is None:
+        _log_root = Path(tempfile.mkdtemp(prefix="rerankd-hardening-"))
+        atexit.register(shutil.rmtree, _log_root, ignore_errors=True)
+    return _log_root
+
+
+def qwen3_model_dir() -> Path:
+    """The tiny seeded Qwen3-Reranker checkpoint (built once per process or cache)."""
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT))
+    from tests.fixtures.paths import fixture_dir
+
+    return fixture_dir("qwen3")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def server_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """This process's environment without RERANKD_* settings, offline, plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RERANKD_")}
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env.update(extra or {})
+    return env
+
+
+@dataclass
+class Server:
+    """One `rerankd serve` child process on 127.0.0.1."""
+
+    name: str
+    args: list[str]
+    port: int
+    proc: subprocess.Popen
+    log_path: Path
+    spawned_at: float = 0.0
+    #: seconds from spawn to the first healthy /health
+    startup_s: float | None = None
+    _log: Any = field(default=None, repr=False)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def client(self, **kwargs: Any) -> httpx.Client:
+        kwargs.setdefault("timeout", 60)
+        return httpx.Client(base_url=self.url, **kwargs)
+
+    def output(self) -> str:
+        """Everything the process wrote to stdout and stderr so far."""
+        if self._log is not None:
+            self._log.flush()
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    def access_records(self) -> list[dict[str, Any]]:
+        """The JSON access-log lines (one per request) written so far."""
+        records = []
+        for line in self.output().splitlines():
+            if line.startswith("{"):
+                with contextlib.suppress(ValueError):
+                    record = json.loads(line)
+                    if isinstance(record, dict) and "request_id" in record:
+                        records.append(record)
+        return records
+
+    def access_record(self, request_id: str, wait_s: float = 5.0) -> dict[str, Any]:
+        deadline = time.monotonic() + wait_s
+        while True:
+            for record in self.access_records():
+                if record["request_id"] == request_id:
+                    return record
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no access-log line for request id {request_id}")
+            time.sleep(0.05)
+
+    def rss_bytes(self) -> int:
+        """Resident set size of the server process (VmRSS from /proc)."""
+        status = Path(f"/proc/{self.pid}/status").read_text()
+        match = re.search(r"^VmRSS:\s+(\d+) kB", status, re.M)
+        assert match, status
+        return int(match.group(1)) * 1024
+
+    def metrics_text(self) -> str:
+        response = httpx.get(f"{self.url}/metrics", timeout=30)
+        assert response.status_code == 200, response.text
+        return response.text
+
+    def metric(self, name: str, **labels: str) -> float:
+        """Sum of the samples called `name` whose labels include `labels`."""
+        return metric_sum(self.metrics_text(), name, **labels)
+
+    def healthy(self) -> bool:
+        try:
+            return httpx.get(f"{self.url}/health", timeout=5).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float) -> int:
+        code = self.proc.wait(timeout=timeout)
+        if self._log is not None:
+            self._log.flush()
+        return code
+
+    def stop(self, timeout: float = STOP_TIMEOUT_S) -> int | None:
+        """SIGTERM (the server drains) and wait; SIGKILL if it does not exit in time."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        return self.proc.returncode
+
+
+def _spawn(name: str, args: Sequence[str], env: dict[str, str] | None) -> Server:
+    port = free_port()
+    log_path = _log_dir() / f"{name}-{port}.log"
+    log = open(log_path, "w", encoding="utf-8")  # noqa: SIM115 (closed by Server.stop)
+    cmd = [
+        sys.executable, "-m", "rerankd.cli", "serve", "--host", "127.0.0.1",
+        "--port", str(port), *args,
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO_ROOT,
+        env=server_env(env),
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    return Server(name, list(args), port, proc, log_path, time.monotonic(), log)
+
+
+def _wait_healthy(server: Server, deadline: float) -> None:
+    while True:
+        if server.proc.poll() is not None:
+            raise RuntimeError(
+                f"rerankd ({server.name}) exited with {server.proc.returncode}:\n"
+                + server.output()[-4000:]
+            )
+        if server.healthy():
+            server.startup_s = time.monotonic() - server.spawned_at
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"rerankd ({server.name}) not healthy in time:\n{server.output()}")
+        time.sleep(0.1)
+
+
+def base_args(*extra: str) -> list[str]:
+    """Serve the tiny Qwen3 fixture in float32 on the CPU, plus `extra` flags."""
+    return ["--model", str(qwen3_model_dir()), "--dtype", "float32", "--device", "cpu", *extra]
+
+
+def launch_servers(
+    specs: dict[str, Sequence[str]], env: dict[str, str] | None = None
+) -> dict[str, Server]:
+    """Start one server per {name: extra flags} at once; return them once all are healthy."""
+    servers: dict[str, Server] = {}
+    try:
+        for name, extra in specs.items():
+            servers[name] = _spawn(name, base_args(*extra), env)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        for server in servers.values():
+            _wait_healthy(server, deadline)
+    except BaseException:
+        for server in servers.values():
+            server.stop(timeout=5)
+        raise
+    return servers
+
+
+# --- HTTP helpers ---------------------------------------------------------------------------
+
+
+def metric_sum(text: str, name: str, **labels: str) -> float:
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total
+
+
+def error_shape_problem(response: httpx.Response) -> str | None:
+    """None if the body is exactly `{"error": {message, type, param, code}}` for its status."""
+    try:
+        body = response.json()
+    except ValueError:
+        return f"not JSON: {response.text[:200]!r}"
+    if not isinstance(body, dict) or set(body) != {"error"}:
+        return f"not an error object: {str(body)[:200]}"
+    error = body["error"]
+    if not isinstance(error, dict) or set(error) != {"message", "type", "param", "code"}:
+        return f"wrong error keys: {str(error)[:200]}"
+    if not isinstance(error["message"], str) or not error["message"].strip():
+        return "empty message"
+    if not isinstance(error["type"], str) or not error["type"]:
+        return "empty type"
+    if error["param"] is not None and not isinstance(error["param"], str):
+        return f"param is {type(error['param']).__name__}"
+    if error["code"] != response.status_code:
+        return f"code {error['code']!r} != status {response.status_code}"
+    if not response.headers.get("content-type", "").startswith("application/json"):
+        return f"content-type {response.headers.get('content-type')!r}"
+    return None
+
+
+def assert_error(
+    response: httpx.Response,
+    status: int,
+    param: Any = ...,
+    contains: Sequence[str] = (),
+) -> dict[str, Any]:
+    """`response` is the documented error JSON with `status` (and its documented type)."""
+    assert response.status_code == status, (response.status_code, response.text[:500])
+    problem = error_shape_problem(response)
+    assert problem is None, problem
+    error = response.json()["error"]
+    if status in ERROR_TYPES:
+        assert error["type"] == ERROR_TYPES[status], error
+    assert "Traceback" not in error["message"], error
+    if param is not ...:
+        assert error["param"] == param, error
+    for fragment in contains:
+        assert fragment.lower() in error["message"].lower(), (fragment, error["message"])
+    return error
+
+
+def scores_of(body: Any) -> list[float]:
+    """Scores in input order from a rerank, score or TEI response body."""
+    if isinstance(body, list):  # TEI
+        return [item["score"] for item in sorted(body, key=lambda item: item["index"])]
+    if "results" in body:
+        return [r["relevance_score"] for r in sorted(body["results"], key=lambda r: r["index"])]
+    return [d["score"] for d in sorted(body["data"], key=lambda d: d["index"])]
+
+
+def assert_scores_close(actual: Sequence[float], expected: Sequence[float], tol: float = 1e-6):
+    assert len(actual) == len(expected), (len(actual), len(expected))
+    for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
+        assert abs(a - e) <= tol, f"pair {i}: {a!r} != {e!r}"
+
+
+@dataclass
+class RawResponse:
+    status: int | None
+    headers: dict[str, str]
+    body: bytes
+    raw: bytes
+
+
+def raw_http(port: int, request: bytes, timeout: float = 30.0) -> RawResponse:
+    """Send bytes as they are on a fresh connection; read one response (or until close)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(request)
+        data = b""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                chunk = sock.recv(65536)
+            except (TimeoutError, ConnectionResetError):
+                break
+            if not chunk:
+                break
+            data += chunk
+            head, sep, body = data.partition(b"\r\n\r\n")
+            if sep:
+                match = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+                if match and len(body) >= int(match.group(1)):
+                    break
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    status = None
+    match = re.match(rb"HTTP/1\.[01] (\d{3})", lines[0]) if lines else None
+    if match:
+        status = int(match.group(1))
+    headers = {}
+    for line in lines[1:]:
+        key, _, value = line.partition(b":")
+        headers[key.strip().lower().decode("latin-1")] = value.strip().decode("latin-1")
+    return RawResponse(status, headers, body, data)
+
+
+def raw_post(path: str, body: bytes, extra_headers: bytes = b"", host: bytes = b"127.0.0.1"):
+    """A complete HTTP/1.1 POST as bytes, with Content-Length and `Connection: close`."""
+    return (
+        b"POST " + path.encode() + b" HTTP/1.1\r\nHost: " + host + b"\r\n"
+        b"Content-Type: application/json\r\nConnection: close\r\n"
+        b"Content-Length: " + str(len(body)).encode() + b"\r\n" + extra_headers + b"\r\n" + body
+    )
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile (q in [0, 100]) of a non-empty sequence."""
+    ordered = sorted(values)
+    rank = max(1, min(len(ordered), math.ceil(q / 100 * len(ordered))))
+    return ordered[rank - 1]
+
+
+# --- the servers of the suite ---------------------------------------------------------------
+
+#: API keys of the `secure` server: one by flag, the rest from its --api-key-file
+FLAG_KEY = "SECRET123"
+FILE_KEY = "FILEKEY456"
+KEY_FILE_TEXT = f"# keys for the hardening suite\n{FILE_KEY}\n\n# COMMENTED789\n   # INDENTED000\n"
+CORS_ORIGIN = "https://app.example"
+SLOW_DRAIN = ["--fault-injection", "delay:0.25", "--max-batch-tokens", "1"]
+
+
+def _key_file() -> str:
+    path = _log_dir() / "api-keys.txt"
+    path.write_text(KEY_FILE_TEXT, encoding="utf-8")
+    return str(path)
+
+
+#: every server a test module may ask for (its module-level SERVERS tuple), by name
+SERVER_SPECS: dict[str, Any] = {
+    "plain": lambda: [],
+    # test_limits
+    "limited": lambda: [
+        "--max-request-bytes", "4096", "--max-documents", "8", "--max-query-tokens", "16",
+    ],
+    "queue": lambda: [
+        "--fault-injection", "delay:0.3", "--max-batch-tokens", "1", "--max-queued-tokens", "2000",
+    ],
+    "slow": lambda: [
+        "--fault-injection", "delay:2", "--request-timeout", "1", "--max-concurrent-requests", "2",
+    ],
+    # test_faults_e2e
+    "faults": lambda: ["--fault-injection", "raise-on:FAULT_MARKER,oom-above:2,delay:0.5"],
+    # test_security
+    "secure": lambda: [
+        "--api-key", FLAG_KEY, "--api-key-file", _key_file(), "--cors-origin", CORS_ORIGIN,
+    ],
+    # test_shutdown (each is used up by its test)
+    "sigterm": lambda: SLOW_DRAIN,
+    "sigint": lambda: SLOW_DRAIN,
+    "twice": lambda: SLOW_DRAIN,
+}  # fmt: skip
+
+
+class ServerPool:
+    """Starts the servers the collected tests need all at once, before the first test runs,
+    so that start-ups (mostly importing torch) overlap with each other and never with a
+    timing-sensitive test."""
+
+    def __init__(self) -> None:
+        self.servers: dict[str, Server] = {}
+
+    def start(self, names: Sequence[str]) -> None:
+        new = {n: SERVER_SPECS[n]() for n in names if n not in self.servers}
+        if new:
+            self.servers.update(launch_servers(new))
+
+    def get(self, name: str) -> Server:
+        self.start([name])
+        return self.servers[name]
+
+    def stop_all(self) -> None:
+        for server in self.servers.values():
+            if server.proc.poll() is None:
+                server.proc.terminate()
+        for server in self.servers.values():
+            server.stop()
+
+
+# --- fixtures -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def server_pool(request: pytest.FixtureRequest) -> Iterator[ServerPool]:
+    wanted: dict[str, None] = {}
+    for item in request.session.items:
+        module = getattr(item, "module", None)
+        if module is not None and module.__name__.rpartition(".")[0].endswith("hardening"):
+            wanted.update(dict.fromkeys(getattr(module, "SERVERS", ())))
+    pool = ServerPool()
+    try:
+        pool.start(list(wanted))
+        yield pool
+    finally:
+        pool.stop_all()
+
+
+@pytest.fixture(scope="module")
+def servers(request: pytest.FixtureRequest, server_pool: ServerPool) -> dict[str, Server]:
+    """The servers named in the requesting module's SERVERS tuple."""
+    return {name: server_pool.get(name) for name in getattr(request.module, "SERVERS", ())}
+
+
+@pytest.fixture(scope="session")
+def plain_server(server_pool: ServerPool) -> Server:
+    """A server with every default (no keys, no CORS, no faults), shared by the session."""
+    return server_pool.get("plain")
+
+
+@pytest.fixture(scope="session")
+def plain(plain_server: Server) -> Iterator[httpx.Client]:
+    with plain_server.client() as client:
+        yield client
