@@ -11,37 +11,9 @@ from typing import Any
 import httpx
 
 from tests.reference import qwen3_reference, sigmoid
+from tests.words import WORDS
 
 from .helpers import assert_close, assert_sorted, scores_by_index
-
-WORDS = [
-    "the",
-    "river",
-    "city",
-    "music",
-    "science",
-    "history",
-    "people",
-    "water",
-    "light",
-    "north",
-    "garden",
-    "stone",
-    "bridge",
-    "old",
-    "new",
-    "village",
-    "market",
-    "mountain",
-    "forest",
-    "school",
-    "北京",
-    "東京",
-    "서울",
-    "🍕",
-    "🎉",
-    "😀",
-]
 
 
 def make_documents(n: int, seed: int, min_words: int = 3, max_words: int = 40) -> list[str]:

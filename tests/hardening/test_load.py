@@ -18,38 +18,13 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.words import WORDS
+
 from .conftest import Server, percentile, scores_of
 
 SERVERS = ("plain",)
 CLIENTS = 64
 RSS_GROWTH_LIMIT = 300 * 1024 * 1024
-WORDS = [
-    "the",
-    "river",
-    "city",
-    "music",
-    "science",
-    "history",
-    "people",
-    "water",
-    "light",
-    "north",
-    "garden",
-    "stone",
-    "bridge",
-    "old",
-    "new",
-    "village",
-    "market",
-    "mountain",
-    "forest",
-    "school",
-    "北京",
-    "東京",
-    "서울",
-    "🍕",
-    "😀",
-]
 
 
 def make_workload(size: int = 24, seed: int = 7) -> list[tuple[str, dict[str, Any]]]:

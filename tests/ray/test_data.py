@@ -12,24 +12,10 @@ import pytest
 from ray_cluster import cluster_fixture
 
 from rerankd.cli import main
+from tests.words import WORDS
 
 pytest.importorskip("ray")
 pytestmark = pytest.mark.ray
-
-WORDS = [
-    "the",
-    "river",
-    "city",
-    "music",
-    "science",
-    "history",
-    "people",
-    "water",
-    "light",
-    "north",
-    "garden",
-    "stone",
-]
 
 
 def make_rows(n: int, seed: int = 7) -> list[str]:
