@@ -529,7 +529,7 @@ def write(report: Report, path: Path, args: argparse.Namespace, started: float) 
         'scenarios, as assertions: `python -m pytest tests/hardening -m "slow or not slow"`.',
         "",
         f"- date: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
-        f"- rerankd {rerankd.__version__} at {git_revision()}; torch {torch.__version__}, "
+        f"- rerankd {rerankd.__version__} at {args.revision}; torch {torch.__version__}, "
         f"fastapi {fastapi.__version__}, uvicorn {uvicorn.__version__}, Python {platform.python_version()}",
         f"- machine: {os.cpu_count()} CPU cores, load average before the run "
         f"{args.load_before}; servers and clients share these cores",
@@ -567,6 +567,7 @@ def main(argv: list[str] | None = None) -> int:
     load_s = args.load_seconds or (10 if args.quick else 120)
     examples = args.fuzz_examples or (10 if args.quick else 520)
     args.load_before = " / ".join(f"{x:.1f}" for x in os.getloadavg())
+    args.revision = git_revision()  # what the servers run: taken before they start
     started = time.monotonic()
     report = Report()
 
