@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from tests.reference import qwen3_reference, sigmoid
+from tests.words import WORDS
 
 from .helpers import (
     RERANK_ID,
@@ -488,20 +489,7 @@ def test_served_model_name_is_reported_and_accepted(foo_server, client, qwen3_di
 
 
 def long_text(words: int = 4000) -> str:
-    vocab = [
-        "the",
-        "river",
-        "city",
-        "music",
-        "science",
-        "history",
-        "people",
-        "water",
-        "light",
-        "north",
-        "garden",
-        "stone",
-    ]
+    vocab = WORDS[:12]  # the plain English words
     return " ".join(f"{vocab[i % len(vocab)]}{'s' if i % 7 == 0 else ''}" for i in range(words))
 
 

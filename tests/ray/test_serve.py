@@ -20,24 +20,13 @@ import httpx
 import pytest
 from ray_cluster import cluster_fixture, free_port
 
+from tests.words import WORDS as ALL_WORDS
+
 pytest.importorskip("ray")
 pytestmark = pytest.mark.ray
 
 QUIET = ("--no-access-log", "--log-level", "warning")
-WORDS = [
-    "the",
-    "river",
-    "city",
-    "music",
-    "science",
-    "history",
-    "people",
-    "water",
-    "light",
-    "north",
-    "garden",
-    "stone",
-]
+WORDS = ALL_WORDS[:12]  # the plain English words
 START_TIMEOUT_S = 240
 #: concurrent requests share engine batches differently on each server: last-bit noise only
 TOL = 1e-6
