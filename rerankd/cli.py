@@ -21,6 +21,11 @@ def _serve(args: argparse.Namespace) -> int:
     )
     from rerankd.errors import ModelLoadError
 
+    try:
+        settings.per_model()  # a bad --models is a usage error, before any loading
+    except ValueError as exc:
+        print(f"rerankd: cannot start: {exc}", file=sys.stderr)
+        return 2
     if args.ray:
         return _serve_on_ray(args, settings)
     from rerankd.server import serve
@@ -86,6 +91,21 @@ def _add_ray_arguments(parser: argparse.ArgumentParser, serving: bool) -> None:
             help="Most requests Serve sends to one replica at once (default 32); the rest "
             "wait in Serve's queue.",
         )
+        group.add_argument(
+            "--ingress-replicas",
+            type=int,
+            default=1,
+            help="With several --models: replicas of the HTTP ingress, which tokenizes and "
+            "routes to one engine deployment per model (the flags above size each of those; "
+            "default 1).",
+        )
+        group.add_argument(
+            "--num-cpus-per-ingress",
+            type=float,
+            default=1.0,
+            help="With several --models: CPUs Ray reserves for each ingress replica (its "
+            "tokenization threads; default 1).",
+        )
     else:
         group.add_argument(
             "--batch-size",
@@ -111,6 +131,8 @@ def _serve_on_ray(args: argparse.Namespace, settings: Settings) -> int:
         max_replicas=args.max_replicas,
         target_ongoing_requests=args.target_ongoing_requests,
         max_ongoing_requests=args.max_ongoing_requests,
+        ingress_replicas=args.ingress_replicas,
+        ingress_num_cpus=args.num_cpus_per_ingress,
     )
     try:
         options.validate()

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
+from typing import Any
 
-from rerankd.engine import resolve_device, resolve_dtype
+from rerankd.engine import Engine, resolve_device, resolve_dtype
 from rerankd.engine.quantize import QUANTIZE_MODES
 from rerankd.errors import ModelLoadError
 from rerankd.metrics import Metrics
 from rerankd.models.loader import load_config_and_tokenizer, resolve_model_dir
-from rerankd.recipes import build_recipe
+from rerankd.recipes import Recipe, build_recipe
 from rerankd.scheduler import Scheduler
 from rerankd.service import Limits, RerankService, ServedModel, aliases_for
 from rerankd.settings import Settings
@@ -26,11 +28,38 @@ log = logging.getLogger(__name__)
 def load_model(settings: Settings, metrics: Metrics) -> ServedModel:
     """Load the configured model; raises ModelLoadError with a user-facing message."""
     started = time.perf_counter()
+    model_dir, config, recipe = load_recipe(settings)
+    engine = load_engine(settings, model_dir, config, recipe)
+    names = aliases_for(settings.model, settings.served_model_name)
+    scheduler = Scheduler(
+        engine, metrics, names[0], settings.max_batch_tokens, settings.max_queued_tokens
+    )
+    log.info(
+        "loaded %s (recipe %s, %s engine, %s, %s, max %d tokens/pair) in %.1fs",
+        settings.model,
+        recipe.name,
+        engine.name,
+        engine.device,
+        engine.dtype,
+        recipe.max_length,
+        time.perf_counter() - started,
+    )
+    return ServedModel(names[0], recipe, scheduler, names[1:], source=settings.model)
+
+
+def load_recipe(settings: Settings) -> tuple[Path, Any, Recipe]:
+    """The checkpoint directory, its config and its recipe (tokenizer included): all that
+    tokenizing needs, without the weights (cheap: a Ray ingress replica loads just this)."""
     model_dir = resolve_model_dir(settings.model, settings.revision)
     config, tokenizer = load_config_and_tokenizer(model_dir)
     recipe = build_recipe(
         settings.recipe, tokenizer, config, settings.max_model_len, model_dir=model_dir
     )
+    return model_dir, config, recipe
+
+
+def load_engine(settings: Settings, model_dir: Path, config: Any, recipe: Recipe) -> Engine:
+    """The warmed-up engine of a model whose recipe `load_recipe` built."""
     try:
         device = resolve_device(settings.device)
         dtype = resolve_dtype(settings.dtype, device)
@@ -53,22 +82,8 @@ def load_model(settings: Settings, metrics: Metrics) -> ServedModel:
         except ValueError as exc:
             raise ModelLoadError(f"--fault-injection: {exc}") from exc
         engine = FaultInjectingEngine(engine, plan)
-    names = aliases_for(settings.model, settings.served_model_name)
-    scheduler = Scheduler(
-        engine, metrics, names[0], settings.max_batch_tokens, settings.max_queued_tokens
-    )
     warm_up(recipe, engine)
-    log.info(
-        "loaded %s (recipe %s, %s engine, %s, %s, max %d tokens/pair) in %.1fs",
-        settings.model,
-        recipe.name,
-        engine.name,
-        engine.device,
-        engine.dtype,
-        recipe.max_length,
-        time.perf_counter() - started,
-    )
-    return ServedModel(names[0], recipe, scheduler, names[1:], source=settings.model)
+    return engine
 
 
 def build_engine(kind: str, model_dir, config, recipe, device, dtype, settings: Settings):
@@ -112,12 +127,21 @@ def warm_up(recipe, engine) -> None:
     engine.score(Batch(pairs))
 
 
-def build_service(settings: Settings, metrics: Metrics | None = None) -> RerankService:
-    metrics = metrics or Metrics()
-    limits = Limits(
+def limits_of(settings: Settings) -> Limits:
+    return Limits(
         max_documents=settings.max_documents,
         max_query_tokens=settings.max_query_tokens,
         max_concurrent_requests=settings.max_concurrent_requests,
         request_timeout=settings.request_timeout,
     )
-    return RerankService([load_model(settings, metrics)], metrics, limits)
+
+
+def build_service(settings: Settings, metrics: Metrics | None = None) -> RerankService:
+    """The service of every model in `settings` (`--model`, or each of `--models`)."""
+    metrics = metrics or Metrics()
+    limits = limits_of(settings)
+    try:
+        per_model = settings.per_model()
+    except ValueError as exc:
+        raise ModelLoadError(str(exc)) from exc
+    return RerankService([load_model(s, metrics) for s in per_model], metrics, limits)

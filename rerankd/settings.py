@@ -1,7 +1,7 @@
 """One typed Settings object, built from flags and RERANKD_* environment variables.
 
 Every flag `--some-flag` is also `RERANKD_SOME_FLAG`; a flag beats its variable. Lists
-(`--api-key`, `--served-model-name`, `--cors-origin`) are repeatable flags or
+(`--api-key`, `--served-model-name`, `--cors-origin`, `--models`) are repeatable flags or
 comma-separated variables; booleans are `--flag/--no-flag` or `true/false`. The object is
 passed down explicitly; no other module reads the environment for configuration.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,12 @@ class Settings:
         [],
         "Name clients use for the model (repeatable); default: the model id. The hub id and "
         "its last part are always accepted as aliases.",
+    )
+    models: list[str] = _opt(
+        [],
+        "Serve several models: SOURCE or NAME=SOURCE (a hub id or directory; repeatable; env: "
+        "comma-separated). Replaces --model and --served-model-name; a request picks one with "
+        "its `model` field, the first is the default. With --ray: one Serve deployment each.",
     )
     revision: str | None = _opt(None, "Hub revision (branch, tag or commit) to download.")
     recipe: str = _opt(
@@ -104,6 +110,37 @@ class Settings:
     drain_timeout: float = _opt(
         30.0, "On SIGTERM/SIGINT, seconds to let in-flight requests finish before exiting."
     )
+
+    def per_model(self) -> list[Settings]:
+        """One Settings per served model: `models` split into `model` + `served_model_name`
+        (every other setting shared), or just this one when `models` is empty."""
+        if not self.models:
+            return [self]
+        if self.served_model_name:
+            raise ValueError(
+                "--served-model-name names the single --model; with --models give each "
+                "model its name as NAME=SOURCE"
+            )
+        specs = []
+        for spec in self.models:
+            name, sep, source = spec.partition("=")
+            if not (sep and name and "/" not in name):  # a path or hub id, unnamed
+                name, source = "", spec
+            if not source.strip():
+                raise ValueError(f"--models {spec!r}: no model after '='")
+            specs.append(
+                replace(
+                    self,
+                    model=source.strip(),
+                    served_model_name=[name.strip()] if name.strip() else [],
+                    models=[],
+                )
+            )
+        names = [s.served_model_name[0] if s.served_model_name else s.model for s in specs]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"--models: each model needs its own name; repeated: {repeated}")
+        return specs
 
     def all_api_keys(self) -> list[str]:
         """Keys from --api-key plus those in --api-key-file."""

@@ -58,3 +58,45 @@ def test_api_key_file_adds_keys(tmp_path):
     path.write_text("# team keys\nfile-key-1\n\n  file-key-2  \n")
     s = parse_settings(["--api-key", "flag-key", "--api-key-file", str(path)], env={})
     assert s.all_api_keys() == ["flag-key", "file-key-1", "file-key-2"]
+
+
+def test_models_split_into_one_settings_per_model():
+    s = parse_settings(
+        [
+            "--models",
+            "qwen=Qwen/Qwen3-Reranker-0.6B",
+            "--models",
+            "./ckpt/x=y",
+            "--dtype",
+            "float32",
+        ],
+        env={},
+    )
+    one, two = s.per_model()
+    assert (one.model, one.served_model_name, one.models) == (
+        "Qwen/Qwen3-Reranker-0.6B",
+        ["qwen"],
+        [],
+    )
+    assert (two.model, two.served_model_name) == ("./ckpt/x=y", [])  # a path, not NAME=
+    assert one.dtype == two.dtype == "float32"  # every other setting is shared
+    env = parse_settings([], env={"RERANKD_MODELS": "a=/m/a, /m/b"})
+    assert [m.model for m in env.per_model()] == ["/m/a", "/m/b"]
+    single = parse_settings(["--model", "/m/c"], env={})
+    assert single.per_model() == [single]
+
+
+def test_bad_models_are_refused_with_a_reason():
+    with pytest.raises(ValueError, match="repeated"):
+        parse_settings(["--models", "a=/m/1", "--models", "a=/m/2"], env={}).per_model()
+    with pytest.raises(ValueError, match="NAME=SOURCE"):
+        parse_settings(["--models", "/m/1", "--served-model-name", "x"], env={}).per_model()
+    with pytest.raises(ValueError, match="no model after"):
+        parse_settings(["--models", "a="], env={}).per_model()
+
+
+def test_serve_refuses_bad_models_before_loading_anything(capsys):
+    from rerankd.cli import main
+
+    assert main(["serve", "--models", "a=/m/1", "--models", "a=/m/2"]) == 2
+    assert "each model needs its own name" in capsys.readouterr().err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -24,8 +25,13 @@ def create_app(
     cors_origins: list[str] | None = None,
     max_request_bytes: int = 64 * 1024 * 1024,
     access_log: bool = True,
+    metrics_export: Callable[[], Awaitable[bytes]] | None = None,
 ) -> FastAPI:
-    """Build the ASGI app around a ready-to-start service."""
+    """Build the ASGI app around a ready-to-start service.
+
+    `metrics_export` answers GET /metrics instead of the service's own registry (on Ray:
+    every replica's registry, merged; see rerankd.ray.metrics).
+    """
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -43,6 +49,7 @@ def create_app(
     )
     app.state.service = service
     app.state.metrics = service.metrics
+    app.state.metrics_export = metrics_export
     app.include_router(router)
     app.include_router(playground_router)
     install_error_handlers(app)

@@ -294,5 +294,6 @@ async def version() -> JSONResponse:
 
 @router.get("/metrics", summary="Prometheus metrics")
 async def metrics(request: Request) -> PlainTextResponse:
-    payload = generate_latest(request.app.state.metrics.registry)
+    export = getattr(request.app.state, "metrics_export", None)
+    payload = await export() if export else generate_latest(request.app.state.metrics.registry)
     return PlainTextResponse(payload, media_type=CONTENT_TYPE_LATEST)
