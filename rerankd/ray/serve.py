@@ -1,10 +1,27 @@
-"""rerankd on Ray Serve: each replica runs the very app `rerankd serve` runs.
+"""rerankd on Ray Serve: the very app `rerankd serve` runs, on as many replicas as needed.
 
-A replica builds its service with `runtime.build_service(settings)` (model load, warm-up)
-and wraps it in `api.create_app(...)`, the same FastAPI app as the single-process server:
-routes, request and response shapes, auth, errors and /metrics are those of rerankd. Serve
-runs the app's lifespan inside each replica, so the scheduler starts there and drains when
-the replica stops. Serve's proxy does the routing and load balancing across replicas.
+One model (`--model`): one deployment, `RerankdReplica`. Each replica builds its service with
+`runtime.build_service(settings)` (model load, warm-up) and wraps it in `api.create_app(...)`,
+the FastAPI app of the single-process server: routes, request and response shapes, auth,
+errors are rerankd's. Serve runs the app's lifespan inside each replica, so the scheduler
+starts there and drains when the replica stops. Serve's proxy balances across replicas.
+
+Several models (`--models A --models B`): an ingress deployment (`IngressReplica`, same
+name as the one-model deployment) runs that same app over a `RerankService` whose models
+hold their real recipe (tokenizer and config, no weights) and a `RemoteScheduler` that sends
+token ids to the model's own engine deployment (`EngineReplica`: engine + Scheduler), one
+per model. The `model` field picks the model exactly as in the single process (it is the
+same service code), /v1/models lists them all, an unknown one is a 404, and rerankd errors
+raised in an engine replica reach the client with the single process's status and JSON.
+Tokenization scales with the ingress replicas, compute with each model's engine replicas.
+
+Why not put the one-model case on that split too: it would add a hop and a serialization of
+every request's token ids for no gain, since one deployment already scales tokenization and
+compute together (the replica tokenizes on its own CPUs next to its engine); the split only
+pays when several models share one endpoint, which needs a router anyway.
+
+Both shapes add a `MetricsHub` deployment: every replica pushes its metrics there, and
+GET /metrics answers for all live replicas (rerankd.ray.metrics).
 
 Three ways in:
 
@@ -14,13 +31,12 @@ Three ways in:
   `rerankd.ray.serve:app_builder` gets the config's `args` (`app_builder`).
 * Python: `serve.run(build_app(settings, ReplicaOptions(replicas=2)), route_prefix="/")`.
 
-Serve's proxy answers some failures itself (the replica died mid-request, a timeout, its own
-queue full) in plain text. `proxy_middlewares` turns those into rerankd's JSON error shape;
-it runs in the proxy, which loads it from RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH (`run`
-sets it for a cluster it starts; deploy/*.yaml set it for KubeRay).
-
-One model per application: like `rerankd serve`, a deployment serves one `--model`. Serving
-several models means one application per model, each under its own route prefix.
+Serve's proxy answers some failures itself (the replica died mid-request, its timeout, its
+own queue full) in plain text. `proxy_middlewares` turns those into rerankd's JSON error
+shape; it runs in the proxy, which loads it from RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH
+(`run` sets it for a cluster it starts; deploy/*.yaml set it for KubeRay). `run` also sets
+the proxy's `request_timeout_s` from --request-timeout, so that no request can wait on a
+lost replica longer than that (`serve_http_options`).
 """
 
 from __future__ import annotations
@@ -30,6 +46,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -37,14 +54,25 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from rerankd.errors import InferenceFailed, Overloaded, RerankdError, ShuttingDown
 from rerankd.settings import Settings, parse_settings
+from rerankd.types import EncodedPair
 
 log = logging.getLogger(__name__)
 
 APP_NAME = "rerankd"
 DEPLOYMENT_NAME = "rerankd"
+METRICS_DEPLOYMENT = "rerankd-metrics"
 PROXY_CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
 PROXY_CALLBACK = "rerankd.ray.serve:proxy_middlewares"
+#: what `run` sets for Serve unless the environment says otherwise: rerankd's proxy
+#: middleware, and balancing over every replica, where Serve's default prefers the replicas
+#: on the proxy's own node (with one proxy on the head node, the others would only get
+#: requests once those are full)
+SERVE_ENV = {
+    PROXY_CALLBACK_ENV: PROXY_CALLBACK,
+    "RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING": "0",
+}
 
 
 @dataclass
@@ -62,6 +90,10 @@ class ReplicaOptions:
     target_ongoing_requests: float = 8.0
     #: requests Serve sends to one replica at once; concurrent requests share engine batches
     max_ongoing_requests: int = 32
+    #: several models only: replicas and CPUs of the HTTP ingress (tokenization, routing);
+    #: the options above then size each model's engine deployment
+    ingress_replicas: int = 1
+    ingress_num_cpus: float = 1.0
 
     @property
     def autoscaling(self) -> bool:
@@ -80,12 +112,15 @@ class ReplicaOptions:
                 )
         if self.max_ongoing_requests < 1 or self.target_ongoing_requests <= 0:
             raise ValueError("--max-ongoing-requests and --target-ongoing-requests must be > 0")
+        if self.ingress_replicas < 1 or self.ingress_num_cpus < 0:
+            raise ValueError("--ingress-replicas must be >= 1 and --num-cpus-per-ingress >= 0")
 
-    def deployment_options(self, settings: Settings) -> dict[str, Any]:
-        """Keyword arguments of `serve.deployment` for these options."""
+    def deployment_options(self, settings: Settings, name: str = DEPLOYMENT_NAME) -> dict[str, Any]:
+        """Keyword arguments of `serve.deployment` for the replicas that hold a model (the
+        one deployment of one model, or each model's engine deployment)."""
         self.validate()
         options: dict[str, Any] = {
-            "name": DEPLOYMENT_NAME,
+            "name": name,
             "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
             "max_ongoing_requests": self.max_ongoing_requests,
             # a stopping replica first lets its in-flight requests finish (the drain)
@@ -105,10 +140,33 @@ class ReplicaOptions:
             }
         else:
             options["num_replicas"] = self.replicas
-        if "max_constructor_retry_count" in _deployment_parameters():
-            # a model that cannot load fails the same way every time: report it soon
-            options["max_constructor_retry_count"] = 3
-        return options
+        return _with_retry_count(options)
+
+    def ingress_options(self, settings: Settings) -> dict[str, Any]:
+        """Keyword arguments of `serve.deployment` for the ingress of several models.
+
+        It takes up to --max-concurrent-requests at once, as the single process does: a
+        request there mostly waits for its engine, and requests held here reach the engines
+        together, where they share batches.
+        """
+        self.validate()
+        return _with_retry_count(
+            {
+                "name": DEPLOYMENT_NAME,
+                "num_replicas": self.ingress_replicas,
+                "ray_actor_options": {"num_cpus": self.ingress_num_cpus, "num_gpus": 0},
+                "max_ongoing_requests": max(1, settings.max_concurrent_requests),
+                "graceful_shutdown_timeout_s": max(1.0, float(settings.drain_timeout)),
+                "health_check_period_s": 10.0,
+            }
+        )
+
+
+def _with_retry_count(options: dict[str, Any]) -> dict[str, Any]:
+    if "max_constructor_retry_count" in _deployment_parameters():
+        # a model that cannot load fails the same way every time: report it soon
+        options["max_constructor_retry_count"] = 3
+    return options
 
 
 def _deployment_parameters() -> set[str]:
@@ -119,31 +177,24 @@ def _deployment_parameters() -> set[str]:
     return set(inspect.signature(serve.deployment).parameters)
 
 
-# --- the replica ---------------------------------------------------------------------------
+# --- the replicas ---------------------------------------------------------------------------
 
-#: Hands the app built by RerankdReplica.__init__ to `_replica_app`, which Serve calls right
-#: after the constructor in the same replica process (`serve.ingress` with a builder).
+#: Hands the app built by an HTTP replica's constructor to `_replica_app`, which Serve calls
+#: right after the constructor in the same replica process (`serve.ingress` with a builder).
 _built_apps: list[Any] = []
 
 
 class RerankdReplica:
-    """One replica: the model, its scheduler and the rerankd FastAPI app around them."""
+    """One model, one replica: the model, its scheduler and the rerankd FastAPI app."""
 
-    def __init__(self, settings: Settings) -> None:
-        from rerankd.api import create_app
+    def __init__(self, settings: Settings, metrics_hub: Any = None) -> None:
         from rerankd.runtime import build_service
 
         _configure_replica_logging(settings)
         self.settings = settings
         self.service = build_service(settings)
-        self.http_app = create_app(
-            self.service,
-            api_keys=settings.all_api_keys(),
-            cors_origins=settings.cors_origin,
-            max_request_bytes=settings.max_request_bytes,
-            access_log=settings.access_log,
-        )
-        _built_apps.append(self.http_app)
+        self.pusher = _pusher(metrics_hub, self.service.metrics)
+        _built_apps.append(_http_app(settings, self.service, self.pusher))
 
     def check_health(self) -> None:
         """Serve's periodic probe: a replica whose scheduler loop died is replaced."""
@@ -153,8 +204,162 @@ class RerankdReplica:
                 raise RuntimeError(f"the scheduler of {model.name!r} stopped unexpectedly")
 
 
+class IngressReplica:
+    """Several models: the rerankd FastAPI app, tokenizing, in front of one engine
+    deployment per model.
+
+    Its service is the single process's `RerankService` over `ServedModel`s that hold the
+    real recipe (tokenizer and config: no weights) and a `RemoteScheduler` in place of the
+    scheduler, so routing by `model`, /v1/models, limits, timeouts and errors are the
+    single process's own.
+    """
+
+    def __init__(self, settings: Settings, engines: list[Any], metrics_hub: Any = None) -> None:
+        from rerankd.metrics import Metrics
+        from rerankd.runtime import limits_of, load_recipe
+        from rerankd.service import RerankService, ServedModel, aliases_for
+
+        _configure_replica_logging(settings)
+        models = []
+        for one, engine in zip(settings.per_model(), engines, strict=True):
+            _, _, recipe = load_recipe(one)
+            names = aliases_for(one.model, one.served_model_name)
+            scheduler = RemoteScheduler(engine, names[0])
+            models.append(ServedModel(names[0], recipe, scheduler, names[1:], source=one.model))
+        self.service = RerankService(models, Metrics(), limits_of(settings))
+        self.pusher = _pusher(metrics_hub, self.service.metrics)
+        _built_apps.append(_http_app(settings, self.service, self.pusher))
+
+
+class EngineReplica:
+    """Several models: one model's engine and scheduler, in its model's own deployment.
+
+    The ingress sends it token ids (`submit`); requests that arrive together share engine
+    batches as in the single process. Its queue limit answers with `Overloaded`, which the
+    ingress re-raises: the client gets the single process's 429.
+    """
+
+    def __init__(self, settings: Settings, metrics_hub: Any = None) -> None:
+        from rerankd.metrics import Metrics
+        from rerankd.runtime import load_model
+
+        _configure_replica_logging(settings)
+        self.metrics = Metrics()
+        self.scheduler = load_model(settings, self.metrics).scheduler
+        self.scheduler.start()  # Serve runs constructors on the replica's event loop
+        self.stopping = False
+        self.pusher = _pusher(metrics_hub, self.metrics)
+
+    async def submit(self, pairs: list[EncodedPair]) -> list[float]:
+        """Raw scores of `pairs`, in order (the `Scheduler.submit` of this model)."""
+        return await self.scheduler.submit(pairs)
+
+    def check_health(self) -> None:
+        task = self.scheduler._task
+        if task is not None and task.done() and not self.stopping:
+            raise RuntimeError("the engine's scheduler stopped unexpectedly")
+
+    async def __del__(self) -> None:
+        """Serve's shutdown, once in-flight requests are done: finish the queue, stop."""
+        self.stopping = True
+        if self.pusher is not None:
+            await self.pusher.stop()
+        await self.scheduler.stop()
+
+
+class ReplicaUnavailable(ShuttingDown):
+    """An engine replica stopped (died, replaced, scaled down) before answering; the same
+    503 JSON with Retry-After as a draining server's, since a retry will find another."""
+
+
+class RemoteScheduler:
+    """What `RerankService` needs of a Scheduler (`start`, `submit`, `stop`), served by a
+    model's engine deployment: token ids go there, raw scores come back.
+
+    A rerankd error raised in the engine replica (`Overloaded`, `ShuttingDown`,
+    `InferenceFailed`, ...) is raised here as itself, so the client gets the single process's
+    status and JSON. A replica lost before answering is asked again once, on the replica
+    Serve picks then (scoring has no side effects), then it is a 503. A cancelled request
+    (client gone, --request-timeout) is cancelled in the engine too: its pairs leave the queue.
+    """
+
+    RETRIES = 1
+
+    def __init__(self, engine: Any, model_name: str) -> None:
+        self.engine = engine
+        self.model_name = model_name
+
+    def start(self) -> None:
+        """Nothing to start: the engine deployment runs its own scheduler."""
+
+    async def stop(self) -> None:
+        """Nothing to stop: Serve drains the engine deployment itself."""
+
+    async def submit(self, pairs: list[EncodedPair]) -> list[float]:
+        from ray.exceptions import RayActorError, RayTaskError
+        from ray.serve.exceptions import (
+            BackPressureError,
+            DeploymentUnavailableError,
+            ReplicaUnavailableError,
+        )
+
+        if not pairs:
+            return []
+        attempt = 0
+        while True:
+            response = self.engine.submit.remote(pairs)
+            try:
+                return await response
+            except asyncio.CancelledError:
+                response.cancel()
+                raise
+            except RayTaskError as exc:
+                cause = getattr(exc, "cause", None)
+                if isinstance(cause, RerankdError):
+                    raise cause from None
+                raise InferenceFailed(
+                    f"the engine of {self.model_name!r} failed on this request: "
+                    f"{type(cause or exc).__name__}: {cause or exc}"
+                ) from exc
+            except BackPressureError as exc:
+                raise Overloaded(
+                    f"the engines of {self.model_name!r} are busy ({exc.message}); retry shortly"
+                ) from exc
+            except (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError) as exc:
+                if attempt >= self.RETRIES:
+                    raise ReplicaUnavailable(
+                        f"the engine replicas of {self.model_name!r} stopped before answering "
+                        f"({type(exc).__name__}); the request was not completed: retry it"
+                    ) from exc
+                attempt += 1
+                log.warning("an engine replica of %r was lost; asking again", self.model_name)
+                await asyncio.sleep(0.2)
+
+
 def _replica_app():
     return _built_apps.pop()
+
+
+def _http_app(settings: Settings, service: Any, pusher: Any) -> Any:
+    from rerankd.api import create_app
+
+    return create_app(
+        service,
+        api_keys=settings.all_api_keys(),
+        cors_origins=settings.cors_origin,
+        max_request_bytes=settings.max_request_bytes,
+        access_log=settings.access_log,
+        metrics_export=pusher.export if pusher is not None else None,
+    )
+
+
+def _pusher(metrics_hub: Any, metrics: Any) -> Any:
+    """This replica's `MetricsPusher` (None without a hub: a deployment built by hand)."""
+    if metrics_hub is None:
+        return None
+    from rerankd.ray.metrics import MetricsPusher, replica_label
+
+    return MetricsPusher(metrics_hub, metrics.registry, replica_label())
 
 
 def _configure_replica_logging(settings: Settings) -> None:
@@ -165,8 +370,14 @@ def _configure_replica_logging(settings: Settings) -> None:
         _configure_access_log()
 
 
+def engine_deployment_name(index: int, name: str) -> str:
+    """`rerankd-engine-<i>-<served name>`: unique (the index) and readable in `serve status`."""
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-")[:48]
+    return f"{DEPLOYMENT_NAME}-engine-{index}-{slug}"
+
+
 def build_deployment(settings: Settings, options: ReplicaOptions | None = None):
-    """The Serve deployment (not yet bound) serving `settings` with `options`."""
+    """The Serve deployment (not yet bound) of the one-model application."""
     from ray import serve
 
     options = options or ReplicaOptions()
@@ -175,8 +386,39 @@ def build_deployment(settings: Settings, options: ReplicaOptions | None = None):
 
 
 def build_app(settings: Settings, options: ReplicaOptions | None = None):
-    """A Serve application (`serve.run(...)` it) serving `settings` with `options`."""
-    return build_deployment(settings, options).bind(settings)
+    """A Serve application (`serve.run(...)` it) serving `settings` with `options`.
+
+    One model: one deployment of `RerankdReplica`s. Several (`--models`): an ingress
+    deployment (`IngressReplica`, named like the one-model deployment) and one deployment of
+    `EngineReplica`s per model, each scaled by `options`. Either way a `MetricsHub`
+    deployment gathers every replica's metrics for /metrics.
+    """
+    from ray import serve
+
+    from rerankd.ray.metrics import MetricsHub
+    from rerankd.service import aliases_for
+
+    options = options or ReplicaOptions()
+    options.validate()
+    per_model = settings.per_model()
+    hub = serve.deployment(
+        MetricsHub,
+        name=METRICS_DEPLOYMENT,
+        num_replicas=1,
+        ray_actor_options={"num_cpus": 0},
+        max_ongoing_requests=1000,
+    ).bind()
+    if len(per_model) == 1:
+        return build_deployment(settings, options).bind(settings, hub)
+    engines = []
+    for index, one in enumerate(per_model):
+        name = engine_deployment_name(index, aliases_for(one.model, one.served_model_name)[0])
+        deployment = serve.deployment(EngineReplica, **options.deployment_options(one, name))
+        engines.append(deployment.bind(one, hub))
+    ingress = serve.ingress(_replica_app)(IngressReplica)
+    return serve.deployment(ingress, **options.ingress_options(settings)).bind(
+        settings, engines, hub
+    )
 
 
 # --- `serve run` / `serve deploy` ----------------------------------------------------------
@@ -211,10 +453,12 @@ def settings_and_options(
 def app_builder(args: dict[str, Any]):
     """Import path for Serve config files: `import_path: rerankd.ray.serve:app_builder`.
 
-    `args` holds `rerankd serve` settings (`model`, `dtype`, `max_batch_tokens`, …; any not
-    given come from RERANKD_* variables, then the defaults) and replica options (`replicas`,
-    `num_cpus`, `num_gpus`, `min_replicas`, `max_replicas`, `target_ongoing_requests`,
-    `max_ongoing_requests`). The config's `deployments:` section may still override them.
+    `args` holds `rerankd serve` settings (`model`, or `models: [NAME=SOURCE, ...]` for
+    several; `dtype`, `max_batch_tokens`, …; any not given come from RERANKD_* variables,
+    then the defaults) and replica options (`replicas`, `num_cpus`, `num_gpus`,
+    `min_replicas`, `max_replicas`, `target_ongoing_requests`, `max_ongoing_requests`: per
+    model; `ingress_replicas`, `ingress_num_cpus`: the ingress of several models). The
+    config's `deployments:` section may still override them.
     """
     settings, options = settings_and_options(args)
     return build_app(settings, options)
@@ -237,6 +481,12 @@ REPLICA_LOST = (
 )
 
 
+SERVE_TIMEOUT = (
+    "No answer within Serve's request timeout (http_options.request_timeout_s); the request "
+    "was cancelled: send fewer or shorter documents, or raise --request-timeout"
+)
+
+
 def _error_body(status: int, message: str) -> bytes:
     error = {"message": message, "type": _ERROR_TYPES.get(status, "Error"), "param": None}
     return json.dumps({"error": {**error, "code": status}}).encode()
@@ -248,6 +498,10 @@ class ServeErrorsAsJSON:
     rerankd's app answers every error in JSON; what is not JSON with a 4xx/5xx status was
     written by Serve itself (no replica reachable, its queue full, its timeout): the text
     becomes the message of a JSON error with the same status.
+
+    Serve's own timeout (`http_options.request_timeout_s`, see `serve_http_options`) answers 408
+    in plain text; it becomes rerankd's timeout error, 504 JSON, as a slow request gets from
+    the single-process server.
 
     A request whose replica died before answering gets no response at all from Serve. Every
     rerankd route is free of side effects, so it is sent again, once (`RETRIES`), with the
@@ -286,7 +540,9 @@ class ServeErrorsAsJSON:
             async def attempt_receive(replay=replay):
                 return replay.pop(0) if replay else await recording_receive()
 
-            if await self._attempt(scope, attempt_receive, send):
+            # a fresh scope each time: Serve's proxy writes into it (root_path for a route
+            # prefix), and a second attempt must not see the first one's edits
+            if await self._attempt(dict(scope), attempt_receive, send):
                 return
             if disconnected:
                 return  # nobody is waiting for an answer
@@ -319,6 +575,8 @@ class ServeErrorsAsJSON:
                     status, headers = rewrite["status"], rewrite["headers"]
                     rewrite = None
                     started = True
+                    if status == 408:  # Serve's request_timeout_s: rerankd's timeout answer
+                        status, text = 504, f"{text} {SERVE_TIMEOUT}".strip()
                     await _send_json(send, status, text or f"HTTP {status}", headers)
             else:
                 await send(message)
@@ -331,7 +589,8 @@ class ServeErrorsAsJSON:
             log.warning("Serve's proxy failed on a request", exc_info=True)
             return False
         if not started and rewrite is not None:  # a start without its final body
-            await _send_json(send, rewrite["status"], f"HTTP {rewrite['status']}")
+            status = 504 if rewrite["status"] == 408 else rewrite["status"]
+            await _send_json(send, status, SERVE_TIMEOUT if status == 504 else f"HTTP {status}")
             return True
         return started
 
@@ -392,8 +651,10 @@ def run(settings: Settings, options: ReplicaOptions, stop: threading.Event | Non
 
     options.validate()
     address = os.environ.get("RAY_ADDRESS") or None
-    os.environ.setdefault(PROXY_CALLBACK_ENV, PROXY_CALLBACK)
-    env_vars = {PROXY_CALLBACK_ENV: os.environ[PROXY_CALLBACK_ENV]}
+    for name, value in SERVE_ENV.items():
+        os.environ.setdefault(name, value)
+    # every RAY_SERVE_* variable reaches Serve's controller, proxies and replicas
+    env_vars = {k: v for k, v in os.environ.items() if k.startswith("RAY_SERVE_")}
     ray.init(
         address=address,
         runtime_env={"env_vars": env_vars},
@@ -403,10 +664,14 @@ def run(settings: Settings, options: ReplicaOptions, stop: threading.Event | Non
     stop = stop or threading.Event()
     handlers = _on_signals(stop)
     try:
-        serve.start(
-            proxy_location="HeadOnly",
-            http_options={"host": settings.host, "port": settings.port},
-        )
+        serve_was_running = _serve_running()
+        if serve_was_running:
+            log.warning(
+                "Serve already runs on this cluster: its proxies keep their own settings "
+                "(host, port, request_timeout_s); --host/--port apply only where this run "
+                "starts Serve"
+            )
+        serve.start(proxy_location="HeadOnly", http_options=serve_http_options(settings))
         try:
             serve.run(build_app(settings, options), name=APP_NAME, route_prefix="/")
         except RuntimeError as exc:
@@ -421,18 +686,22 @@ def run(settings: Settings, options: ReplicaOptions, stop: threading.Event | Non
             if auto
             else f"{options.replicas} replicas"
         )
+        models = [one.model for one in settings.per_model()]
         log.info(
-            "serving %s on Ray Serve at http://%s:%d with %s",
-            settings.model,
+            "serving %s on Ray Serve at http://%s:%d with %s%s",
+            ", ".join(models),
             settings.host,
             settings.port,
             scale,
+            f" per model, {options.ingress_replicas} ingress replicas" if len(models) > 1 else "",
         )
         while not stop.wait(1.0):  # wake up now and then: signal handlers run in between
             pass
         log.info("stopping: draining the replicas (up to %.0fs)", settings.drain_timeout)
         serve.delete(APP_NAME)
-        if started_here:
+        # Serve started by this run goes with it (unless other applications use it now), so
+        # that the next run's --host/--port/--request-timeout apply
+        if started_here or (not serve_was_running and not serve.status().applications):
             serve.shutdown()
         return 0
     finally:
@@ -441,17 +710,57 @@ def run(settings: Settings, options: ReplicaOptions, stop: threading.Event | Non
         ray.shutdown()
 
 
-def _deploy_failure(serve) -> str | None:
-    """The replicas' own error (e.g. a ModelLoadError's message) from Serve's status."""
+#: Serve's proxy gives up this long after rerankd's own --request-timeout would have
+PROXY_TIMEOUT_MARGIN_S = 5.0
+
+
+def serve_http_options(settings: Settings) -> dict[str, Any]:
+    """Serve's `http_options` for `settings`: where the proxy listens, and its timeout.
+
+    The proxy's `request_timeout_s` is --request-timeout plus a margin, so rerankd's own 504
+    (with its message) answers a slow request first; the proxy's timeout catches what the
+    replica cannot answer for at all (a request stuck on a replica that died, in Serve's
+    queue, ...): without it such a request waits as long as the client does. Its 408 reaches
+    the client as rerankd's 504 JSON error (`ServeErrorsAsJSON`).
+    """
+    return {
+        "host": settings.host,
+        "port": settings.port,
+        "request_timeout_s": float(settings.request_timeout) + PROXY_TIMEOUT_MARGIN_S,
+    }
+
+
+def _serve_running() -> bool:
+    """Whether Serve's controller already runs on the connected cluster."""
+    import ray
+
     try:
-        deployment = serve.status().applications[APP_NAME].deployments[DEPLOYMENT_NAME]
+        from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+    except ImportError:  # private names; these are their values since Ray 2.0
+        SERVE_CONTROLLER_NAME, SERVE_NAMESPACE = "SERVE_CONTROLLER_ACTOR", "serve"
+    try:
+        ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+    except ValueError:
+        return False
+    return True
+
+
+def _deploy_failure(serve) -> str | None:
+    """The replicas' own error (e.g. a ModelLoadError's message) from Serve's status:
+    the first deployment that failed says why."""
+    try:
+        deployments = serve.status().applications[APP_NAME].deployments
     except Exception:
         return None
-    lines = [line.strip() for line in (deployment.message or "").splitlines() if line.strip()]
-    for line in reversed(lines):
-        if "ModelLoadError: " in line:
-            return line.split("ModelLoadError: ", 1)[1]
-    return lines[-1] if lines else None
+    last = None
+    for deployment in deployments.values():
+        text = deployment.message or ""
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        for line in reversed(lines):
+            if "ModelLoadError: " in line:
+                return line.split("ModelLoadError: ", 1)[1]
+        last = last or (lines[-1] if lines else None)
+    return last
 
 
 def _on_signals(stop: threading.Event) -> dict:

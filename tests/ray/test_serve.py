@@ -1,14 +1,10 @@
 """`rerankd serve --ray`: two Serve replicas on two (simulated) nodes answer as the
-single-process server does, under concurrency, and a replica killed mid-run costs at most
-clean JSON 5xx errors, never a wrong answer."""
+single-process server does, under concurrency; /metrics counts for both; and a replica killed
+mid-run costs at most clean JSON 5xx errors, never a wrong answer nor a hung request."""
 
 from __future__ import annotations
 
-import os
 import random
-import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -18,43 +14,36 @@ from typing import Any
 
 import httpx
 import pytest
-from ray_cluster import cluster_fixture, free_port
-
-from tests.words import WORDS as ALL_WORDS
+from ray_cluster import cluster_fixture
+from serve_helpers import (
+    QUIET,
+    TOL,
+    assert_same_answer,
+    call,
+    metric_samples,
+    ray_server,
+    rerank_body,
+    wait_running,
+)
 
 pytest.importorskip("ray")
 pytestmark = pytest.mark.ray
 
-QUIET = ("--no-access-log", "--log-level", "warning")
-WORDS = ALL_WORDS[:12]  # the plain English words
-START_TIMEOUT_S = 240
-#: concurrent requests share engine batches differently on each server: last-bit noise only
-TOL = 1e-6
+#: the Ray server's --request-timeout: a request that hangs on a killed replica surfaces as
+#: a JSON 504 after this (plus Serve's margin), well inside the clients' own timeout
+REQUEST_TIMEOUT_S = 20
+CLIENT_TIMEOUT_S = 100
 
 
 def replica_names() -> list[str]:
+    """The actors of the `rerankd` deployment's replicas (not the metrics hub's)."""
     import ray
 
     return [
         a["name"]
         for a in ray.util.list_named_actors(all_namespaces=True)
-        if a["namespace"] == "serve" and a["name"].startswith("SERVE_REPLICA::rerankd#")
+        if a["namespace"] == "serve" and a["name"].startswith("SERVE_REPLICA::rerankd#rerankd#")
     ]
-
-
-def wait_running(replicas: int, timeout: float = START_TIMEOUT_S) -> None:
-    """Until the application runs with `replicas` healthy replicas."""
-    from ray import serve
-
-    deadline = time.monotonic() + timeout
-    while True:
-        status = serve.status().applications.get("rerankd")
-        if status is not None and status.status == "RUNNING":
-            counts = status.deployments["rerankd"].replica_states
-            if counts.get("RUNNING", 0) == replicas and len(counts) == 1:
-                return
-        assert time.monotonic() < deadline, f"rerankd on Ray not running: {status}"
-        time.sleep(0.5)
 
 
 @pytest.fixture(scope="module")
@@ -66,39 +55,17 @@ def cluster(request):
 def servers(cluster, start_server, qwen3_dir, tmp_path_factory) -> Iterator[tuple[str, str]]:
     """(`rerankd serve --ray --replicas 2` on the test cluster, one replica per node; the
     single-process server on the same model), started side by side."""
-    port = free_port()
     log_path = tmp_path_factory.mktemp("serve-ray") / "serve.log"
-    cmd = [
-        sys.executable, "-m", "rerankd.cli", "serve", "--ray", "--replicas", "2",
-        "--num-cpus-per-replica", "2", "--host", "127.0.0.1", "--port", str(port),
-        "--model", str(qwen3_dir), "--dtype", "float32", *QUIET,
-    ]  # fmt: skip
-    env = {**os.environ, "RAY_ADDRESS": cluster.address}
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        with start_server("--model", str(qwen3_dir), "--dtype", "float32", *QUIET) as reference:
-            deadline = time.monotonic() + START_TIMEOUT_S
-            while True:
-                assert proc.poll() is None, Path(log_path).read_text()
-                try:
-                    if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                assert time.monotonic() < deadline, Path(log_path).read_text()
-                time.sleep(0.5)
-            wait_running(2)
-            yield url, reference
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            code = proc.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise
-    assert code == 0, Path(log_path).read_text()  # SIGTERM: drained, deleted, exit 0
+    model = ("--model", str(qwen3_dir), "--dtype", "float32", *QUIET)
+    replicas = ["--replicas", "2", "--num-cpus-per-replica", "2"]
+    timeout = ["--request-timeout", str(REQUEST_TIMEOUT_S)]
+    with (
+        ray_server(cluster, log_path, *replicas, *timeout, *model) as on_ray,
+        start_server(*model) as reference,
+    ):
+        url = on_ray.wait_healthy()
+        wait_running({"rerankd": 2})
+        yield url, reference
 
 
 @pytest.fixture(scope="module")
@@ -109,46 +76,6 @@ def ray_url(servers) -> str:
 @pytest.fixture(scope="module")
 def reference_url(servers) -> str:
     return servers[1]
-
-
-def rerank_body(seed: int) -> dict[str, Any]:
-    rng = random.Random(seed)
-    documents: list[Any] = [
-        " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 30)))
-        for _ in range(rng.randint(1, 12))
-    ]
-    documents[0] = {"text": documents[0], "source": seed}
-    body: dict[str, Any] = {
-        "query": " ".join(rng.choice(WORDS) for _ in range(4)),
-        "documents": documents,
-    }
-    if seed % 3 == 0:
-        body["top_n"] = 3
-    if seed % 4 == 1:
-        body["instruction"] = "Find passages about rivers"
-    return body
-
-
-def without_ids(body: Any) -> Any:
-    """The body less what differs on every answer: ids and creation times."""
-    if isinstance(body, dict):
-        return {k: without_ids(v) for k, v in body.items() if k not in ("id", "created")}
-    if isinstance(body, list):
-        return [without_ids(v) for v in body]
-    return body
-
-
-def assert_same_answer(got: httpx.Response, want: httpx.Response, tol: float = 0.0) -> None:
-    assert got.status_code == want.status_code, got.text
-    assert got.headers["content-type"] == want.headers["content-type"]
-    a, b = without_ids(got.json()), without_ids(want.json())
-    if tol and isinstance(b, dict) and "results" in b:
-        scores = {r["index"]: r["relevance_score"] for r in a["results"]}
-        assert sorted(scores) == sorted(r["index"] for r in b["results"])
-        for r in b["results"]:
-            assert scores[r["index"]] == pytest.approx(r["relevance_score"], abs=tol)
-        a, b = dict(a, results=None), dict(b, results=None)
-    assert a == b
 
 
 REQUESTS: list[tuple[str, str, Any]] = [
@@ -173,14 +100,6 @@ REQUESTS: list[tuple[str, str, Any]] = [
     ("POST", "/v1/score", {"queries": ["a", "b"], "documents": ["x", "y", "z"]}),
     ("GET", "/no/such/route", None),
 ]
-
-
-def call(client: httpx.Client, method: str, path: str, body: Any) -> httpx.Response:
-    return (
-        client.request(method, path, json=body)
-        if body is not None
-        else client.request(method, path)
-    )
 
 
 def test_the_same_requests_get_the_same_answers(ray_url, reference_url):
@@ -219,29 +138,72 @@ def test_sixteen_concurrent_clients_get_the_single_process_scores(ray_url, refer
         assert_same_answer(got, expected[i], tol=TOL)
 
 
-@pytest.mark.slow  # flaky in CI: once, a request in flight on the killed replica hung until the
-# client's 120 s timeout (seen 2026-11-23, unresolved) — run it with `-m slow` when working on it
+def rerank_successes(metrics: str) -> dict[str, float]:
+    """Replica → its count of 200 answers on /v1/rerank, from a merged /metrics."""
+    return {
+        labels["replica"]: value
+        for labels, value in metric_samples(metrics, "rerankd_requests_total")
+        if labels["route"] == "/v1/rerank" and labels["status"] == "200"
+    }
+
+
+def test_metrics_answer_for_every_replica_and_count_every_request(ray_url):
+    from rerankd.ray.metrics import PUSH_INTERVAL_S
+
+    with httpx.Client(base_url=ray_url, timeout=60) as client:
+        time.sleep(2 * PUSH_INTERVAL_S)  # the earlier tests' requests are in every snapshot
+        before = rerank_successes(client.get("/metrics").text)
+        sent = 48
+
+        def send(i: int) -> int:
+            with httpx.Client(base_url=ray_url, timeout=60) as c:
+                return c.post("/v1/rerank", json=rerank_body(300 + i)).status_code
+
+        with ThreadPoolExecutor(8) as pool:
+            assert set(pool.map(send, range(sent))) == {200}
+        deadline = time.monotonic() + 10 * PUSH_INTERVAL_S
+        while True:
+            response = client.get("/metrics")
+            assert response.status_code == 200
+            assert response.headers["content-type"].startswith("text/plain")
+            after = rerank_successes(response.text)
+            if sum(after.values()) - sum(before.values()) == sent:
+                break
+            assert time.monotonic() < deadline, (before, after)
+            time.sleep(0.5)
+    replicas = {name.removeprefix("SERVE_REPLICA::rerankd#") for name in replica_names()}
+    assert set(after) == replicas and len(replicas) == 2  # each replica, under its own label
+    assert all(after[r] > before.get(r, 0) for r in replicas), (before, after)  # both served
+    # every sample of every metric carries its replica
+    samples = [line for line in response.text.splitlines() if line and line[0] != "#"]
+    assert samples and all('replica="' in line for line in samples)
+
+
 def test_a_replica_killed_mid_run_loses_no_request_silently(ray_url, reference_url):
+    """Under 16 clients, one of two replicas is killed: every request gets the right answer
+    or a JSON 5xx, none hangs (Serve's request timeout, from --request-timeout, bounds even a
+    request lost with the replica), and Serve replaces the replica."""
     import ray
 
     bodies = [rerank_body(seed) for seed in range(200, 232)]
     with httpx.Client(base_url=reference_url, timeout=60) as single:
         expected = [single.post("/v1/rerank", json=b) for b in bodies]
     stop = threading.Event()
-    outcomes: list[tuple[int, httpx.Response | Exception, float]] = []
+    outcomes: list[tuple[int, httpx.Response | Exception, float, float]] = []
     lock = threading.Lock()
 
     def client_loop(worker: int) -> None:
         rng = random.Random(worker)
-        with httpx.Client(base_url=ray_url, timeout=120) as c:
+        with httpx.Client(base_url=ray_url, timeout=CLIENT_TIMEOUT_S) as c:
             while not stop.is_set():
                 i = rng.randrange(len(bodies))
+                sent_at = time.monotonic()
                 try:
                     got: httpx.Response | Exception = c.post("/v1/rerank", json=bodies[i])
-                except httpx.TransportError as exc:  # would be a lost request: fail below
+                except httpx.TransportError as exc:  # a lost or hung request: fails below
                     got = exc
                 with lock:
-                    outcomes.append((i, got, time.monotonic()))
+                    outcomes.append((i, got, sent_at, time.monotonic()))
 
     threads = [threading.Thread(target=client_loop, args=(w,)) for w in range(16)]
     for t in threads:
@@ -253,10 +215,11 @@ def test_a_replica_killed_mid_run_loses_no_request_silently(ray_url, reference_u
     time.sleep(4.0)
     stop.set()
     for t in threads:
-        t.join(timeout=120)
+        t.join(timeout=CLIENT_TIMEOUT_S + 10)
+    assert not any(t.is_alive() for t in threads), "a client is still waiting for an answer"
 
     errors = []
-    for i, got, _ in outcomes:
+    for i, got, _, _ in outcomes:
         assert not isinstance(got, Exception), f"request {i} got no HTTP answer: {got!r}"
         if got.status_code == 200:
             assert_same_answer(got, expected[i], tol=TOL)  # never a wrong answer
@@ -268,12 +231,15 @@ def test_a_replica_killed_mid_run_loses_no_request_silently(ray_url, reference_u
             if got.status_code == 503:
                 assert got.headers["retry-after"]
             errors.append(got.status_code)
-    print(f"{len(outcomes)} requests, errors: {errors}")
-    after = [got for _, got, at in outcomes if at > killed_at + 1.0]
+    slowest = max(done - sent for _, _, sent, done in outcomes)
+    print(f"{len(outcomes)} requests, errors: {errors}, slowest: {slowest:.1f}s")
+    # at worst: one attempt cut by Serve's timeout, then the retry's (2 x (20 + 5) s)
+    assert slowest < 2 * (REQUEST_TIMEOUT_S + 5) + 5
+    after = [got for _, got, sent, _ in outcomes if sent > killed_at + 1.0]
     assert any(g.status_code == 200 for g in after), "the surviving replica stopped answering"
     assert set(errors) <= {500, 502, 503, 504}, errors
     # Serve replaces the killed replica
-    wait_running(2, timeout=120)
+    wait_running({"rerankd": 2}, timeout=120)
     assert victim not in replica_names()
 
 
@@ -357,6 +323,48 @@ def test_proxy_middleware_turns_serves_plain_text_errors_into_json():
         await send({"type": "http.response.body", "body": b'{"error": {}}'})
 
     assert run_asgi(ServeErrorsAsJSON(app_error))[::2] == (400, b'{"error": {}}')
+
+
+def test_proxy_middleware_turns_serves_timeout_into_rerankds_504():
+    import json
+
+    from rerankd.ray.serve import ServeErrorsAsJSON
+
+    async def timed_out(scope, receive, send):  # Serve's proxy past request_timeout_s
+        await send({"type": "http.response.start", "status": 408,
+                    "headers": [(b"content-type", b"text/plain; charset=utf-8")]})  # fmt: skip
+        await send({"type": "http.response.body", "body": b"Request 1f2e timed out after 25.0s."})
+
+    status, headers, payload = run_asgi(ServeErrorsAsJSON(timed_out))
+    assert status == 504 and headers["content-type"] == "application/json"
+    error = json.loads(payload)["error"]
+    assert (error["type"], error["code"], error["param"]) == ("TimeoutError", 504, None)
+    assert error["message"].startswith("Request 1f2e timed out after 25.0s.")
+    assert "--request-timeout" in error["message"]
+
+
+def test_proxy_middleware_gives_each_attempt_the_scope_as_the_client_sent_it():
+    roots: list[str] = []
+
+    async def prefixing_then_dying(scope, receive, send):  # Serve edits root_path, as here
+        roots.append(scope.get("root_path", ""))
+        scope["root_path"] = scope.get("root_path", "") + "/prefix"
+        await receive()
+
+    from rerankd.ray.serve import ServeErrorsAsJSON
+
+    assert run_asgi(ServeErrorsAsJSON(prefixing_then_dying))[0] == 503
+    assert roots == ["", ""]
+
+
+def test_serves_request_timeout_follows_rerankds():
+    from rerankd.ray.serve import PROXY_TIMEOUT_MARGIN_S, serve_http_options
+    from rerankd.settings import parse_settings
+
+    settings = parse_settings(["--request-timeout", "20", "--port", "9000"], env={})
+    options = serve_http_options(settings)
+    assert options["request_timeout_s"] == 20 + PROXY_TIMEOUT_MARGIN_S
+    assert (options["host"], options["port"]) == ("0.0.0.0", 9000)
 
 
 def test_the_serve_configs_in_deploy_are_valid_and_mean_what_they_say():
