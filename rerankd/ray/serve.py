@@ -511,6 +511,13 @@ class ServeErrorsAsJSON:
 
     Also keeps one X-Request-Id header (the app's and the proxy's are equal unless the
     client sent an id the app would not echo).
+
+    Checked when a request on a killed replica once hung in CI: nothing here waits on its
+    own. An attempt ends when Serve's proxy call ends, and a retry replays the recorded body,
+    then reads the client's receive as the first attempt did. The wait was Serve's: with no
+    `request_timeout_s`, its proxy waits on a lost replica's response as long as the client
+    does; `run` now always sets one. The flaw found on the way: the attempts shared one scope,
+    which Serve edits (root_path under a route prefix); each attempt now gets a copy.
     """
 
     RETRIES = 1

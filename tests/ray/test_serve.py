@@ -371,7 +371,7 @@ def test_the_serve_configs_in_deploy_are_valid_and_mean_what_they_say():
     import yaml
     from ray.serve.schema import ServeDeploySchema
 
-    from rerankd.ray.serve import app_builder, settings_and_options
+    from rerankd.ray.serve import app_builder, serve_http_options, settings_and_options
 
     root = Path(__file__).resolve().parents[2] / "deploy"
     service = yaml.safe_load((root / "rayservice.yaml").read_text())
@@ -383,6 +383,8 @@ def test_the_serve_configs_in_deploy_are_valid_and_mean_what_they_say():
         app = ServeDeploySchema.model_validate(config).applications[0]
         assert app.import_path == "rerankd.ray.serve:app_builder"
         settings, options = settings_and_options(app.args, env={})
+        timeout = serve_http_options(settings)["request_timeout_s"]
+        assert config["http_options"]["request_timeout_s"] == timeout  # rerankd's + margin
         assert settings.model == "Qwen/Qwen3-Reranker-0.6B" and options.num_gpus == 1
         deployment = options.deployment_options(settings)
         assert deployment["ray_actor_options"] == {"num_cpus": 4, "num_gpus": 1}
@@ -392,6 +394,17 @@ def test_the_serve_configs_in_deploy_are_valid_and_mean_what_they_say():
     assert auto.deployment_options(settings)["autoscaling_config"]["max_replicas"] == 4
     with pytest.raises(ValueError, match="unknown rerankd args"):
         settings_and_options({"modle": "x"}, env={})
+    # several models, as the config's comment shows them
+    models = {"models": ["qwen3=Qwen/Qwen3-Reranker-0.6B", "m3=BAAI/bge-reranker-v2-m3"],
+              "ingress_replicas": 2, "ingress_num_cpus": 4}  # fmt: skip
+    settings, options = settings_and_options(models, env={})
+    assert [(s.model, s.served_model_name) for s in settings.per_model()] == [
+        ("Qwen/Qwen3-Reranker-0.6B", ["qwen3"]),
+        ("BAAI/bge-reranker-v2-m3", ["m3"]),
+    ]
+    assert options.ingress_options(settings)["num_replicas"] == 2
+    assert app_builder(models) is not None
+    assert app_builder({"models": "a=/m/a,b=/m/b"}) is not None  # a comma-separated string
 
 
 def test_cli_ray_flags_become_replica_options(monkeypatch):

@@ -64,6 +64,7 @@ def servers(cluster, start_server, model_dirs, tmp_path_factory) -> Iterator[tup
 
 def requests_for(model_dirs: dict[str, Path]) -> list[tuple[str, str, Any]]:
     xlmr = str(model_dirs["xlmr"])
+    pairs = {"queries": ["the river", "a city"], "documents": ["water", "people"]}
     return [
         ("GET", "/v1/models", None),
         ("GET", "/health", None),
@@ -74,8 +75,7 @@ def requests_for(model_dirs: dict[str, Path]) -> list[tuple[str, str, Any]]:
         ("POST", "/v2/rerank", {**rerank_body(3), "model": xlmr}),  # an alias: the path
         ("POST", "/v1/rerank", {**rerank_body(4), "model": Path(xlmr).name}),  # its last part
         ("POST", "/rerank", {"query": "river", "texts": ["a river", "a city"], "model": "xlmr"}),
-        ("POST", "/v1/score", {"queries": ["the river", "a city"], "documents": ["water", "people"],
-                               "model": "xlmr", "use_activation": False}),  # fmt: skip
+        ("POST", "/v1/score", {**pairs, "model": "xlmr", "use_activation": False}),
         ("POST", "/score", {"text_1": "the river", "text_2": ["water", "stone"], "model": "qwen"}),
         # errors: the same status and the same JSON
         ("POST", "/v1/rerank", {"query": "q", "documents": ["d"], "model": "no-such-model"}),
@@ -104,11 +104,12 @@ def test_every_model_answers_as_the_single_process_server(servers, model_dirs):
         assert {m["recipe"] for m in listed} == {"qwen3-reranker", "cross-encoder"}
         unknown = on_ray.post("/v1/rerank", json={"query": "q", "documents": ["d"], "model": "x"})
         assert unknown.status_code == 404 and unknown.json()["error"]["param"] == "model"
-        failed = on_ray.post(
-            "/v1/rerank", json={"query": "q", "documents": [MARKED], "model": "qwen"}
-        )  # raised in the engine replica, answered by the ingress
-        assert failed.status_code == 500, failed.text
-        assert failed.json()["error"]["message"].startswith("inference failed for this request")
+        for name in model_dirs:  # raised in the engine replica, answered by the ingress
+            body = {"query": "q", "documents": [MARKED], "model": name}
+            failed = on_ray.post("/v1/rerank", json=body)
+            assert failed.status_code == 500, failed.text
+            message = failed.json()["error"]["message"]
+            assert message.startswith("inference failed for this request")
         # each model scores with its own weights
         body = {"query": "the river", "documents": ["water", "a stone bridge"]}
         scores = {
