@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from rerankd.engine import Engine, resolve_device, resolve_dtype
+from rerankd.engine.packed_engine import COMPILE_MODES
 from rerankd.engine.quantize import QUANTIZE_MODES
 from rerankd.errors import ModelLoadError
 from rerankd.metrics import Metrics
@@ -96,6 +97,8 @@ def build_engine(kind: str, model_dir, config, recipe, device, dtype, settings: 
         raise ModelLoadError(f"unknown engine {kind!r}; use auto, packed or transformers")
     if settings.quantize not in QUANTIZE_MODES:
         raise ModelLoadError(f"unknown --quantize {settings.quantize!r}; use none or int8")
+    if settings.compile not in COMPILE_MODES:
+        raise ModelLoadError(f"unknown --compile {settings.compile!r}; use auto, on or off")
     if settings.quantize != "none" and kind == "transformers":
         raise ModelLoadError("--quantize needs the packed engine (--engine auto or packed)")
     if recipe.head.kind == "cosine":  # bi-encoders: each sequence embedded on its own
@@ -110,7 +113,7 @@ def build_engine(kind: str, model_dir, config, recipe, device, dtype, settings: 
     if kind in ("auto", "packed"):
         try:
             return build_packed_engine(
-                model_dir, config, recipe.head, device, dtype, settings.quantize
+                model_dir, config, recipe.head, device, dtype, settings.quantize, settings.compile
             )
         except ValueError as exc:
             raise ModelLoadError(str(exc)) from exc

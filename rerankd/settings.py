@@ -68,6 +68,12 @@ class Settings:
         "none, or int8: dynamic int8 linear layers on CPU (faster; scores move slightly, "
         "see docs/benchmarks.md for the measured fidelity). Needs --engine packed/auto.",
     )
+    compile: str = _opt(
+        "auto",
+        "torch.compile the packed decoder's per-token work (norms, RoPE, MLP): auto (on for "
+        "models over 100M parameters on CPU, where it measured faster; off on CUDA and for "
+        "tiny models), on, or off. Compiles during warm-up, before /health turns ready.",
+    )
     max_batch_tokens: int | None = _opt(
         None,
         "Token budget of one engine batch (default: 8192 on CPU, 32768 on CUDA). Larger "

@@ -40,11 +40,11 @@ FAMILIES = {
 }
 
 
-#: every engine path that can serve a family
+#: every engine path that can serve a family ("packed-compiled": `--compile on`)
 ENGINES = {
-    "qwen3": ("packed", "transformers"),
+    "qwen3": ("packed", "packed-compiled", "transformers"),
     "qwen3-seq-cls": ("packed", "transformers"),
-    "gemma": ("packed", "transformers"),
+    "gemma": ("packed", "packed-compiled", "transformers"),
     "xlmr": ("packed", "transformers"),
     "bert": ("packed", "transformers"),
 }
@@ -53,14 +53,19 @@ CASES = [(family, engine) for family, engines in ENGINES.items() for engine in e
 
 @cache
 def _model(name: str, dtype: str, max_len: int, engine: str = "auto"):
+    compiled = engine == "packed-compiled"
     settings = Settings(
         model=str(fixture_dir(name)),
         dtype=dtype,
         max_model_len=max_len,
         device="cpu",
-        engine=engine,
+        engine="packed" if compiled else engine,
+        compile="on" if compiled else "off",
     )
-    return load_model(settings, Metrics())
+    model = load_model(settings, Metrics())
+    # the compiled path must really run: a silent fallback to eager would test nothing
+    assert getattr(model.scheduler.engine, "compiled", False) == compiled
+    return model
 
 
 def _score(model, queries, documents, instruction=None, shared=False) -> tuple[list, list[float]]:
@@ -95,7 +100,7 @@ def test_token_ids_equal_reference_including_truncation(family):
 def test_float32_scores_match_reference(family, engine, shared):
     fixture, _, max_len = FAMILIES[family]
     model = _model(fixture, "float32", max_len, engine)
-    assert model.scheduler.engine.name == engine
+    assert model.scheduler.engine.name == engine.removesuffix("-compiled")
     _, scores = _score(model, [QUERY] * len(DOCUMENTS), DOCUMENTS, shared=shared)
     expected = [raw for _, raw in _reference(family)]
     assert scores == pytest.approx(expected, abs=1e-4)
@@ -183,6 +188,21 @@ def test_bert_pairs_carry_token_types():
     pairs, _ = _score(_model("bert", "float32", 128), [QUERY], [DOCUMENTS[0]])
     types = pairs[0].token_type_ids
     assert types is not None and types[0] == 0 and types[-1] == 1
+
+
+@pytest.mark.parametrize("engine", ["packed", "packed-compiled"])
+def test_token_chunks_do_not_change_scores(engine, monkeypatch):
+    """Per-token work runs in chunks; chunk boundaries inside sequences change nothing."""
+    import rerankd.models.decoder as decoder
+
+    model = _model("qwen3", "float32", 512, engine)
+    docs = DOCUMENTS + [f"document {i} about a city" for i in range(10)]
+    _, whole = _score(model, [QUERY] * len(docs), docs, shared=True)
+    monkeypatch.setattr(decoder, "TOKEN_CHUNK", 37)
+    pairs = model.recipe.encode([QUERY] * len(docs), docs)
+    assert len(decoder.token_chunks(sum(len(p) for p in pairs))) > 3
+    _, chunked = _score(model, [QUERY] * len(docs), docs, shared=True)
+    assert chunked == pytest.approx(whole, abs=1e-5)
 
 
 @pytest.mark.parametrize("family", ["qwen3", "qwen3-seq-cls", "gemma"])

@@ -8,6 +8,7 @@ each sequence's last token. It knows nothing about tokenization or requests.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -53,6 +54,7 @@ class Decoder(nn.Module):
         self.layers = nn.ModuleList(Block(config) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.gemma_norm)
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+        self.kernels = EAGER
 
     def embed(self, ids: Tensor) -> Tensor:
         x = self.embed_tokens(ids)
@@ -89,7 +91,7 @@ class Decoder(nn.Module):
         per_layer: list[PrefixKV] = []
         for index, layer in enumerate(self.layers):
             last = index == len(self.layers) - 1
-            x, kv = layer(x, cos, sin, stream, None, need_output=not last)
+            x, kv = layer(x, cos, sin, stream, None, not last, self.kernels)
             per_layer.append(kv)
         return per_layer
 
@@ -99,7 +101,9 @@ class Decoder(nn.Module):
         cos, sin = rotary(batch.positions, self.inv_freq, self.embed_tokens.weight.dtype)
         x = self.embed(batch.input_ids)
         for index, layer in enumerate(self.layers):
-            x, _ = layer(x, cos, sin, batch, kv[index] if kv is not None else None)
+            x, _ = layer(
+                x, cos, sin, batch, kv[index] if kv is not None else None, True, self.kernels
+            )
         return x
 
 
@@ -114,13 +118,33 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(
-        self, x, cos, sin, batch: PackedBatch, prefix: PrefixKV | None, need_output: bool = True
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        batch: PackedBatch,
+        prefix: PrefixKV | None,
+        need_output: bool = True,
+        kernels: TokenKernels | None = None,
     ):
-        attn, kv = self.self_attn(self.input_layernorm(x), cos, sin, batch, prefix, need_output)
+        """Per-token work runs in chunks of `TOKEN_CHUNK` tokens (cache-sized activations);
+        attention runs once over the whole packed stream."""
+        kernels = kernels or EAGER
+        attn = self.self_attn
+        c = attn.config
+        T = x.shape[0]
+        q = x.new_empty(T, c.num_heads, c.head_dim)
+        k = x.new_empty(T, c.num_kv_heads, c.head_dim)
+        v = x.new_empty(T, c.num_kv_heads, c.head_dim)
+        for s, e in token_chunks(T):
+            q[s:e], k[s:e], v[s:e] = kernels.project(self, x[s:e], cos[s:e], sin[s:e])
         if not need_output:
-            return x, kv
-        x = x + attn
-        return x + self.mlp(self.post_attention_layernorm(x)), kv
+            return x, (k, v)
+        y = attn.attend(q, k, v, batch, prefix, causal=True, scale=c.scale).view(T, attn.q_size)
+        out = torch.empty_like(x)
+        for s, e in token_chunks(T):
+            out[s:e] = kernels.finish(self, x[s:e], y[s:e])
+        return out, (k, v)
 
 
 class Attention(nn.Module):
@@ -136,23 +160,6 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
             self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
         self.attend = ATTENTION["sdpa"]
-
-    def forward(
-        self, x, cos, sin, batch: PackedBatch, prefix: PrefixKV | None, need_output: bool = True
-    ):
-        c = self.config
-        seqlen = x.shape[0]
-        q, k, v = self.wqkv(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(seqlen, c.num_heads, c.head_dim)  # (T, H, D)
-        k = k.view(seqlen, c.num_kv_heads, c.head_dim)  # (T, KVH, D)
-        v = v.view(seqlen, c.num_kv_heads, c.head_dim)
-        if c.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if not need_output:
-            return None, (k, v)
-        y = self.attend(q, k, v, batch, prefix, causal=True, scale=c.scale)
-        return self.wo(y.reshape(seqlen, self.q_size)), (k, v)
 
 
 class MLP(nn.Module):
@@ -207,6 +214,9 @@ class DecoderReranker(nn.Module):
     def set_attention(self, backend: str) -> None:
         self.decoder.set_attention(backend)
 
+    def set_kernels(self, kernels: TokenKernels) -> None:
+        self.decoder.kernels = kernels
+
     def forward(self, batch: PackedBatch) -> Tensor:
         hidden = self.decoder(batch)[batch.last]  # (N, hidden)
         h = self.decoder.norm(hidden).float()
@@ -217,6 +227,63 @@ class DecoderReranker(nn.Module):
 
 
 # --- helpers --------------------------------------------------------------------------------
+
+#: tokens per chunk of the per-token work (projections, norms, MLP): a chunk's activations
+#: stay in the CPU's cache; GEMMs with outputs larger than the cache ran measurably slower
+TOKEN_CHUNK = 1024
+
+
+def token_chunks(n: int) -> list[tuple[int, int]]:
+    """[start, end) spans of near-equal size, at most TOKEN_CHUNK tokens each (no 1-token
+    tail: a compiled kernel would specialize on it and recompile mid-request)."""
+    count = -(-n // TOKEN_CHUNK)
+    if count == 0:
+        return []
+    bounds = [n * i // count for i in range(count + 1)]
+    return list(zip(bounds[:-1], bounds[1:], strict=True))
+
+
+def project_tokens(block: Block, x: Tensor, cos: Tensor, sin: Tensor):
+    """Input norm, fused q/k/v projection, q/k norms and RoPE for a chunk of tokens:
+    q (T, H, D), k and v (T, KVH, D)."""
+    attn = block.self_attn
+    c = attn.config
+    n = x.shape[0]
+    q, k, v = attn.wqkv(block.input_layernorm(x)).split(
+        [attn.q_size, attn.kv_size, attn.kv_size], dim=-1
+    )
+    q = q.reshape(n, c.num_heads, c.head_dim)
+    k = k.reshape(n, c.num_kv_heads, c.head_dim)
+    v = v.reshape(n, c.num_kv_heads, c.head_dim)
+    if c.qk_norm:
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
+
+def finish_tokens(block: Block, x: Tensor, y: Tensor) -> Tensor:
+    """Output projection, residual, post-attention norm and MLP for a chunk of tokens."""
+    x = x + block.self_attn.wo(y)
+    return x + block.mlp(block.post_attention_layernorm(x))
+
+
+@dataclass(frozen=True)
+class TokenKernels:
+    """The per-token functions a block calls: eager, or compiled by `compiled_kernels`."""
+
+    project: Callable
+    finish: Callable
+
+
+EAGER = TokenKernels(project_tokens, finish_tokens)
+
+
+def compiled_kernels() -> TokenKernels:
+    """`torch.compile`d per-token functions: norms, RoPE, activations and residuals fuse
+    into a few loops around the GEMMs. Shapes are dynamic (one compile serves every chunk
+    length) and parameters are graph inputs, so all layers share one compiled graph."""
+    return TokenKernels(
+        torch.compile(project_tokens, dynamic=True), torch.compile(finish_tokens, dynamic=True)
+    )
 
 
 def _gelu_tanh(x: Tensor) -> Tensor:

@@ -30,6 +30,7 @@ def build_packed_engine(
     device: torch.device,
     dtype: torch.dtype,
     quantize: str = "none",
+    compile: str = "off",
 ) -> PackedEngine:
     """Our packed engine for this checkpoint, or UnsupportedCheckpoint saying why not."""
     if quantize == "int8":
@@ -56,7 +57,12 @@ def build_packed_engine(
     if quantize == "int8":
         model = quantize_int8(model)
     engine = PackedEngine(
-        model, device, dtype, share_prefix=share_prefix, vocab_size=config.vocab_size
+        model,
+        device,
+        dtype,
+        share_prefix=share_prefix,
+        vocab_size=config.vocab_size,
+        compile=compile,
     )
     if quantize == "int8":
         engine.dtype = "int8-dynamic"
