@@ -84,7 +84,9 @@ SWEEP_SIZES = (1, 4, 16, 64)
 # "vllm-1core": vLLM's own default, which on x86 reserves one core for its scheduler and
 # frontend and so computes on 1 of 2 cores here.
 PEER_KEYS = ("vllm", "vllm-1core", "transformers")
-ENGINE_KEYS = ("rerankd", *PEER_KEYS)
+#: rerankd with `--quantize int8`: its own row, ratios and fidelity vs rerankd bf16
+INT8_KEY = "rerankd-int8"
+ENGINE_KEYS = ("rerankd", INT8_KEY, *PEER_KEYS)
 
 # Workload seeds: measured repeats get fresh documents; every engine gets the same ones.
 SEED_SEQ, SEED_CONC, SEED_WARM, SEED_SWEEP, SEED_LAT = 0, 100, 900, 10_000, 50_000
@@ -357,10 +359,11 @@ def run_requests(score: Callable, requests: list[Request], concurrent: bool) -> 
 
 def throughput(score: Callable, seeds: list[int], concurrent: bool, label: str) -> dict:
     """docs/s of W-CPU (4 × 16) per seed; the median over seeds is the headline."""
-    rates, first_scores = [], None
+    rates, first_scores, all_scores = [], None, {}
     for seed in seeds:
         reqs = w_cpu(seed)
         wall, scores = run_requests(score, reqs, concurrent)
+        all_scores[seed] = scores
         if first_scores is None:
             first_scores = scores[0]
         docs = sum(len(r.documents) for r in reqs)
@@ -371,6 +374,7 @@ def throughput(score: Callable, seeds: list[int], concurrent: bool, label: str) 
         "best_docs_per_s": max(rates),
         "runs": rates,
         "scores_first_request": first_scores,
+        "scores": all_scores,
     }
 
 
@@ -433,9 +437,17 @@ def rerankd_cmd() -> list[str]:
 
 
 def bench_rerankd(
-    args, model_dir: Path, logdir: Path, seeds: list[int], conc_seeds: list[int]
+    args,
+    model_dir: Path,
+    logdir: Path,
+    seeds: list[int],
+    conc_seeds: list[int],
+    key: str = "rerankd",
+    extra: tuple[str, ...] = (),
 ) -> dict:
-    log("\n== rerankd (server subprocess)")
+    """rerankd serve on the checkpoint; `extra` flags (e.g. --quantize int8) for variants,
+    which skip the latency and sweep runs (W-CPU only)."""
+    log(f"\n== {key} (server subprocess{', ' + ' '.join(extra) if extra else ''})")
     port = free_port()
     cmd = [
         *rerankd_cmd(),
@@ -451,19 +463,22 @@ def bench_rerankd(
         "--log-level",
         "warning",
         *args.rerankd_arg,
+        *extra,
     ]
     res: dict = {}
-    with Server("rerankd", cmd, port, None, logdir) as srv:
+    with Server(key, cmd, port, None, logdir) as srv:
         srv.wait_healthy(args.start_timeout)
         res["startup_s"] = srv.startup_s
         score = http_scorer(srv.base, "/v1/rerank", None, args.request_timeout)
-        warm(score, args.warmup, "rerankd")
-        res["sequential"] = throughput(score, seeds, False, "rerankd sequential")
-        res["concurrent"] = throughput(score, conc_seeds, True, "rerankd concurrent")
+        warm(score, args.warmup, key)
+        res["sequential"] = throughput(score, seeds, False, f"{key} sequential")
+        res["concurrent"] = throughput(score, conc_seeds, True, f"{key} concurrent")
+        if extra:
+            return res
         if args.latency_samples:
-            res["latency"] = latency(score, args.latency_samples, "rerankd")
+            res["latency"] = latency(score, args.latency_samples, key)
         if args.sweep:
-            res["sweep"] = sweep(score, args.sweep_repeats, "rerankd")
+            res["sweep"] = sweep(score, args.sweep_repeats, key)
     return res
 
 
@@ -643,6 +658,41 @@ def score_check(results: dict) -> None:
             )
 
 
+def int8_fidelity(results: dict) -> None:
+    """What --quantize int8 costs in scores: every document of the sequential runs against
+    rerankd bf16 on the same requests: max |Δ probability|, the share of document pairs
+    (within a request) ordered the same way, and requests whose top document is the same."""
+    ref = results.get("rerankd", {}).get("sequential", {}).get("scores")
+    got = results.get(INT8_KEY, {}).get("sequential", {}).get("scores")
+    if not ref or not got:
+        return
+    worst, same_order, pairs, same_top, requests = 0.0, 0, 0, 0, 0
+    for seed, ref_requests in ref.items():
+        for a, b in zip(ref_requests, got[seed], strict=True):
+            worst = max(worst, max(abs(x - y) for x, y in zip(a, b, strict=True)))
+            for i in range(len(a)):
+                for j in range(i + 1, len(a)):
+                    if a[i] != a[j]:
+                        pairs += 1
+                        same_order += (a[i] > a[j]) == (b[i] > b[j])
+            requests += 1
+            same_top += max(range(len(a)), key=a.__getitem__) == max(
+                range(len(b)), key=b.__getitem__
+            )
+    fidelity = {
+        "max_abs_score_diff": worst,
+        "pairwise_order_agreement": same_order / max(pairs, 1),
+        "same_top1": same_top / max(requests, 1),
+        "requests": requests,
+    }
+    results[INT8_KEY]["fidelity_vs_bf16"] = fidelity
+    log(
+        f"\n== int8 fidelity vs rerankd bf16 ({requests} requests x 16 documents): "
+        f"max |Δ score| {worst:.4f} (probabilities), document pairs in the same order "
+        f"{fidelity['pairwise_order_agreement']:.1%}, same top document {fidelity['same_top1']:.0%}"
+    )
+
+
 def summarize(results: dict, flops: float, n_docs: int, peak: float) -> list[dict]:
     rows = []
     for engine in ENGINE_KEYS:
@@ -677,15 +727,18 @@ def summarize(results: dict, flops: float, n_docs: int, peak: float) -> list[dic
     for r in rows:
         if r["engine"] not in best or r["docs_per_s"] > best[r["engine"]]:
             best[r["engine"]] = r["docs_per_s"]
-    if "rerankd" in best:
-        log("\n== Ratios (rerankd's better mode vs each peer's better mode)")
+    for mine in ("rerankd", INT8_KEY):
+        if mine not in best:
+            continue
+        log(f"\n== Ratios ({mine}'s better mode vs each peer's better mode)")
         for peer in PEER_KEYS:
             if peer in best:
-                ratio = best["rerankd"] / best[peer]
-                results.setdefault("ratios", {})[f"rerankd/{peer}"] = ratio
+                ratio = best[mine] / best[peer]
+                results.setdefault("ratios", {})[f"{mine}/{peer}"] = ratio
                 log(
-                    f"   rerankd / {peer}: {ratio:.2f}x  ({best['rerankd']:.2f} vs {best[peer]:.2f} docs/s)"
+                    f"   {mine} / {peer}: {ratio:.2f}x  ({best[mine]:.2f} vs {best[peer]:.2f} docs/s)"
                 )
+    if "rerankd" in best:
         for mode in ("sequential", "concurrent"):
             mine = results["rerankd"].get(mode, {}).get("docs_per_s")
             for peer in PEER_KEYS:
@@ -712,7 +765,10 @@ def plot(results: dict, rows: list[dict], bound: float, path: Path, title: str) 
         labels,
         [r["docs_per_s"] for r in rows],
         color=[
-            {"rerankd": "C0", "vllm": "C1", "vllm-1core": "C3"}.get(r["engine"], "C2") for r in rows
+            {"rerankd": "C0", INT8_KEY: "C4", "vllm": "C1", "vllm-1core": "C3"}.get(
+                r["engine"], "C2"
+            )
+            for r in rows
         ],
     )
     ax1.axhline(bound, color="k", ls="--", lw=1, label=f"GEMM-peak bound {bound:.1f}")
@@ -772,6 +828,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--gemm-reps", type=int, default=5)
     p.add_argument("--skip-rerankd", action="store_true")
+    p.add_argument(
+        "--skip-int8", action="store_true", help="no rerankd --quantize int8 run (W-CPU only)"
+    )
     p.add_argument("--skip-transformers", action="store_true")
     p.add_argument("--skip-vllm", action="store_true")
     p.add_argument(
@@ -939,6 +998,13 @@ def main(argv=None) -> int:
     gemm("before the engines")
     if not args.skip_rerankd:
         attempt("rerankd", lambda: bench_rerankd(args, model_dir, logdir, seeds, conc_seeds))
+        if not args.skip_int8:
+            attempt(
+                INT8_KEY,
+                lambda: bench_rerankd(
+                    args, model_dir, logdir, seeds, conc_seeds, INT8_KEY, ("--quantize", "int8")
+                ),
+            )
         if args.tiny_latency_samples:
             attempt("rerankd_tiny", lambda: bench_rerankd_tiny(args, logdir))
     if not args.skip_transformers:
@@ -963,6 +1029,7 @@ def main(argv=None) -> int:
     results["gemm"] = {"peak_tflops": peak, "runs": gemm_runs}
 
     score_check(results)
+    int8_fidelity(results)
     rows = summarize(results, flops, n_docs, peak)
     results["table"] = rows
     bound = peak * 1e12 / (flops / n_docs)
