@@ -20,7 +20,9 @@ def quantize_int8(model: nn.Module) -> nn.Module:
     from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
     engines = torch.backends.quantized.supported_engines
-    for engine in ("x86", "fbgemm", "onednn"):
+    # oneDNN first: on the Qwen3-0.6B shape (2-core EPYC, AVX512-VNNI) its per-channel
+    # dynamic linear ran the whole model ~10% faster than fbgemm/x86, same fidelity
+    for engine in ("onednn", "x86", "fbgemm"):
         if engine in engines:
             torch.backends.quantized.engine = engine
             break
