@@ -87,7 +87,8 @@ class PackedEngine:
             return False  # only the decoder has compiled per-token kernels
         if mode == "on":
             return True
-        params = sum(p.numel() for p in self.model.parameters())
+        # prepacked weights are buffers: count them too
+        params = sum(t.numel() for t in (*self.model.parameters(), *self.model.buffers()))
         return self._device.type == "cpu" and params >= _AUTO_COMPILE_MIN_PARAMS
 
     def _compile_agrees(self) -> bool:
