@@ -243,6 +243,72 @@ def test_a_replica_killed_mid_run_loses_no_request_silently(ray_url, reference_u
     assert victim not in replica_names()
 
 
+def test_a_replica_that_stops_answering_costs_json_504s_not_hung_requests(ray_url, reference_url):
+    """A replica frozen mid-run (SIGSTOP: alive to Ray, answering nothing, as the replica
+    of the one hang once seen in CI) holds its requests until Serve's request timeout: they
+    get rerankd's 504 JSON after --request-timeout + 5 s, every other request its answer."""
+    import os
+    import signal
+
+    import ray
+    from ray._private.state import actors  # the test cluster has no dashboard for ray.util.state
+
+    bodies = [rerank_body(seed) for seed in range(400, 416)]
+    with httpx.Client(base_url=reference_url, timeout=60) as single:
+        expected = [single.post("/v1/rerank", json=b) for b in bodies]
+    victim = replica_names()[0]
+    pid = next(a["Pid"] for a in actors().values() if a["Name"] == victim and a["State"] == "ALIVE")
+    stop = threading.Event()
+    outcomes: list[tuple[int, httpx.Response | Exception, float]] = []
+    lock = threading.Lock()
+
+    def client_loop(worker: int) -> None:
+        with httpx.Client(base_url=ray_url, timeout=CLIENT_TIMEOUT_S) as c:
+            i = worker
+            while not stop.is_set():
+                sent_at = time.monotonic()
+                try:
+                    got: httpx.Response | Exception = c.post("/v1/rerank", json=bodies[i])
+                except httpx.TransportError as exc:  # a hung request: fails below
+                    got = exc
+                with lock:
+                    outcomes.append((i, got, time.monotonic() - sent_at))
+                i = (i + 8) % len(bodies)
+
+    threads = [threading.Thread(target=client_loop, args=(w,)) for w in range(8)]
+    try:
+        for t in threads:
+            t.start()
+        time.sleep(1.0)
+        os.kill(pid, signal.SIGSTOP)
+        time.sleep(3.0)
+        stop.set()
+        for t in threads:
+            t.join(timeout=CLIENT_TIMEOUT_S + 10)
+    finally:
+        stop.set()
+        os.kill(pid, signal.SIGCONT)
+        ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+    assert not any(t.is_alive() for t in threads), "a client is still waiting for an answer"
+
+    timeouts = []
+    for i, got, took in outcomes:
+        assert not isinstance(got, Exception), f"request {i} got no HTTP answer: {got!r}"
+        if got.status_code == 200:
+            assert_same_answer(got, expected[i], tol=TOL)
+            continue
+        assert got.headers["content-type"] == "application/json", got.text
+        error = got.json()["error"]
+        assert (got.status_code, error["type"], error["code"]) == (504, "TimeoutError", 504)
+        assert "--request-timeout" in error["message"]
+        timeouts.append(took)
+    print(f"{len(outcomes)} requests, {len(timeouts)} timed out after {timeouts}")
+    assert timeouts, "no request was held by the frozen replica"
+    # Serve's timeout, not the client's: --request-timeout + 5 s, plus scheduling slack
+    assert all(REQUEST_TIMEOUT_S < took < REQUEST_TIMEOUT_S + 5 + 15 for took in timeouts)
+    wait_running({"rerankd": 2}, timeout=120)
+
+
 # --- the proxy middleware alone (no cluster) ----------------------------------------------
 
 
