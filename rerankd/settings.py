@@ -70,9 +70,10 @@ class Settings:
     )
     compile: str = _opt(
         "auto",
-        "torch.compile the packed decoder's per-token work (norms, RoPE, MLP): auto (on for "
-        "models over 100M parameters on CPU, where it measured faster; off on CUDA and for "
-        "tiny models), on, or off. Compiles during warm-up, before /health turns ready.",
+        "torch.compile the packed decoder's per-token work (norms, RoPE, MLP): on, off, or "
+        "auto (= off: in the served benchmark on a 2-core EPYC it measured slower than eager "
+        "with prepacked weights; see docs/benchmarks.md). `on` compiles during warm-up, "
+        "before /health turns ready, and falls back to eager if the compiler fails.",
     )
     max_batch_tokens: int | None = _opt(
         None,

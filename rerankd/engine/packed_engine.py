@@ -25,9 +25,6 @@ log = logging.getLogger(__name__)
 _BACKEND_TOLERANCE = 5e-2
 
 COMPILE_MODES = ("auto", "on", "off")
-#: `--compile auto` compiles models at least this large: below it the one-time compile
-#: (tens of seconds on CPU) costs more than it saves, and the gain was measured on 0.6B
-_AUTO_COMPILE_MIN_PARAMS = 100_000_000
 
 
 class PackedEngine:
@@ -81,15 +78,12 @@ class PackedEngine:
         return pairs, [0, 0, 0, 1, 1, 2]
 
     def _wants_compile(self, mode: str) -> bool:
+        """`auto` is off: compiled per-token kernels won in-process A/B runs, but the served
+        W-CPU benchmark (docs/benchmarks.md) measured them ~20% slower than eager with
+        prepacked weights on a 2-core EPYC; `on` remains for hardware where they help."""
         if mode not in COMPILE_MODES:
             raise ValueError(f"unknown --compile {mode!r}; use auto, on or off")
-        if not hasattr(self.model, "set_kernels") or mode == "off":
-            return False  # only the decoder has compiled per-token kernels
-        if mode == "on":
-            return True
-        # prepacked weights are buffers: count them too
-        params = sum(t.numel() for t in (*self.model.parameters(), *self.model.buffers()))
-        return self._device.type == "cpu" and params >= _AUTO_COMPILE_MIN_PARAMS
+        return mode == "on" and hasattr(self.model, "set_kernels")
 
     def _compile_agrees(self) -> bool:
         """Compile the per-token kernels (this is the warm-up: it runs before the server

@@ -59,8 +59,6 @@ def build_packed_engine(
         prepack_linears(model, device, dtype)
     if quantize == "int8":
         model = quantize_int8(model)
-        if compile == "auto":  # compiled int8 missed the eager scores by 0.05-0.1 on the
-            compile = "off"  # 0.6B shape, so the probe fell back anyway: skip the attempt
     engine = PackedEngine(
         model,
         device,
