@@ -7,7 +7,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rerankd.engine.prepack import PrepackedLinear, prepack_linears, prepack_supported
+from rerankd.engine.prepack import (
+    PrepackedGatedLinear,
+    PrepackedLinear,
+    prepack_linears,
+    prepack_supported,
+    residual_linear,
+)
 
 CPU = torch.device("cpu")
 pytestmark = pytest.mark.skipif(
@@ -44,7 +50,85 @@ def test_the_packed_decoder_uses_prepacked_linears_in_bf16(qwen3_dir):
     def linears(dtype: str) -> set[type]:
         settings = Settings(model=str(qwen3_dir), dtype=dtype, device="cpu", compile="off")
         model = load_model(settings, Metrics()).scheduler.engine.model
-        return {type(m) for m in model.modules() if isinstance(m, nn.Linear | PrepackedLinear)}
+        return {
+            type(m)
+            for m in model.modules()
+            if isinstance(m, nn.Linear | PrepackedLinear | PrepackedGatedLinear)
+        }
 
-    assert linears("bfloat16") == {PrepackedLinear}
+    assert linears("bfloat16") == {PrepackedLinear, PrepackedGatedLinear}
     assert linears("float32") == {nn.Linear}
+
+
+# --- oneDNN epilogues: the glue around the GEMMs done on the float32 accumulator ----------
+
+
+def _inputs(seed: int = 0):
+    torch.manual_seed(seed)
+    weight = (torch.randn(96, 64) * 0.1).bfloat16()
+    x = torch.randn(37, 64).bfloat16()
+    other = torch.randn(37, 96).bfloat16()
+    return weight, x, other, x.float() @ weight.float().T  # exact product in float32
+
+
+def _close(got: torch.Tensor, want: torch.Tensor) -> None:
+    """Within one bf16 rounding of the float32 result (relative 2^-8, plus a floor)."""
+    assert got.dtype == torch.bfloat16
+    tolerance = want.abs() * 2**-8 + 1e-2
+    assert bool(((got.float() - want).abs() <= tolerance).all())
+
+
+def test_plus_adds_the_residual_to_the_product():
+    weight, x, residual, product = _inputs()
+    _close(PrepackedLinear(weight).plus(x, residual), product + residual.float())
+
+
+def test_times_multiplies_the_product():
+    weight, x, other, product = _inputs(1)
+    _close(PrepackedLinear(weight).times(x, other), product * other.float())
+
+
+@pytest.mark.parametrize(
+    "activation, reference",
+    [("silu", F.silu), ("gelu_tanh", lambda t: F.gelu(t, approximate="tanh"))],
+)
+def test_activated_applies_the_activation(activation, reference):
+    weight, x, _, product = _inputs(2)
+    _close(PrepackedLinear(weight).activated(x, activation), reference(product))
+
+
+def test_gated_linear_is_act_of_gate_times_up():
+    torch.manual_seed(3)
+    w13 = (torch.randn(2 * 48, 64) * 0.1).bfloat16()
+    x = torch.randn(21, 64).bfloat16()
+    gate, up = (x.float() @ w13.float().T).split(48, dim=-1)
+    got = PrepackedGatedLinear(w13, "silu")(x)
+    # two bf16 roundings (the activated gate, then the product)
+    want = F.silu(gate) * up
+    assert bool(((got.float() - want).abs() <= want.abs() * 2**-7 + 1e-2).all())
+
+
+def test_prepack_fuses_a_declared_gate_and_up_projection():
+    class Gated(nn.Module):
+        GATED_LINEAR = "w13"
+
+        def __init__(self, activation: str) -> None:
+            super().__init__()
+            self.activation = activation
+            self.w13 = nn.Linear(16, 2 * 8, bias=False)
+            self.w2 = nn.Linear(8, 16, bias=False)
+
+    model = Gated("silu").bfloat16()
+    assert prepack_linears(model, CPU, torch.bfloat16) == 2
+    assert isinstance(model.w13, PrepackedGatedLinear) and isinstance(model.w2, PrepackedLinear)
+    # an activation oneDNN cannot apply keeps the plain packed projection
+    other = Gated("relu_squared").bfloat16()
+    prepack_linears(other, CPU, torch.bfloat16)
+    assert type(other.w13) is PrepackedLinear
+
+
+def test_residual_linear_is_the_plain_sum_for_unpacked_layers():
+    torch.manual_seed(4)
+    linear = nn.Linear(8, 8, bias=False)
+    x, residual = torch.randn(3, 8), torch.randn(3, 8)
+    assert torch.equal(residual_linear(residual, linear, x), residual + linear(x))

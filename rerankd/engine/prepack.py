@@ -39,11 +39,55 @@ class PrepackedLinear(nn.Module):
             "packed", torch.ops.mkldnn._reorder_linear_weight(weight, batch_hint), persistent=False
         )
 
-    # the packed weight is opaque to torch.compile: compiled callers run this op eagerly and
-    # compile the code around it
+    # the packed weight is opaque to torch.compile: compiled callers run these ops eagerly and
+    # compile the code around them
     @torch.compiler.disable
     def forward(self, x: Tensor) -> Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+
+    @torch.compiler.disable
+    def plus(self, x: Tensor, residual: Tensor) -> Tensor:
+        """`residual + x @ W.T` with the add done on the GEMM's float32 accumulator."""
+        return torch.ops.mkldnn._linear_pointwise.binary(x, residual, self.packed, None, "add")
+
+    @torch.compiler.disable
+    def times(self, x: Tensor, other: Tensor) -> Tensor:
+        """`(x @ W.T) * other`, the product taken on the float32 accumulator."""
+        return torch.ops.mkldnn._linear_pointwise.binary(x, other, self.packed, None, "mul")
+
+    @torch.compiler.disable
+    def activated(self, x: Tensor, activation: str) -> Tensor:
+        """`act(x @ W.T)`, the activation applied to the float32 accumulator."""
+        attr, algorithm = _ONEDNN_ACTIVATIONS[activation]
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, attr, [], algorithm)
+
+
+#: our activation names → oneDNN post-op (attr, algorithm)
+_ONEDNN_ACTIVATIONS = {"silu": ("swish", ""), "gelu_tanh": ("gelu", "tanh")}
+
+
+class PrepackedGatedLinear(nn.Module):
+    """A fused gate ‖ up projection `W13` (2I, H) evaluated as `act(x Wg) * (x Wu)`.
+
+    Two packed GEMMs whose epilogues do the activation and the product, instead of one
+    GEMM followed by a split, an activation pass and a multiply pass over (T, 2I)."""
+
+    def __init__(self, weight: Tensor, activation: str) -> None:
+        super().__init__()
+        intermediate = weight.shape[0] // 2
+        self.activation = activation
+        self.gate = PrepackedLinear(weight[:intermediate].contiguous())
+        self.up = PrepackedLinear(weight[intermediate:].contiguous())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.up.times(x, self.gate.activated(x, self.activation))
+
+
+def residual_linear(residual: Tensor, linear: nn.Module, x: Tensor) -> Tensor:
+    """`residual + linear(x)`: one oneDNN call when `linear` is prepacked."""
+    if isinstance(linear, PrepackedLinear):
+        return linear.plus(x, residual)
+    return residual + linear(x)
 
 
 def prepack_linears(model: nn.Module, device: torch.device, dtype: torch.dtype) -> int:
@@ -67,5 +111,14 @@ def prepack_linears(model: nn.Module, device: torch.device, dtype: torch.dtype) 
         if type(child) is nn.Linear and child.bias is None
     ]
     for parent, name, child in swaps:
-        setattr(parent, name, PrepackedLinear(child.weight.detach()))
+        setattr(parent, name, _packed(parent, name, child.weight.detach()))
     return len(swaps)
+
+
+def _packed(parent: nn.Module, name: str, weight: Tensor) -> nn.Module:
+    """A module's gate ‖ up projection (it names it in `GATED_LINEAR`, with an activation
+    oneDNN can apply) becomes a `PrepackedGatedLinear`; any other linear a `PrepackedLinear`."""
+    activation = getattr(parent, "activation", None)
+    if getattr(parent, "GATED_LINEAR", None) == name and activation in _ONEDNN_ACTIVATIONS:
+        return PrepackedGatedLinear(weight, activation)
+    return PrepackedLinear(weight)

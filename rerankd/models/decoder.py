@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from rerankd.engine.attention import ATTENTION, PrefixKV
 from rerankd.engine.batch import PackedBatch
+from rerankd.engine.prepack import PrepackedGatedLinear, residual_linear
 
 
 @dataclass
@@ -163,6 +164,9 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    #: the gate ‖ up projection, which `prepack_linears` may fuse with the activation
+    GATED_LINEAR = "w13"
+
     def __init__(self, config: DecoderConfig) -> None:
         super().__init__()
         self.intermediate = config.intermediate_size
@@ -170,11 +174,18 @@ class MLP(nn.Module):
             config.hidden_size, 2 * config.intermediate_size, bias=False
         )  # gate ‖ up
         self.w2 = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.activation = config.activation
         self.act = F.silu if config.activation == "silu" else _gelu_tanh
 
-    def forward(self, x: Tensor) -> Tensor:
+    def gated(self, x: Tensor) -> Tensor:
+        """act(x Wg) * (x Wu), (T, intermediate)."""
+        if isinstance(self.w13, PrepackedGatedLinear):
+            return self.w13(x)
         gate, up = self.w13(x).split(self.intermediate, dim=-1)
-        return self.w2(self.act(gate) * up)
+        return self.act(gate) * up
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(self.gated(x))
 
 
 class RMSNorm(nn.Module):
@@ -262,8 +273,9 @@ def project_tokens(block: Block, x: Tensor, cos: Tensor, sin: Tensor):
 
 def finish_tokens(block: Block, x: Tensor, y: Tensor) -> Tensor:
     """Output projection, residual, post-attention norm and MLP for a chunk of tokens."""
-    x = x + block.self_attn.wo(y)
-    return x + block.mlp(block.post_attention_layernorm(x))
+    x = residual_linear(x, block.self_attn.wo, y)
+    mlp = block.mlp
+    return residual_linear(x, mlp.w2, mlp.gated(block.post_attention_layernorm(x)))
 
 
 @dataclass(frozen=True)
