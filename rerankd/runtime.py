@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from rerankd.engine import Engine, resolve_device, resolve_dtype
+from rerankd.engine.malloc import keep_freed_memory
 from rerankd.engine.packed_engine import COMPILE_MODES
 from rerankd.engine.quantize import QUANTIZE_MODES
 from rerankd.errors import ModelLoadError
@@ -66,6 +67,8 @@ def load_engine(settings: Settings, model_dir: Path, config: Any, recipe: Recipe
         dtype = resolve_dtype(settings.dtype, device)
     except ValueError as exc:
         raise ModelLoadError(str(exc)) from exc
+    if device.type == "cpu":
+        keep_freed_memory()  # activations are reused batch after batch, not re-faulted
     try:
         engine = build_engine(settings.engine, model_dir, config, recipe, device, dtype, settings)
     except ModelLoadError:

@@ -70,9 +70,10 @@ class Settings:
     )
     compile: str = _opt(
         "auto",
-        "torch.compile the packed decoder's per-token work (norms, RoPE, MLP): on, off, or "
-        "auto (= off: in the served benchmark on a 2-core EPYC it measured slower than eager "
-        "with prepacked weights; see docs/benchmarks.md). `on` compiles during warm-up, "
+        "torch.compile the packed decoder's per-token work (norms, RoPE, residuals): on, "
+        "off, or auto (= on for bf16 on CPUs with AMX, where the served benchmark measured "
+        "it ~40% faster; off elsewhere: slower than eager on a 2-core EPYC without AMX, "
+        "unmeasured on CUDA; see docs/benchmarks.md). Compiling happens during warm-up, "
         "before /health turns ready, and falls back to eager if the compiler fails.",
     )
     max_batch_tokens: int | None = _opt(

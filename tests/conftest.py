@@ -19,6 +19,9 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Servers the tests start run eager: `--compile auto` compiles bf16 on AMX CPUs, which costs
+# each server start tens of seconds; the compiled path has its own parity tests.
+os.environ.setdefault("RERANKD_COMPILE", "off")
 
 from tests.fixtures.paths import fixture_dir  # noqa: E402
 
@@ -64,7 +67,17 @@ def running_server(*args: str, env: dict[str, str] | None = None) -> Iterator[st
     after a few hundred access-log lines and would block the server.
     """
     port = free_port()
-    cmd = [sys.executable, "-m", "rerankd.cli", "serve", "--host", "127.0.0.1", "--port", str(port), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "rerankd.cli",
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        *args,
+    ]
     proc_env = {**os.environ, **(env or {})}
     with tempfile.TemporaryFile(mode="w+", encoding="utf-8") as log:
         proc = subprocess.Popen(cmd, env=proc_env, stdout=log, stderr=subprocess.STDOUT, text=True)

@@ -32,14 +32,24 @@ class Engine(Protocol):
         ...
 
 
-def cpu_supports_bf16() -> bool:
-    """True on CPUs with native bf16 matmul (AVX512-BF16 or AMX), where bf16 pays off."""
+def cpu_flags() -> set[str]:
+    """The CPU feature flags /proc/cpuinfo lists (empty where it cannot be read)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
-            flags = next((line for line in f if line.startswith("flags")), "")
+            line = next((line for line in f if line.startswith("flags")), "")
     except OSError:
-        return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
+        return set()
+    return set(line.partition(":")[2].split())
+
+
+def cpu_supports_bf16() -> bool:
+    """True on CPUs with native bf16 matmul (AVX512-BF16 or AMX), where bf16 pays off."""
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+def cpu_has_amx() -> bool:
+    """True on CPUs with AMX bf16 tiles (Xeon Sapphire Rapids and later)."""
+    return "amx_bf16" in cpu_flags()
 
 
 def resolve_device(device: str) -> torch.device:

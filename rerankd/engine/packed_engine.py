@@ -15,7 +15,7 @@ import time
 import torch
 from torch import nn
 
-from rerankd.engine.base import split_on_oom
+from rerankd.engine.base import cpu_has_amx, split_on_oom
 from rerankd.engine.batch import pack
 from rerankd.types import EncodedPair
 
@@ -50,7 +50,7 @@ class PackedEngine:
         if device.type == "cuda" and self._varlen_agrees():
             self.attention = "varlen"
         model.set_attention(self.attention)
-        self.compiled = self._wants_compile(compile) and self._compile_agrees()
+        self.compiled = self._wants_compile(compile, device, dtype) and self._compile_agrees()
 
     def score(self, batch) -> list[float]:
         # `self._forward` is looked up per call so the fault-injection hook can wrap it
@@ -77,13 +77,22 @@ class PackedEngine:
         ]
         return pairs, [0, 0, 0, 1, 1, 2]
 
-    def _wants_compile(self, mode: str) -> bool:
-        """`auto` is off: compiled per-token kernels won in-process A/B runs, but the served
-        W-CPU benchmark (docs/benchmarks.md) measured them ~20% slower than eager with
-        prepacked weights on a 2-core EPYC; `on` remains for hardware where they help."""
+    def _wants_compile(self, mode: str, device: torch.device, dtype: torch.dtype) -> bool:
+        """`auto` compiles where the served W-CPU benchmark measured it faster: bf16/fp16 on
+        a CPU with AMX (Xeon, 2 cores: 5.4 vs 3.8 docs/s eager, docs/benchmarks.md). It
+        stays off elsewhere: slower than eager on a 2-core EPYC without AMX (1.24 vs 1.58),
+        unmeasured on CUDA and with int8 linears (`on` forces it)."""
         if mode not in COMPILE_MODES:
             raise ValueError(f"unknown --compile {mode!r}; use auto, on or off")
-        return mode == "on" and hasattr(self.model, "set_kernels")
+        if not hasattr(self.model, "set_kernels"):
+            return False
+        if mode == "auto":
+            return (
+                device.type == "cpu"
+                and dtype in (torch.bfloat16, torch.float16)  # int8 runs float32: excluded
+                and cpu_has_amx()
+            )
+        return mode == "on"
 
     def _compile_agrees(self) -> bool:
         """Compile the per-token kernels (this is the warm-up: it runs before the server
