@@ -193,14 +193,17 @@ def test_bert_pairs_carry_token_types():
 @pytest.mark.parametrize("engine", ["packed", "packed-compiled"])
 def test_token_chunks_do_not_change_scores(engine, monkeypatch):
     """Per-token work runs in chunks; chunk boundaries inside sequences change nothing."""
-    import rerankd.models.decoder as decoder
+    import dataclasses
+
+    from rerankd.models.decoder import token_chunks
 
     model = _model("qwen3", "float32", 512, engine)
     docs = DOCUMENTS + [f"document {i} about a city" for i in range(10)]
     _, whole = _score(model, [QUERY] * len(docs), docs, shared=True)
-    monkeypatch.setattr(decoder, "TOKEN_CHUNK", 37)
+    decoder = model.scheduler.engine.model.decoder
+    monkeypatch.setattr(decoder, "kernels", dataclasses.replace(decoder.kernels, chunk=37))
     pairs = model.recipe.encode([QUERY] * len(docs), docs)
-    assert len(decoder.token_chunks(sum(len(p) for p in pairs))) > 3
+    assert len(token_chunks(sum(len(p) for p in pairs), 37)) > 3
     _, chunked = _score(model, [QUERY] * len(docs), docs, shared=True)
     assert chunked == pytest.approx(whole, abs=1e-5)
 
