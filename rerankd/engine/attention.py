@@ -34,9 +34,11 @@ def sdpa_attention(
     prefix_kv: PrefixKV | None,
     causal: bool,
     scale: float,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """q: (T, H, D), k/v: (T, KVH, D) → (T, H, D); one SDPA call per sequence."""
-    out = torch.empty_like(q)
+    """q: (T, H, D), k/v: (T, KVH, D) → (T, H, D), written into `out` when given; one SDPA
+    call per sequence."""
+    out = torch.empty_like(q) if out is None else out
     gqa = q.shape[1] != k.shape[1]
     for i, (start, length) in enumerate(zip(batch.starts, batch.lengths, strict=True)):
         end = start + length
@@ -71,6 +73,7 @@ def varlen_attention(
     prefix_kv: PrefixKV | None,
     causal: bool,
     scale: float,
+    out: torch.Tensor | None = None,
     kernel=None,
 ) -> torch.Tensor:
     """Same contract as `sdpa_attention`, as one varlen kernel call (`batch.varlen` set)."""
@@ -80,7 +83,7 @@ def varlen_attention(
     if prefix_kv is not None:
         k = torch.cat((prefix_kv[0], k))[layout.gather]  # (T_k, KVH, D): [prefix, own] per seq
         v = torch.cat((prefix_kv[1], v))[layout.gather]
-    return kernel(
+    result = kernel(
         q,
         k,
         v,
@@ -92,6 +95,7 @@ def varlen_attention(
         window_size=(-1, 0) if causal else (-1, -1),
         enable_gqa=q.shape[1] != k.shape[1],
     )
+    return result if out is None else out.copy_(result)
 
 
 ATTENTION = {"sdpa": sdpa_attention, "varlen": varlen_attention}
@@ -105,6 +109,7 @@ def split_prefix_attention(
     prefix_kv: PrefixKV | None,
     causal: bool,
     scale: float,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """CPU: the prefix part of attention for all of a prefix's sequences in ONE kernel call.
 
@@ -114,7 +119,7 @@ def split_prefix_attention(
     Exact up to float rounding; avoids copying the prefix's keys once per document.
     """
     if prefix_kv is None or not causal:
-        return sdpa_attention(q, k, v, batch, prefix_kv, causal, scale)
+        return sdpa_attention(q, k, v, batch, prefix_kv, causal, scale, out)
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     own = torch.empty_like(q)
     own_lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)  # (T, H)
@@ -130,7 +135,6 @@ def split_prefix_attention(
         )[:2]
         own[start:end] = o[0].transpose(0, 1)
         own_lse[start:end] = lse[0].transpose(0, 1)
-    out = own
     for index, (p_start, p_len) in enumerate(
         zip(batch.prefix_starts, batch.prefix_lengths, strict=True)
     ):
@@ -146,8 +150,8 @@ def split_prefix_attention(
         w_pre = torch.exp(lse_pre - top)[..., None]  # (T_g, H, 1)
         w_own = torch.exp(lse_own - top)[..., None]
         mixed = (o_pre * w_pre + own[rows].float() * w_own) / (w_pre + w_own)
-        out[rows] = mixed.to(q.dtype)
-    return out
+        own[rows] = mixed.to(q.dtype)
+    return own if out is None else out.copy_(own)
 
 
 ATTENTION["split"] = split_prefix_attention

@@ -68,12 +68,8 @@ class Decoder(nn.Module):
         for layer in self.layers:
             layer.self_attn.attend = ATTENTION[backend]
 
-    def prefix_kv(self, batch: PackedBatch) -> list[PrefixKV]:
-        """Per layer, the flat (k, v) of all shared prefixes, each (sum P, KVH, D).
-
-        The prefixes run as their own packed stream, once, whatever the number of
-        documents; the last layer stops after its keys/values (nothing else is needed).
-        """
+    def prefix_stream(self, batch: PackedBatch) -> PackedBatch:
+        """The batch's shared prefixes as their own packed stream (positions from 0)."""
         lengths = batch.prefix_lengths
         ids = torch.cat(batch.prefixes)
         stream = PackedBatch(
@@ -87,24 +83,26 @@ class Decoder(nn.Module):
         )
         if batch.varlen is not None:
             stream.with_varlen_layout()
-        cos, sin = rotary(stream.positions, self.inv_freq, self.embed_tokens.weight.dtype)
-        x = self.embed(ids)
-        per_layer: list[PrefixKV] = []
-        for index, layer in enumerate(self.layers):
-            last = index == len(self.layers) - 1
-            x, kv = layer(x, cos, sin, stream, None, not last, self.kernels)
-            per_layer.append(kv)
-        return per_layer
+        return stream
 
     def forward(self, batch: PackedBatch) -> Tensor:
-        """Hidden states (T, hidden) of the unshared tokens, before the final norm."""
-        kv = self.prefix_kv(batch) if batch.prefixes else None
-        cos, sin = rotary(batch.positions, self.inv_freq, self.embed_tokens.weight.dtype)
-        x = self.embed(batch.input_ids)
+        """Hidden states (T, hidden) of the unshared tokens, before the final norm.
+
+        Shared prefixes ride in the same stream, ahead of the unshared tokens: each prefix
+        token is computed once whatever the number of documents, and its projections and
+        MLP share the documents' GEMMs instead of a second pass over every weight."""
+        prefixes = self.prefix_stream(batch) if batch.prefixes else None
+        ids, positions = batch.input_ids, batch.positions
+        if prefixes is not None:
+            ids = torch.cat((prefixes.input_ids, ids))
+            positions = torch.cat((prefixes.positions, positions))
+        shared = len(ids) - len(batch.input_ids)
+        cos, sin = rotary(positions, self.inv_freq, self.embed_tokens.weight.dtype)
+        x = self.embed(ids)
         for index, layer in enumerate(self.layers):
-            x, _ = layer(
-                x, cos, sin, batch, kv[index] if kv is not None else None, True, self.kernels
-            )
+            last = index == len(self.layers) - 1
+            # the last layer computes only the unshared rows: nothing reads the prefix's
+            x = layer(x, cos, sin, batch, prefixes, shared if last else 0, self.kernels)
         return x
 
 
@@ -124,12 +122,15 @@ class Block(nn.Module):
         cos: Tensor,
         sin: Tensor,
         batch: PackedBatch,
-        prefix: PrefixKV | None,
-        need_output: bool = True,
+        prefixes: PackedBatch | None = None,
+        keep_from: int = 0,
         kernels: TokenKernels | None = None,
-    ):
-        """Per-token work runs in chunks of `kernels.chunk` tokens (cache-sized activations
-        for eager kernels); attention runs once over the whole packed stream."""
+    ) -> Tensor:
+        """x: rows of `prefixes` (if any) then rows of `batch`; returns rows `keep_from:`.
+
+        Per-token work runs in chunks of `kernels.chunk` tokens (cache-sized activations
+        for eager kernels); attention runs once per stream: the prefixes causally among
+        themselves, every sequence of `batch` over its prefix's keys and its own."""
         kernels = kernels or EAGER
         attn = self.self_attn
         c = attn.config
@@ -139,13 +140,19 @@ class Block(nn.Module):
         v = x.new_empty(T, c.num_kv_heads, c.head_dim)
         for s, e in token_chunks(T, kernels.chunk):
             q[s:e], k[s:e], v[s:e] = kernels.project(self, x[s:e], cos[s:e], sin[s:e])
-        if not need_output:
-            return x, (k, v)
-        y = attn.attend(q, k, v, batch, prefix, causal=True, scale=c.scale).view(T, attn.q_size)
+        shared = T - len(batch.input_ids)
+        y = torch.empty_like(q)
+        if shared and keep_from < shared:
+            p = slice(None, shared)
+            attn.attend(q[p], k[p], v[p], prefixes, None, True, c.scale, out=y[p])
+        prefix: PrefixKV | None = (k[:shared], v[:shared]) if shared else None
+        u = slice(shared, None)
+        attn.attend(q[u], k[u], v[u], batch, prefix, True, c.scale, out=y[u])
+        x, y = x[keep_from:], y[keep_from:].view(T - keep_from, attn.q_size)
         out = torch.empty_like(x)
-        for s, e in token_chunks(T, kernels.chunk):
+        for s, e in token_chunks(len(x), kernels.chunk):
             out[s:e] = kernels.finish(self, x[s:e], y[s:e])
-        return out, (k, v)
+        return out
 
 
 class Attention(nn.Module):
