@@ -16,6 +16,12 @@ ENV PIP_NO_CACHE_DIR=1 \
     RERANKD_HOST=0.0.0.0 \
     RERANKD_PORT=8000
 
+# g++: torch.compile's CPU backend builds its fused kernels with it (`--compile auto` turns
+# compiling on for bf16 on AMX CPUs, measured ~40% faster; without a compiler rerankd warns
+# and runs eager)
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends g++ \
+    && rm -rf /var/lib/apt/lists/*
 RUN pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
 
 WORKDIR /app
