@@ -68,3 +68,17 @@ def test_malloc_tuning_is_accepted_by_glibc():
     chunks = [torch.empty(8 * 1024 * 1024, dtype=torch.uint8) for _ in range(4)]
     del chunks
     assert torch.ones(1024).sum().item() == 1024
+
+
+def test_int8_on_an_amx_cpu_warns_that_bf16_is_faster(monkeypatch, caplog):
+    from rerankd import runtime
+    from rerankd.settings import Settings
+    from tests.fixtures.paths import fixture_dir
+
+    monkeypatch.setattr(runtime, "cpu_has_amx", lambda: True)
+    settings = Settings(model=str(fixture_dir("qwen3")), quantize="int8", device="cpu")
+    model_dir, config, recipe = runtime.load_recipe(settings)
+    with caplog.at_level("WARNING", logger="rerankd.runtime"):
+        engine = runtime.load_engine(settings, model_dir, config, recipe)
+    assert engine.dtype == "int8-dynamic"
+    assert any("bf16 measured faster than int8" in r.getMessage() for r in caplog.records)
