@@ -64,7 +64,7 @@ def test_models_without_compilable_kernels_never_compile(monkeypatch):
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's mallopt only")
 def test_malloc_tuning_is_accepted_by_glibc():
     assert keep_freed_memory() is True
-    # memory freed by a worker thread is reused, the process keeps working normally
+    # with the tuned allocator the process still allocates, frees and computes normally
     chunks = [torch.empty(8 * 1024 * 1024, dtype=torch.uint8) for _ in range(4)]
     del chunks
     assert torch.ones(1024).sum().item() == 1024
