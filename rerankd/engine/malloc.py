@@ -6,8 +6,8 @@ batch then page-faults its activations (several MB per layer and chunk) in again
 the kernel. Raising the mmap threshold to its maximum and never trimming the heap top keeps
 that memory in the process, to be reused by the next layer and batch. Measured on the W-CPU
 workload (Qwen3-0.6B shape, 2-core Xeon, engine in a worker thread as in the server):
-+7-17% docs/s in three A/B pairs. The cost is that the peak activation memory stays resident, which a server
-that scores batch after batch needs anyway.
++7-17% docs/s in three A/B pairs. The cost is that the peak activation memory stays
+resident, which a server that scores batch after batch needs anyway.
 """
 
 from __future__ import annotations
