@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 from rerankd.engine import Engine, resolve_device, resolve_dtype
-from rerankd.engine.base import cpu_has_amx
 from rerankd.engine.malloc import keep_freed_memory
 from rerankd.engine.packed_engine import COMPILE_MODES
 from rerankd.engine.quantize import QUANTIZE_MODES
@@ -114,11 +113,6 @@ def build_engine(kind: str, model_dir, config, recipe, device, dtype, settings: 
                 "and --quantize"
             )
         return EmbeddingEngine(model_dir, device, dtype, settings.max_batch_tokens)
-    if settings.quantize == "int8" and device.type == "cpu" and cpu_has_amx():
-        log.warning(
-            "--quantize int8 on a CPU with AMX: bf16 measured faster than int8 on such CPUs "
-            "(docs/benchmarks.md) and int8 moves scores slightly; consider --quantize none"
-        )
     if kind in ("auto", "packed"):
         try:
             return build_packed_engine(

@@ -23,6 +23,9 @@ log = logging.getLogger(__name__)
 
 #: largest |Δ raw score| between attention backends accepted at start-up (bf16 noise)
 _BACKEND_TOLERANCE = 5e-2
+#: the same with int8 linears: compiled and eager kernels may round an activation to the
+#: other side of an int8 step (measured 0.06 on the Qwen3-0.6B-shape probe)
+_INT8_BACKEND_TOLERANCE = 0.25
 
 COMPILE_MODES = ("auto", "on", "off")
 
@@ -37,6 +40,7 @@ class PackedEngine:
         vocab_size: int,
         name: str = "packed",
         compile: str = "off",
+        quantized: bool = False,
     ) -> None:
         self.model = model
         self.device = str(device)
@@ -46,11 +50,14 @@ class PackedEngine:
         self.share_prefix = share_prefix
         self.vocab_size = vocab_size
         self.default_batch_tokens = 32768 if device.type == "cuda" else 8192
+        self.tolerance = _INT8_BACKEND_TOLERANCE if quantized else _BACKEND_TOLERANCE
         self.attention = "sdpa"
         if device.type == "cuda" and self._varlen_agrees():
             self.attention = "varlen"
         model.set_attention(self.attention)
-        self.compiled = self._wants_compile(compile, device, dtype) and self._compile_agrees()
+        self.compiled = (
+            self._wants_compile(compile, device, dtype, quantized) and self._compile_agrees()
+        )
 
     def score(self, batch) -> list[float]:
         # `self._forward` is looked up per call so the fault-injection hook can wrap it
@@ -77,21 +84,23 @@ class PackedEngine:
         ]
         return pairs, [0, 0, 0, 1, 1, 2]
 
-    def _wants_compile(self, mode: str, device: torch.device, dtype: torch.dtype) -> bool:
-        """`auto` compiles where the served W-CPU benchmark measured it faster: bf16/fp16 on
-        a CPU with AMX (Xeon, 2 cores: 5.4 vs 3.8 docs/s eager, docs/benchmarks.md). It
-        stays off elsewhere: slower than eager on a 2-core EPYC without AMX (1.24 vs 1.58),
-        unmeasured on CUDA and with int8 linears (`on` forces it)."""
+    def _wants_compile(
+        self, mode: str, device: torch.device, dtype: torch.dtype, quantized: bool = False
+    ) -> bool:
+        """`auto` compiles where it was measured faster: bf16/fp16 on a CPU with AMX (Xeon,
+        2 cores: served W-CPU 5.4 vs 3.8 docs/s eager, docs/benchmarks.md), and int8 linears
+        on any CPU (their input quantization costs 20-90 ms per eager call on the 0.6B
+        shapes, 1-5 ms compiled, fused with the norm before it). It stays off elsewhere:
+        slower than eager on a 2-core EPYC without AMX (1.24 vs 1.58), unmeasured on CUDA
+        (`on` forces it)."""
         if mode not in COMPILE_MODES:
             raise ValueError(f"unknown --compile {mode!r}; use auto, on or off")
         if not hasattr(self.model, "set_kernels"):
             return False
         if mode == "auto":
-            return (
-                device.type == "cpu"
-                and dtype in (torch.bfloat16, torch.float16)  # int8 runs float32: excluded
-                and cpu_has_amx()
-            )
+            if device.type != "cpu":
+                return False
+            return quantized or (dtype in (torch.bfloat16, torch.float16) and cpu_has_amx())
         return mode == "on"
 
     def _compile_agrees(self) -> bool:
@@ -117,7 +126,7 @@ class PackedEngine:
             )
             return False
         worst = max(abs(a - b) for a, b in zip(expected, got, strict=True))
-        if worst > _BACKEND_TOLERANCE:
+        if worst > self.tolerance:
             self.model.set_kernels(EAGER)
             log.warning("compiled kernels disagree with eager by %.3g; running eager", worst)
             return False
@@ -147,7 +156,7 @@ class PackedEngine:
         finally:
             self.attention = "sdpa"
         worst = max(abs(a - b) for a, b in zip(expected, got, strict=True))
-        if worst > _BACKEND_TOLERANCE:
+        if worst > self.tolerance:
             log.warning("varlen attention disagrees with SDPA by %.3g; using SDPA", worst)
             return False
         log.info("varlen attention agrees with SDPA (max |Δ| %.2g); using it", worst)

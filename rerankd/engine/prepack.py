@@ -58,12 +58,12 @@ class PrepackedLinear(nn.Module):
     @torch.compiler.disable
     def activated(self, x: Tensor, activation: str) -> Tensor:
         """`act(x @ W.T)`, the activation applied to the float32 accumulator."""
-        attr, algorithm = _ONEDNN_ACTIVATIONS[activation]
+        attr, algorithm = ONEDNN_ACTIVATIONS[activation]
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, attr, [], algorithm)
 
 
 #: our activation names → oneDNN post-op (attr, algorithm)
-_ONEDNN_ACTIVATIONS = {"silu": ("swish", ""), "gelu_tanh": ("gelu", "tanh")}
+ONEDNN_ACTIVATIONS = {"silu": ("swish", ""), "gelu_tanh": ("gelu", "tanh")}
 
 
 class PrepackedGatedLinear(nn.Module):
@@ -84,9 +84,11 @@ class PrepackedGatedLinear(nn.Module):
 
 
 def residual_linear(residual: Tensor, linear: nn.Module, x: Tensor) -> Tensor:
-    """`residual + linear(x)`: one oneDNN call when `linear` is prepacked."""
-    if isinstance(linear, PrepackedLinear):
-        return linear.plus(x, residual)
+    """`residual + linear(x)`: one oneDNN call when `linear` is prepacked or int8 (both
+    have `plus`)."""
+    plus = getattr(linear, "plus", None)
+    if plus is not None:
+        return plus(x, residual)
     return residual + linear(x)
 
 
@@ -119,6 +121,6 @@ def _packed(parent: nn.Module, name: str, weight: Tensor) -> nn.Module:
     """A module's gate ‖ up projection (it names it in `GATED_LINEAR`, with an activation
     oneDNN can apply) becomes a `PrepackedGatedLinear`; any other linear a `PrepackedLinear`."""
     activation = getattr(parent, "activation", None)
-    if getattr(parent, "GATED_LINEAR", None) == name and activation in _ONEDNN_ACTIVATIONS:
+    if getattr(parent, "GATED_LINEAR", None) == name and activation in ONEDNN_ACTIVATIONS:
         return PrepackedGatedLinear(weight, activation)
     return PrepackedLinear(weight)

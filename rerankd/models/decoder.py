@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from rerankd.engine.attention import ATTENTION, PrefixKV
 from rerankd.engine.batch import PackedBatch
 from rerankd.engine.prepack import PrepackedGatedLinear, residual_linear
+from rerankd.engine.quantize import Int8GatedLinear
 
 
 @dataclass
@@ -186,7 +187,7 @@ class MLP(nn.Module):
 
     def gated(self, x: Tensor) -> Tensor:
         """act(x Wg) * (x Wu), (T, intermediate)."""
-        if isinstance(self.w13, PrepackedGatedLinear):
+        if isinstance(self.w13, (PrepackedGatedLinear, Int8GatedLinear)):
             return self.w13(x)
         gate, up = self.w13(x).split(self.intermediate, dim=-1)
         return self.act(gate) * up
@@ -302,15 +303,22 @@ class TokenKernels:
 EAGER = TokenKernels(project_tokens, finish_tokens)
 
 
-def compiled_kernels() -> TokenKernels:
+def compiled_kernels(nested_breaks: bool = True) -> TokenKernels:
     """`torch.compile`d per-token functions: norms, RoPE, activations and residuals fuse
     into a few loops around the GEMMs. Shapes are dynamic (one compile serves every chunk
-    length) and parameters are graph inputs, so all layers share one compiled graph."""
-    return TokenKernels(
-        torch.compile(project_tokens, dynamic=True),
-        torch.compile(finish_tokens, dynamic=True),
-        COMPILED_TOKEN_CHUNK,
-    )
+    length) and parameters are graph inputs, so all layers share one compiled graph.
+
+    `nested_breaks`: the GEMMs are graph breaks inside the linear modules; resuming there
+    (instead of at the caller) lets the code before a GEMM fuse with the caller's (an int8
+    linear's input quantization with the norm that feeds it)."""
+
+    def compile_(fn: Callable) -> Callable:
+        compiled = torch.compile(fn, dynamic=True)
+        if not nested_breaks:
+            return compiled
+        return torch._dynamo.config.patch(nested_graph_breaks=True)(compiled)
+
+    return TokenKernels(compile_(project_tokens), compile_(finish_tokens), COMPILED_TOKEN_CHUNK)
 
 
 def _gelu_tanh(x: Tensor) -> Tensor:

@@ -9,7 +9,7 @@ import torch
 
 from rerankd.engine.packed_engine import PackedEngine
 from rerankd.engine.prepack import prepack_linears
-from rerankd.engine.quantize import quantize_int8
+from rerankd.engine.quantize import onednn_int8_supported, quantize_int8
 from rerankd.models.decoder_weights import load_decoder_reranker
 from rerankd.models.encoder import EncoderConfig, load_encoder
 from rerankd.models.gemma import gemma_config
@@ -37,7 +37,8 @@ def build_packed_engine(
     if quantize == "int8":
         if device.type != "cpu":
             raise ValueError("--quantize int8 runs on CPU only")
-        dtype = torch.float32  # int8 linears take float32 activations
+        if not onednn_int8_supported(dtype):
+            dtype = torch.float32  # the torch.ao fallback's int8 linears take float32
     model_type = getattr(hf_config, "model_type", None)
     if model_type in DECODERS:
         config = DECODERS[model_type](hf_config)
@@ -58,7 +59,7 @@ def build_packed_engine(
     if model_type in DECODERS and quantize == "none":
         prepack_linears(model, device, dtype)
     if quantize == "int8":
-        model = quantize_int8(model)
+        model, dtype = quantize_int8(model, dtype)
     engine = PackedEngine(
         model,
         device,
@@ -66,7 +67,8 @@ def build_packed_engine(
         share_prefix=share_prefix,
         vocab_size=config.vocab_size,
         compile=compile,
+        quantized=quantize != "none",
     )
     if quantize == "int8":
-        engine.dtype = "int8-dynamic"
+        engine.dtype = f"int8-dynamic ({engine.dtype} activations)"
     return engine
