@@ -50,6 +50,7 @@ class PackedEngine:
         self.share_prefix = share_prefix
         self.vocab_size = vocab_size
         self.default_batch_tokens = 32768 if device.type == "cuda" else 8192
+        self.quantized = quantized
         self.tolerance = _INT8_BACKEND_TOLERANCE if quantized else _BACKEND_TOLERANCE
         self.attention = "sdpa"
         if device.type == "cuda" and self._varlen_agrees():
@@ -113,7 +114,9 @@ class PackedEngine:
         started = time.perf_counter()
         try:
             expected = self._forward(pairs, groups)
-            self.model.set_kernels(compiled_kernels())
+            # int8 linears quantize their input inside the module: resume there, so that
+            # quantization fuses with the code before it
+            self.model.set_kernels(compiled_kernels(nested_breaks=self.quantized))
             got = self._forward(pairs, groups)
             self._forward(pairs[1:5], groups[1:5])  # a second shape: no recompiles later
         except Exception as exc:

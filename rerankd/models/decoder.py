@@ -303,14 +303,15 @@ class TokenKernels:
 EAGER = TokenKernels(project_tokens, finish_tokens)
 
 
-def compiled_kernels(nested_breaks: bool = True) -> TokenKernels:
+def compiled_kernels(nested_breaks: bool = False) -> TokenKernels:
     """`torch.compile`d per-token functions: norms, RoPE, activations and residuals fuse
     into a few loops around the GEMMs. Shapes are dynamic (one compile serves every chunk
     length) and parameters are graph inputs, so all layers share one compiled graph.
 
     `nested_breaks`: the GEMMs are graph breaks inside the linear modules; resuming there
     (instead of at the caller) lets the code before a GEMM fuse with the caller's (an int8
-    linear's input quantization with the norm that feeds it)."""
+    linear's input quantization with the norm that feeds it). Off for bf16, whose linear
+    modules hold no code before their GEMM (and whose served runs were measured without)."""
 
     def compile_(fn: Callable) -> Callable:
         compiled = torch.compile(fn, dynamic=True)
