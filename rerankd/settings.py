@@ -65,14 +65,16 @@ class Settings:
     device: str = _opt("auto", "auto, cpu, cuda or cuda:N.")
     quantize: str = _opt(
         "none",
-        "none, or int8: dynamic int8 linear layers on CPU (faster; scores move slightly, "
-        "see docs/benchmarks.md for the measured fidelity). Needs --engine packed/auto.",
+        "none, or int8: int8 linear layers on CPU, activations quantized on the fly, the "
+        "rest of the model in --dtype (faster; scores move slightly, see "
+        "docs/benchmarks.md for the measured fidelity). Needs --engine packed/auto.",
     )
     compile: str = _opt(
         "auto",
         "torch.compile the packed decoder's per-token work (norms, RoPE, residuals): on, "
         "off, or auto (= on for bf16 on CPUs with AMX, where the served benchmark measured "
-        "it ~40% faster; off elsewhere: slower than eager on a 2-core EPYC without AMX, "
+        "it ~40% faster, and for --quantize int8 on any CPU; off elsewhere: slower than "
+        "eager on a 2-core EPYC without AMX, "
         "unmeasured on CUDA; see docs/benchmarks.md). Compiling happens during warm-up, "
         "before /health turns ready, and falls back to eager if the compiler fails.",
     )
