@@ -144,11 +144,16 @@ class Int8GatedLinear(nn.Module):
         return self.gate.gemm(q, scale, x.dtype, self.activation) * self.up.gemm(q, scale, x.dtype)
 
 
-def quantize_int8(model: nn.Module, dtype: torch.dtype) -> tuple[nn.Module, torch.dtype]:
+def quantize_int8(
+    model: nn.Module, dtype: torch.dtype, w8a8: bool | None = None
+) -> tuple[nn.Module, torch.dtype]:
     """Replace every `nn.Linear` by an int8 one; returns the model and the dtype its
     activations now run in (`dtype` with oneDNN W8A8, float32 with the torch.ao fallback:
-    the model must then be float32)."""
-    if onednn_int8_supported(dtype):
+    the model must then be float32). `w8a8`: the caller's `onednn_int8_supported(dtype)`,
+    if it already asked."""
+    if w8a8 is None:
+        w8a8 = onednn_int8_supported(dtype)
+    if w8a8:
         swaps = [
             (parent, name, child)
             for parent in model.modules()

@@ -37,7 +37,8 @@ def build_packed_engine(
     if quantize == "int8":
         if device.type != "cpu":
             raise ValueError("--quantize int8 runs on CPU only")
-        if not onednn_int8_supported(dtype):
+        w8a8 = onednn_int8_supported(dtype)
+        if not w8a8:
             dtype = torch.float32  # the torch.ao fallback's int8 linears take float32
     model_type = getattr(hf_config, "model_type", None)
     if model_type in DECODERS:
@@ -59,7 +60,7 @@ def build_packed_engine(
     if model_type in DECODERS and quantize == "none":
         prepack_linears(model, device, dtype)
     if quantize == "int8":
-        model, dtype = quantize_int8(model, dtype)
+        model, dtype = quantize_int8(model, dtype, w8a8)
     engine = PackedEngine(
         model,
         device,
