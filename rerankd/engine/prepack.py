@@ -9,6 +9,7 @@ AVX512-BF16). The packed tensor is opaque: it replaces the weight, so memory doe
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -106,21 +107,43 @@ def prepack_linears(model: nn.Module, device: torch.device, dtype: torch.dtype) 
     except RuntimeError as exc:  # oneDNN without this primitive on this CPU
         log.info("prepacked linear unavailable (%s); not using it", exc)
         return 0
+    return swap_linears(
+        model,
+        lambda linear, activation: (
+            PrepackedGatedLinear(linear.weight.detach(), activation)
+            if activation
+            else PrepackedLinear(linear.weight.detach())
+        ),
+        with_bias=False,
+    )
+
+
+def swap_linears(
+    model: nn.Module,
+    build: Callable[[nn.Linear, str | None], nn.Module],
+    with_bias: bool = True,
+) -> int:
+    """Replace each `nn.Linear` of `model` (bias-free ones only unless `with_bias`) by
+    `build(linear, activation)`; returns how many. `activation` is set for a module's gate ‖
+    up projection (the one it names in `GATED_LINEAR`, bias-free, with an activation oneDNN
+    applies), so `build` may fuse it; None for every other linear."""
     swaps = [
         (parent, name, child)
         for parent in model.modules()
         for name, child in parent.named_children()
-        if type(child) is nn.Linear and child.bias is None
+        if type(child) is nn.Linear and (with_bias or child.bias is None)
     ]
     for parent, name, child in swaps:
-        setattr(parent, name, _packed(parent, name, child.weight.detach()))
+        setattr(parent, name, build(child, _gated_activation(parent, name, child)))
     return len(swaps)
 
 
-def _packed(parent: nn.Module, name: str, weight: Tensor) -> nn.Module:
-    """A module's gate ‖ up projection (it names it in `GATED_LINEAR`, with an activation
-    oneDNN can apply) becomes a `PrepackedGatedLinear`; any other linear a `PrepackedLinear`."""
+def _gated_activation(parent: nn.Module, name: str, linear: nn.Linear) -> str | None:
     activation = getattr(parent, "activation", None)
-    if getattr(parent, "GATED_LINEAR", None) == name and activation in ONEDNN_ACTIVATIONS:
-        return PrepackedGatedLinear(weight, activation)
-    return PrepackedLinear(weight)
+    if (
+        getattr(parent, "GATED_LINEAR", None) == name
+        and activation in ONEDNN_ACTIVATIONS
+        and linear.bias is None
+    ):
+        return activation
+    return None
