@@ -13,7 +13,7 @@ from typing import Any
 
 from rerankd.engine import Engine, resolve_device, resolve_dtype
 from rerankd.engine.malloc import keep_freed_memory
-from rerankd.engine.packed_engine import COMPILE_MODES
+from rerankd.engine.packed_engine import ATTENTION_MODES, COMPILE_MODES
 from rerankd.engine.quantize import QUANTIZE_MODES
 from rerankd.errors import ModelLoadError
 from rerankd.metrics import Metrics
@@ -102,6 +102,8 @@ def build_engine(kind: str, model_dir, config, recipe, device, dtype, settings: 
         raise ModelLoadError(f"unknown --quantize {settings.quantize!r}; use none or int8")
     if settings.compile not in COMPILE_MODES:
         raise ModelLoadError(f"unknown --compile {settings.compile!r}; use auto, on or off")
+    if settings.attention not in ATTENTION_MODES:
+        raise ModelLoadError(f"unknown --attention {settings.attention!r}; use auto or sdpa")
     if settings.quantize != "none" and kind == "transformers":
         raise ModelLoadError("--quantize needs the packed engine (--engine auto or packed)")
     if recipe.head.kind == "cosine":  # bi-encoders: each sequence embedded on its own
@@ -116,7 +118,14 @@ def build_engine(kind: str, model_dir, config, recipe, device, dtype, settings: 
     if kind in ("auto", "packed"):
         try:
             return build_packed_engine(
-                model_dir, config, recipe.head, device, dtype, settings.quantize, settings.compile
+                model_dir,
+                config,
+                recipe.head,
+                device,
+                dtype,
+                settings.quantize,
+                settings.compile,
+                settings.attention,
             )
         except ValueError as exc:
             raise ModelLoadError(str(exc)) from exc

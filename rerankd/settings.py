@@ -78,6 +78,12 @@ class Settings:
         "unmeasured on CUDA; see docs/benchmarks.md). Compiling happens during warm-up, "
         "before /health turns ready, and falls back to eager if the compiler fails.",
     )
+    attention: str = _opt(
+        "auto",
+        "auto (the fastest attention kernel that agrees with per-sequence SDPA on a probe "
+        "batch at start-up: varlen flash attention on CUDA, rerankd's own AMX kernel for "
+        "bf16 on CPUs with AMX, compiled once on first use; SDPA elsewhere) or sdpa.",
+    )
     max_batch_tokens: int | None = _opt(
         None,
         "Token budget of one engine batch (default: 8192 on CPU, 32768 on CUDA). Larger "

@@ -11,6 +11,7 @@ from functools import cache
 
 import pytest
 
+from rerankd.engine.amx_kernel import load_kernel
 from rerankd.metrics import Metrics
 from rerankd.recipes import sigmoid
 from rerankd.runtime import load_model
@@ -49,6 +50,9 @@ ENGINES = {
     "bert": ("packed", "transformers"),
 }
 CASES = [(family, engine) for family, engines in ENGINES.items() for engine in engines]
+#: bf16 also through SDPA ("packed-sdpa": `--attention sdpa`), since `auto` picks rerankd's AMX
+#: attention kernel on CPUs with AMX
+BF16_CASES = CASES + [(family, "packed-sdpa") for family in ("qwen3", "gemma", "xlmr", "bert")]
 
 
 @cache
@@ -59,12 +63,18 @@ def _model(name: str, dtype: str, max_len: int, engine: str = "auto"):
         dtype=dtype,
         max_model_len=max_len,
         device="cpu",
-        engine="packed" if compiled else engine,
+        engine=engine.split("-")[0],
         compile="on" if compiled else "off",
+        attention="sdpa" if engine == "packed-sdpa" else "auto",
     )
     model = load_model(settings, Metrics())
     # the compiled path must really run: a silent fallback to eager would test nothing
-    assert getattr(model.scheduler.engine, "compiled", False) == compiled
+    engine_ = model.scheduler.engine
+    assert getattr(engine_, "compiled", False) == compiled
+    # the same for the AMX attention kernel wherever it can run
+    if engine_.name == "packed":
+        amx = dtype == "bfloat16" and engine != "packed-sdpa" and load_kernel() is not None
+        assert engine_.attention == ("amx" if amx else "sdpa")
     return model
 
 
@@ -108,7 +118,7 @@ def test_float32_scores_match_reference(family, engine, shared):
     assert max(expected) - min(expected) > 0.1, "fixture scores too flat to test ranking"
 
 
-@pytest.mark.parametrize(("family", "engine"), CASES)
+@pytest.mark.parametrize(("family", "engine"), BF16_CASES)
 def test_bfloat16_scores_close_to_reference(family, engine):
     fixture, _, max_len = FAMILIES[family]
     model = _model(fixture, "bfloat16", max_len, engine)

@@ -1,7 +1,9 @@
 """Attention over packed sequences, optionally after a shared prefix's keys/values.
 
-Two exact implementations of the same contract:
-- ``sdpa``: SDPA per sequence (4-D inputs, so the fused CPU/GPU kernels run). The CPU path.
+Three exact implementations of the same contract:
+- ``sdpa``: SDPA per sequence (4-D inputs, so the fused CPU/GPU kernels run). The fallback.
+- ``amx``: rerankd's own AMX kernel for bf16 on Intel CPUs with AMX (`amx_kernel`), enabled
+  by the runner only after checking it against ``sdpa`` (see `PackedEngine`).
 - ``varlen``: one variable-length flash-attention call for the whole batch
   (`torch.nn.attention.varlen.varlen_attn`, CUDA). The runner enables it only after checking
   it against ``sdpa`` on the device (see `PackedEngine`).
@@ -12,6 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from rerankd.engine.amx_kernel import load_kernel, sequence_table
 from rerankd.engine.batch import PackedBatch
 
 #: flat keys/values of every shared prefix of the batch for one layer, each (sum P, KVH, D)
@@ -155,3 +158,40 @@ def split_prefix_attention(
 
 
 ATTENTION["split"] = split_prefix_attention
+
+
+def _kernel_rows(t: torch.Tensor) -> torch.Tensor:
+    """(rows, heads, D) with contiguous heads, as the AMX kernel reads them; rows may be strided."""
+    return t if t.stride(-1) == 1 and t.stride(1) == t.shape[-1] else t.contiguous()
+
+
+def amx_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    batch: PackedBatch,
+    prefix_kv: PrefixKV | None,
+    causal: bool,
+    scale: float,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Same contract as `sdpa_attention`: rerankd's AMX kernel for bf16 on CPU (see
+    `rerankd.engine.amx_kernel`); SDPA for anything it does not cover."""
+    kernel = load_kernel()
+    if kernel is None or q.dtype != torch.bfloat16 or q.device.type != "cpu" or q.shape[-1] % 16:
+        return sdpa_attention(q, k, v, batch, prefix_kv, causal, scale, out)
+    target = out if out is not None and _kernel_rows(out) is out else torch.empty_like(q)
+    if prefix_kv is None:
+        pk = pv = q.new_empty(0, k.shape[1], k.shape[2])
+    else:
+        pk, pv = (_kernel_rows(t) for t in prefix_kv)
+    table = sequence_table(batch, with_prefix=prefix_kv is not None)
+    kernel.attention(
+        _kernel_rows(q), _kernel_rows(k), _kernel_rows(v), pk, pv, table, causal, scale, target
+    )
+    if out is not None and target is not out:
+        return out.copy_(target)
+    return target
+
+
+ATTENTION["amx"] = amx_attention

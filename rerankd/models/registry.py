@@ -32,6 +32,7 @@ def build_packed_engine(
     dtype: torch.dtype,
     quantize: str = "none",
     compile: str = "off",
+    attention: str = "auto",
 ) -> PackedEngine:
     """Our packed engine for this checkpoint, or UnsupportedCheckpoint saying why not."""
     if quantize == "int8":
@@ -69,6 +70,7 @@ def build_packed_engine(
         vocab_size=config.vocab_size,
         compile=compile,
         quantized=quantize != "none",
+        attention=attention,
     )
     if quantize == "int8":
         engine.dtype = f"int8-dynamic ({engine.dtype} activations)"

@@ -1,0 +1,237 @@
+// Attention over packed bf16 sequences with AMX: rerankd's CPU attention kernel.
+//
+// Why our own: PyTorch's CPU flash attention takes its AMX (brgemm) path only for fp16; for
+// bf16 it issues one small oneDNN GEMM per block (~0.3 TFLOP/s on a 2-core Xeon). Here every
+// (sequence, kv head) packs its keys and values once into VNNI panels, and the G query heads
+// that share the kv head run Q.K^T and P.V together as AMX brgemm calls (ATen's cpublas,
+// oneDNN ukernels). A reranking pair has at most a few thousand keys, so each row's softmax
+// is exact in two passes over the whole row (no online rescaling).
+//
+// Contract (same as rerankd.engine.attention.sdpa_attention): q (T, H, D), k/v (T, KVH, D),
+// optional prefix keys/values pk/pv (P, KVH, D), all bf16 with unit stride over D and head
+// stride D; rows may be strided. `seqs` (S, 4) int64 holds each sequence's start and length in
+// the stream and its prefix's start and length in pk/pv (length 0: no prefix). Causal masks
+// are lower-right aligned: the prefix is in every token's past.
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/native/CPUBlas.h>
+#include <ATen/native/cpu/utils.h>
+
+#include <algorithm>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace {
+
+using at::BFloat16;
+using Vec = at::vec::Vectorized<float>;
+using BVec = at::vec::Vectorized<BFloat16>;
+
+constexpr int64_t kQueryBlock = 32;  // query rows per head in one GEMM (measured: 64 slower)
+constexpr int64_t kKeyPanel = 64;    // keys per packed K^T panel (oneDNN's widest ldb)
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+float row_max(const float* row, int64_t n) {
+  constexpr int64_t W = Vec::size();
+  Vec acc(kNegInf);
+  int64_t i = 0;
+  for (; i + W <= n; i += W) acc = at::vec::maximum(acc, Vec::loadu(row + i));
+  if (i < n) acc = at::vec::maximum(acc, Vec::set(Vec(kNegInf), Vec::loadu(row + i, n - i), n - i));
+  return acc.reduce_max();
+}
+
+// probs[0:valid] = bf16(exp(row * scale - max)), zeros up to `width` (a multiple of the vector
+// width). Returns the sum of the rounded values, so normalizing matches what P.V multiplies.
+float exp_to_bf16(const float* row, BFloat16* probs, int64_t valid, int64_t width, float scale,
+                  float max) {
+  constexpr int64_t W = Vec::size();
+  const Vec vs(scale), vm(max);
+  Vec acc(0.f);
+  int64_t i = 0;
+  for (; i < valid; i += W) {
+    const int64_t n = std::min(W, valid - i);
+    Vec x = (Vec::loadu(row + i, n) * vs - vm).exp_u20();
+    if (n < W) x = Vec::set(Vec(0.f), x, n);
+    const BVec b = at::vec::convert<BFloat16>(x);
+    b.store(probs + i, W);
+    acc = acc + at::vec::convert<float>(b);
+  }
+  for (; i < width; i += W) BVec(BFloat16(0.f)).store(probs + i, W);
+  return acc.reduce_add();
+}
+
+struct Layout {
+  int64_t heads, kv_heads, dim, ld_q, ld_k, ld_v, ld_pk, ld_pv, ld_out;
+};
+
+// One (sequence, kv head): pack its keys/values, then every block of queries of its G heads.
+struct Worker {
+  const Layout& L;
+  int64_t value_panel;
+  std::vector<BFloat16> stage, keys_t, values, queries, probs;
+  std::vector<float> scores, acc, inv_sum;
+
+  Worker(const Layout& layout, int64_t max_keys, int64_t value_panel)
+      : L(layout), value_panel(value_panel) {
+    const int64_t rows = L.heads / L.kv_heads * kQueryBlock;
+    stage.resize(max_keys * L.dim);
+    keys_t.resize(max_keys * L.dim);
+    values.resize(max_keys * L.dim);
+    queries.resize(rows * L.dim);
+    probs.resize(rows * max_keys);
+    scores.resize(rows * max_keys);
+    acc.resize(rows * L.dim);
+    inv_sum.resize(rows);
+  }
+
+  void run(const BFloat16* q, const BFloat16* k, const BFloat16* v, const BFloat16* pk,
+           const BFloat16* pv, BFloat16* out, const int64_t* seq, int64_t kv_head, bool causal,
+           float scale) {
+    const int64_t D = L.dim, G = L.heads / L.kv_heads;
+    const int64_t start = seq[0], len = seq[1], p_start = seq[2], p_len = pk ? seq[3] : 0;
+    const int64_t n_keys = p_len + len, width = round_up(n_keys, kKeyPanel);
+    pack_keys(k + start * L.ld_k + kv_head * D, pk ? pk + p_start * L.ld_pk + kv_head * D : nullptr,
+              len, p_len, width);
+    pack_values(v + start * L.ld_v + kv_head * D, pv ? pv + p_start * L.ld_pv + kv_head * D : nullptr,
+                len, p_len, width);
+    for (int64_t q0 = 0; q0 < len; q0 += kQueryBlock) {
+      const int64_t m = std::min(kQueryBlock, len - q0), rows = G * m;
+      const int64_t visible = causal ? p_len + q0 + m : n_keys;
+      const int64_t n = round_up(visible, kKeyPanel);
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t i = 0; i < m; ++i)
+          std::memcpy(queries.data() + (g * m + i) * D,
+                      q + (start + q0 + i) * L.ld_q + (kv_head * G + g) * D, D * sizeof(BFloat16));
+      for (int64_t b = 0; b < n; b += kKeyPanel)
+        at::native::cpublas::brgemm(rows, kKeyPanel, D, D, kKeyPanel, width, false, queries.data(),
+                                    keys_t.data() + b * D, scores.data() + b);
+      for (int64_t r = 0; r < rows; ++r) {
+        const float* row = scores.data() + r * width;
+        const int64_t valid = causal ? p_len + q0 + r % m + 1 : n_keys;
+        const float max = row_max(row, valid) * scale;
+        inv_sum[r] = 1.f / exp_to_bf16(row, probs.data() + r * width, valid, n, scale, max);
+      }
+      for (int64_t c = 0; c < D; c += value_panel)
+        at::native::cpublas::brgemm(rows, value_panel, n, width, value_panel, D, false,
+                                    probs.data(), values.data() + c * width, acc.data() + c);
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t g = r / m, i = r % m;
+        BFloat16* dst = out + (start + q0 + i) * L.ld_out + (kv_head * G + g) * D;
+        const float* src = acc.data() + r * D;
+        const Vec f(inv_sum[r]);
+        for (int64_t d = 0; d < D; d += Vec::size())
+          at::vec::convert<BFloat16>(Vec::loadu(src + d) * f).store(dst + d, Vec::size());
+      }
+    }
+  }
+
+  // K^T (D x width): prefix keys then own keys, zero-padded, VNNI-packed in panels
+  void pack_keys(const BFloat16* own, const BFloat16* prefix, int64_t len, int64_t p_len,
+                 int64_t width) {
+    const int64_t D = L.dim;
+    auto* st = reinterpret_cast<uint16_t*>(stage.data());
+    if (p_len)
+      at::native::utils::transpose<uint16_t>(p_len, D, reinterpret_cast<const uint16_t*>(prefix),
+                                             L.ld_pk, st, width);
+    at::native::utils::transpose<uint16_t>(len, D, reinterpret_cast<const uint16_t*>(own), L.ld_k,
+                                           st + p_len, width);
+    if (width > p_len + len)
+      for (int64_t d = 0; d < D; ++d) std::fill(st + d * width + p_len + len, st + (d + 1) * width, 0);
+    for (int64_t b = 0; b < width; b += kKeyPanel)
+      at::native::cpublas::pack(D, kKeyPanel, width, kKeyPanel, at::kBFloat16, at::kBFloat16,
+                                stage.data() + b, keys_t.data() + b * D);
+  }
+
+  // V (width x D): prefix values then own values, zero-padded, packed in column panels
+  void pack_values(const BFloat16* own, const BFloat16* prefix, int64_t len, int64_t p_len,
+                   int64_t width) {
+    const int64_t D = L.dim;
+    for (int64_t j = 0; j < width; ++j) {
+      BFloat16* dst = stage.data() + j * D;
+      if (j < p_len)
+        std::memcpy(dst, prefix + j * L.ld_pv, D * sizeof(BFloat16));
+      else if (j < p_len + len)
+        std::memcpy(dst, own + (j - p_len) * L.ld_v, D * sizeof(BFloat16));
+      else
+        std::fill(dst, dst + D, BFloat16(0.f));
+    }
+    for (int64_t c = 0; c < D; c += value_panel)
+      at::native::cpublas::pack(width, value_panel, D, value_panel, at::kBFloat16, at::kBFloat16,
+                                stage.data() + c, values.data() + c * width);
+  }
+};
+
+void check_rows(const at::Tensor& t, const char* name, int64_t dim) {
+  TORCH_CHECK(t.scalar_type() == at::kBFloat16, name, " must be bfloat16");
+  TORCH_CHECK(t.dim() == 3 && t.size(2) == dim && t.stride(2) == 1 && t.stride(1) == dim,
+              name, " must be (rows, heads, ", dim, ") with contiguous heads");
+}
+
+}  // namespace
+
+void attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+               const at::Tensor& pk, const at::Tensor& pv, const at::Tensor& seqs, bool causal,
+               double scale, at::Tensor& out) {
+  const int64_t D = q.size(2);
+  for (auto [t, name] : {std::pair{&q, "q"}, {&k, "k"}, {&v, "v"}, {&out, "out"}})
+    check_rows(*t, name, D);
+  const bool has_prefix = pk.numel() > 0;
+  if (has_prefix) {
+    check_rows(pk, "prefix keys", D);
+    check_rows(pv, "prefix values", D);
+  }
+  TORCH_CHECK(D % 16 == 0, "head dim must be a multiple of 16");
+  TORCH_CHECK(q.size(1) % k.size(1) == 0, "query heads must be a multiple of kv heads");
+  TORCH_CHECK(v.size(1) == k.size(1) && out.size(1) == q.size(1) &&
+                  (!has_prefix || (pk.size(1) == k.size(1) && pv.size(1) == k.size(1))),
+              "head counts of q/out and of k/v/prefix keys/values must agree");
+  TORCH_CHECK(seqs.scalar_type() == at::kLong && seqs.is_contiguous() && seqs.dim() == 2 &&
+                  seqs.size(1) == 4, "seqs must be a contiguous (S, 4) int64 table");
+  const Layout layout{q.size(1), k.size(1), D, q.stride(0), k.stride(0), v.stride(0),
+                      has_prefix ? pk.stride(0) : 0, has_prefix ? pv.stride(0) : 0, out.stride(0)};
+  const int64_t S = seqs.size(0);
+  const int64_t* table = seqs.data_ptr<int64_t>();
+  int64_t max_keys = 1;
+  for (int64_t s = 0; s < S; ++s) {
+    const int64_t* seq = table + 4 * s;
+    TORCH_CHECK(seq[0] >= 0 && seq[1] >= 0 && seq[0] + seq[1] <= q.size(0) &&
+                    seq[0] + seq[1] <= k.size(0) && seq[0] + seq[1] <= v.size(0) &&
+                    seq[0] + seq[1] <= out.size(0),
+                "sequence ", s, " lies outside the q/k/v/out rows");
+    TORCH_CHECK(!has_prefix || (seq[2] >= 0 && seq[3] >= 0 && seq[2] + seq[3] <= pk.size(0) &&
+                                seq[2] + seq[3] <= pv.size(0)),
+                "the prefix of sequence ", s, " lies outside the prefix keys/values");
+    max_keys = std::max(max_keys, seq[1] + (has_prefix ? seq[3] : 0));
+  }
+  max_keys = round_up(max_keys, kKeyPanel);
+  const int64_t value_panel = D % 64 == 0 ? 64 : D % 32 == 0 ? 32 : 16;
+  const auto* qp = q.data_ptr<BFloat16>();
+  const auto* kp = k.data_ptr<BFloat16>();
+  const auto* vp = v.data_ptr<BFloat16>();
+  const BFloat16* pkp = has_prefix ? pk.data_ptr<BFloat16>() : nullptr;
+  const BFloat16* pvp = has_prefix ? pv.data_ptr<BFloat16>() : nullptr;
+  auto* op = out.data_ptr<BFloat16>();
+  const int64_t KVH = layout.kv_heads;
+  at::parallel_for(0, S * KVH, 1, [&](int64_t begin, int64_t end) {
+    Worker worker(layout, max_keys, value_panel);
+    for (int64_t unit = begin; unit < end; ++unit)
+      worker.run(qp, kp, vp, pkp, pvp, op, table + 4 * (unit / KVH), unit % KVH, causal,
+                 static_cast<float>(scale));
+    at::native::cpublas::brgemm_release();
+  });
+}
+
+// Whether ATen can pack bf16 for brgemm here (oneDNN ukernels with AMX-BF16)
+bool available() { return at::native::cpublas::could_pack(at::kBFloat16); }
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("attention", &attention, "AMX attention over packed bf16 sequences");
+  m.def("available", &available, "whether bf16 brgemm packing is supported on this CPU");
+}
