@@ -1,7 +1,8 @@
 """Attention alone: SDPA per sequence vs rerankd's AMX kernel, one decoder layer of W-CPU.
 
-The layout is a W-CPU request as the engine packs it (a 16-document request's unshared tokens
-after its shared prefix, token counts from the benchmark checkpoint's tokenizer), the Qwen3
+The layout is a W-CPU request as the engine gets it (a 16-document request's unshared tokens
+after its shared prefix, longest first, token counts from the benchmark checkpoint's
+tokenizer), the Qwen3
 0.6B/4B attention shapes, bf16, torch's threads. Interleaved rounds (the VM's speed drifts);
 prints ms per layer for each kernel, their ratio, effective TFLOP/s (causal FLOPs only) and
 the kernel's max |Δ| to float32 SDPA next to bf16 SDPA's.
@@ -30,11 +31,13 @@ SHAPES = {"0.6b": (16, 8, 128), "4b": (32, 8, 128)}
 
 
 def _packed_request(size: str, seed: int):
-    """The first W-CPU request of `seed`, tokenized and packed as the engine packs it."""
+    """The first W-CPU request of `seed`, tokenized, ordered longest first (as the scheduler
+    batches a request) and packed as the engine packs it."""
     settings = Settings(model=str(ensure_model(size)), device="cpu")
     _, _, recipe = load_recipe(settings)
     request = w_cpu(seed)[0]
     pairs = recipe.encode([request.query] * len(request.documents), list(request.documents))
+    pairs.sort(key=len, reverse=True)
     return pack(pairs, [0] * len(pairs), torch.device("cpu"))
 
 

@@ -218,12 +218,17 @@ void attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   const BFloat16* pkp = has_prefix ? pk.data_ptr<BFloat16>() : nullptr;
   const BFloat16* pvp = has_prefix ? pv.data_ptr<BFloat16>() : nullptr;
   auto* op = out.data_ptr<BFloat16>();
-  const int64_t KVH = layout.kv_heads;
-  at::parallel_for(0, S * KVH, 1, [&](int64_t begin, int64_t end) {
+  const int64_t KVH = layout.kv_heads, units = S * KVH;
+  at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
     Worker worker(layout, max_keys, value_panel);
-    for (int64_t unit = begin; unit < end; ++unit)
+    for (int64_t i = begin; i < end; ++i) {
+      // each thread gets a contiguous range of i; the scheduler's batches come longest
+      // first, so map i to units from both ends of the batch: long and short sequences in
+      // every thread's share (a plain split gave one thread all the long ones)
+      const int64_t unit = i % 2 == 0 ? i / 2 : units - 1 - i / 2;
       worker.run(qp, kp, vp, pkp, pvp, op, table + 4 * (unit / KVH), unit % KVH, causal,
                  static_cast<float>(scale));
+    }
     at::native::cpublas::brgemm_release();
   });
 }
