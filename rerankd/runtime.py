@@ -36,13 +36,14 @@ def load_model(settings: Settings, metrics: Metrics) -> ServedModel:
     scheduler = Scheduler(
         engine, metrics, names[0], settings.max_batch_tokens, settings.max_queued_tokens
     )
+    kernels = [f"{engine.attention} attention"] if hasattr(engine, "attention") else []
+    kernels += ["compiled"] if getattr(engine, "compiled", False) else []
     log.info(
-        "loaded %s (recipe %s, %s engine, %s, %s, max %d tokens/pair) in %.1fs",
+        "loaded %s (recipe %s, %s engine, %s, max %d tokens/pair) in %.1fs",
         settings.model,
         recipe.name,
         engine.name,
-        engine.device,
-        engine.dtype,
+        ", ".join([engine.device, engine.dtype, *kernels]),
         recipe.max_length,
         time.perf_counter() - started,
     )
