@@ -38,6 +38,19 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
+// oneDNN JIT-compiles one brgemm kernel per (M, N, K, lda, ldb, ldc): shapes that followed
+// every sequence's length made each new length pay for fresh kernels (a 2-layer test model's
+// 1 x 16 request: 25 ms the first time, 6 ms once cached). Row strides are therefore rounded
+// to powers of two and query blocks to 8, 16 or 32 rows (padded rows are zero, never written
+// out), so a server sees a few dozen shapes instead of thousands.
+int64_t stride_bucket(int64_t width) {
+  int64_t ld = kKeyPanel;
+  while (ld < width) ld *= 2;
+  return ld;
+}
+
+int64_t query_bucket(int64_t m) { return m <= 8 ? 8 : m <= 16 ? 16 : kQueryBlock; }
+
 float row_max(const float* row, int64_t n) {
   constexpr int64_t W = Vec::size();
   Vec acc(kNegInf);
@@ -80,13 +93,13 @@ struct Worker {
 
   Worker(const Layout& layout, int64_t max_keys, int64_t value_panel)
       : L(layout), value_panel(value_panel) {
-    const int64_t rows = L.heads / L.kv_heads * kQueryBlock;
-    stage.resize(max_keys * L.dim);
+    const int64_t rows = L.heads / L.kv_heads * kQueryBlock, max_ld = stride_bucket(max_keys);
+    stage.resize(max_ld * L.dim);
     keys_t.resize(max_keys * L.dim);
     values.resize(max_keys * L.dim);
     queries.resize(rows * L.dim);
-    probs.resize(rows * max_keys);
-    scores.resize(rows * max_keys);
+    probs.resize(rows * max_ld);
+    scores.resize(rows * max_ld);
     acc.resize(rows * L.dim);
     inv_sum.resize(rows);
   }
@@ -97,32 +110,43 @@ struct Worker {
     const int64_t D = L.dim, G = L.heads / L.kv_heads;
     const int64_t start = seq[0], len = seq[1], p_start = seq[2], p_len = pk ? seq[3] : 0;
     const int64_t n_keys = p_len + len, width = round_up(n_keys, kKeyPanel);
+    const int64_t ld = stride_bucket(width);  // row stride of K^T staging, scores and probs
     pack_keys(k + start * L.ld_k + kv_head * D, pk ? pk + p_start * L.ld_pk + kv_head * D : nullptr,
-              len, p_len, width);
+              len, p_len, width, ld);
     pack_values(v + start * L.ld_v + kv_head * D, pv ? pv + p_start * L.ld_pv + kv_head * D : nullptr,
                 len, p_len, width);
     for (int64_t q0 = 0; q0 < len; q0 += kQueryBlock) {
-      const int64_t m = std::min(kQueryBlock, len - q0), rows = G * m;
+      const int64_t m = std::min(kQueryBlock, len - q0), mb = query_bucket(m), rows = G * mb;
       const int64_t visible = causal ? p_len + q0 + m : n_keys;
       const int64_t n = round_up(visible, kKeyPanel);
-      for (int64_t g = 0; g < G; ++g)
+      for (int64_t g = 0; g < G; ++g) {
         for (int64_t i = 0; i < m; ++i)
-          std::memcpy(queries.data() + (g * m + i) * D,
+          std::memcpy(queries.data() + (g * mb + i) * D,
                       q + (start + q0 + i) * L.ld_q + (kv_head * G + g) * D, D * sizeof(BFloat16));
+        std::fill(queries.data() + (g * mb + m) * D, queries.data() + (g + 1) * mb * D,
+                  BFloat16(0.f));
+      }
       for (int64_t b = 0; b < n; b += kKeyPanel)
-        at::native::cpublas::brgemm(rows, kKeyPanel, D, D, kKeyPanel, width, false, queries.data(),
+        at::native::cpublas::brgemm(rows, kKeyPanel, D, D, kKeyPanel, ld, false, queries.data(),
                                     keys_t.data() + b * D, scores.data() + b);
       for (int64_t r = 0; r < rows; ++r) {
-        const float* row = scores.data() + r * width;
-        const int64_t valid = causal ? p_len + q0 + r % m + 1 : n_keys;
+        const int64_t i = r % mb;
+        BFloat16* prow = probs.data() + r * ld;
+        if (i >= m) {  // a padded query row: zero probabilities, its output is never written
+          std::fill(prow, prow + n, BFloat16(0.f));
+          continue;
+        }
+        const float* row = scores.data() + r * ld;
+        const int64_t valid = causal ? p_len + q0 + i + 1 : n_keys;
         const float max = row_max(row, valid) * scale;
-        inv_sum[r] = 1.f / exp_to_bf16(row, probs.data() + r * width, valid, n, scale, max);
+        inv_sum[r] = 1.f / exp_to_bf16(row, prow, valid, n, scale, max);
       }
       for (int64_t c = 0; c < D; c += value_panel)
-        at::native::cpublas::brgemm(rows, value_panel, n, width, value_panel, D, false,
-                                    probs.data(), values.data() + c * width, acc.data() + c);
+        at::native::cpublas::brgemm(rows, value_panel, n, ld, value_panel, D, false, probs.data(),
+                                    values.data() + c * width, acc.data() + c);
       for (int64_t r = 0; r < rows; ++r) {
-        const int64_t g = r / m, i = r % m;
+        const int64_t g = r / mb, i = r % mb;
+        if (i >= m) continue;
         BFloat16* dst = out + (start + q0 + i) * L.ld_out + (kv_head * G + g) * D;
         const float* src = acc.data() + r * D;
         const Vec f(inv_sum[r]);
@@ -132,20 +156,21 @@ struct Worker {
     }
   }
 
-  // K^T (D x width): prefix keys then own keys, zero-padded, VNNI-packed in panels
+  // K^T (D x width, row stride ld): prefix keys then own keys, zero-padded, VNNI-packed in
+  // panels of kKeyPanel keys
   void pack_keys(const BFloat16* own, const BFloat16* prefix, int64_t len, int64_t p_len,
-                 int64_t width) {
+                 int64_t width, int64_t ld) {
     const int64_t D = L.dim;
     auto* st = reinterpret_cast<uint16_t*>(stage.data());
     if (p_len)
       at::native::utils::transpose<uint16_t>(p_len, D, reinterpret_cast<const uint16_t*>(prefix),
-                                             L.ld_pk, st, width);
+                                             L.ld_pk, st, ld);
     at::native::utils::transpose<uint16_t>(len, D, reinterpret_cast<const uint16_t*>(own), L.ld_k,
-                                           st + p_len, width);
+                                           st + p_len, ld);
     if (width > p_len + len)
-      for (int64_t d = 0; d < D; ++d) std::fill(st + d * width + p_len + len, st + (d + 1) * width, 0);
+      for (int64_t d = 0; d < D; ++d) std::fill(st + d * ld + p_len + len, st + d * ld + width, 0);
     for (int64_t b = 0; b < width; b += kKeyPanel)
-      at::native::cpublas::pack(D, kKeyPanel, width, kKeyPanel, at::kBFloat16, at::kBFloat16,
+      at::native::cpublas::pack(D, kKeyPanel, ld, kKeyPanel, at::kBFloat16, at::kBFloat16,
                                 stage.data() + b, keys_t.data() + b * D);
   }
 
