@@ -160,9 +160,13 @@ def split_prefix_attention(
 ATTENTION["split"] = split_prefix_attention
 
 
-def _kernel_rows(t: torch.Tensor) -> torch.Tensor:
+def _rows_ok(t: torch.Tensor) -> bool:
     """(rows, heads, D) with contiguous heads, as the AMX kernel reads them; rows may be strided."""
-    return t if t.stride(-1) == 1 and t.stride(1) == t.shape[-1] else t.contiguous()
+    return t.stride(-1) == 1 and t.stride(1) == t.shape[-1]
+
+
+def _kernel_rows(t: torch.Tensor) -> torch.Tensor:
+    return t if _rows_ok(t) else t.contiguous()
 
 
 def amx_attention(
@@ -180,7 +184,7 @@ def amx_attention(
     kernel = load_kernel()
     if kernel is None or q.dtype != torch.bfloat16 or q.device.type != "cpu" or q.shape[-1] % 16:
         return sdpa_attention(q, k, v, batch, prefix_kv, causal, scale, out)
-    target = out if out is not None and _kernel_rows(out) is out else torch.empty_like(q)
+    target = out if out is not None and _rows_ok(out) else torch.empty_like(q)
     if prefix_kv is None:
         pk = pv = q.new_empty(0, k.shape[1], k.shape[2])
     else:

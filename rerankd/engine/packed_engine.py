@@ -57,7 +57,7 @@ class PackedEngine:
         self.default_batch_tokens = 32768 if device.type == "cuda" else 8192
         self.quantized = quantized
         self.tolerance = _INT8_BACKEND_TOLERANCE if quantized else _BACKEND_TOLERANCE
-        self.attention = "sdpa"
+        self.attention = "sdpa"  # what `_forward` reads while the probes below run
         self.attention = self._pick_attention(attention, device, dtype)
         model.set_attention(self.attention)
         self.compiled = (
