@@ -236,3 +236,42 @@ def test_identical_pairs_still_score_with_a_shared_prefix():
     _, shared = _score(model, [QUERY] * 4, docs, shared=True)
     assert shared == pytest.approx(unshared, abs=1e-5)
     assert shared[0] == pytest.approx(shared[1], abs=1e-6)
+
+
+@pytest.mark.parametrize("engine", ["packed", "packed-compiled"])
+@pytest.mark.parametrize("rows", [16, 64])
+def test_row_padding_does_not_change_scores(engine, rows, monkeypatch):
+    """Padding the stream to a row multiple (oneDNN linears) changes no score, with one
+    shared prefix, two, or none, and with chunk boundaries inside sequences."""
+    import dataclasses
+
+    model = _model("qwen3", "float32", 512, engine)
+    decoder = model.scheduler.engine.model.decoder
+    assert decoder.row_multiple == 1  # float32: plain linears, nothing to pad for
+    docs = DOCUMENTS + [f"document {i} about a city" for i in range(9)]
+    queries = [QUERY if i % 3 else "another query" for i in range(len(docs))]
+    pairs = model.recipe.encode(queries, docs)
+    groups = [0 if q == QUERY else 1 for q in queries]
+    expected = [model.scheduler.engine.score(Batch(pairs, g)) for g in (groups, None)]
+    monkeypatch.setattr(decoder, "row_multiple", rows)
+    assert sum(len(p) for p in pairs) % rows, "the batch must need padding"
+    for g, want in zip((groups, None), expected, strict=True):
+        assert model.scheduler.engine.score(Batch(pairs, g)) == pytest.approx(want, abs=1e-5)
+    monkeypatch.setattr(decoder, "kernels", dataclasses.replace(decoder.kernels, chunk=4 * rows))
+    got = model.scheduler.engine.score(Batch(pairs, groups))
+    assert got == pytest.approx(expected[0], abs=1e-5)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_onednn_linears_pad_the_stream(dtype):
+    """bf16 on CPU runs oneDNN-prepacked linears, which pad to a row multiple; float32 not."""
+    from rerankd.engine.prepack import PrepackedLinear, prepack_supported
+    from rerankd.models.registry import ONEDNN_ROW_MULTIPLE
+
+    model = _model("qwen3", dtype, 512)
+    packed = model.scheduler.engine.model
+    prepacked = any(isinstance(m, PrepackedLinear) for m in packed.modules())
+    import torch
+
+    assert prepacked == prepack_supported(torch.device("cpu"), getattr(torch, dtype))
+    assert packed.decoder.row_multiple == (ONEDNN_ROW_MULTIPLE if prepacked else 1)

@@ -6,6 +6,8 @@ the tiny fixtures, eager and compiled, and check the torch.ao fallback still ser
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -180,3 +182,39 @@ def test_int8_needs_the_packed_engine():
     settings = Settings(model=str(fixture_dir("qwen3")), quantize="int8", engine="transformers")
     with pytest.raises(ModelLoadError, match="packed engine"):
         load_model(settings, Metrics())
+
+
+@needs_onednn_int8
+def test_int8_padding_rows_never_move_activation_scales(monkeypatch):
+    """Padding rows stay zero through every layer, so the per-tensor activation scales and
+    with them every int8 score are the same padded or not."""
+    model, padded = _scores("qwen3", "int8")
+    decoder = model.scheduler.engine.model.decoder
+    assert decoder.row_multiple > 1
+    pairs = model.recipe.encode(["capital of china"] * len(DOCS), DOCS)
+    assert sum(len(p) for p in pairs) % decoder.row_multiple, "the batch must need padding"
+    with _padding_rows_checked(decoder, sum(len(p) for p in pairs)) as checked:
+        model.scheduler.engine.score(Batch(pairs))  # unshared: the stream is every token
+    assert len(checked) == len(decoder.layers)
+    monkeypatch.setattr(decoder, "row_multiple", 1)
+    unpadded = model.scheduler.engine.score(Batch(pairs, [0] * len(pairs)))
+    assert padded == pytest.approx(unpadded, abs=1e-5)
+
+
+@contextmanager
+def _padding_rows_checked(decoder, real_rows: int):
+    """Hooks every layer: the rows after the stream's first `real_rows` must leave it
+    exactly zero. Yields the list of layers checked."""
+    checked: list = []
+
+    def check(layer, args, out):
+        padding = len(args[0]) - real_rows
+        assert padding > 0 and not out[len(out) - padding :].any()
+        checked.append(layer)
+
+    handles = [layer.register_forward_hook(check) for layer in decoder.layers]
+    try:
+        yield checked
+    finally:
+        for handle in handles:
+            handle.remove()

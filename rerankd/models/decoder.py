@@ -57,6 +57,8 @@ class Decoder(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.gemma_norm)
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
         self.kernels = EAGER
+        #: the token stream is padded to a multiple of this many rows (see `set_row_multiple`)
+        self.row_multiple = 1
 
     def embed(self, ids: Tensor) -> Tensor:
         x = self.embed_tokens(ids)
@@ -91,20 +93,40 @@ class Decoder(nn.Module):
 
         Shared prefixes ride in the same stream, ahead of the unshared tokens: each prefix
         token is computed once whatever the number of documents, and its projections and
-        MLP share the documents' GEMMs instead of a second pass over every weight."""
+        MLP share the documents' GEMMs instead of a second pass over every weight. Padding
+        rows (`row_multiple`) follow the unshared tokens; attention never reads them."""
         prefixes = self.prefix_stream(batch) if batch.prefixes else None
         ids, positions = batch.input_ids, batch.positions
         if prefixes is not None:
             ids = torch.cat((prefixes.input_ids, ids))
             positions = torch.cat((prefixes.positions, positions))
         shared = len(ids) - len(batch.input_ids)
-        cos, sin = rotary(positions, self.inv_freq, self.embed_tokens.weight.dtype)
+        # padding rows are zeros and stay zeros through every layer (no biases, zero
+        # attention output), so they never move an int8 linear's activation scale
+        padding = -len(ids) % self.row_multiple
         x = self.embed(ids)
+        if padding:
+            positions = F.pad(positions, (0, padding))
+            x = F.pad(x, (0, 0, 0, padding))
+        cos, sin = rotary(positions, self.inv_freq, self.embed_tokens.weight.dtype)
+        # the last layer computes only the unshared rows (nothing reads the prefix's), from
+        # a row multiple on so that its GEMMs see the same row counts as the others
+        keep = shared - shared % self.row_multiple
         for index, layer in enumerate(self.layers):
             last = index == len(self.layers) - 1
-            # the last layer computes only the unshared rows: nothing reads the prefix's
-            x = layer(x, cos, sin, batch, prefixes, shared if last else 0, self.kernels)
-        return x
+            x = layer(
+                x, cos, sin, batch, prefixes, keep if last else 0, self.kernels, self.row_multiple
+            )
+        start = shared - keep
+        return x[start : start + len(batch.input_ids)]
+
+    def set_row_multiple(self, rows: int) -> None:
+        """Pad every token stream to a multiple of `rows` rows. oneDNN (prepacked bf16 and
+        int8 linears on CPU) builds a GEMM primitive per new row count, ~1 ms per linear;
+        with padding a few row counts recur and their primitives stay cached."""
+        if rows < 1:
+            raise ValueError(f"row multiple must be >= 1, got {rows}")
+        self.row_multiple = rows
 
 
 class Block(nn.Module):
@@ -126,11 +148,14 @@ class Block(nn.Module):
         prefixes: PackedBatch | None = None,
         keep_from: int = 0,
         kernels: TokenKernels | None = None,
+        align: int = 1,
     ) -> Tensor:
-        """x: rows of `prefixes` (if any) then rows of `batch`; returns rows `keep_from:`.
+        """x: rows of `prefixes` (if any), rows of `batch`, then padding rows (zero
+        attention output); returns rows `keep_from:`.
 
         Per-token work runs in chunks of `kernels.chunk` tokens (cache-sized activations
-        for eager kernels); attention runs once per stream: the prefixes causally among
+        for eager kernels), each a multiple of `align` rows if `len(x)` and `keep_from`
+        are; attention runs once per stream: the prefixes causally among
         themselves, every sequence of `batch` over its prefix's keys and its own."""
         kernels = kernels or EAGER
         attn = self.self_attn
@@ -139,19 +164,21 @@ class Block(nn.Module):
         q = x.new_empty(T, c.num_heads, c.head_dim)
         k = x.new_empty(T, c.num_kv_heads, c.head_dim)
         v = x.new_empty(T, c.num_kv_heads, c.head_dim)
-        for s, e in token_chunks(T, kernels.chunk):
+        for s, e in token_chunks(T, kernels.chunk, align):
             q[s:e], k[s:e], v[s:e] = kernels.project(self, x[s:e], cos[s:e], sin[s:e])
-        shared = T - len(batch.input_ids)
+        shared = len(prefixes.input_ids) if prefixes is not None else 0
+        end = shared + len(batch.input_ids)  # padding rows, if any, follow
         y = torch.empty_like(q)
+        y[end:] = 0
         if shared and keep_from < shared:
             p = slice(None, shared)
             attn.attend(q[p], k[p], v[p], prefixes, None, True, c.scale, out=y[p])
         prefix: PrefixKV | None = (k[:shared], v[:shared]) if shared else None
-        u = slice(shared, None)
+        u = slice(shared, end)
         attn.attend(q[u], k[u], v[u], batch, prefix, True, c.scale, out=y[u])
         x, y = x[keep_from:], y[keep_from:].view(T - keep_from, attn.q_size)
         out = torch.empty_like(x)
-        for s, e in token_chunks(len(x), kernels.chunk):
+        for s, e in token_chunks(len(x), kernels.chunk, align):
             out[s:e] = kernels.finish(self, x[s:e], y[s:e])
         return out
 
@@ -256,13 +283,16 @@ TOKEN_CHUNK = 1024
 COMPILED_TOKEN_CHUNK = 4096
 
 
-def token_chunks(n: int, size: int = TOKEN_CHUNK) -> list[tuple[int, int]]:
+def token_chunks(n: int, size: int = TOKEN_CHUNK, align: int = 1) -> list[tuple[int, int]]:
     """[start, end) spans of near-equal size, at most `size` tokens each (no 1-token
-    tail: a compiled kernel would specialize on it and recompile mid-request)."""
+    tail: a compiled kernel would specialize on it and recompile mid-request). When `n` is
+    a multiple of `align`, so is every span (then up to `size` rounded up to `align`): a
+    padded stream's chunks keep recurring row counts."""
+    units, unit = (n // align, align) if n % align == 0 else (n, 1)
     count = -(-n // size)
     if count == 0:
         return []
-    bounds = [n * i // count for i in range(count + 1)]
+    bounds = [unit * (units * i // count) for i in range(count + 1)]
     return list(zip(bounds[:-1], bounds[1:], strict=True))
 
 
