@@ -161,14 +161,20 @@ class Block(nn.Module):
         attn = self.self_attn
         c = attn.config
         T = x.shape[0]
-        q = x.new_empty(T, c.num_heads, c.head_dim)
-        k = x.new_empty(T, c.num_kv_heads, c.head_dim)
-        v = x.new_empty(T, c.num_kv_heads, c.head_dim)
-        for s, e in token_chunks(T, kernels.chunk, align):
-            q[s:e], k[s:e], v[s:e] = kernels.project(self, x[s:e], cos[s:e], sin[s:e])
+        spans = token_chunks(T, kernels.chunk, align)
+        # one chunk (most batches of the compiled kernels): their outputs as they are, not
+        # copied into preallocated tensors (W-CPU bf16 in-process: +5 %)
+        if len(spans) == 1:
+            q, k, v = kernels.project(self, x, cos, sin)
+        else:
+            q = x.new_empty(T, c.num_heads, c.head_dim)
+            k = x.new_empty(T, c.num_kv_heads, c.head_dim)
+            v = x.new_empty(T, c.num_kv_heads, c.head_dim)
+            for s, e in spans:
+                q[s:e], k[s:e], v[s:e] = kernels.project(self, x[s:e], cos[s:e], sin[s:e])
         shared = len(prefixes.input_ids) if prefixes is not None else 0
         end = shared + len(batch.input_ids)  # padding rows, if any, follow
-        y = torch.empty_like(q)
+        y = x.new_empty(T, c.num_heads, c.head_dim)
         y[end:] = 0
         if shared and keep_from < shared:
             p = slice(None, shared)
@@ -177,8 +183,11 @@ class Block(nn.Module):
         u = slice(shared, end)
         attn.attend(q[u], k[u], v[u], batch, prefix, True, c.scale, out=y[u])
         x, y = x[keep_from:], y[keep_from:].view(T - keep_from, attn.q_size)
+        spans = token_chunks(len(x), kernels.chunk, align)
+        if len(spans) == 1:
+            return kernels.finish(self, x, y)
         out = torch.empty_like(x)
-        for s, e in token_chunks(len(x), kernels.chunk, align):
+        for s, e in spans:
             out[s:e] = kernels.finish(self, x[s:e], y[s:e])
         return out
 
