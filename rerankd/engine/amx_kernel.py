@@ -32,13 +32,15 @@ from rerankd.engine.batch import PackedBatch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "amx_attention.cpp"
-#: AVX-512 for ATen's vector helpers (every AMX CPU has it); fbgemm's transpose is in libtorch
+#: AVX-512 (with BF16: every AMX CPU has both) for the vector code; fbgemm's transpose is in
+#: libtorch
 _CFLAGS = [
     "-O3",
     "-mavx512f",
     "-mavx512bw",
     "-mavx512vl",
     "-mavx512dq",
+    "-mavx512bf16",
     "-mfma",
     "-fopenmp",
     "-DCPU_CAPABILITY=AVX512",

@@ -20,6 +20,7 @@
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/native/CPUBlas.h>
 #include <ATen/native/cpu/utils.h>
+#include <immintrin.h>
 
 #include <algorithm>
 #include <cstring>
@@ -30,7 +31,6 @@ namespace {
 
 using at::BFloat16;
 using Vec = at::vec::Vectorized<float>;
-using BVec = at::vec::Vectorized<BFloat16>;
 
 constexpr int64_t kQueryBlock = 32;  // query rows per head in one GEMM (measured: 64 slower)
 constexpr int64_t kKeyPanel = 64;    // keys per packed K^T panel (oneDNN's widest ldb)
@@ -51,33 +51,57 @@ int64_t stride_bucket(int64_t width) {
 
 int64_t query_bucket(int64_t m) { return m <= 8 ? 8 : m <= 16 ? 16 : kQueryBlock; }
 
-float row_max(const float* row, int64_t n) {
-  constexpr int64_t W = Vec::size();
-  Vec acc(kNegInf);
-  int64_t i = 0;
-  for (; i + W <= n; i += W) acc = at::vec::maximum(acc, Vec::loadu(row + i));
-  if (i < n) acc = at::vec::maximum(acc, Vec::set(Vec(kNegInf), Vec::loadu(row + i, n - i), n - i));
-  return acc.reduce_max();
+__mmask16 lanes(int64_t n) {  // the first min(n, 16) lanes (none for n <= 0)
+  return n >= 16 ? __mmask16(0xffff) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1);
 }
 
-// probs[0:valid] = bf16(exp(row * scale - max)), zeros up to `width` (a multiple of the vector
-// width). Returns the sum of the rounded values, so normalizing matches what P.V multiplies.
+float row_max(const float* row, int64_t n) {
+  __m512 acc = _mm512_set1_ps(kNegInf);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) acc = _mm512_max_ps(acc, _mm512_loadu_ps(row + i));
+  if (i < n) {
+    const __mmask16 tail = lanes(n - i);
+    acc = _mm512_mask_max_ps(acc, tail, acc, _mm512_maskz_loadu_ps(tail, row + i));
+  }
+  return _mm512_reduce_max_ps(acc);
+}
+
+// probs[0:valid] = bf16(exp(row * scale - max)), zeros up to `width` (a multiple of 32).
+// Returns the sum of the rounded values, so normalizing matches what P.V multiplies. AVX512-BF16
+// (every AMX CPU has it) rounds two float vectors to bf16 in one instruction and sums the
+// rounded pairs into float lanes in another (a dot product with ones).
 float exp_to_bf16(const float* row, BFloat16* probs, int64_t valid, int64_t width, float scale,
                   float max) {
-  constexpr int64_t W = Vec::size();
-  const Vec vs(scale), vm(max);
-  Vec acc(0.f);
+  const __m512 vs = _mm512_set1_ps(scale), vm = _mm512_set1_ps(max);
+  const __m512bh ones = (__m512bh)_mm512_set1_epi16(0x3f80);  // bf16 1.0
+  __m512 acc = _mm512_setzero_ps();
   int64_t i = 0;
-  for (; i < valid; i += W) {
-    const int64_t n = std::min(W, valid - i);
-    Vec x = (Vec::loadu(row + i, n) * vs - vm).exp_u20();
-    if (n < W) x = Vec::set(Vec(0.f), x, n);
-    const BVec b = at::vec::convert<BFloat16>(x);
-    b.store(probs + i, W);
-    acc = acc + at::vec::convert<float>(b);
+  for (; i < valid; i += 32) {
+    const __mmask16 lo = lanes(valid - i), hi = lanes(valid - i - 16);
+    const __m512 x0 = _mm512_fmsub_ps(_mm512_maskz_loadu_ps(lo, row + i), vs, vm);
+    const __m512 x1 = _mm512_fmsub_ps(_mm512_maskz_loadu_ps(hi, row + i + 16), vs, vm);
+    const __m512 e0 = _mm512_maskz_mov_ps(lo, Vec(x0).exp_u20());
+    const __m512 e1 = _mm512_maskz_mov_ps(hi, Vec(x1).exp_u20());
+    const __m512bh b = _mm512_cvtne2ps_pbh(e1, e0);  // e0 in the low half
+    _mm512_storeu_si512(probs + i, (__m512i)b);
+    acc = _mm512_dpbf16_ps(acc, b, ones);
   }
-  for (; i < width; i += W) BVec(BFloat16(0.f)).store(probs + i, W);
-  return acc.reduce_add();
+  for (; i < width; i += 32) _mm512_storeu_si512(probs + i, _mm512_setzero_si512());
+  return _mm512_reduce_add_ps(acc);
+}
+
+// into L2: `n` bf16 values from `row`
+void prefetch_row(const BFloat16* row, int64_t n) {
+  const char* bytes = reinterpret_cast<const char*>(row);
+  for (int64_t b = 0; b < n * 2; b += 64) _mm_prefetch(bytes + b, _MM_HINT_T1);
+}
+
+// dst[0:D] = bf16(src * factor), D a multiple of 16
+void scale_to_bf16(const float* src, BFloat16* dst, int64_t D, float factor) {
+  const __m512 f = _mm512_set1_ps(factor);
+  for (int64_t d = 0; d < D; d += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + d),
+                        (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(src + d), f)));
 }
 
 struct Layout {
@@ -111,6 +135,8 @@ struct Worker {
     const int64_t start = seq[0], len = seq[1], p_start = seq[2], p_len = pk ? seq[3] : 0;
     const int64_t n_keys = p_len + len, width = round_up(n_keys, kKeyPanel);
     const int64_t ld = stride_bucket(width);  // row stride of K^T staging, scores and probs
+    for (int64_t i = 0; i < std::min(len, kQueryBlock); ++i)  // see the query blocks below
+      prefetch_row(q + (start + i) * L.ld_q + kv_head * G * D, G * D);
     pack_keys(k + start * L.ld_k + kv_head * D, pk ? pk + p_start * L.ld_pk + kv_head * D : nullptr,
               len, p_len, width, ld);
     pack_values(v + start * L.ld_v + kv_head * D, pv ? pv + p_start * L.ld_pv + kv_head * D : nullptr,
@@ -119,6 +145,12 @@ struct Worker {
       const int64_t m = std::min(kQueryBlock, len - q0), mb = query_bucket(m), rows = G * mb;
       const int64_t visible = causal ? p_len + q0 + m : n_keys;
       const int64_t n = round_up(visible, kKeyPanel);
+      // rows lie ld_q / ld_out elements apart (a page or more): no hardware prefetcher follows
+      // them. Fetch this block's output rows and the next block's queries ahead of use.
+      for (int64_t i = 0; i < m; ++i)
+        prefetch_row(out + (start + q0 + i) * L.ld_out + kv_head * G * D, G * D);
+      for (int64_t i = q0 + kQueryBlock; i < std::min(len, q0 + 2 * kQueryBlock); ++i)
+        prefetch_row(q + (start + i) * L.ld_q + kv_head * G * D, G * D);
       for (int64_t g = 0; g < G; ++g) {
         for (int64_t i = 0; i < m; ++i)
           std::memcpy(queries.data() + (g * mb + i) * D,
@@ -147,11 +179,8 @@ struct Worker {
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t g = r / mb, i = r % mb;
         if (i >= m) continue;
-        BFloat16* dst = out + (start + q0 + i) * L.ld_out + (kv_head * G + g) * D;
-        const float* src = acc.data() + r * D;
-        const Vec f(inv_sum[r]);
-        for (int64_t d = 0; d < D; d += Vec::size())
-          at::vec::convert<BFloat16>(Vec::loadu(src + d) * f).store(dst + d, Vec::size());
+        scale_to_bf16(acc.data() + r * D, out + (start + q0 + i) * L.ld_out + (kv_head * G + g) * D,
+                      D, inv_sum[r]);
       }
     }
   }
