@@ -6,6 +6,7 @@ changes a float32 score beyond 1e-5.
 
 from __future__ import annotations
 
+import itertools
 import random
 from functools import cache
 
@@ -216,6 +217,25 @@ def test_token_chunks_do_not_change_scores(engine, monkeypatch):
     assert len(token_chunks(sum(len(p) for p in pairs), 37)) > 3
     _, chunked = _score(model, [QUERY] * len(docs), docs, shared=True)
     assert chunked == pytest.approx(whole, abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("n", "size", "align"),
+    [(1, 4096, 1), (4097, 4096, 1), (8192, 4096, 16), (4112, 4096, 16), (32, 10, 16), (48, 64, 16)],
+)
+def test_token_chunks_cover_the_stream_in_aligned_spans(n, size, align):
+    from rerankd.models.decoder import token_chunks
+
+    spans = token_chunks(n, size, align)
+    assert spans[0][0] == 0 and spans[-1][1] == n
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(spans))
+    lengths = [e - s for s, e in spans]
+    assert min(lengths) > 1 or n == 1  # no empty span, no 1-token tail
+    assert max(lengths) - min(lengths) <= align
+    if n % align == 0:
+        assert all(length % align == 0 for length in lengths)
+        if size % align == 0:
+            assert max(lengths) <= size
 
 
 @pytest.mark.parametrize("family", ["qwen3", "qwen3-seq-cls", "gemma"])

@@ -298,7 +298,7 @@ def token_chunks(n: int, size: int = TOKEN_CHUNK, align: int = 1) -> list[tuple[
     a multiple of `align`, so is every span (then up to `size` rounded up to `align`): a
     padded stream's chunks keep recurring row counts."""
     units, unit = (n // align, align) if n % align == 0 else (n, 1)
-    count = -(-n // size)
+    count = min(-(-n // size), units)  # never an empty span
     if count == 0:
         return []
     bounds = [unit * (units * i // count) for i in range(count + 1)]
