@@ -130,3 +130,17 @@ def test_other_dtypes_and_head_sizes_use_sdpa(monkeypatch):
         amx_attention(qb, kb, vb, batch, None, False, 0.3),
         sdpa_attention(qb, kb, vb, batch, None, False, 0.3),
     )
+
+
+@pytest.mark.parametrize("flags", [set(), {"amx_bf16"}, {"avx512_bf16"}])
+def test_kernel_needs_both_amx_and_avx512_bf16(monkeypatch, flags):
+    """The kernel is built for AMX-BF16 and AVX512-BF16; a CPU lacking either gets None
+    (the engine then keeps SDPA) without a build being attempted."""
+    monkeypatch.setattr(amx_kernel, "cpu_flags", lambda: flags)
+    monkeypatch.setattr(amx_kernel, "cpu_has_amx", lambda: "amx_bf16" in flags)
+    monkeypatch.setattr(amx_kernel, "build_directory", lambda: pytest.fail("build attempted"))
+    amx_kernel.load_kernel.cache_clear()
+    try:
+        assert amx_kernel.load_kernel() is None
+    finally:
+        amx_kernel.load_kernel.cache_clear()

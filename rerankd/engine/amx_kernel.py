@@ -26,7 +26,7 @@ from types import ModuleType
 
 import torch
 
-from rerankd.engine.base import cpu_has_amx
+from rerankd.engine.base import cpu_flags, cpu_has_amx
 from rerankd.engine.batch import PackedBatch
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,8 @@ def build_directory() -> Path:
 @functools.cache
 def load_kernel() -> ModuleType | None:
     """The compiled kernel module, or None (logged once) where it cannot run here."""
-    if not cpu_has_amx():
+    # the kernel is built with AVX512-BF16 too (every AMX CPU so far has it; checked anyway)
+    if not cpu_has_amx() or "avx512_bf16" not in cpu_flags():
         return None
     started = time.perf_counter()
     try:
