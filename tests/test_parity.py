@@ -11,6 +11,7 @@ import random
 from functools import cache
 
 import pytest
+import torch
 
 from rerankd.engine.amx_kernel import load_kernel
 from rerankd.metrics import Metrics
@@ -291,7 +292,5 @@ def test_onednn_linears_pad_the_stream(dtype):
     model = _model("qwen3", dtype, 512)
     packed = model.scheduler.engine.model
     prepacked = any(isinstance(m, PrepackedLinear) for m in packed.modules())
-    import torch
-
     assert prepacked == prepack_supported(torch.device("cpu"), getattr(torch, dtype))
     assert packed.decoder.row_multiple == (ONEDNN_ROW_MULTIPLE if prepacked else 1)
