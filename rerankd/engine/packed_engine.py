@@ -154,7 +154,7 @@ class PackedEngine:
         if mode == "auto":
             if device.type == "cuda" and self._attention_agrees("varlen"):
                 return "varlen"
-            # load_kernel is None without AMX-BF16 or a working build
+            # load_kernel is None without AMX-BF16 and AVX512-BF16 or a working build
             amx = device.type == "cpu" and dtype == torch.bfloat16 and load_kernel() is not None
             if amx and self._attention_agrees("amx"):
                 return "amx"
