@@ -294,3 +294,26 @@ def test_onednn_linears_pad_the_stream(dtype):
     prepacked = any(isinstance(m, PrepackedLinear) for m in packed.modules())
     assert prepacked == prepack_supported(torch.device("cpu"), getattr(torch, dtype))
     assert packed.decoder.row_multiple == (ONEDNN_ROW_MULTIPLE if prepacked else 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_per_half_is_hf_rotate_half_bit_for_bit(dtype):
+    """Our RoPE (half tables, one expression per half) against transformers' Llama RoPE
+    (full tables, `q * cos + rotate_half(q) * sin`): the same roundings, so equal bits."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from rerankd.models.decoder import apply_rotary, rotary
+
+    torch.manual_seed(0)
+    positions, inv_freq = torch.randint(0, 4000, (37,)), torch.rand(32)
+    q, k = torch.randn(37, 4, 64, dtype=dtype), torch.randn(37, 2, 64, dtype=dtype)
+    cos, sin = rotary(positions, inv_freq, dtype)
+    freqs = positions[:, None].float() * inv_freq[None, :]
+    full = torch.cat((freqs, freqs), dim=-1)
+    # HF layout: (batch, heads, T, D) with (batch, T, D) tables
+    hf_q, hf_k = apply_rotary_pos_emb(
+        q.transpose(0, 1)[None], k.transpose(0, 1)[None],
+        full.cos().to(dtype)[None], full.sin().to(dtype)[None],
+    )  # fmt: skip
+    assert torch.equal(apply_rotary(q, cos, sin), hf_q[0].transpose(0, 1))
+    assert torch.equal(apply_rotary(k, cos, sin), hf_k[0].transpose(0, 1))

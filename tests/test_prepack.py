@@ -132,3 +132,63 @@ def test_residual_linear_is_the_plain_sum_for_unpacked_layers():
     linear = nn.Linear(8, 8, bias=False)
     x, residual = torch.randn(3, 8), torch.randn(3, 8)
     assert torch.equal(residual_linear(residual, linear, x), residual + linear(x))
+
+
+# --- custom ops: compiled code keeps the packed GEMMs inside one graph -------------------
+
+
+def _tiny_block(dtype: torch.dtype):
+    from rerankd.models.decoder import Block, DecoderConfig
+
+    config = DecoderConfig(
+        vocab_size=32, hidden_size=64, num_layers=1, num_heads=4, num_kv_heads=2,
+        head_dim=16, intermediate_size=96, rms_norm_eps=1e-6, rope_theta=10000.0,
+        qk_norm=True,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    block = Block(config).to(dtype)
+    for module in block.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=0.1)
+    return block, config
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+@torch.inference_mode()  # as the engine runs it
+def test_compiled_layer_code_has_no_graph_break_at_a_gemm(quantized):
+    """A graph break per GEMM cost the compiled layer code ~8 % of W-CPU (Dynamo's entry
+    and resume code five or six times a layer); the ops must stay in the graph."""
+    from rerankd.engine.quantize import onednn_int8_supported, quantize_int8
+    from rerankd.models.decoder import finish_tokens, project_tokens, rotary
+
+    if quantized and not onednn_int8_supported(torch.bfloat16):
+        pytest.skip("oneDNN int8 linear not available here")
+    block, config = _tiny_block(torch.bfloat16)
+    if quantized:
+        quantize_int8(block, torch.bfloat16, w8a8=True)
+    else:
+        assert prepack_linears(block, CPU, torch.bfloat16) == 4
+    x = torch.randn(48, config.hidden_size).bfloat16()
+    y = torch.randn(48, config.num_heads * config.head_dim).bfloat16()
+    cos, sin = rotary(torch.arange(48), torch.rand(config.head_dim // 2), torch.bfloat16)
+    for fn, args in ((project_tokens, (block, x, cos, sin)), (finish_tokens, (block, x, y))):
+        torch._dynamo.reset()
+        explained = torch._dynamo.explain(fn)(*args)
+        # (`graph_break_count` stays 0 for a break at a function's first op: read reasons)
+        assert not explained.break_reasons, explained.break_reasons
+        assert explained.graph_count == 1
+        compiled, eager = torch.compile(fn, dynamic=True)(*args), fn(*args)
+        if isinstance(eager, torch.Tensor):
+            compiled, eager = (compiled,), (eager,)
+        for got, want in zip(compiled, eager, strict=True):
+            assert (got.float() - want.float()).abs().max() < (0.5 if quantized else 0.1)
+
+
+def test_a_freed_packed_weight_is_a_clear_error():
+    from rerankd.engine.onednn_ops import packed_linear
+
+    layer = PrepackedLinear((torch.randn(8, 16) * 0.1).bfloat16())
+    handle = layer.handle
+    del layer
+    with pytest.raises(RuntimeError, match="no longer exists"):
+        packed_linear(torch.randn(2, 16).bfloat16(), handle, 8)

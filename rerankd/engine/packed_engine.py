@@ -119,9 +119,7 @@ class PackedEngine:
         started = time.perf_counter()
         try:
             expected = self._forward(pairs, groups)
-            # int8 linears quantize their input inside the module: resume there, so that
-            # quantization fuses with the code before it
-            self.model.set_kernels(compiled_kernels(nested_breaks=self.quantized))
+            self.model.set_kernels(compiled_kernels())
             got = self._forward(pairs, groups)
             self._forward(pairs[1:5], groups[1:5])  # a second shape: no recompiles later
         except Exception as exc:

@@ -14,6 +14,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from rerankd.engine.onednn_ops import packed_linear, register_packed
+
 log = logging.getLogger(__name__)
 
 _PACKABLE = (torch.bfloat16, torch.float16)
@@ -35,32 +37,28 @@ class PrepackedLinear(nn.Module):
         super().__init__()
         self.in_features = weight.shape[1]
         self.out_features = weight.shape[0]
-        # a buffer, not a parameter: it is opaque (no storage), so nothing may read it
+        # a buffer, not a parameter: it is opaque (no storage), so nothing may read it;
+        # compiled code reaches it through its handle (`onednn_ops`)
         self.register_buffer(
             "packed", torch.ops.mkldnn._reorder_linear_weight(weight, batch_hint), persistent=False
         )
+        self.register_buffer("handle", register_packed(self.packed), persistent=False)
 
-    # the packed weight is opaque to torch.compile: compiled callers run these ops eagerly and
-    # compile the code around them
-    @torch.compiler.disable
     def forward(self, x: Tensor) -> Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+        return packed_linear(x, self.handle, self.out_features)
 
-    @torch.compiler.disable
     def plus(self, x: Tensor, residual: Tensor) -> Tensor:
         """`residual + x @ W.T` with the add done on the GEMM's float32 accumulator."""
-        return torch.ops.mkldnn._linear_pointwise.binary(x, residual, self.packed, None, "add")
+        return packed_linear(x, self.handle, self.out_features, residual, "add")
 
-    @torch.compiler.disable
     def times(self, x: Tensor, other: Tensor) -> Tensor:
         """`(x @ W.T) * other`, the product taken on the float32 accumulator."""
-        return torch.ops.mkldnn._linear_pointwise.binary(x, other, self.packed, None, "mul")
+        return packed_linear(x, self.handle, self.out_features, other, "mul")
 
-    @torch.compiler.disable
     def activated(self, x: Tensor, activation: str) -> Tensor:
         """`act(x @ W.T)`, the activation applied to the float32 accumulator."""
         attr, algorithm = ONEDNN_ACTIVATIONS[activation]
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, attr, [], algorithm)
+        return packed_linear(x, self.handle, self.out_features, attr=attr, algorithm=algorithm)
 
 
 #: our activation names → oneDNN post-op (attr, algorithm)

@@ -23,6 +23,7 @@ import warnings
 import torch
 from torch import Tensor, nn
 
+from rerankd.engine.onednn_ops import int8_linear, register_packed
 from rerankd.engine.prepack import ONEDNN_ACTIVATIONS, swap_linears
 
 log = logging.getLogger(__name__)
@@ -82,17 +83,15 @@ class Int8Linear(nn.Module):
         super().__init__()
         self.out_features, self.in_features = weight.shape
         qweight, scale = quantize_weight(weight)
-        # opaque packed tensor: a buffer, never a parameter (it has no storage to read)
+        # opaque packed tensor: a buffer, never a parameter (it has no storage to read);
+        # compiled code reaches it through its handle (`onednn_ops`)
         self.register_buffer(
             "packed",
             torch.ops.onednn.qlinear_prepack(qweight, [batch_hint, self.in_features]),
             persistent=False,
         )
+        self.register_buffer("handle", register_packed(self.packed), persistent=False)
         self.register_buffer("w_scale", scale, persistent=False)
-        self.register_buffer(
-            "w_zero", torch.zeros(self.out_features, dtype=torch.long), persistent=False
-        )
-        self.register_buffer("x_zero", torch.zeros((), dtype=torch.long), persistent=False)
         self.register_buffer(
             "bias", None if bias is None else bias.detach().float(), persistent=False
         )
@@ -104,28 +103,20 @@ class Int8Linear(nn.Module):
     def plus(self, x: Tensor, residual: Tensor) -> Tensor:
         """`residual + x @ W.T`, the add done in the GEMM's epilogue."""
         q, scale = quantize_per_tensor(x)
-        return self._gemm_add(q, scale, residual)
+        return int8_linear(
+            q, scale, self.handle, self.w_scale, self.out_features, residual.dtype, self.bias,
+            residual,
+        )  # fmt: skip
 
-    # the packed weight is opaque to torch.compile: the GEMM runs eagerly, the quantization
-    # before it compiles with the code around it
-    @torch.compiler.disable
     def gemm(
         self, q: Tensor, scale: Tensor, dtype: torch.dtype, activation: str | None = None
     ) -> Tensor:
         """The GEMM on an already quantized input (`quantize_per_tensor`), output in `dtype`,
         optionally through an activation (`ONEDNN_ACTIVATIONS`)."""
         attr, algorithm = ONEDNN_ACTIVATIONS[activation] if activation else ("none", "")
-        return torch.ops.onednn.qlinear_pointwise.tensor(
-            q, scale, self.x_zero, self.packed, self.w_scale, self.w_zero, self.bias,
-            1.0, 0, dtype, attr, [], algorithm,
-        )  # fmt: skip
-
-    @torch.compiler.disable
-    def _gemm_add(self, q: Tensor, scale: Tensor, residual: Tensor) -> Tensor:
-        # "add" reads `residual` (oneDNN's "sum" would overwrite it in place)
-        return torch.ops.onednn.qlinear_pointwise.binary_tensor(
-            q, scale, self.x_zero, self.packed, self.w_scale, self.w_zero, residual, self.bias,
-            1.0, 0, residual.dtype, 1.0, 0, "add", 1.0, "none", [], "",
+        return int8_linear(
+            q, scale, self.handle, self.w_scale, self.out_features, dtype, self.bias,
+            attr=attr, algorithm=algorithm,
         )  # fmt: skip
 
 

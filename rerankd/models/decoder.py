@@ -342,23 +342,17 @@ class TokenKernels:
 EAGER = TokenKernels(project_tokens, finish_tokens)
 
 
-def compiled_kernels(nested_breaks: bool = False) -> TokenKernels:
-    """`torch.compile`d per-token functions: norms, RoPE, activations and residuals fuse
-    into a few loops around the GEMMs. Shapes are dynamic (one compile serves every chunk
-    length) and parameters are graph inputs, so all layers share one compiled graph.
-
-    `nested_breaks`: the GEMMs are graph breaks inside the linear modules; resuming there
-    (instead of at the caller) lets the code before a GEMM fuse with the caller's (an int8
-    linear's input quantization with the norm that feeds it). Off for bf16, whose linear
-    modules hold no code before their GEMM (and whose served runs were measured without)."""
-
-    def compile_(fn: Callable) -> Callable:
-        compiled = torch.compile(fn, dynamic=True)
-        if not nested_breaks:
-            return compiled
-        return torch._dynamo.config.patch(nested_graph_breaks=True)(compiled)
-
-    return TokenKernels(compile_(project_tokens), compile_(finish_tokens), COMPILED_TOKEN_CHUNK)
+def compiled_kernels() -> TokenKernels:
+    """`torch.compile`d per-token functions: norms, RoPE, activations, int8 quantization and
+    residuals fuse into a few loops around the GEMMs, which are custom ops inside the same
+    graph (`onednn_ops`: one graph per function, no breaks). Shapes are dynamic (one
+    compile serves every chunk length) and parameters are graph inputs, so all layers
+    share one compiled graph."""
+    return TokenKernels(
+        torch.compile(project_tokens, dynamic=True),
+        torch.compile(finish_tokens, dynamic=True),
+        COMPILED_TOKEN_CHUNK,
+    )
 
 
 def _gelu_tanh(x: Tensor) -> Tensor:
@@ -373,17 +367,21 @@ def rope_inv_freq(config: DecoderConfig, device: torch.device | None = None) -> 
 
 
 def rotary(positions: Tensor, inv_freq: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """cos/sin tables (T, D) for the given positions, computed in float32 then cast."""
+    """cos/sin tables (T, D/2) for the given positions, computed in float32 then cast (the
+    HF tables repeat these for the second half of each head)."""
     freqs = positions[:, None].float() * inv_freq[None, :]  # (T, D/2)
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    return freqs.cos().to(dtype), freqs.sin().to(dtype)
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x: (T, heads, D); rotate-half RoPE as in the HF Llama family."""
+    """x: (T, heads, D); rotate-half RoPE as in the HF Llama family,
+    `x * cos + rotate_half(x) * sin`, written per half: the same roundings in every dtype
+    (negation is exact), and compiled code fuses it into one pass instead of building the
+    rotated copy of `x` first (int8 W-CPU: that kernel took ~10 % of a forward)."""
     half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos[:, None, :] + rotated * sin[:, None, :]
+    x1, x2 = x[..., :half], x[..., half:]
+    c, s = cos[:, None, :], sin[:, None, :]
+    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
 
 
 def gemma_embed_scale(hidden_size: int) -> float:

@@ -1,0 +1,108 @@
+"""oneDNN's prepacked GEMMs as custom ops that `torch.compile` keeps inside its graphs.
+
+A packed oneDNN weight is opaque (no storage), so compiled code cannot take it as a graph
+input, and calling the GEMM directly breaks the graph around every linear: a decoder layer
+ran as five or six compiled pieces with Dynamo's entry, guards and resume code between
+them. These ops take a small integer tensor, the weight's *handle*, instead of the weight
+and look the packed weight up when they run; their fake implementations give the output
+shape, so a layer's per-token code compiles into one graph around the GEMMs (which run as
+extern calls) and every layer still shares it (handles are graph inputs, not constants).
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import weakref
+
+import torch
+from torch import Tensor
+
+_PACKED: weakref.WeakValueDictionary[int, Tensor] = weakref.WeakValueDictionary()
+_NEXT_HANDLE = itertools.count(1)
+
+
+def register_packed(packed: Tensor) -> Tensor:
+    """A handle (int64 scalar tensor) for `packed`, valid while `packed` lives (the owner
+    keeps both: the registry does not hold weights alive)."""
+    handle = next(_NEXT_HANDLE)
+    _PACKED[handle] = packed
+    return torch.tensor(handle, dtype=torch.long)
+
+
+def _lookup(handle: Tensor) -> Tensor:
+    key = int(handle.item())
+    packed = _PACKED.get(key)
+    if packed is None:
+        raise RuntimeError(f"packed weight {key} no longer exists (its module was freed)")
+    return packed
+
+
+# --- bf16/fp16 prepacked linear ----------------------------------------------------------
+
+
+@torch.library.custom_op("rerankd::packed_linear", mutates_args=())
+def packed_linear(
+    x: Tensor,
+    handle: Tensor,
+    out_features: int,
+    other: Tensor | None = None,
+    binary: str = "",
+    attr: str = "none",
+    algorithm: str = "",
+) -> Tensor:
+    """`x @ W.T` with the packed weight of `handle`, then either `binary` ("add" or "mul")
+    with `other` on the float32 accumulator, or the unary post-op `attr`/`algorithm`."""
+    packed = _lookup(handle)
+    if binary:
+        return torch.ops.mkldnn._linear_pointwise.binary(x, other, packed, None, binary)
+    return torch.ops.mkldnn._linear_pointwise(x, packed, None, attr, [], algorithm)
+
+
+@packed_linear.register_fake
+def _(x, handle, out_features, other=None, binary="", attr="none", algorithm=""):
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
+# --- W8A8 int8 linear -----------------------------------------------------------------------
+
+
+@functools.cache
+def _zero_points(out_features: int) -> tuple[Tensor, Tensor]:
+    """Symmetric quantization: zero points of the activations and of each weight channel."""
+    return torch.zeros((), dtype=torch.long), torch.zeros(out_features, dtype=torch.long)
+
+
+@torch.library.custom_op("rerankd::int8_linear", mutates_args=())
+def int8_linear(
+    q: Tensor,
+    scale: Tensor,
+    handle: Tensor,
+    w_scale: Tensor,
+    out_features: int,
+    dtype: torch.dtype,
+    bias: Tensor | None = None,
+    residual: Tensor | None = None,
+    attr: str = "none",
+    algorithm: str = "",
+) -> Tensor:
+    """int8 `q` (activation `scale`) times the packed int8 weight of `handle` (per-channel
+    `w_scale`), output in `dtype`: plus `residual` in the epilogue when given, else through
+    the unary post-op `attr`/`algorithm`."""
+    packed = _lookup(handle)
+    x_zero, w_zero = _zero_points(out_features)
+    if residual is not None:
+        # "add" reads `residual` (oneDNN's "sum" would overwrite it in place)
+        return torch.ops.onednn.qlinear_pointwise.binary_tensor(
+            q, scale, x_zero, packed, w_scale, w_zero, residual, bias,
+            1.0, 0, residual.dtype, 1.0, 0, "add", 1.0, "none", [], "",
+        )  # fmt: skip
+    return torch.ops.onednn.qlinear_pointwise.tensor(
+        q, scale, x_zero, packed, w_scale, w_zero, bias, 1.0, 0, dtype, attr, [], algorithm
+    )
+
+
+@int8_linear.register_fake
+def _(q, scale, handle, w_scale, out_features, dtype, bias=None, residual=None, attr="none",
+      algorithm=""):  # fmt: skip
+    return q.new_empty(*q.shape[:-1], out_features, dtype=dtype)
