@@ -89,6 +89,26 @@ def test_kernel_without_prefix_and_into_strided_views(causal):
 
 
 @needs_kernel
+def test_key_rows_an_odd_number_of_elements_apart():
+    """The kernel packs keys as pairs of bf16 straight from their rows: rows an odd number of
+    elements apart are copied first by the wrapper, and refused by the kernel itself."""
+    batch = _batch([33, 70], prefix_len=9)
+    rows, heads, dim = len(batch.input_ids), 4, 16
+    q, _, v = _tensors(rows, heads, 2, dim, seed=11)
+    _, pk, pv = _tensors(9, heads, 2, dim, seed=12)
+    g = torch.Generator().manual_seed(13)
+    wide = torch.randn(rows, 2 * dim + 1, generator=g).to(torch.bfloat16)
+    k = wide[:, : 2 * dim].unflatten(1, (2, dim))  # row stride 33
+    assert k.stride(0) % 2 == 1
+    reference = _float32_reference(q, k, v, batch, (pk, pv), True, 0.25)
+    got = amx_attention(q, k, v, batch, (pk, pv), True, 0.25)
+    assert (got.float() - reference).abs().max().item() < 2e-2
+    table = amx_kernel.sequence_table(batch, with_prefix=True)
+    with pytest.raises(RuntimeError, match="even number"):
+        amx_kernel.load_kernel().attention(q, k, v, pk, pv, table, True, 0.25, torch.empty_like(q))
+
+
+@needs_kernel
 def test_kernel_is_deterministic_and_batch_independent():
     """A sequence's output does not depend on what else is in the batch."""
     batch = _batch([50, 90, 17], prefix_len=20)

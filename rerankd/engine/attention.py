@@ -161,8 +161,9 @@ ATTENTION["split"] = split_prefix_attention
 
 
 def _rows_ok(t: torch.Tensor) -> bool:
-    """(rows, heads, D) with contiguous heads, as the AMX kernel reads them; rows may be strided."""
-    return t.stride(-1) == 1 and t.stride(1) == t.shape[-1]
+    """(rows, heads, D) with contiguous heads, as the AMX kernel reads them; rows may be strided
+    (an even number of elements apart: it packs keys as pairs of bf16)."""
+    return t.stride(-1) == 1 and t.stride(1) == t.shape[-1] and t.stride(0) % 2 == 0
 
 
 def _kernel_rows(t: torch.Tensor) -> torch.Tensor:

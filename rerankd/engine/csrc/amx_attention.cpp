@@ -112,13 +112,12 @@ struct Layout {
 struct Worker {
   const Layout& L;
   int64_t value_panel;
-  std::vector<BFloat16> stage, keys_t, values, queries, probs;
+  std::vector<BFloat16> keys_t, values, queries, probs;
   std::vector<float> scores, acc, inv_sum;
 
   Worker(const Layout& layout, int64_t max_keys, int64_t value_panel)
       : L(layout), value_panel(value_panel) {
     const int64_t rows = L.heads / L.kv_heads * kQueryBlock, max_ld = stride_bucket(max_keys);
-    stage.resize(max_ld * L.dim);
     keys_t.resize(max_keys * L.dim);
     values.resize(max_keys * L.dim);
     queries.resize(rows * L.dim);
@@ -138,7 +137,7 @@ struct Worker {
     for (int64_t i = 0; i < std::min(len, kQueryBlock); ++i)  // see the query blocks below
       prefetch_row(q + (start + i) * L.ld_q + kv_head * G * D, G * D);
     pack_keys(k + start * L.ld_k + kv_head * D, pk ? pk + p_start * L.ld_pk + kv_head * D : nullptr,
-              len, p_len, width, ld);
+              len, p_len, width);
     pack_values(v + start * L.ld_v + kv_head * D, pv ? pv + p_start * L.ld_pv + kv_head * D : nullptr,
                 len, p_len, width);
     for (int64_t q0 = 0; q0 < len; q0 += kQueryBlock) {
@@ -185,40 +184,61 @@ struct Worker {
     }
   }
 
-  // K^T (D x width, row stride ld): prefix keys then own keys, zero-padded, VNNI-packed in
-  // panels of kKeyPanel keys
+  // K^T (D x width) in VNNI panels of kKeyPanel keys, as `cpublas::pack` lays them out
+  // ([D/2][kKeyPanel][2]: the two bf16 of a key's dimension pair side by side): one 32-bit
+  // transpose per panel segment straight from the rows, prefix keys then own keys, zeros
+  // after the last key (one pass instead of a 16-bit transpose and a pack).
   void pack_keys(const BFloat16* own, const BFloat16* prefix, int64_t len, int64_t p_len,
-                 int64_t width, int64_t ld) {
-    const int64_t D = L.dim;
-    auto* st = reinterpret_cast<uint16_t*>(stage.data());
-    if (p_len)
-      at::native::utils::transpose<uint16_t>(p_len, D, reinterpret_cast<const uint16_t*>(prefix),
-                                             L.ld_pk, st, ld);
-    at::native::utils::transpose<uint16_t>(len, D, reinterpret_cast<const uint16_t*>(own), L.ld_k,
-                                           st + p_len, ld);
-    if (width > p_len + len)
-      for (int64_t d = 0; d < D; ++d) std::fill(st + d * ld + p_len + len, st + d * ld + width, 0);
-    for (int64_t b = 0; b < width; b += kKeyPanel)
-      at::native::cpublas::pack(D, kKeyPanel, ld, kKeyPanel, at::kBFloat16, at::kBFloat16,
-                                stage.data() + b, keys_t.data() + b * D);
+                 int64_t width) {
+    const int64_t words = L.dim / 2, n_keys = p_len + len;
+    auto* panels = reinterpret_cast<float*>(keys_t.data());
+    for (int64_t b = 0; b < width; b += kKeyPanel) {
+      float* panel = panels + b * words;
+      const int64_t end = std::min(b + kKeyPanel, n_keys);
+      for (int64_t j = b; j < end;) {  // runs of keys from one source
+        const bool from_prefix = j < p_len;
+        const int64_t stop = from_prefix ? std::min(end, p_len) : end;
+        const BFloat16* row = from_prefix ? prefix + j * L.ld_pk : own + (j - p_len) * L.ld_k;
+        const int64_t ld = (from_prefix ? L.ld_pk : L.ld_k) / 2;
+        at::native::utils::transpose<float>(stop - j, words, reinterpret_cast<const float*>(row),
+                                            ld, panel + (j - b), kKeyPanel);
+        j = stop;
+      }
+      if (end < b + kKeyPanel)
+        for (int64_t w = 0; w < words; ++w)
+          std::fill(panel + w * kKeyPanel + std::max<int64_t>(end - b, 0),
+                    panel + (w + 1) * kKeyPanel, 0.f);
+    }
   }
 
-  // V (width x D): prefix values then own values, zero-padded, packed in column panels
+  // V (width x D) in VNNI column panels of `value_panel`, as `cpublas::pack` lays them out
+  // ([width/2][value_panel][2]: two consecutive keys' values side by side), interleaved
+  // straight from the rows, zeros after the last key.
   void pack_values(const BFloat16* own, const BFloat16* prefix, int64_t len, int64_t p_len,
                    int64_t width) {
-    const int64_t D = L.dim;
-    for (int64_t j = 0; j < width; ++j) {
-      BFloat16* dst = stage.data() + j * D;
-      if (j < p_len)
-        std::memcpy(dst, prefix + j * L.ld_pv, D * sizeof(BFloat16));
-      else if (j < p_len + len)
-        std::memcpy(dst, own + (j - p_len) * L.ld_v, D * sizeof(BFloat16));
-      else
-        std::fill(dst, dst + D, BFloat16(0.f));
+    const int64_t D = L.dim, n_keys = p_len + len;
+    auto value_row = [&](int64_t j) -> const BFloat16* {
+      if (j >= n_keys) return nullptr;
+      return j < p_len ? prefix + j * L.ld_pv : own + (j - p_len) * L.ld_v;
+    };
+    // 16-bit lanes of the output: even ones from the first row, odd ones from the second
+    alignas(64) int16_t pairs[32];
+    for (int k = 0; k < 32; ++k) pairs[k] = static_cast<int16_t>((k % 2 ? 32 : 0) + k / 2);
+    const __m512i interleave = _mm512_load_si512(pairs);
+    for (int64_t j = 0; j < width; j += 2) {
+      const BFloat16 *a = value_row(j), *b = value_row(j + 1);
+      for (int64_t c = 0; c < D; c += 16) {  // 16 columns of two keys: one output vector
+        const __m512i va = a ? _mm512_castsi256_si512(_mm256_loadu_si256(
+                                   reinterpret_cast<const __m256i*>(a + c)))
+                             : _mm512_setzero_si512();
+        const __m512i vb = b ? _mm512_castsi256_si512(_mm256_loadu_si256(
+                                   reinterpret_cast<const __m256i*>(b + c)))
+                             : _mm512_setzero_si512();
+        BFloat16* dst = values.data() + (c / value_panel) * value_panel * width +
+                        j * value_panel + 2 * (c % value_panel);
+        _mm512_storeu_si512(dst, _mm512_permutex2var_epi16(va, interleave, vb));
+      }
     }
-    for (int64_t c = 0; c < D; c += value_panel)
-      at::native::cpublas::pack(width, value_panel, D, value_panel, at::kBFloat16, at::kBFloat16,
-                                stage.data() + c, values.data() + c * width);
   }
 };
 
@@ -242,6 +262,8 @@ void attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     check_rows(pv, "prefix values", D);
   }
   TORCH_CHECK(D % 16 == 0, "head dim must be a multiple of 16");
+  TORCH_CHECK(k.stride(0) % 2 == 0 && (!has_prefix || pk.stride(0) % 2 == 0),
+              "key rows must lie an even number of elements apart (keys are packed as pairs)");
   TORCH_CHECK(q.size(1) % k.size(1) == 0, "query heads must be a multiple of kv heads");
   TORCH_CHECK(v.size(1) == k.size(1) && out.size(1) == q.size(1) &&
                   (!has_prefix || (pk.size(1) == k.size(1) && pv.size(1) == k.size(1))),
