@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RERANKD_COMPILE", "off")
 
 from tests.fixtures.paths import fixture_dir  # noqa: E402
+from tests.ports import free_port  # noqa: E402
 
 SERVER_START_TIMEOUT_S = 120
 
@@ -51,12 +51,6 @@ def bert_dir() -> Path:
 @pytest.fixture(scope="session")
 def qwen3_seq_cls_dir() -> Path:
     return fixture_dir("qwen3-seq-cls")
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @contextmanager

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -23,6 +22,8 @@ from typing import Any
 
 import httpx
 import pytest
+
+from tests.ports import free_port
 
 from .helpers import model_info
 
@@ -134,12 +135,6 @@ class BackgroundServer(_Task):
             self._thread.join(timeout=60)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class FailingStart(_Task):
     """`python -m rerankd.cli serve --model MODEL`, expected to exit with an error."""
 
@@ -153,7 +148,7 @@ class FailingStart(_Task):
     def _run(self) -> None:
         cmd = [
             sys.executable, "-m", "rerankd.cli", "serve", "--host", "127.0.0.1",
-            "--port", str(_free_port()), "--model", self.model, "--dtype", "float32",
+            "--port", str(free_port()), "--model", self.model, "--dtype", "float32",
         ]  # fmt: skip
         self._proc = subprocess.Popen(
             cmd, env=self._env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True

@@ -32,6 +32,8 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.ports import free_port
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 180
 STOP_TIMEOUT_S = 30
@@ -65,12 +67,6 @@ def qwen3_model_dir() -> Path:
     from tests.fixtures.paths import fixture_dir
 
     return fixture_dir("qwen3")
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def server_env(extra: dict[str, str] | None = None) -> dict[str, str]:
