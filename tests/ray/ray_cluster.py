@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import atexit
 import os
-import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -68,12 +67,6 @@ def cluster_fixture(request) -> Iterator[Any]:
     later = items[max(positions) + 1 :] if positions else []
     if not any(Path(str(item.fspath)).parent == here for item in later):
         _shutdown()
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _shutdown() -> None:

@@ -17,8 +17,8 @@ from typing import Any
 
 import httpx
 import pytest
-from ray_cluster import free_port
 
+from tests.ports import free_port
 from tests.words import WORDS as ALL_WORDS
 
 QUIET = ("--no-access-log", "--log-level", "warning")
