@@ -23,6 +23,10 @@ def _serve(args: argparse.Namespace) -> int:
 
     try:
         settings.per_model()  # a bad --models is a usage error, before any loading
+        settings.all_api_keys()  # so is an empty key set: never serve unauthenticated by accident
+    except OSError as exc:  # e.g. an unreadable --api-key-file
+        print(f"rerankd: cannot start: {exc}", file=sys.stderr)
+        return 1
     except ValueError as exc:
         print(f"rerankd: cannot start: {exc}", file=sys.stderr)
         return 2

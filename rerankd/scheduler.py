@@ -72,6 +72,8 @@ class Scheduler:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rerankd-engine")
         self._task: asyncio.Task | None = None
         self._accepting = True
+        #: futures of every request not yet answered (queued or in a running batch)
+        self._waiting: set[asyncio.Future] = set()
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -94,6 +96,21 @@ class Scheduler:
             self._task = None
         self._executor.shutdown(wait=False, cancel_futures=True)
 
+    def abort(self, exc: Exception) -> int:
+        """Fail every unanswered request with `exc` (a drain that ran out of time answers
+        them with an error instead of dropping their connections); returns how many."""
+        self._accepting = False
+        aborted = 0
+        for future in list(self._waiting):
+            if not future.done():
+                future.set_exception(exc)
+                aborted += 1
+        for entry in self._queue:
+            entry.pending.clear()
+        self._queue.clear()
+        self._add_queued(-self._queued_tokens)
+        return aborted
+
     # --- submission --------------------------------------------------------------------
 
     async def submit(self, pairs: list[EncodedPair]) -> list[float]:
@@ -113,10 +130,12 @@ class Scheduler:
         entry = _Entry(pairs, loop.create_future(), time.perf_counter())
         self._queue.append(entry)
         self._add_queued(tokens)
+        self._waiting.add(entry.future)
         self._wakeup.set()
         try:
             return await entry.future
         finally:
+            self._waiting.discard(entry.future)
             if not entry.future.done():
                 entry.future.cancel()  # client went away: the loop drops the rest of its pairs
 

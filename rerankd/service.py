@@ -242,6 +242,17 @@ class RerankService:
         """Stop admitting requests (health turns 503); in-flight ones go on."""
         self.draining = True
 
+    def abort_in_flight(self) -> int:
+        """Answer every request still in flight with ShuttingDown (503) now: called when
+        the drain timeout runs out, so no client gets a dropped connection or a bare 500.
+        Returns how many requests were aborted."""
+        self.draining = True
+        error = ShuttingDown(
+            "the server is shutting down and its drain timeout ran out before this request "
+            "finished; retry on another instance"
+        )
+        return sum(model.scheduler.abort(error) for model in self.models)
+
     async def stop(self) -> None:
         """Refuse new work, finish queued work, stop the schedulers."""
         self.draining = True

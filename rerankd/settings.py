@@ -124,7 +124,23 @@ class Settings:
         None, "Testing only: inject engine faults (raise-on:TEXT, oom-above:N, delay:SECONDS)."
     )
     drain_timeout: float = _opt(
-        30.0, "On SIGTERM/SIGINT, seconds to let in-flight requests finish before exiting."
+        30.0,
+        "On SIGTERM/SIGINT, seconds to let in-flight requests finish before exiting; "
+        "requests still running then get a 503.",
+    )
+    # --- connections ---------------------------------------------------------------------
+    max_header_bytes: int = _opt(
+        16_384, "Largest request head (request line plus headers) accepted; 431 beyond."
+    )
+    header_timeout: float = _opt(
+        10.0, "Seconds a client has to send a complete request head; the connection is closed after."
+    )
+    body_timeout: float = _opt(
+        30.0, "Seconds a client has to send a complete request body; the connection is closed after."
+    )
+    keep_alive_timeout: float = _opt(5.0, "Seconds an idle keep-alive connection stays open.")
+    max_connections: int = _opt(
+        1024, "Open client connections at most; beyond, new ones are refused with a 503."
     )
 
     def per_model(self) -> list[Settings]:
@@ -159,12 +175,25 @@ class Settings:
         return specs
 
     def all_api_keys(self) -> list[str]:
-        """Keys from --api-key plus those in --api-key-file."""
-        keys = list(self.api_key)
+        """Keys from --api-key plus those in --api-key-file.
+
+        Raises ValueError when keys were asked for but none results (an empty or
+        comment-only file, `--api-key ""`, `RERANKD_API_KEY=","`): serving without
+        authentication because a file came out empty would be a silent security hole.
+        """
+        keys = [key.strip() for key in self.api_key]
+        if any(not key for key in keys):
+            raise ValueError("--api-key is empty; give a non-empty key or leave the flag out")
         if self.api_key_file:
             text = Path(self.api_key_file).expanduser().read_text(encoding="utf-8")
             stripped = (line.strip() for line in text.splitlines())
-            keys += [line for line in stripped if line and not line.startswith("#")]
+            from_file = [line for line in stripped if line and not line.startswith("#")]
+            if not from_file:
+                raise ValueError(
+                    f"--api-key-file {self.api_key_file!r} holds no key (only blank or # lines); "
+                    "refusing to start without authentication"
+                )
+            keys += from_file
         return keys
 
 
@@ -182,7 +211,10 @@ def _kind(f) -> str:
 def _convert(kind: str, raw: str, name: str) -> Any:
     try:
         if kind == "list":
-            return [item.strip() for item in raw.split(",") if item.strip()]
+            items = [item.strip() for item in raw.split(",") if item.strip()]
+            if not items:  # "," or " , ": set, yet naming nothing (an empty key list!)
+                raise ValueError(raw)
+            return items
         if kind == "int":
             return int(raw)
         if kind == "float":
@@ -213,7 +245,8 @@ def add_settings_arguments(
         flag = "--" + f.name.replace("_", "-")
         kind = _kind(f)
         default = _default(f, env)
-        help_text = f"{f.metadata['help']} [env RERANKD_{f.name.upper()}]"
+        # argparse %-formats help strings: a bare % in a help text crashed `serve --help`
+        help_text = f"{f.metadata['help']} [env RERANKD_{f.name.upper()}]".replace("%", "%%")
         if kind == "list":
             # flags replace the environment's list rather than extending it
             parser.add_argument(flag, action="append", default=None, help=help_text)

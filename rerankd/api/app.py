@@ -11,7 +11,7 @@ from starlette.middleware.cors import CORSMiddleware
 
 from rerankd import __version__
 from rerankd.api import schemas
-from rerankd.api.auth import APIKeyMiddleware
+from rerankd.api.auth import APIKeyMiddleware, APIKeys
 from rerankd.api.errors import install_error_handlers
 from rerankd.api.middleware import AccessMiddleware, BodyLimitMiddleware
 from rerankd.api.playground import router as playground_router
@@ -21,7 +21,7 @@ from rerankd.service import RerankService
 
 def create_app(
     service: RerankService,
-    api_keys: list[str] | None = None,
+    api_keys: APIKeys | list[str] | None = None,
     cors_origins: list[str] | None = None,
     max_request_bytes: int = 64 * 1024 * 1024,
     access_log: bool = True,
@@ -29,8 +29,10 @@ def create_app(
 ) -> FastAPI:
     """Build the ASGI app around a ready-to-start service.
 
-    `metrics_export` answers GET /metrics instead of the service's own registry (on Ray:
-    every replica's registry, merged; see rerankd.ray.metrics).
+    `api_keys`: an `APIKeys` store (the server swaps its contents on SIGHUP) or a plain
+    list; the store is `app.state.api_keys`. `metrics_export` answers GET /metrics instead
+    of the service's own registry (on Ray: every replica's registry, merged; see
+    rerankd.ray.metrics).
     """
 
     @asynccontextmanager
@@ -50,11 +52,13 @@ def create_app(
     app.state.service = service
     app.state.metrics = service.metrics
     app.state.metrics_export = metrics_export
+    keys = api_keys if isinstance(api_keys, APIKeys) else APIKeys(api_keys or [])
+    app.state.api_keys = keys
     app.include_router(router)
     app.include_router(playground_router)
     install_error_handlers(app)
     # added last = runs first: access log/ids → CORS → size limit → auth → routes
-    app.add_middleware(APIKeyMiddleware, keys=list(api_keys or []))
+    app.add_middleware(APIKeyMiddleware, keys=keys)
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_request_bytes)
     if cors_origins:
         app.add_middleware(

@@ -1,4 +1,8 @@
-"""Every error leaves as `{"error": {message, type, param, code}}` with the right status.
+"""Every error leaves as `{"error": {message, type, param, code}, "detail": message}`.
+
+`error` is the documented shape (OpenAI/vLLM style); `detail` repeats the message as a
+top-level string because Jina's client wrappers (LangChain, LlamaIndex, Haystack) raise
+`resp["detail"]` and would otherwise lose the server's message in a KeyError.
 
 Domain errors (rerankd.errors) map to statuses here and only here; a request can never
 produce a bare traceback or an HTML page.
@@ -29,10 +33,12 @@ log = logging.getLogger(__name__)
 _TYPES = {
     400: "BadRequestError",
     401: "AuthenticationError",
+    403: "PermissionDeniedError",
     404: "NotFoundError",
     405: "MethodNotAllowedError",
     413: "RequestTooLargeError",
     429: "RateLimitError",
+    431: "RequestHeaderFieldsTooLargeError",
     499: "ClientClosedRequest",
     500: "InternalServerError",
     503: "ServiceUnavailableError",
@@ -68,7 +74,8 @@ def error_response(
             "type": _TYPES.get(status, "Error"),
             "param": param,
             "code": status,
-        }
+        },
+        "detail": message,
     }
     return JSONResponse(body, status_code=status, headers=headers)
 

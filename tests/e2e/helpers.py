@@ -27,8 +27,9 @@ def assert_error(
     assert response.status_code == status, (response.status_code, response.text)
     assert response.headers["content-type"].startswith("application/json"), response.headers
     body = response.json()
-    assert set(body) == {"error"}, body
+    assert set(body) == {"error", "detail"}, body
     error = body["error"]
+    assert body["detail"] == error["message"], body  # Jina's clients read `detail`
     assert set(error) == {"message", "type", "param", "code"}, error
     assert isinstance(error["message"], str) and error["message"].strip(), error
     assert "Traceback" not in error["message"]
