@@ -24,6 +24,11 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         settings.per_model()  # a bad --models is a usage error, before any loading
         settings.all_api_keys()  # so is an empty key set: never serve unauthenticated by accident
+        if settings.rerank_document_format not in ("object", "string"):
+            raise ValueError(
+                f"--rerank-document-format {settings.rerank_document_format!r}: "
+                "use object or string"
+            )
     except OSError as exc:  # e.g. an unreadable --api-key-file
         print(f"rerankd: cannot start: {exc}", file=sys.stderr)
         return 1

@@ -149,6 +149,7 @@ def limits_of(settings: Settings) -> Limits:
         max_query_tokens=settings.max_query_tokens,
         max_concurrent_requests=settings.max_concurrent_requests,
         request_timeout=settings.request_timeout,
+        max_queued_tokens=settings.max_queued_tokens,
     )
 
 

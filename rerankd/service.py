@@ -8,11 +8,21 @@ event loop only routes.
 from __future__ import annotations
 
 import asyncio
+import math
+import os
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
-from rerankd.errors import InvalidRequest, ModelNotFound, Overloaded, RequestTimeout, ShuttingDown
+from rerankd.errors import (
+    InferenceFailed,
+    InvalidRequest,
+    ModelNotFound,
+    Overloaded,
+    RequestTimeout,
+    ShuttingDown,
+)
 from rerankd.metrics import Metrics
 from rerankd.recipes import Recipe
 from rerankd.scheduler import Scheduler
@@ -43,8 +53,48 @@ class _LongInputs:
     side: str = "right"
     max_tokens_per_doc: int | None = None
     max_chunks_per_doc: int | None = None
+    max_tokens_per_query: int | None = None
+    max_prompt_tokens: int | None = None
 
     def encode(self, recipe: Recipe, queries, documents, instruction) -> list[list[EncodedPair]]:
+        if self.max_tokens_per_query is not None:
+            unique = list(dict.fromkeys(queries))
+            cut, _ = recipe.cap_texts(unique, self.max_tokens_per_query, "right")
+            as_cut = dict(zip(unique, cut, strict=True))
+            queries = [as_cut[q] for q in queries]
+        if self.max_prompt_tokens is None:
+            return self._encode(recipe, queries, documents, instruction, self.max_tokens_per_doc)
+        # vLLM's truncate_prompt_tokens: each query's documents get what its prompt leaves
+        groups: list[list[EncodedPair] | None] = [None] * len(documents)
+        for query in dict.fromkeys(queries):
+            at = [i for i, q in enumerate(queries) if q == query]
+            encoded = self._encode(
+                recipe,
+                [query] * len(at),
+                [documents[i] for i in at],
+                instruction,
+                self._document_room(recipe, query, instruction),
+            )
+            for i, group in zip(at, encoded, strict=True):
+                groups[i] = group
+        return groups  # type: ignore[return-value]
+
+    def _document_room(self, recipe: Recipe, query: str, instruction) -> int:
+        """Document tokens that fit in `max_prompt_tokens` beside this query's prompt."""
+        assert self.max_prompt_tokens is not None
+        prompt = len(recipe.encode([query], [""], instruction)[0])
+        room = self.max_prompt_tokens - prompt
+        if room < 1:
+            raise InvalidRequest(
+                f"truncate_prompt_tokens={self.max_prompt_tokens} leaves no room for a "
+                f"document: the prompt without one is already {prompt} tokens",
+                param="truncate_prompt_tokens",
+            )
+        return min(room, self.max_tokens_per_doc or room)
+
+    def _encode(
+        self, recipe: Recipe, queries, documents, instruction, max_document_tokens: int | None
+    ) -> list[list[EncodedPair]]:
         if self.max_chunks_per_doc is not None:
             return recipe.encode_chunks(
                 queries,
@@ -52,7 +102,7 @@ class _LongInputs:
                 instruction,
                 self.truncate,
                 max_chunks=self.max_chunks_per_doc,
-                max_document_tokens=self.max_tokens_per_doc,
+                max_document_tokens=max_document_tokens,
             )
         pairs = recipe.encode(
             queries,
@@ -60,7 +110,7 @@ class _LongInputs:
             instruction,
             self.truncate,
             side=self.side,
-            max_document_tokens=self.max_tokens_per_doc,
+            max_document_tokens=max_document_tokens,
         )
         return [[pair] for pair in pairs]
 
@@ -73,13 +123,28 @@ class Limits:
     max_query_tokens: int | None = None
     max_concurrent_requests: int = 512
     request_timeout: float = 300.0
+    #: estimated tokens of admitted, unanswered requests; beyond it new ones get 429 at once
+    max_queued_tokens: int = 2_000_000
+
+
+#: /health turns "degraded" (503) after this many requests in a row failed in inference ...
+DEGRADED_AFTER_FAILURES = 3
+#: ... the last of them less than this many seconds ago (so an instance a load balancer took
+#: out of rotation comes back by itself, and is taken out again if it still fails)
+DEGRADED_FOR_S = 60.0
+#: characters per token assumed when estimating a request's size before tokenizing it
+#: (English BPE averages ~4; a low estimate only admits a request the queue then refuses)
+CHARS_PER_TOKEN_ESTIMATE = 4
 
 
 def aliases_for(source: str, served_names: Sequence[str]) -> list[str]:
-    """The names a model answers to: served names, the hub id/path, and its last part."""
+    """The names a model answers to: served names, the hub id/path, and the last path part
+    of each (`--served-model-name Qwen/Qwen3-Reranker-4B` also answers `Qwen3-Reranker-4B`)."""
     names = list(served_names)
     stripped = source.rstrip("/")
-    for candidate in (stripped, stripped.rsplit("/", 1)[-1]):
+    candidates = [stripped, *(n.rstrip("/") for n in served_names)]
+    candidates += [c.rsplit("/", 1)[-1] for c in candidates]
+    for candidate in candidates:
         if candidate and candidate not in names:
             names.append(candidate)
     return names
@@ -104,6 +169,31 @@ class RerankService:
         self.draining = False
         #: requests between admission and their answer (drain waits for this to reach 0)
         self.in_flight = 0
+        #: estimated tokens of those requests (admission control before tokenizing)
+        self.admitted_tokens = 0
+        self._failures_in_a_row = 0
+        self._last_failure = 0.0
+        # tokenization is CPU work: a bounded pool, so a flood cannot starve the engine
+        self._tokenizers = ThreadPoolExecutor(
+            max_workers=max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="rerankd-tok"
+        )
+
+    @property
+    def degraded(self) -> bool:
+        """Inference failed for the last DEGRADED_AFTER_FAILURES requests, recently."""
+        return (
+            self._failures_in_a_row >= DEGRADED_AFTER_FAILURES
+            and time.monotonic() - self._last_failure < DEGRADED_FOR_S
+        )
+
+    @property
+    def state(self) -> str:
+        """ok, loading, draining or degraded (what /health reports)."""
+        if self.draining:
+            return "draining"
+        if not self.ready:
+            return "loading"
+        return "degraded" if self.degraded else "ok"
 
     def resolve(self, name: str | None) -> ServedModel:
         """The model a request names (None/empty → the default, i.e. first, model)."""
@@ -128,19 +218,35 @@ class RerankService:
         truncation_side: str = "right",
         max_tokens_per_doc: int | None = None,
         max_chunks_per_doc: int | None = None,
+        max_tokens_per_query: int | None = None,
+        max_prompt_tokens: int | None = None,
     ) -> ScoredPairs:
         """Score aligned pairs; raw scores and activated scores in input order.
 
         Long documents (DESIGN §1 and the dialect extras): `truncation_side="left"` keeps a
         too-long document's end (TEI); `max_tokens_per_doc` cuts each document to that many
         tokens first (Cohere v2); `max_chunks_per_doc` scores up to that many chunks of a long
-        document and keeps the best chunk's score (Cohere v1; usage counts every chunk).
+        document and keeps the best chunk's score (Cohere v1; usage counts every chunk);
+        `max_tokens_per_query` cuts the query, `max_prompt_tokens` each pair (vLLM's
+        `truncate_prompt_tokens`: by cutting the document).
+
+        Admission comes before any work: the request's tokens are estimated from its length
+        and it gets a 429 at once when the estimate does not fit beside what is admitted.
         """
-        self._admit(len(documents))
+        estimate = self._estimate_tokens(model, queries, documents, instruction)
+        self._admit(len(documents), estimate)
         self.in_flight += 1
-        options = _LongInputs(truncate, truncation_side, max_tokens_per_doc, max_chunks_per_doc)
+        self.admitted_tokens += estimate
+        options = _LongInputs(
+            truncate,
+            truncation_side,
+            max_tokens_per_doc,
+            max_chunks_per_doc,
+            max_tokens_per_query,
+            max_prompt_tokens,
+        )
         try:
-            return await asyncio.wait_for(
+            scored = await asyncio.wait_for(
                 self._score(model, queries, documents, instruction, options),
                 self.limits.request_timeout,
             )
@@ -150,10 +256,29 @@ class RerankService:
                 f"the request took longer than {self.limits.request_timeout:g}s and was cancelled; "
                 "send fewer or shorter documents, or raise --request-timeout"
             ) from exc
+        except InferenceFailed:
+            self._failures_in_a_row += 1
+            self._last_failure = time.monotonic()
+            raise
         finally:
             self.in_flight -= 1
+            self.admitted_tokens -= estimate
+        self._failures_in_a_row = 0
+        return scored
 
-    def _admit(self, num_documents: int) -> None:
+    @staticmethod
+    def _estimate_tokens(model: ServedModel, queries, documents, instruction) -> int:
+        """Tokens the request will take, from character counts alone (no tokenizing): each
+        pair counted up to the model's limit, plus a little for the prompt template."""
+        limit = model.max_length
+        extra = len(instruction or "")
+        total = 0
+        for query, document in zip(queries, documents, strict=True):
+            chars = len(query) + len(document) + extra
+            total += min(limit, chars // CHARS_PER_TOKEN_ESTIMATE + 8)
+        return total
+
+    def _admit(self, num_documents: int, estimate: int) -> None:
         if self.draining:
             raise ShuttingDown("the server is shutting down and takes no new requests")
         if num_documents > self.limits.max_documents:
@@ -168,15 +293,23 @@ class RerankService:
                 f"{self.in_flight} requests are already being served (limit "
                 f"{self.limits.max_concurrent_requests}); retry shortly"
             )
+        budget = self.limits.max_queued_tokens
+        if self.admitted_tokens and self.admitted_tokens + estimate > budget:
+            self.metrics.failures.labels("overloaded").inc()
+            raise Overloaded(
+                f"the server is busy (~{self.admitted_tokens} tokens admitted, this request "
+                f"~{estimate}, limit {budget}, --max-queued-tokens); retry shortly"
+            )
 
     async def _score(self, model, queries, documents, instruction, options) -> ScoredPairs:
         started = time.perf_counter()
-        groups = await asyncio.to_thread(
-            self._encode, model.recipe, queries, documents, instruction, options
+        groups = await asyncio.get_running_loop().run_in_executor(
+            self._tokenizers, self._encode, model.recipe, queries, documents, instruction, options
         )
         self.metrics.tokenize_time.labels(model.name).observe(time.perf_counter() - started)
         pairs = [pair for group in groups for pair in group]
         flat = await model.scheduler.submit(pairs)
+        self._check_finite(flat, groups)
         # a document's score is its best chunk's (one chunk unless max_chunks_per_doc split it)
         raw, at = [], 0
         for group in groups:
@@ -190,15 +323,37 @@ class RerankService:
         activate = model.recipe.activate
         return ScoredPairs(raw, [activate(r) for r in raw], tokens, truncated)
 
+    def _check_finite(self, flat: list[float], groups: list[list[EncodedPair]]) -> None:
+        """A NaN or infinite score is a failed inference, never an answer."""
+        bad = next((i for i, value in enumerate(flat) if not math.isfinite(value)), None)
+        if bad is None:
+            return
+        document = [d for d, group in enumerate(groups) for _ in group][bad]
+        self.metrics.failures.labels("non_finite").inc()
+        raise InferenceFailed(
+            f"the model produced a non-finite score ({flat[bad]}) for document {document}: "
+            "its weights or activations overflow (on float16, serve with --dtype bfloat16 or "
+            "float32); no scores were returned"
+        )
+
     def _encode(
         self, recipe: Recipe, queries, documents, instruction, options: _LongInputs
     ) -> list[list[EncodedPair]]:
         """Tokenize (per document: its pairs, more than one only when chunked); a tokenizer
-        failure is a 400 naming the first document that fails."""
+        failure is a 400 naming the first document that fails.
+
+        Texts that can never fit (an instruction or query longer than the model's limit, or
+        than --max-query-tokens) are refused with bounded work, before full tokenization."""
+        if instruction and recipe.count_tokens_upto(instruction, recipe.max_length) is None:
+            raise InvalidRequest(
+                f"the instruction is longer than this model's limit of {recipe.max_length} "
+                "tokens; shorten it",
+                param="instruction",
+            )
         max_query = self.limits.max_query_tokens
         if max_query is not None:
             for query in dict.fromkeys(queries):
-                if len(recipe.encode_text(query)) > max_query:
+                if recipe.count_tokens_upto(query, max_query) is None:
                     raise InvalidRequest(
                         f"the query is longer than {max_query} tokens (--max-query-tokens)",
                         param="query",
@@ -259,6 +414,7 @@ class RerankService:
         self.ready = False
         for model in self.models:
             await model.scheduler.stop()
+        self._tokenizers.shutdown(wait=False, cancel_futures=True)
 
 
 def rank(scores: Sequence[float], top_n: int | None) -> list[int]:

@@ -101,6 +101,12 @@ class Settings:
     cors_origin: list[str] = _opt(
         [], "Allow browser calls from this origin (repeatable; `*` for any). Off by default."
     )
+    rerank_document_format: str = _opt(
+        "object",
+        'Shape of results[].document when the request does not say: object ({"text": ...}, '
+        "as vLLM, Cohere and Jina answer) or string (as Infinity answers; for litellm's "
+        "infinity/ provider). A request with Infinity's `raw_scores` field always gets strings.",
+    )
     access_log: bool = _opt(True, "Log one JSON line per request (never the document text).")
     log_level: str = _opt("info", "debug, info, warning or error.")
     # --- limits --------------------------------------------------------------------------
@@ -133,10 +139,12 @@ class Settings:
         16_384, "Largest request head (request line plus headers) accepted; 431 beyond."
     )
     header_timeout: float = _opt(
-        10.0, "Seconds a client has to send a complete request head; the connection is closed after."
+        10.0,
+        "Seconds a client has to send a complete request head; the connection is closed after.",
     )
     body_timeout: float = _opt(
-        30.0, "Seconds a client has to send a complete request body; the connection is closed after."
+        30.0,
+        "Seconds a client has to send a complete request body; the connection is closed after.",
     )
     keep_alive_timeout: float = _opt(5.0, "Seconds an idle keep-alive connection stays open.")
     max_connections: int = _opt(

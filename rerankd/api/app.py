@@ -7,13 +7,18 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
-from starlette.middleware.cors import CORSMiddleware
 
 from rerankd import __version__
 from rerankd.api import schemas
 from rerankd.api.auth import APIKeyMiddleware, APIKeys
 from rerankd.api.errors import install_error_handlers
-from rerankd.api.middleware import AccessMiddleware, BodyLimitMiddleware
+from rerankd.api.middleware import (
+    AccessMiddleware,
+    BodyLimitMiddleware,
+    JSONCORSMiddleware,
+    TrailingSlashMiddleware,
+    WebSocketRefusal,
+)
 from rerankd.api.playground import router as playground_router
 from rerankd.api.routes import router
 from rerankd.service import RerankService
@@ -26,13 +31,15 @@ def create_app(
     max_request_bytes: int = 64 * 1024 * 1024,
     access_log: bool = True,
     metrics_export: Callable[[], Awaitable[bytes]] | None = None,
+    document_format: str = "object",
 ) -> FastAPI:
     """Build the ASGI app around a ready-to-start service.
 
     `api_keys`: an `APIKeys` store (the server swaps its contents on SIGHUP) or a plain
     list; the store is `app.state.api_keys`. `metrics_export` answers GET /metrics instead
     of the service's own registry (on Ray: every replica's registry, merged; see
-    rerankd.ray.metrics).
+    rerankd.ray.metrics). `document_format`: "object" (default) or "string", the shape of
+    `results[].document` for clients that do not say (see --rerank-document-format).
     """
 
     @asynccontextmanager
@@ -48,27 +55,32 @@ def create_app(
         version=__version__,
         description="Fast self-hosted reranking with the model authors' exact recipes.",
         lifespan=lifespan,
+        redirect_slashes=False,  # TrailingSlashMiddleware serves those paths instead
     )
     app.state.service = service
     app.state.metrics = service.metrics
     app.state.metrics_export = metrics_export
+    app.state.document_format = document_format
     keys = api_keys if isinstance(api_keys, APIKeys) else APIKeys(api_keys or [])
     app.state.api_keys = keys
     app.include_router(router)
     app.include_router(playground_router)
     install_error_handlers(app)
-    # added last = runs first: access log/ids → CORS → size limit → auth → routes
+    # added last = runs first: WebSocket refusal → access log/ids → trailing slash → CORS →
+    # size limit → auth → routes
     app.add_middleware(APIKeyMiddleware, keys=keys)
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_request_bytes)
     if cors_origins:
         app.add_middleware(
-            CORSMiddleware,
+            JSONCORSMiddleware,
             allow_origins=cors_origins,
             allow_methods=["GET", "POST", "OPTIONS"],
             allow_headers=["Authorization", "Content-Type", "X-Request-Id"],
             expose_headers=["X-Request-Id", "Retry-After"],
         )
+    app.add_middleware(TrailingSlashMiddleware)
     app.add_middleware(AccessMiddleware, metrics=service.metrics, log_requests=access_log)
+    app.add_middleware(WebSocketRefusal)
     _install_openapi(app)
     return app
 

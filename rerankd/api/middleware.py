@@ -1,4 +1,5 @@
-"""ASGI middleware: request ids, access log and metrics; request body size limit.
+"""ASGI middleware: request ids, access log and metrics; request body size limit; paths
+with a trailing slash; JSON refusals of CORS preflights and WebSocket upgrades.
 
 Pure ASGI (no BaseHTTPMiddleware) so streaming and cancellation behave and the cost per
 request stays a few microseconds.
@@ -12,6 +13,9 @@ import time
 import uuid
 
 import orjson
+from starlette.datastructures import Headers
+from starlette.middleware.cors import CORSMiddleware
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from rerankd.api.errors import error_response
@@ -123,3 +127,58 @@ class BodyLimitMiddleware:
 
 class _BodyTooLarge(Exception):
     pass
+
+
+class TrailingSlashMiddleware:
+    """`POST /v1/rerank/` is served as `/v1/rerank`, never redirected: a redirect would build
+    its absolute `Location` from the client's own `Host` header (an open redirect), and
+    clients that join base URLs with a slash would have to follow it with the body."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] == "http" and len(path) > 1 and path.endswith("/"):
+            stripped = path.rstrip("/") or "/"
+            scope = {**scope, "path": stripped, "raw_path": stripped.encode()}
+        await self.app(scope, receive, send)
+
+
+class WebSocketRefusal:
+    """rerankd speaks plain HTTP: a WebSocket upgrade gets the JSON error shape (403) through
+    the ASGI denial-response extension, not the server's bare text."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "websocket":
+            await self.app(scope, receive, send)
+            return
+        await receive()  # websocket.connect
+        if "websocket.http.response" not in scope.get("extensions", {}):
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        response = error_response(403, "WebSocket is not supported; rerankd speaks plain HTTP")
+        await send(
+            {
+                "type": "websocket.http.response.start",
+                "status": response.status_code,
+                "headers": response.raw_headers,
+            }
+        )
+        await send({"type": "websocket.http.response.body", "body": response.body})
+
+
+class JSONCORSMiddleware(CORSMiddleware):
+    """Starlette's CORS handling, with a refused preflight answered in the JSON error shape."""
+
+    def preflight_response(self, request_headers: Headers) -> Response:
+        response = super().preflight_response(request_headers)
+        if response.status_code < 400:
+            return response
+        headers = {
+            k: v for k, v in response.headers.items() if k not in ("content-length", "content-type")
+        }
+        return error_response(response.status_code, bytes(response.body).decode(), headers=headers)

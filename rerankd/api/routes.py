@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 import uuid
-from collections.abc import Awaitable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
 
 from rerankd import __version__
 from rerankd.api.documents import document_texts, echo
@@ -19,6 +21,8 @@ from rerankd.api.errors import HTTPError, error_response
 from rerankd.api.responses import JSONResponse
 from rerankd.api.schemas import (
     ErrorResponse,
+    RankingRequest,
+    RankingResponse,
     RerankRequest,
     RerankResponse,
     ScoreRequest,
@@ -30,9 +34,10 @@ from rerankd.errors import InvalidRequest
 from rerankd.service import RerankService, rank
 from rerankd.types import ScoredPairs
 
+ModelT = TypeVar("ModelT", bound=BaseModel)
 router = APIRouter()
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 500, 503)
+    code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 500, 503, 504)
 }
 
 
@@ -40,43 +45,111 @@ def _service(request: Request) -> RerankService:
     return request.app.state.service
 
 
-async def read_json(request: Request) -> dict[str, Any]:
-    """Strict JSON: no NaN/Infinity, valid UTF-8, no lone surrogates, an object at the top."""
+#: documents are echoed back one level deeper than sent, and orjson writes at most 255
+MAX_JSON_DEPTH = 250
+#: bodies above this are parsed and validated in a worker thread, off the event loop
+_PARSE_INLINE_BYTES = 256 * 1024
+#: orjson reads integers beyond 64 bits as floats, which would echo a changed value
+_BIG_INT = 2.0**64
+#: ... told apart from a float literal (1e22 is a float, and echoes as one) by its digits
+_INT_LITERAL_20_DIGITS = re.compile(rb"(?<![\d.eE+-])-?\d{20,}(?![\d.eE])")
+
+
+async def read_request(
+    request: Request, schema: Callable[[dict[str, Any]], type[ModelT]]
+) -> tuple[ModelT, dict[str, Any]]:
+    """The body parsed, checked and validated (as the schema `schema(data)` picks); and the
+    raw object. Strict JSON: no NaN/Infinity, valid UTF-8, no lone surrogates.
+
+    Large bodies are parsed and validated off the event loop, after a native-speed bound on
+    the number of JSON values (commas and brackets) that refuses a body of millions of tiny
+    values before parsing it: such a body costs far more memory and CPU than its size.
+    """
     body = await request.body()
+    max_values = _max_json_values(request)
+    max_documents = _service(request).limits.max_documents
+
+    def parse() -> tuple[ModelT, dict[str, Any]]:
+        data = parse_json(body, max_values)
+        return validate(schema(data), data, max_documents), data
+
+    if len(body) <= _PARSE_INLINE_BYTES:
+        return parse()
+    return await asyncio.to_thread(parse)
+
+
+def _max_json_values(request: Request) -> int:
+    """At most ~100 JSON values per allowed document (and never fewer than a million)."""
+    return max(1_000_000, 100 * _service(request).limits.max_documents)
+
+
+def parse_json(body: bytes, max_values: int = 1_000_000) -> dict[str, Any]:
+    """Parse and check a request body (see `read_json`); raises HTTPError(400)."""
     if not body.strip():
         raise HTTPError(400, "the request body is empty; send a JSON object")
+    bound = body.count(b",") + body.count(b"[") + body.count(b"{")
+    if bound > max_values:
+        raise HTTPError(
+            400,
+            f"the request body holds more than {max_values} JSON values (counting its commas "
+            "and brackets); split the request",
+        )
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise HTTPError(400, f"the request body is not valid JSON: {exc}") from exc
     if not isinstance(data, dict):
         raise HTTPError(400, f"the request body must be a JSON object, not {type(data).__name__}")
-    if _depth(data) > MAX_JSON_DEPTH:
+    depth, big = _inspect(data)
+    if depth > MAX_JSON_DEPTH:
         raise HTTPError(400, f"the request body is nested more than {MAX_JSON_DEPTH} levels deep")
+    if big is not None and _has_big_int_literal(body):
+        raise HTTPError(
+            400,
+            f"the request body holds an integer beyond 64 bits (~{big:.6g}), which this server "
+            "cannot echo back exactly; send it as a string",
+        )
     return data
 
 
-#: documents are echoed back one level deeper than sent, and orjson writes at most 255
-MAX_JSON_DEPTH = 250
+def _has_big_int_literal(body: bytes) -> bool:
+    """Whether the body spells an integer outside [-2**63, 2**64) (orjson's exact range)."""
+    return any(
+        not -(2**63) <= int(m.group()) < 2**64 for m in _INT_LITERAL_20_DIGITS.finditer(body)
+    )
 
 
-def _depth(value: Any) -> int:
-    """Nesting depth of a parsed JSON value (iterative: no recursion limit to hit)."""
-    deepest = 0
+def _inspect(value: Any) -> tuple[int, float | None]:
+    """Nesting depth of a parsed JSON value, and the first integer that orjson had to read
+    as a float (>= 2**64), if any. Iterative (no recursion limit to hit), and only containers
+    go on the stack, so a list of millions of scalars costs no extra memory."""
+    deepest, big = 0, None
     stack = [(value, 1)]
     while stack:
         item, depth = stack.pop()
-        if isinstance(item, dict):
-            children = item.values()
-        elif isinstance(item, list):
-            children = item
-        else:
-            continue
         deepest = max(deepest, depth)
         if deepest > MAX_JSON_DEPTH:
-            return deepest
-        stack.extend((child, depth + 1) for child in children)
-    return deepest
+            break
+        for child in item.values() if isinstance(item, dict) else item:
+            if isinstance(child, (dict, list)):
+                stack.append((child, depth + 1))
+            elif type(child) is float and big is None and abs(child) >= _BIG_INT:
+                big = child if child.is_integer() else None
+    return deepest, big
+
+
+def validate(model: type[ModelT], data: dict[str, Any], max_documents: int) -> ModelT:
+    """Pydantic validation, after the cheap check that the request is not too many documents
+    (validating a million-item list first would be the expensive part)."""
+    for key in ("documents", "texts", "passages", "items", "text_2", "data_2"):
+        items = data.get(key)
+        if isinstance(items, list) and len(items) > max_documents:
+            raise InvalidRequest(
+                f"{len(items)} documents in one request; this server accepts at most "
+                f"{max_documents} (--max-documents): split the request",
+                param=key,
+            )
+    return model.model_validate(data)
 
 
 async def _wait_for_disconnect(request: Request) -> None:
@@ -110,12 +183,31 @@ def _usage(scored: ScoredPairs) -> dict[str, int]:
 # --- rerank ------------------------------------------------------------------------------
 
 
+def _rerank_schema(tei: bool) -> Callable[[dict[str, Any]], type[BaseModel]]:
+    """POST /rerank also speaks TEI, recognised by its `texts` field."""
+
+    def pick(data: dict[str, Any]) -> type[BaseModel]:
+        if tei and "texts" in data and "documents" not in data:
+            return TEIRerankRequest
+        return RerankRequest
+
+    return pick
+
+
+def _document_format(request: Request, data: dict[str, Any]) -> str:
+    """How `results[].document` is shaped: a string for Infinity's clients (recognised by
+    Infinity's own `raw_scores` field, or the server's --rerank-document-format string, for
+    litellm's `infinity/` provider, which sends a plain Cohere body), else the object."""
+    if "raw_scores" in data:
+        return "string"
+    return getattr(request.app.state, "document_format", "object")
+
+
 async def _rerank(request: Request, cohere_v2: bool = False, tei: bool = False) -> JSONResponse:
-    """`tei`: this route (POST /rerank) also speaks TEI, recognised by its `texts` field."""
-    data = await read_json(request)
-    if tei and "texts" in data and "documents" not in data:
-        return await _tei_rerank(request, data)
-    req = RerankRequest.model_validate(data)
+    req, data = await read_request(request, _rerank_schema(tei))
+    if isinstance(req, TEIRerankRequest):
+        return await _tei_rerank(request, req)
+    assert isinstance(req, RerankRequest)
     service = _service(request)
     model = service.resolve(req.model)
     texts = document_texts(req.documents, req.rank_fields)
@@ -126,32 +218,37 @@ async def _rerank(request: Request, cohere_v2: bool = False, tei: bool = False) 
             req.query,
             texts,
             req.instruction,
-            req.truncate is not False,
-            max_tokens_per_doc=req.max_tokens_per_doc,
             max_chunks_per_doc=req.max_chunks_per_doc,
+            **req.long_inputs(),
         ),
     )
     scores = scored.scores if req.activated else scored.raw_scores
-    results = []
+    as_string = _document_format(request, data) == "string"
+    results, voyage = [], []
     for index in rank(scores, req.limit):
         item: dict[str, Any] = {"index": index}
+        entry: dict[str, Any] = {"index": index, "relevance_score": scores[index]}
         if req.return_documents:
-            item["document"] = echo(req.documents[index])
+            item["document"] = texts[index] if as_string else echo(req.documents[index])
+            entry["document"] = texts[index]
         item["relevance_score"] = scores[index]
         results.append(item)
+        voyage.append(entry)
     body: dict[str, Any] = {
         "id": f"rerank-{uuid.uuid4().hex}",
         "model": model.name,
         "usage": _usage(scored),
         "results": results,
+        # Voyage's shape, for its SDK and the LangChain/LlamaIndex/litellm wrappers of it
+        "object": "list",
+        "data": voyage,
     }
     if cohere_v2:
         body["meta"] = {"api_version": {"version": "2"}, "billed_units": {"search_units": 1}}
     return JSONResponse(body)
 
 
-async def _tei_rerank(request: Request, data: dict[str, Any]) -> JSONResponse:
-    req = TEIRerankRequest.model_validate(data)
+async def _tei_rerank(request: Request, req: TEIRerankRequest) -> JSONResponse:
     service = _service(request)
     model = service.resolve(req.model)
     scored = await until_disconnect(
@@ -182,7 +279,9 @@ _RERANK_DOC = {
 
 
 @router.post(
-    "/v1/rerank", summary="Rerank documents (vLLM / Jina / Cohere v1 shape)", **_RERANK_DOC
+    "/v1/rerank",
+    summary="Rerank documents (vLLM / Jina / Cohere v1 / Voyage / Infinity shape)",
+    **_RERANK_DOC,
 )
 async def rerank_v1(request: Request) -> JSONResponse:
     return await _rerank(request)
@@ -203,6 +302,24 @@ async def rerank_v2(request: Request) -> JSONResponse:
     return await _rerank(request, cohere_v2=True)
 
 
+@router.post(
+    "/v1/ranking",
+    summary="Rank passages (NVIDIA NIM shape: `rankings` of `{index, logit}`)",
+    responses={200: {"model": RankingResponse}, **_ERRORS},
+    openapi_extra={"x-request-model": "RankingRequest"},
+)
+async def ranking(request: Request) -> JSONResponse:
+    req, _ = await read_request(request, lambda _: RankingRequest)
+    service = _service(request)
+    model = service.resolve(req.model)
+    texts = [passage.text for passage in req.passages]
+    scored = await until_disconnect(
+        request, service.rerank(model, req.query.text, texts, None, req.truncate != "NONE")
+    )
+    raw = scored.raw_scores
+    return JSONResponse({"rankings": [{"index": i, "logit": raw[i]} for i in rank(raw, None)]})
+
+
 # --- score -------------------------------------------------------------------------------
 
 
@@ -211,11 +328,11 @@ def _as_list(value: Any) -> list:
 
 
 async def _score(request: Request) -> JSONResponse:
-    req = ScoreRequest.model_validate(await read_json(request))
+    req, _ = await read_request(request, lambda _: ScoreRequest)
     service = _service(request)
     model = service.resolve(req.model)
-    queries = document_texts(_as_list(req.queries if req.queries is not None else req.text_1))
-    documents = document_texts(_as_list(req.documents if req.documents is not None else req.text_2))
+    queries = document_texts(_as_list(req.left))
+    documents = document_texts(_as_list(req.right))
     if len(queries) == 1 and len(documents) != 1:
         queries = queries * len(documents)
     elif len(queries) != len(documents):
@@ -226,7 +343,7 @@ async def _score(request: Request) -> JSONResponse:
         )
     scored = await until_disconnect(
         request,
-        service.score_pairs(model, queries, documents, req.instruction, req.truncate is not False),
+        service.score_pairs(model, queries, documents, req.instruction, **req.long_inputs()),
     )
     scores = scored.raw_scores if req.use_activation is False else scored.scores
     return JSONResponse(
@@ -260,13 +377,22 @@ async def score_plain(request: Request) -> JSONResponse:
 # --- service routes ----------------------------------------------------------------------
 
 
-@router.get("/health", summary="200 when the model is loaded and warmed; 503 otherwise")
+@router.api_route(
+    "/health",
+    methods=["GET", "HEAD"],
+    summary="200 when the model is loaded and warmed; 503 while loading, draining or degraded "
+    "(inference failed for the last 3 requests, the last one within 60 s)",
+)
 async def health(request: Request) -> JSONResponse:
-    service = _service(request)
-    if service.ready and not service.draining:
+    state = _service(request).state
+    if state == "ok":
         return JSONResponse({"status": "ok"})
-    state = "draining" if service.draining else "loading"
-    return error_response(503, f"the server is {state}", headers={"Retry-After": "5"})
+    message = {
+        "loading": "the server is loading",
+        "draining": "the server is draining",
+        "degraded": "the server is degraded: inference failed for the last requests",
+    }[state]
+    return error_response(503, message, headers={"Retry-After": "5"})
 
 
 @router.get("/v1/models", summary="Served models (OpenAI list shape)")
@@ -287,7 +413,7 @@ async def models(request: Request) -> JSONResponse:
     return JSONResponse({"object": "list", "data": data})
 
 
-@router.get("/version", summary="rerankd's version")
+@router.api_route("/version", methods=["GET", "HEAD"], summary="rerankd's version")
 async def version() -> JSONResponse:
     return JSONResponse({"version": __version__})
 

@@ -1,4 +1,5 @@
-"""Request and response models for every dialect rerankd speaks (vLLM, Cohere, Jina, TEI).
+"""Request and response models for every dialect rerankd speaks (vLLM, Cohere, Jina, Voyage,
+TEI, Infinity, NVIDIA NIM).
 
 Strict types: a number where a string belongs is a 400, never silently coerced. Unknown
 fields are ignored, because real clients send extras.
@@ -22,7 +23,48 @@ class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
-class RerankRequest(_Request):
+class _LongInputFields(_Request):
+    """How over-long inputs are cut, in every dialect's words (see `long_inputs`)."""
+
+    truncate: StrictBool | None = Field(
+        None, description="true (default): cut over-long documents at the end; false: 400 instead."
+    )
+    truncation: StrictBool | None = Field(None, description="Voyage's name for `truncate`.")
+    truncation_side: Literal["left", "right"] | None = Field(
+        None,
+        description="vLLM: `right` (default) cuts an over-long document's end, `left` keeps it.",
+    )
+    truncate_prompt_tokens: StrictInt | None = Field(
+        None,
+        ge=-1,
+        le=_MAX_INT,
+        description="vLLM: cut each pair's prompt to this many tokens by cutting its document "
+        "(-1 or null: the model's limit).",
+    )
+    max_tokens_per_doc: NonNegativeInt | None = Field(
+        None,
+        description="Cohere v2 / vLLM: cut each document to this many tokens before scoring "
+        "(counted in usage.truncated_documents; 0 or null: no cut).",
+    )
+    max_tokens_per_query: NonNegativeInt | None = Field(
+        None, description="vLLM: cut the query to this many tokens (0 or null: no cut)."
+    )
+
+    def long_inputs(self) -> dict[str, Any]:
+        """The service's keyword arguments for long inputs (0 and -1 mean "no cap", as vLLM
+        sends them)."""
+        truncate = self.truncate if self.truncate is not None else self.truncation
+        prompt = self.truncate_prompt_tokens
+        return {
+            "truncate": truncate is not False,
+            "truncation_side": self.truncation_side or "right",
+            "max_tokens_per_doc": self.max_tokens_per_doc or None,
+            "max_tokens_per_query": self.max_tokens_per_query or None,
+            "max_prompt_tokens": prompt if prompt is not None and prompt > 0 else None,
+        }
+
+
+class RerankRequest(_LongInputFields):
     """POST /v1/rerank, /rerank, /v2/rerank (vLLM, Cohere v1/v2, Jina, Voyage)."""
 
     model: StrictStr | None = Field(
@@ -44,16 +86,8 @@ class RerankRequest(_Request):
     instruction: StrictStr | None = Field(
         None, description="Task instruction for instruction-aware models."
     )
-    truncate: StrictBool | None = Field(
-        None, description="true (default): cut over-long documents at the end; false: 400 instead."
-    )
     rank_fields: list[StrictStr] | None = Field(
         None, description="Cohere: object fields that form the text, as `key: value` lines."
-    )
-    max_tokens_per_doc: PositiveInt | None = Field(
-        None,
-        description="Cohere v2: cut each document to this many tokens before scoring "
-        "(counted in usage.truncated_documents).",
     )
     max_chunks_per_doc: PositiveInt | None = Field(
         None,
@@ -88,29 +122,57 @@ class TEIRerankRequest(_Request):
     )
 
 
-class ScoreRequest(_Request):
-    """POST /v1/score, /score (vLLM): aligned pairs, or one query against N documents."""
+Side = StrictStr | list[Document] | None
+
+
+class ScoreRequest(_LongInputFields):
+    """POST /v1/score, /score (vLLM): aligned pairs, or one query against N documents.
+
+    Each side has had several names across vLLM releases; all are accepted.
+    """
 
     model: StrictStr | None = None
-    queries: StrictStr | list[Document] | None = None
-    documents: StrictStr | list[Document] | None = None
-    text_1: StrictStr | list[Document] | None = Field(
-        None, description="vLLM's older name for queries."
-    )
-    text_2: StrictStr | list[Document] | None = Field(
-        None, description="vLLM's older name for documents."
-    )
+    queries: Side = None
+    documents: Side = None
+    items: Side = Field(None, description="vLLM's current name for documents.")
+    text_1: Side = Field(None, description="vLLM's older name for queries.")
+    text_2: Side = Field(None, description="vLLM's older name for documents.")
+    data_1: Side = Field(None, description="vLLM's name for queries in some releases.")
+    data_2: Side = Field(None, description="vLLM's name for documents in some releases.")
     use_activation: StrictBool | None = None
     instruction: StrictStr | None = None
-    truncate: StrictBool | None = None
+
+    @property
+    def left(self) -> str | list[Document]:
+        return next(v for v in (self.queries, self.text_1, self.data_1) if v is not None)
+
+    @property
+    def right(self) -> str | list[Document]:
+        sides = (self.documents, self.items, self.text_2, self.data_2)
+        return next(v for v in sides if v is not None)
 
     @model_validator(mode="after")
     def _both_sides(self) -> ScoreRequest:
-        if self.queries is None and self.text_1 is None:
-            raise ValueError("`queries` (or `text_1`) is required")
-        if self.documents is None and self.text_2 is None:
-            raise ValueError("`documents` (or `text_2`) is required")
+        if (self.queries, self.text_1, self.data_1) == (None, None, None):
+            raise ValueError("`queries` (or `text_1`, `data_1`) is required")
+        if (self.documents, self.items, self.text_2, self.data_2) == (None, None, None, None):
+            raise ValueError("`documents` (or `items`, `text_2`, `data_2`) is required")
         return self
+
+
+class _Passage(_Request):
+    text: StrictStr
+
+
+class RankingRequest(_Request):
+    """POST /v1/ranking: NVIDIA NIM's reranking API (LangChain/LlamaIndex NVIDIARerank)."""
+
+    model: StrictStr | None = None
+    query: _Passage
+    passages: list[_Passage]
+    truncate: Literal["NONE", "END"] | None = Field(
+        None, description="END (default): cut over-long passages at the end; NONE: 400 instead."
+    )
 
 
 # --- responses ---------------------------------------------------------------------------
@@ -128,11 +190,19 @@ class RerankResult(BaseModel):
     relevance_score: float
 
 
+class VoyageResult(BaseModel):
+    index: int
+    relevance_score: float
+    document: str | None = None
+
+
 class RerankResponse(BaseModel):
     id: str
     model: str
     usage: Usage
     results: list[RerankResult]
+    object: str = "list"
+    data: list[VoyageResult] = Field(description="The results in Voyage's shape.")
     meta: dict[str, Any] | None = None
 
 
@@ -157,6 +227,15 @@ class TEIRerankItem(BaseModel):
     text: str | None = None
 
 
+class Ranking(BaseModel):
+    index: int
+    logit: float
+
+
+class RankingResponse(BaseModel):
+    rankings: list[Ranking]
+
+
 class ErrorBody(BaseModel):
     message: str
     type: str
@@ -166,3 +245,4 @@ class ErrorBody(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorBody
+    detail: str = Field(description="The message again, where Jina's clients look for it.")

@@ -82,7 +82,8 @@ class Recipe(ABC):
         # past that point is cut anyway: dropping it before tokenizing keeps a 10 MB body's
         # cost bounded by the model's context (x4 margin for normalizers that merge chars).
         longest = max((len(t) for t in tokenizer.get_vocab()), default=1)
-        self._precut_chars = 4 * longest * (self.max_length + 16)
+        self._chars_per_token_bound = 4 * longest
+        self._precut_chars = self._chars_per_token_bound * (self.max_length + 16)
 
     # --- to implement ---------------------------------------------------------------------
 
@@ -137,7 +138,7 @@ class Recipe(ABC):
         documents = [self._precut(d, side) for d in documents]
         capped: list[int] = []
         if max_document_tokens is not None:
-            documents, capped = self._cap_documents(documents, max_document_tokens, side)
+            documents, capped = self.cap_texts(documents, max_document_tokens, side)
         pairs = self._encode_side(queries, documents, instruction, side)
         if not truncate:
             self._check_fits(pairs)
@@ -179,7 +180,7 @@ class Recipe(ABC):
             return []
         capped = [0] * len(documents)
         if max_document_tokens is not None:
-            documents, capped = self._cap_documents(documents, max_document_tokens, "right")
+            documents, capped = self.cap_texts(documents, max_document_tokens, "right")
         whole = self._encode_pairs(queries, documents, instruction)
         empty: dict[str, EncodedPair] = {}
         groups: list[list[EncodedPair]] = []
@@ -312,11 +313,11 @@ class Recipe(ABC):
         encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         return [tuple(span) for span in encoded["offset_mapping"]]
 
-    def _cap_documents(
+    def cap_texts(
         self, documents: Sequence[str], limit: int, side: str
     ) -> tuple[list[str], list[int]]:
-        """Each document cut to `limit` tokens of its own (its start kept, or its end with
-        side="left"), as text; and how many tokens each lost."""
+        """Each text (a document, or a query) cut to `limit` tokens of its own (its start
+        kept, or its end with side="left"), as text; and how many tokens each lost."""
         if limit < 1:
             raise InvalidRequest(
                 "max_tokens_per_doc must be at least 1", param="max_tokens_per_doc"
@@ -341,6 +342,24 @@ class Recipe(ABC):
     def activate(self, raw: float) -> float:
         """The model's activation: a probability in [0, 1]."""
         return sigmoid(raw)
+
+    def count_tokens_upto(self, text: str, limit: int) -> int | None:
+        """Tokens of `text` alone, or None when it has more than `limit`: with bounded work
+        however long the text is (a 10 MB instruction must be refused in milliseconds, not
+        tokenized for seconds).
+
+        A text longer than `limit` × the most characters one token can cover has more tokens
+        than `limit` without tokenizing it; otherwise a prefix of ~8 characters per allowed
+        token is tokenized first, which settles it for ordinary text (a prefix has at most a
+        token or two more than the whole text's tokens up to the cut).
+        """
+        if len(text) > self._chars_per_token_bound * limit:
+            return None
+        probe_chars = 8 * limit + 64
+        if len(text) > probe_chars and len(self.encode_text(text[:probe_chars])) > limit + 2:
+            return None
+        count = len(self.encode_text(text))
+        return count if count <= limit else None
 
     def encode_text(self, text: str) -> list[int]:
         """Token ids of `text` alone, without special tokens."""
