@@ -149,11 +149,23 @@ def test_max_tokens_per_doc_is_not_a_truncate_false_error(client, qwen3_dir):
     assert body["usage"]["truncated_documents"] == 1
 
 
-@pytest.mark.parametrize("field", ["max_tokens_per_doc", "max_chunks_per_doc"])
-@pytest.mark.parametrize("value", [0, -3, "5", 1.5, True])
+@pytest.mark.parametrize(
+    ("field", "value"),
+    # max_tokens_per_doc=0 is valid: vLLM sends it for "no cap" (next test)
+    [("max_tokens_per_doc", v) for v in (-3, "5", 1.5, True)]
+    + [("max_chunks_per_doc", v) for v in (0, -3, "5", 1.5, True)],
+)
 def test_invalid_limits_are_400_naming_the_field(client, field, value):
     response = client.post("/v1/rerank", json={"query": QUERY, "documents": SHORT, field: value})
     assert_error(response, 400, param=field)
+
+
+def test_max_tokens_per_doc_0_means_no_cap_as_vllm_sends_it(client):
+    documents = [SHORT[0] + " " + " ".join(words(300))]
+    plain = rerank_raw(client, documents)
+    zero = rerank_raw(client, documents, max_tokens_per_doc=0)
+    assert zero["usage"] == plain["usage"]
+    assert zero["results"] == plain["results"]
 
 
 # --- Cohere v1 max_chunks_per_doc --------------------------------------------------------------
