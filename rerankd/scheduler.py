@@ -18,10 +18,9 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from rerankd.engine import Engine
 from rerankd.errors import InferenceFailed, Overloaded, ShuttingDown
 from rerankd.metrics import Metrics
-from rerankd.types import Batch, EncodedPair
+from rerankd.types import Batch, EncodedPair, Engine
 
 log = logging.getLogger(__name__)
 

@@ -7,6 +7,7 @@ share, so each layer can be tested alone.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 
 @dataclass(frozen=True)
@@ -54,3 +55,19 @@ class ScoredPairs:
     scores: list[float]
     prompt_tokens: int
     truncated_documents: int
+
+
+class Engine(Protocol):
+    """What the scheduler needs from an engine (defined here, torch-free, so that the HTTP
+    layer and the scheduler import without loading torch)."""
+
+    #: human-readable engine name, device and dtype, for /v1/models and logs
+    name: str
+    device: str
+    dtype: str
+    #: a sensible default token budget per batch on this device
+    default_batch_tokens: int
+
+    def score(self, batch: Batch) -> list[float]:
+        """Raw scores for `batch.pairs`, in order. Blocking; called from one worker thread."""
+        ...
