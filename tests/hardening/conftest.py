@@ -251,9 +251,11 @@ def error_shape_problem(response: httpx.Response) -> str | None:
         body = response.json()
     except ValueError:
         return f"not JSON: {response.text[:200]!r}"
-    if not isinstance(body, dict) or set(body) != {"error"}:
+    if not isinstance(body, dict) or set(body) != {"error", "detail"}:
         return f"not an error object: {str(body)[:200]}"
     error = body["error"]
+    if body["detail"] != error.get("message"):  # Jina's clients read the message here
+        return f"detail {body['detail']!r} is not the message"
     if not isinstance(error, dict) or set(error) != {"message", "type", "param", "code"}:
         return f"wrong error keys: {str(error)[:200]}"
     if not isinstance(error["message"], str) or not error["message"].strip():
