@@ -41,6 +41,17 @@ def _decode(body: bytes) -> Any:
         return body[:2000].decode("utf-8", "replace")
 
 
+def _shorten(value: Any) -> Any:
+    """`value` with every string over 100 characters cut, for readable failure messages."""
+    if isinstance(value, str) and len(value) > 100:
+        return f"{value[:60]}...({len(value)} chars)"
+    if isinstance(value, list):
+        return [_shorten(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _shorten(v) for k, v in value.items()}
+    return value
+
+
 @dataclass
 class Exchange:
     probe: str
@@ -52,8 +63,8 @@ class Exchange:
     response: Any
 
     def describe(self) -> str:
-        request = json.dumps(self.request, ensure_ascii=False)[:1500]
-        response = json.dumps(self.response, ensure_ascii=False)[:1500]
+        request = json.dumps(_shorten(self.request), ensure_ascii=False)[:2000]
+        response = json.dumps(_shorten(self.response), ensure_ascii=False)[:2000]
         return (
             f"  {self.method} {self.path} ({self.server} server)\n"
             f"    sent: {request}\n    got {self.status}: {response}"

@@ -95,13 +95,14 @@ CASES = [
 
 def report(record: dict, served: Served) -> str:
     exchanges = served.recorder.of(record["name"])
-    lines = [f"probe {record['name']}: {record.get('error') or 'returned'}"]
+    error = record.get("error") or "returned"
+    lines = [f"probe {record['name']}: {error[:1500]}"]
     if record.get("results") is not None:
         lines.append(f"  library returned [index, score]: {record['results']}")
     lines.append("  requests the library made:" if exchanges else "  (no request reached rerankd)")
     lines += [e.describe() for e in exchanges]
     if record.get("traceback"):
-        lines.append(record["traceback"])
+        lines.append(record["traceback"][-2500:])
     return "\n".join(lines)
 
 
