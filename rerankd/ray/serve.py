@@ -42,6 +42,7 @@ lost replica longer than that (`serve_http_options`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
@@ -50,6 +51,7 @@ import re
 import signal
 import sys
 import threading
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -187,13 +189,16 @@ _built_apps: list[Any] = []
 class RerankdReplica:
     """One model, one replica: the model, its scheduler and the rerankd FastAPI app."""
 
-    def __init__(self, settings: Settings, metrics_hub: Any = None) -> None:
+    def __init__(
+        self, settings: Settings, metrics_hub: Any = None, drain_key: str | None = None
+    ) -> None:
         from rerankd.runtime import build_service
 
         _configure_replica_logging(settings)
         self.settings = settings
         self.service = build_service(settings)
         self.pusher = _pusher(metrics_hub, self.service.metrics)
+        self.drain = DrainWatcher.start(drain_key, self.service)
         _built_apps.append(_http_app(settings, self.service, self.pusher))
 
     def check_health(self) -> None:
@@ -214,7 +219,13 @@ class IngressReplica:
     single process's own.
     """
 
-    def __init__(self, settings: Settings, engines: list[Any], metrics_hub: Any = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        engines: list[Any],
+        metrics_hub: Any = None,
+        drain_key: str | None = None,
+    ) -> None:
         from rerankd.metrics import Metrics
         from rerankd.runtime import limits_of, load_recipe
         from rerankd.service import RerankService, ServedModel, aliases_for
@@ -228,6 +239,7 @@ class IngressReplica:
             models.append(ServedModel(names[0], recipe, scheduler, names[1:], source=one.model))
         self.service = RerankService(models, Metrics(), limits_of(settings))
         self.pusher = _pusher(metrics_hub, self.service.metrics)
+        self.drain = DrainWatcher.start(drain_key, self.service)
         _built_apps.append(_http_app(settings, self.service, self.pusher))
 
 
@@ -288,6 +300,8 @@ class RemoteScheduler:
     def __init__(self, engine: Any, model_name: str) -> None:
         self.engine = engine
         self.model_name = model_name
+        #: one per submit waiting for its engine: `abort` fails them
+        self._gates: set[asyncio.Future] = set()
 
     def start(self) -> None:
         """Nothing to start: the engine deployment runs its own scheduler."""
@@ -295,7 +309,37 @@ class RemoteScheduler:
     async def stop(self) -> None:
         """Nothing to stop: Serve drains the engine deployment itself."""
 
+    def abort(self, exc: Exception) -> int:
+        """Fail every submit still waiting for its engine with `exc` (the drain ran out of
+        time; `RerankService.abort_in_flight`); their engine calls are cancelled."""
+        aborted = 0
+        for gate in list(self._gates):
+            if not gate.done():
+                gate.set_exception(exc)
+                aborted += 1
+        return aborted
+
     async def submit(self, pairs: list[EncodedPair]) -> list[float]:
+        if not pairs:
+            return []
+        gate = asyncio.get_running_loop().create_future()
+        call = asyncio.ensure_future(self._submit(pairs))
+        self._gates.add(gate)
+        try:
+            await asyncio.wait({gate, call}, return_when=asyncio.FIRST_COMPLETED)
+            if gate.done():
+                call.cancel()
+                return gate.result()  # raises what `abort` set
+            return call.result()
+        except asyncio.CancelledError:
+            call.cancel()
+            raise
+        finally:
+            self._gates.discard(gate)
+            if not gate.done():
+                gate.cancel()
+
+    async def _submit(self, pairs: list[EncodedPair]) -> list[float]:
         from ray.exceptions import RayActorError, RayTaskError
         from ray.serve.exceptions import (
             BackPressureError,
@@ -303,8 +347,6 @@ class RemoteScheduler:
             ReplicaUnavailableError,
         )
 
-        if not pairs:
-            return []
         attempt = 0
         while True:
             response = self.engine.submit.remote(pairs)
@@ -334,6 +376,107 @@ class RemoteScheduler:
                 attempt += 1
                 log.warning("an engine replica of %r was lost; asking again", self.model_name)
                 await asyncio.sleep(0.2)
+
+
+# --- draining on Ray: `run` tells every HTTP replica through Ray's key-value store -----
+
+#: namespace of the drain keys in Ray's internal key-value store (held by the GCS)
+DRAIN_NAMESPACE = "rerankd"
+#: how often a replica looks for its drain key
+DRAIN_POLL_S = 0.5
+#: after the drain timeout aborts what is still in flight, how long its 503s get
+ABORT_GRACE_S = 1.0
+
+
+def _kv() -> Any:
+    # private but stable since Ray 1.x; Serve keeps its own checkpoints there
+    from ray.experimental import internal_kv
+
+    return internal_kv
+
+
+class DrainWatcher:
+    """The single process's drain, in each HTTP replica of a `rerankd serve --ray` run.
+
+    `run` writes the drain timeout under `drain_key` on the first SIGTERM/SIGINT. Each
+    replica polls for it (every `DRAIN_POLL_S`); once there, the replica drains as one
+    process does: /health and new requests get 503, in-flight requests go on until the
+    drain timeout, then the rest are answered with 503 JSON (`abort_in_flight`). It then
+    writes `<drain_key>/idle/<replica>`, so `run` knows when every replica is done and
+    deletes the application without waiting longer.
+
+    Serve's own shutdown (`serve.delete`) cannot do this: it removes the route at once, so
+    new requests get 404, and a replica past its graceful timeout is killed with its
+    requests unanswered.
+    """
+
+    def __init__(self, drain_key: str, service: Any) -> None:
+        self.drain_key = drain_key
+        self.service = service
+        self.task: asyncio.Task | None = None
+
+    @classmethod
+    def start(cls, drain_key: str | None, service: Any) -> DrainWatcher | None:
+        """Watch `drain_key` on the replica's event loop (None: Serve's config files and
+        hand-built deployments, where Serve's own shutdown applies)."""
+        if not drain_key:
+            return None
+        watcher = cls(drain_key, service)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # pragma: no cover (Serve runs constructors on the loop)
+            log.warning("no event loop in the replica's constructor: drain on SIGTERM is off")
+            return None
+        watcher.task = loop.create_task(watcher._run(), name="rerankd-drain-watcher")
+        return watcher
+
+    async def _run(self) -> None:
+        kv = _kv()
+        while True:
+            value = await asyncio.to_thread(
+                kv._internal_kv_get, self.drain_key, namespace=DRAIN_NAMESPACE
+            )
+            if value is not None:
+                break
+            await asyncio.sleep(DRAIN_POLL_S)
+        await self.drain(float(value))
+        await asyncio.to_thread(
+            kv._internal_kv_put,
+            f"{self.drain_key}/idle/{_replica_id()}",
+            b"1",
+            namespace=DRAIN_NAMESPACE,
+        )
+
+    async def drain(self, timeout: float) -> int:
+        """Drain for up to `timeout` seconds; returns how many requests were aborted."""
+        service = self.service
+        log.info("draining (%d requests in flight, up to %gs)", service.in_flight, timeout)
+        service.begin_drain()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while service.in_flight and loop.time() < deadline:
+            await asyncio.sleep(0.1)
+        if not service.in_flight:
+            return 0
+        aborted = service.abort_in_flight()
+        log.warning(
+            "drain timeout (%gs): answering %d requests still in flight with 503", timeout, aborted
+        )
+        grace = loop.time() + ABORT_GRACE_S
+        while service.in_flight and loop.time() < grace:
+            await asyncio.sleep(0.05)
+        return aborted
+
+
+def _replica_id() -> str:
+    try:
+        from ray import serve
+
+        context = serve.get_replica_context()
+        unique = getattr(getattr(context, "replica_id", None), "unique_id", None)
+        return str(unique or context.replica_tag)
+    except Exception:
+        return f"pid-{os.getpid()}"
 
 
 def _replica_app():
@@ -385,13 +528,16 @@ def build_deployment(settings: Settings, options: ReplicaOptions | None = None):
     return serve.deployment(ingress, **options.deployment_options(settings))
 
 
-def build_app(settings: Settings, options: ReplicaOptions | None = None):
+def build_app(
+    settings: Settings, options: ReplicaOptions | None = None, drain_key: str | None = None
+):
     """A Serve application (`serve.run(...)` it) serving `settings` with `options`.
 
     One model: one deployment of `RerankdReplica`s. Several (`--models`): an ingress
     deployment (`IngressReplica`, named like the one-model deployment) and one deployment of
     `EngineReplica`s per model, each scaled by `options`. Either way a `MetricsHub`
-    deployment gathers every replica's metrics for /metrics.
+    deployment gathers every replica's metrics for /metrics. `drain_key`: see `DrainWatcher`
+    (`run` sets it; without it, Serve's own shutdown applies).
     """
     from ray import serve
 
@@ -409,7 +555,7 @@ def build_app(settings: Settings, options: ReplicaOptions | None = None):
         max_ongoing_requests=1000,
     ).bind()
     if len(per_model) == 1:
-        return build_deployment(settings, options).bind(settings, hub)
+        return build_deployment(settings, options).bind(settings, hub, drain_key)
     engines = []
     for index, one in enumerate(per_model):
         name = engine_deployment_name(index, aliases_for(one.model, one.served_model_name)[0])
@@ -417,7 +563,7 @@ def build_app(settings: Settings, options: ReplicaOptions | None = None):
         engines.append(deployment.bind(one, hub))
     ingress = serve.ingress(_replica_app)(IngressReplica)
     return serve.deployment(ingress, **options.ingress_options(settings)).bind(
-        settings, engines, hub
+        settings, engines, hub, drain_key
     )
 
 
@@ -669,7 +815,9 @@ def run(settings: Settings, options: ReplicaOptions, stop: threading.Event | Non
     )
     started_here = address is None
     stop = stop or threading.Event()
-    handlers = _on_signals(stop)
+    force = threading.Event()
+    handlers = _on_signals(stop, force)
+    drain_key = f"rerankd-drain-{uuid.uuid4().hex}"
     try:
         serve_was_running = _serve_running()
         if serve_was_running:
@@ -680,7 +828,7 @@ def run(settings: Settings, options: ReplicaOptions, stop: threading.Event | Non
             )
         serve.start(proxy_location="HeadOnly", http_options=serve_http_options(settings))
         try:
-            serve.run(build_app(settings, options), name=APP_NAME, route_prefix="/")
+            serve.run(build_app(settings, options, drain_key), name=APP_NAME, route_prefix="/")
         except RuntimeError as exc:
             reason = _deploy_failure(serve) or str(exc)
             print(f"rerankd: cannot start on Ray: {reason}", file=sys.stderr, flush=True)
@@ -704,17 +852,68 @@ def run(settings: Settings, options: ReplicaOptions, stop: threading.Event | Non
         )
         while not stop.wait(1.0):  # wake up now and then: signal handlers run in between
             pass
-        log.info("stopping: draining the replicas (up to %.0fs)", settings.drain_timeout)
-        serve.delete(APP_NAME)
+        _drain(serve, settings, drain_key, force)
+        log.info("stopping: deleting the application")
+        serve.delete(APP_NAME, _blocking=False)
+        _wait_deleted(serve, force)
         # Serve started by this run goes with it (unless other applications use it now), so
-        # that the next run's --host/--port/--request-timeout apply
-        if started_here or (not serve_was_running and not serve.status().applications):
+        # that the next run's --host/--port/--request-timeout apply; a cluster started here
+        # goes with ray.shutdown() below, replicas and all
+        if not started_here and not serve_was_running and not serve.status().applications:
             serve.shutdown()
         return 0
     finally:
         for sig, previous in handlers.items():
             signal.signal(sig, previous)
+        with contextlib.suppress(Exception):
+            _kv()._internal_kv_del(drain_key, del_by_prefix=True, namespace=DRAIN_NAMESPACE)
         ray.shutdown()
+
+
+#: after the drain, how long `run` waits for Serve to delete the application (replicas that
+#: are still inside an aborted batch are then left to Serve, or to ray.shutdown)
+DELETE_WAIT_S = 5.0
+
+
+def _drain(serve: Any, settings: Settings, drain_key: str, force: threading.Event) -> None:
+    """Tell every HTTP replica to drain (`DrainWatcher`), then wait until each says it is
+    done, at most the drain timeout plus the replicas' poll and abort grace."""
+    import time
+
+    kv = _kv()
+    log.info("draining the replicas (up to %gs)", settings.drain_timeout)
+    kv._internal_kv_put(drain_key, str(settings.drain_timeout).encode(), namespace=DRAIN_NAMESPACE)
+    deadline = time.monotonic() + settings.drain_timeout + DRAIN_POLL_S + ABORT_GRACE_S + 1.0
+    while time.monotonic() < deadline and not force.is_set():
+        idle = kv._internal_kv_list(f"{drain_key}/idle/", namespace=DRAIN_NAMESPACE)
+        running = _running_http_replicas(serve)
+        if running is not None and len(idle) >= running:
+            return
+        force.wait(0.25)
+    if not force.is_set():
+        log.warning("not every replica reported its drain done in time; deleting anyway")
+
+
+def _running_http_replicas(serve: Any) -> int | None:
+    """RUNNING replicas of the HTTP deployment (the model's, or the ingress of several)."""
+    try:
+        states = serve.status().applications[APP_NAME].deployments[DEPLOYMENT_NAME].replica_states
+    except Exception:
+        return None
+    return sum(n for state, n in states.items() if getattr(state, "value", state) == "RUNNING")
+
+
+def _wait_deleted(serve: Any, force: threading.Event) -> None:
+    import time
+
+    deadline = time.monotonic() + DELETE_WAIT_S
+    while time.monotonic() < deadline and not force.is_set():
+        try:
+            if APP_NAME not in serve.status().applications:
+                return
+        except Exception:
+            return
+        force.wait(0.25)
 
 
 #: Serve's proxy gives up this long after rerankd's own --request-timeout would have
@@ -770,10 +969,26 @@ def _deploy_failure(serve) -> str | None:
     return last
 
 
-def _on_signals(stop: threading.Event) -> dict:
+def _on_signals(stop: threading.Event, force: threading.Event) -> dict:
+    """SIGINT/SIGTERM: the first drains (`stop`), a second exits without waiting (`force`).
+    SIGHUP is ignored with a log line: the replicas read their keys when they start, so a
+    new key file takes a redeploy here."""
     if threading.current_thread() is not threading.main_thread():
         return {}
+
+    def on_exit(sig: int, _frame: Any) -> None:
+        if stop.is_set():
+            log.warning("second %s: exiting without waiting", signal.Signals(sig).name)
+            force.set()
+        else:
+            log.info("%s: draining", signal.Signals(sig).name)
+            stop.set()
+
+    def on_hup(_sig: int, _frame: Any) -> None:
+        log.info("SIGHUP ignored: with --ray, API keys are read when replicas start")
+
     previous = {}
     for sig in (signal.SIGINT, signal.SIGTERM):
-        previous[sig] = signal.signal(sig, lambda *_: stop.set())
+        previous[sig] = signal.signal(sig, on_exit)
+    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, on_hup)
     return previous
