@@ -3,9 +3,21 @@ with a reference kernel that follows flash-attention's varlen semantics."""
 
 from __future__ import annotations
 
+import functools
+import logging
+
+import pytest
 import torch
 
-from rerankd.engine.attention import sdpa_attention, split_prefix_attention, varlen_attention
+from rerankd.engine import attention
+from rerankd.engine.attention import (
+    ATTENTION,
+    describe,
+    sdpa_attention,
+    split_prefix_attention,
+    varlen_attention,
+    varlen_kwargs,
+)
 from rerankd.engine.batch import pack
 from rerankd.types import EncodedPair
 
@@ -100,3 +112,202 @@ def test_split_prefix_attention_matches_sdpa():
     expected = sdpa_attention(q, k, v, batch, (pk, pv), causal=True, scale=0.3)
     got = split_prefix_attention(q, k, v, batch, (pk, pv), causal=True, scale=0.3)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+# --- the CUDA backends, checked on CPU -------------------------------------------------------
+
+
+def varlen_attn_2_11(
+    query,
+    key,
+    value,
+    cu_seq_q,
+    cu_seq_k,
+    max_q,
+    max_k,
+    *,
+    return_aux=None,
+    scale=None,
+    window_size=(-1, -1),
+):
+    """A stand-in with torch 2.11's `varlen_attn` signature: no `enable_gqa`, so key and
+    value heads must already match the query's."""
+    assert key.shape[1] == query.shape[1] == value.shape[1], "2.11 varlen_attn has no GQA"
+    return reference_varlen_kernel(
+        query,
+        key,
+        value,
+        cu_seq_q,
+        cu_seq_k,
+        max_q,
+        max_k,
+        scale=scale,
+        window_size=window_size,
+        enable_gqa=False,
+    )
+
+
+def _unshared_batch():
+    pairs = [EncodedPair(tuple(range(i, i + n))) for i, n in enumerate((7, 1, 12, 3))]
+    return pack(pairs, None, torch.device("cpu"))
+
+
+BATCHES = {"shared-prefix": _batch, "no-prefix": _unshared_batch}
+HEADS = {"gqa": (4, 2), "mha": (4, 4)}
+
+
+def _inputs(make_batch, heads):
+    batch = make_batch()
+    q, k, v = _qkv(len(batch.input_ids), heads=heads[0], kv_heads=heads[1])
+    prefix = None
+    if batch.prefixes:
+        _, pk, pv = _qkv(sum(batch.prefix_lengths), heads=heads[0], kv_heads=heads[1], seed=1)
+        prefix = (pk, pv)
+    return batch, q, k, v, prefix
+
+
+def test_varlen_kwargs_follow_the_installed_signature():
+    def newer(q, k, v, cq, ck, mq, mk, *, scale=None, window_size=(-1, -1), enable_gqa=False):
+        """later torch: GQA native"""
+
+    def older(q, k, v, cq, ck, mq, mk, *, is_causal=False, scale=None):
+        """torch 2.10: `is_causal`, no window"""
+
+    def neither(q, k, v, cq, ck, mq, mk, *, scale=None):
+        """no causal argument at all"""
+
+    assert varlen_kwargs(varlen_attn_2_11, True, 0.5, gqa=True) == (
+        {"scale": 0.5, "window_size": (-1, 0)},
+        True,
+    )
+    assert varlen_kwargs(varlen_attn_2_11, False, 0.5, gqa=False) == (
+        {"scale": 0.5, "window_size": (-1, -1)},
+        False,
+    )
+    assert varlen_kwargs(newer, True, 0.5, gqa=True) == (
+        {"scale": 0.5, "window_size": (-1, 0), "enable_gqa": True},
+        False,
+    )
+    assert varlen_kwargs(older, True, 0.5, gqa=True) == ({"scale": 0.5, "is_causal": True}, True)
+    with pytest.raises(TypeError, match="no causal argument"):
+        varlen_kwargs(neither, True, 0.5, gqa=False)
+
+
+@pytest.mark.parametrize("heads", HEADS.values(), ids=HEADS.keys())
+@pytest.mark.parametrize("make_batch", BATCHES.values(), ids=BATCHES.keys())
+def test_varlen_with_the_2_11_signature_matches_sdpa(monkeypatch, make_batch, heads):
+    """torch 2.11's `varlen_attn` (patched in where the code looks it up) gets expanded
+    key/value heads and no `enable_gqa`; the result is per-sequence SDPA's."""
+    import torch.nn.attention.varlen as varlen_module
+
+    monkeypatch.setattr(varlen_module, "varlen_attn", varlen_attn_2_11)
+    batch, q, k, v, prefix = _inputs(make_batch, heads)
+    for causal in (True, False):
+        expected = sdpa_attention(q, k, v, batch, prefix, causal=causal, scale=0.3)
+        got = varlen_attention(q, k, v, batch, prefix, causal=causal, scale=0.3)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert describe("varlen") == "varlen_attn (KV heads expanded)"
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("backend", ["sdpa_padded", "flex"])
+@pytest.mark.parametrize("heads", HEADS.values(), ids=HEADS.keys())
+@pytest.mark.parametrize("make_batch", BATCHES.values(), ids=BATCHES.keys())
+def test_cuda_fallbacks_match_sdpa(make_batch, heads, backend):
+    """The fallbacks where torch lacks varlen (flex_attention uncompiled here, as on CPU)."""
+    batch, q, k, v, prefix = _inputs(make_batch, heads)
+    for causal in (True, False):
+        expected = sdpa_attention(q, k, v, batch, prefix, causal=causal, scale=0.3)
+        out = torch.full_like(q, float("nan"))  # every row must be written
+        got = ATTENTION[backend](q, k, v, batch, prefix, causal=causal, scale=0.3, out=out)
+        assert got is out
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_length_buckets_cover_every_sequence_once_within_bounds(monkeypatch):
+    monkeypatch.setattr(attention, "PADDED_BUCKET_TOKENS", 64)
+    lengths = [5, 60, 59, 3, 48, 4, 70, 49, 50, 1]
+    buckets = attention.length_buckets(lengths)
+    assert sorted(i for b in buckets for i in b) == list(range(len(lengths)))
+    for bucket in buckets:
+        top = max(lengths[i] for i in bucket)
+        assert lengths[bucket[0]] == top
+        assert len(bucket) == 1 or len(bucket) * top <= 64
+        assert all(lengths[i] >= 0.8 * top for i in bucket)
+    assert [70] in [[lengths[i] for i in b] for b in buckets]  # over budget: alone
+
+
+def test_cuda_backends_fall_back_in_order_with_warnings(monkeypatch, caplog):
+    import importlib.util
+
+    monkeypatch.setattr(attention, "torch_varlen_kernel", lambda: None)
+    real = importlib.util.find_spec
+    missing = {"flash_attn"}
+    monkeypatch.setattr(
+        attention.importlib.util, "find_spec", lambda n: None if n in missing else real(n)
+    )
+    with caplog.at_level(logging.WARNING, logger="rerankd.engine.attention"):
+        assert attention.cuda_backends() == ["flex", "sdpa_padded"]
+    assert "no varlen_attn" in caplog.text and "flash-attn is not installed" in caplog.text
+    missing.add("torch.nn.attention.flex_attention")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="rerankd.engine.attention"):
+        assert attention.cuda_backends() == ["sdpa_padded"]
+    assert "no flex_attention" in caplog.text
+    monkeypatch.setattr(attention, "torch_varlen_kernel", lambda: varlen_attn_2_11)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="rerankd.engine.attention"):
+        assert attention.cuda_backends() == ["varlen", "sdpa_padded"]
+    assert caplog.text == ""
+
+
+FAMILY_FIXTURES = {"qwen3": 512, "gemma": 128, "xlmr": 128}  # GQA 4:2, GQA 4:1, encoder
+
+
+@functools.cache
+def _served(fixture: str):
+    from rerankd.metrics import Metrics
+    from rerankd.runtime import load_model
+    from rerankd.settings import Settings
+    from tests.fixtures.paths import fixture_dir
+
+    settings = Settings(
+        model=str(fixture_dir(fixture)),
+        dtype="float32",
+        device="cpu",
+        engine="packed",
+        max_model_len=FAMILY_FIXTURES[fixture],
+        attention="sdpa",
+        compile="off",
+    )
+    return load_model(settings, Metrics())
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("backend", ["varlen", "sdpa_padded", "flex"])
+@pytest.mark.parametrize("fixture", FAMILY_FIXTURES)
+def test_cuda_backends_give_sdpa_scores_through_the_model(monkeypatch, fixture, backend):
+    """Whole-model float32 scores with each CUDA backend (varlen: the 2.11 stand-in) equal
+    per-sequence SDPA's, with and without shared prefixes."""
+    import torch.nn.attention.varlen as varlen_module
+
+    from rerankd.types import Batch
+
+    monkeypatch.setattr(varlen_module, "varlen_attn", varlen_attn_2_11)
+    served = _served(fixture)
+    engine = served.scheduler.engine
+    documents = ["Beijing is the capital.", "Paris lies on the Seine " * 6, "", "yes no"]
+    pairs = served.recipe.encode(["capital of china?"] * 4, documents)
+    pairs += served.recipe.encode(["where is paris"] * 2, documents[:2])
+    groups = [0, 0, 0, 0, 1, 1]
+    try:
+        expected = [engine.score(Batch(pairs, g)) for g in (groups, None)]
+        engine.model.set_attention(backend)
+        engine.attention = backend
+        got = [engine.score(Batch(pairs, g)) for g in (groups, None)]
+    finally:
+        engine.model.set_attention("sdpa")
+        engine.attention = "sdpa"
+    for a, b in zip(got, expected, strict=True):
+        assert a == pytest.approx(b, abs=1e-5)
+    assert max(expected[0]) - min(expected[0]) > 0.1  # distinct scores, or this tests nothing

@@ -1,21 +1,33 @@
 """Attention over packed sequences, optionally after a shared prefix's keys/values.
 
-Three exact implementations of the same contract:
-- ``sdpa``: SDPA per sequence (4-D inputs, so the fused CPU/GPU kernels run). The fallback.
-- ``amx``: rerankd's own AMX kernel for bf16 on Intel CPUs with AMX (`amx_kernel`), enabled
-  by the runner only after checking it against ``sdpa`` (see `PackedEngine`).
-- ``varlen``: one variable-length flash-attention call for the whole batch
-  (`torch.nn.attention.varlen.varlen_attn`, CUDA). The runner enables it only after checking
-  it against ``sdpa`` on the device (see `PackedEngine`).
+Exact implementations of one contract, chosen per device by `PackedEngine` after checking
+each against ``sdpa`` on a probe batch:
+- ``sdpa``: SDPA per sequence (4-D inputs, so the fused CPU/GPU kernels run). The reference.
+- ``amx``: rerankd's own AMX kernel for bf16 on Intel CPUs with AMX (`amx_kernel`).
+- ``split``: CPU, the shared prefix attended once per group (log-sum-exp merge).
+- CUDA, fastest first (`cuda_backends`): ``varlen`` (one
+  `torch.nn.attention.varlen.varlen_attn` call per batch, adapted to the installed torch's
+  signature), ``flash_attn`` (flash-attn's varlen kernel, where torch lacks varlen),
+  ``flex`` (`flex_attention` with a document mask), ``sdpa_padded`` (SDPA on length buckets
+  of padded sequences). Never per-sequence SDPA with a mask and GQA on CUDA: no fused kernel
+  takes both, so PyTorch would run its math kernel once per document.
 """
 
 from __future__ import annotations
+
+import functools
+import importlib.util
+import inspect
+import logging
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 from rerankd.engine.amx_kernel import load_kernel, sequence_table
-from rerankd.engine.batch import PackedBatch
+from rerankd.engine.batch import PackedBatch, VarlenLayout
+
+log = logging.getLogger(__name__)
 
 #: flat keys/values of every shared prefix of the batch for one layer, each (sum P, KVH, D)
 PrefixKV = tuple[torch.Tensor, torch.Tensor]
@@ -27,6 +39,13 @@ def _lower_right_causal_mask(q_len: int, k_len: int, device: torch.device) -> to
     rows = torch.arange(q_len, device=device)[:, None]
     cols = torch.arange(k_len, device=device)[None, :]
     return cols <= rows + offset  # (q_len, k_len) bool
+
+
+def expand_kv(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """(T, KVH, D) -> (T, heads, D), key/value head j serving query heads j*g .. j*g + g - 1
+    (SDPA's and flash-attention's GQA mapping): for kernels that take no GQA flag."""
+    groups = heads // t.shape[1]
+    return t if groups == 1 else t.repeat_interleave(groups, dim=1)
 
 
 def sdpa_attention(
@@ -52,6 +71,7 @@ def sdpa_attention(
         span = batch.prefix_span(i) if prefix_kv is not None else None
         mask = None
         is_causal = causal
+        expand = False
         if span is not None:
             p_start, p_len = span
             pk = prefix_kv[0][p_start : p_start + p_len].transpose(0, 1)[None]  # (1, KVH, P, D)
@@ -60,12 +80,83 @@ def sdpa_attention(
             vi = torch.cat((pv, vi), dim=2)
             if causal:  # the prefix is in the past of every token: a lower-right mask
                 mask = _lower_right_causal_mask(length, ki.shape[2], q.device)
+                # no fused CUDA kernel takes a mask with GQA: expand the heads so the
+                # memory-efficient kernel runs instead of the math one
+                expand = gqa and q.device.type != "cpu"
             is_causal = False
+        if expand:
+            ki = ki.repeat_interleave(q.shape[1] // ki.shape[1], dim=1)
+            vi = vi.repeat_interleave(q.shape[1] // vi.shape[1], dim=1)
         oi = F.scaled_dot_product_attention(
-            qi, ki, vi, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=gqa
+            qi,
+            ki,
+            vi,
+            attn_mask=mask,
+            is_causal=is_causal,
+            scale=scale,
+            enable_gqa=gqa and not expand,
         )
         out[start:end] = oi[0].transpose(0, 1)  # (H, L, D) -> (L, H, D)
     return out
+
+
+def _layout(batch: PackedBatch) -> VarlenLayout:
+    """The batch's varlen layout, built on first use (once per batch, then cached on it)."""
+    return batch.varlen if batch.varlen is not None else batch.with_varlen_layout().varlen
+
+
+def _sequence_keys(
+    k: torch.Tensor, v: torch.Tensor, layout: VarlenLayout, prefix_kv: PrefixKV | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys/values (T_k, KVH, D) with each sequence's [prefix, own] rows contiguous."""
+    if prefix_kv is None:
+        return k, v
+    return torch.cat((prefix_kv[0], k))[layout.gather], torch.cat((prefix_kv[1], v))[layout.gather]
+
+
+def torch_varlen_kernel() -> Callable | None:
+    """`torch.nn.attention.varlen.varlen_attn`, or None in a torch without it (< 2.10)."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+@functools.lru_cache(maxsize=16)
+def _keywords(kernel: Callable) -> frozenset[str] | None:
+    """Keyword names `kernel` takes; None when it takes any (**kwargs) or has no signature."""
+    try:
+        params = inspect.signature(kernel).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    return frozenset(p.name for p in params)
+
+
+def takes(kernel: Callable, name: str) -> bool:
+    """Whether `kernel` accepts the keyword argument `name`."""
+    names = _keywords(kernel)
+    return names is None or name in names
+
+
+def varlen_kwargs(kernel: Callable, causal: bool, scale: float, gqa: bool) -> tuple[dict, bool]:
+    """Keyword arguments for this torch's `varlen_attn`, and whether the caller must expand
+    the key/value heads itself. torch 2.11's signature is `(q, k, v, cu_seq_q, cu_seq_k,
+    max_q, max_k, *, return_aux=None, scale=None, window_size=(-1, -1))`: no `enable_gqa`
+    (later ones add it); 2.10's took `is_causal` instead of `window_size`."""
+    kwargs: dict = {"scale": scale}
+    if takes(kernel, "window_size"):  # (-1, 0): causal, aligned bottom-right as flash-attention
+        kwargs["window_size"] = (-1, 0) if causal else (-1, -1)
+    elif takes(kernel, "is_causal"):
+        kwargs["is_causal"] = causal
+    else:
+        raise TypeError(f"varlen_attn{inspect.signature(kernel)} takes no causal argument")
+    expand = gqa and not takes(kernel, "enable_gqa")
+    if gqa and not expand:
+        kwargs["enable_gqa"] = True
+    return kwargs, expand
 
 
 def varlen_attention(
@@ -77,16 +168,39 @@ def varlen_attention(
     causal: bool,
     scale: float,
     out: torch.Tensor | None = None,
-    kernel=None,
+    kernel: Callable | None = None,
 ) -> torch.Tensor:
-    """Same contract as `sdpa_attention`, as one varlen kernel call (`batch.varlen` set)."""
-    layout = batch.varlen
+    """Same contract as `sdpa_attention`, as one varlen kernel call (torch's by default)."""
+    layout = _layout(batch)
     if kernel is None:
-        from torch.nn.attention.varlen import varlen_attn as kernel
-    if prefix_kv is not None:
-        k = torch.cat((prefix_kv[0], k))[layout.gather]  # (T_k, KVH, D): [prefix, own] per seq
-        v = torch.cat((prefix_kv[1], v))[layout.gather]
-    result = kernel(
+        kernel = torch_varlen_kernel()
+        if kernel is None:
+            raise RuntimeError(f"torch {torch.__version__} has no varlen_attn")
+    k, v = _sequence_keys(k, v, layout, prefix_kv)  # (T_k, KVH, D): [prefix, own] per seq
+    kwargs, expand = varlen_kwargs(kernel, causal, scale, q.shape[1] != k.shape[1])
+    if expand:
+        k, v = expand_kv(k, q.shape[1]), expand_kv(v, q.shape[1])
+    result = kernel(q, k, v, layout.cu_seq_q, layout.cu_seq_k, layout.max_q, layout.max_k, **kwargs)
+    return result if out is None else out.copy_(result)
+
+
+def flash_attn_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    batch: PackedBatch,
+    prefix_kv: PrefixKV | None,
+    causal: bool,
+    scale: float,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Same contract, through flash-attn's varlen kernel (GQA native, causal bottom-right):
+    for a torch without `varlen_attn` where the flash-attn package is installed."""
+    from flash_attn import flash_attn_varlen_func
+
+    layout = _layout(batch)
+    k, v = _sequence_keys(k, v, layout, prefix_kv)
+    result = flash_attn_varlen_func(
         q,
         k,
         v,
@@ -94,14 +208,215 @@ def varlen_attention(
         layout.cu_seq_k,
         layout.max_q,
         layout.max_k,
-        scale=scale,
-        window_size=(-1, 0) if causal else (-1, -1),
-        enable_gqa=q.shape[1] != k.shape[1],
+        softmax_scale=scale,
+        causal=causal,
     )
     return result if out is None else out.copy_(result)
 
 
-ATTENTION = {"sdpa": sdpa_attention, "varlen": varlen_attention}
+def _document_rows(batch: PackedBatch) -> tuple[torch.Tensor, ...]:
+    """Per flat row: (query's sequence, query's last visible key index within its sequence,
+    key's sequence, key's index within its sequence), cached on the batch. Keys of sequence
+    i are [prefix, own], queries its own tokens: query j sees keys 0 .. P_i + j."""
+    cache = batch.__dict__.setdefault("_document_rows", {})
+    if not cache:
+        device = batch.input_ids.device
+        q_lengths = torch.tensor(batch.lengths, device=device)
+        k_lengths = torch.tensor(
+            [n + (s[1] if (s := batch.prefix_span(i)) else 0) for i, n in enumerate(batch.lengths)],
+            device=device,
+        )
+        seq = torch.arange(len(batch.lengths), device=device)
+        q_doc = seq.repeat_interleave(q_lengths)
+        k_doc = seq.repeat_interleave(k_lengths)
+        q_first = torch.cumsum(q_lengths, 0) - q_lengths
+        k_first = torch.cumsum(k_lengths, 0) - k_lengths
+        q_index = torch.arange(len(q_doc), device=device) - q_first[q_doc]
+        k_index = torch.arange(len(k_doc), device=device) - k_first[k_doc]
+        cache["rows"] = (q_doc, q_index + (k_lengths - q_lengths)[q_doc], k_doc, k_index)
+    return cache["rows"]
+
+
+@functools.cache
+def _compiled_flex() -> Callable:
+    """flex_attention compiled: uncompiled it materializes every score (fine for CPU tests
+    only)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=True)
+
+
+def flex_document_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    batch: PackedBatch,
+    prefix_kv: PrefixKV | None,
+    causal: bool,
+    scale: float,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Same contract, as one `flex_attention` call over the whole stream with a document
+    mask (block-sparse: blocks of other documents are skipped); compiled on CUDA."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    layout = _layout(batch)
+    k, v = _sequence_keys(k, v, layout, prefix_kv)
+    cache = batch.__dict__.setdefault("_flex_masks", {})
+    if causal not in cache:
+        q_doc, q_sees, k_doc, k_index = _document_rows(batch)
+
+        def document(b, h, q_idx, kv_idx):
+            same = q_doc[q_idx] == k_doc[kv_idx]
+            return same & (k_index[kv_idx] <= q_sees[q_idx]) if causal else same
+
+        cache[causal] = create_block_mask(
+            document, None, None, len(q), len(k), device=q.device, _compile=q.is_cuda
+        )
+    attend = _compiled_flex() if q.is_cuda else flex_attention
+    result = attend(
+        q.transpose(0, 1)[None],
+        k.transpose(0, 1)[None],
+        v.transpose(0, 1)[None],
+        block_mask=cache[causal],
+        scale=scale,
+        enable_gqa=q.shape[1] != k.shape[1],
+    )[0].transpose(0, 1)
+    return result if out is None else out.copy_(result)
+
+
+#: padded tokens per bucket of `padded_sdpa_attention` (bounds its (B, H, Lq, Lk) mask)
+PADDED_BUCKET_TOKENS = 16384
+#: a sequence joins a bucket only if at least this fraction of the bucket's longest
+PADDED_BUCKET_FILL = 0.8
+
+
+def length_buckets(lengths: list[int]) -> list[list[int]]:
+    """Sequence indices grouped for padding: longest first, each bucket's sequences within
+    `PADDED_BUCKET_FILL` of its longest and at most `PADDED_BUCKET_TOKENS` padded tokens
+    (one sequence per bucket when it alone exceeds that)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    buckets: list[list[int]] = []
+    for i in order:
+        if buckets:
+            bucket = buckets[-1]
+            top = lengths[bucket[0]]
+            fits = (len(bucket) + 1) * top <= PADDED_BUCKET_TOKENS
+            if fits and lengths[i] >= PADDED_BUCKET_FILL * top:
+                bucket.append(i)
+                continue
+        buckets.append([i])
+    return buckets
+
+
+def _padded_buckets(batch: PackedBatch, causal: bool, device: torch.device) -> list[tuple]:
+    """Per bucket: (query rows (B, Lq), key rows (B, Lk), mask (B, 1, Lq, Lk)), cached on the
+    batch. Padding rows index one past the end (a zero row); padded queries see every real
+    key, so no row of the mask is empty (no NaN)."""
+    cache = batch.__dict__.setdefault("_padded_buckets", {})
+    if causal in cache:
+        return cache[causal]
+    spans = [batch.prefix_span(i) for i in range(batch.num_sequences)]
+    k_lengths = [n + (s[1] if s else 0) for n, s in zip(batch.lengths, spans, strict=True)]
+    k_starts = [0]
+    for n in k_lengths[:-1]:
+        k_starts.append(k_starts[-1] + n)
+    q_total, k_total = sum(batch.lengths), sum(k_lengths)
+    out = []
+    for bucket in length_buckets(k_lengths):
+        lq = max(batch.lengths[i] for i in bucket)
+        lk = max(k_lengths[i] for i in bucket)
+        q_rows = torch.full((len(bucket), lq), q_total, dtype=torch.long)
+        k_rows = torch.full((len(bucket), lk), k_total, dtype=torch.long)
+        mask = torch.zeros((len(bucket), 1, lq, lk), dtype=torch.bool)
+        for b, i in enumerate(bucket):
+            nq, nk = batch.lengths[i], k_lengths[i]
+            q_rows[b, :nq] = torch.arange(batch.starts[i], batch.starts[i] + nq)
+            k_rows[b, :nk] = torch.arange(k_starts[i], k_starts[i] + nk)
+            cols = torch.arange(lk)[None, :]
+            allowed = cols < nk
+            if causal:
+                allowed = allowed & (cols <= torch.arange(lq)[:, None] + (nk - nq))
+            mask[b, 0] = allowed.expand(lq, lk)
+        out.append((q_rows.to(device), k_rows.to(device), mask.to(device)))
+    cache[causal] = out
+    return out
+
+
+def padded_sdpa_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    batch: PackedBatch,
+    prefix_kv: PrefixKV | None,
+    causal: bool,
+    scale: float,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Same contract, as one SDPA call per bucket of similar-length sequences padded to a
+    rectangle (`length_buckets`), key/value heads expanded: with a mask and equal heads the
+    memory-efficient CUDA kernel runs. The fallback that needs nothing beyond SDPA."""
+    layout = _layout(batch)
+    k, v = _sequence_keys(k, v, layout, prefix_kv)
+    heads = q.shape[1]
+    zero_q = q.new_zeros(1, *q.shape[1:])
+    zero_k = k.new_zeros(1, *k.shape[1:])
+    q_ext, k_ext, v_ext = torch.cat((q, zero_q)), torch.cat((k, zero_k)), torch.cat((v, zero_k))
+    out = torch.empty_like(q) if out is None else out
+    for q_rows, k_rows, mask in _padded_buckets(batch, causal, q.device):
+        qb = q_ext[q_rows].transpose(1, 2)  # (B, H, Lq, D)
+        kb = expand_kv(k_ext[k_rows].flatten(0, 1), heads).unflatten(0, k_rows.shape)
+        vb = expand_kv(v_ext[k_rows].flatten(0, 1), heads).unflatten(0, k_rows.shape)
+        ob = F.scaled_dot_product_attention(
+            qb, kb.transpose(1, 2), vb.transpose(1, 2), attn_mask=mask, scale=scale
+        ).transpose(1, 2)  # (B, Lq, H, D)
+        real = q_rows < len(q)
+        out[q_rows[real]] = ob[real]
+    return out
+
+
+ATTENTION = {
+    "sdpa": sdpa_attention,
+    "varlen": varlen_attention,
+    "flash_attn": flash_attn_attention,
+    "flex": flex_document_attention,
+    "sdpa_padded": padded_sdpa_attention,
+}
+
+
+def cuda_backends() -> list[str]:
+    """Fused CUDA attention backends to probe, fastest first; logs at WARNING why each one
+    ahead of what remains is missing. `sdpa_padded` needs only SDPA, so it always remains."""
+    backends = []
+    if torch_varlen_kernel() is not None:
+        backends.append("varlen")
+    else:
+        log.warning("torch %s has no varlen_attn; trying flash-attn", torch.__version__)
+    if importlib.util.find_spec("flash_attn") is not None:
+        backends.append("flash_attn")
+    elif not backends:
+        log.warning("flash-attn is not installed; trying flex_attention")
+    if importlib.util.find_spec("torch.nn.attention.flex_attention") is not None:
+        backends.append("flex")
+    elif not backends:
+        log.warning("torch %s has no flex_attention; SDPA on padded buckets", torch.__version__)
+    return [*backends, "sdpa_padded"]
+
+
+def describe(backend: str) -> str:
+    """The kernel a backend runs, as `/v1/models` names it."""
+    if backend == "varlen":
+        kernel = torch_varlen_kernel()
+        native = kernel is not None and takes(kernel, "enable_gqa")
+        return "varlen_attn" if native else "varlen_attn (KV heads expanded)"
+    return {
+        "sdpa": "sdpa (per sequence)",
+        "split": "sdpa (prefix split)",
+        "amx": "amx (rerankd AMX bf16)",
+        "flash_attn": "flash_attn varlen",
+        "flex": "flex_attention (document mask)",
+        "sdpa_padded": "sdpa (padded buckets)",
+    }.get(backend, backend)
 
 
 def split_prefix_attention(

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from rerankd.engine.amx_kernel import load_kernel
+from rerankd.engine.attention import cuda_backends, describe
 from rerankd.engine.base import cpu_has_amx, split_on_oom
 from rerankd.engine.batch import pack
 from rerankd.types import EncodedPair
@@ -55,7 +56,9 @@ class PackedEngine:
         self._device = device
         self.share_prefix = share_prefix
         self.vocab_size = vocab_size
-        self.default_batch_tokens = 32768 if device.type == "cuda" else 8192
+        # CUDA: one whole W-GPU request (100 docs, ~41k tokens) in one batch, its shared
+        # prefix computed once; 32k split it in two
+        self.default_batch_tokens = 65536 if device.type == "cuda" else 8192
         self.quantized = quantized
         self.tolerance = _INT8_BACKEND_TOLERANCE if quantized else _BACKEND_TOLERANCE
         self.attention = "sdpa"  # what `_forward` reads while the probes below run
@@ -64,6 +67,11 @@ class PackedEngine:
         self.compiled = (
             self._wants_compile(compile, device, dtype, quantized) and self._compile_agrees()
         )
+
+    @property
+    def kernel(self) -> str:
+        """The attention kernel in use, as `/v1/models` names it."""
+        return describe(self.attention)
 
     def score(self, batch) -> list[float]:
         # `self._forward` is looked up per call so the fault-injection hook can wrap it
@@ -150,8 +158,8 @@ class PackedEngine:
         if mode not in ATTENTION_MODES:
             raise ValueError(f"unknown --attention {mode!r}; use auto or sdpa")
         if mode == "auto":
-            if device.type == "cuda" and self._attention_agrees("varlen"):
-                return "varlen"
+            if device.type == "cuda":  # fused kernels only: see `attention.cuda_backends`
+                return next(filter(self._attention_agrees, cuda_backends()), "sdpa")
             # load_kernel is None without AMX-BF16 and AVX512-BF16 or a working build
             amx = device.type == "cpu" and dtype == torch.bfloat16 and load_kernel() is not None
             if amx and self._attention_agrees("amx"):
@@ -168,8 +176,8 @@ class PackedEngine:
             self.attention = backend  # `_forward` builds the layout this backend reads
             got = self._forward(pairs, groups)
         except Exception as exc:  # kernel missing, unsupported dtype/head size, ...
-            log.info(
-                "%s attention unavailable (%s: %s); using per-sequence SDPA",
+            log.warning(
+                "%s attention unavailable (%s: %s); trying the next kernel",
                 backend,
                 type(exc).__name__,
                 exc,
