@@ -127,11 +127,12 @@ class Limits:
     max_queued_tokens: int = 2_000_000
 
 
-#: /health turns "degraded" (503) after this many requests in a row failed in inference ...
-DEGRADED_AFTER_FAILURES = 3
-#: ... the last of them less than this many seconds ago (so an instance a load balancer took
-#: out of rotation comes back by itself, and is taken out again if it still fails)
-DEGRADED_FOR_S = 60.0
+#: after a failed inference, and then while degraded, a known-good probe pair is scored at
+#: most this often; /health is "degraded" (503) while the probe fails or scores non-finite.
+#: A probe, not a failure count: a client repeating a poison input must not take healthy
+#: instances out of rotation, while a broken checkpoint fails the probe too.
+PROBE_EVERY_S = 10.0
+PROBE_QUERY, PROBE_DOCUMENT = "warm-up query", "warm-up document"
 #: characters per token assumed when estimating a request's size before tokenizing it
 #: (English BPE averages ~4; a low estimate only admits a request the queue then refuses)
 CHARS_PER_TOKEN_ESTIMATE = 4
@@ -171,29 +172,55 @@ class RerankService:
         self.in_flight = 0
         #: estimated tokens of those requests (admission control before tokenizing)
         self.admitted_tokens = 0
-        self._failures_in_a_row = 0
-        self._last_failure = 0.0
+        #: models whose last health probe failed, and when each model was last probed
+        self._degraded: set[str] = set()
+        self._probed_at: dict[str, float] = {}
+        self._probes: set[asyncio.Task] = set()
         # tokenization is CPU work: a bounded pool, so a flood cannot starve the engine
         self._tokenizers = ThreadPoolExecutor(
             max_workers=max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="rerankd-tok"
         )
 
     @property
-    def degraded(self) -> bool:
-        """Inference failed for the last DEGRADED_AFTER_FAILURES requests, recently."""
-        return (
-            self._failures_in_a_row >= DEGRADED_AFTER_FAILURES
-            and time.monotonic() - self._last_failure < DEGRADED_FOR_S
-        )
-
-    @property
     def state(self) -> str:
-        """ok, loading, draining or degraded (what /health reports)."""
+        """ok, loading, draining or degraded (what /health reports). While degraded, each
+        call may start a new probe (at most every PROBE_EVERY_S), so an instance taken out
+        of rotation comes back by itself once its engine scores again."""
         if self.draining:
             return "draining"
         if not self.ready:
             return "loading"
-        return "degraded" if self.degraded else "ok"
+        for model in self.models:
+            if model.name in self._degraded:
+                self._probe_soon(model)
+        return "degraded" if self._degraded else "ok"
+
+    def _probe_soon(self, model: ServedModel) -> None:
+        """Score the known-good probe pair in the background (rate-limited)."""
+        now = time.monotonic()
+        if now - self._probed_at.get(model.name, -PROBE_EVERY_S) < PROBE_EVERY_S:
+            return
+        self._probed_at[model.name] = now
+        task = asyncio.get_running_loop().create_task(self._probe(model))
+        self._probes.add(task)
+        task.add_done_callback(self._probes.discard)
+
+    async def _probe(self, model: ServedModel) -> None:
+        try:
+            pairs = await asyncio.get_running_loop().run_in_executor(
+                self._tokenizers, model.recipe.encode, [PROBE_QUERY], [PROBE_DOCUMENT]
+            )
+            scores = await model.scheduler.submit(pairs)
+            healthy = all(math.isfinite(s) for s in scores)
+        except (ShuttingDown, Overloaded):
+            return  # says nothing about the engine
+        except Exception:
+            healthy = False
+        if healthy:
+            self._degraded.discard(model.name)
+        else:
+            self.metrics.failures.labels("health_probe").inc()
+            self._degraded.add(model.name)
 
     def resolve(self, name: str | None) -> ServedModel:
         """The model a request names (None/empty → the default, i.e. first, model)."""
@@ -234,7 +261,7 @@ class RerankService:
         and it gets a 429 at once when the estimate does not fit beside what is admitted.
         """
         estimate = self._estimate_tokens(model, queries, documents, instruction)
-        self._admit(len(documents), estimate)
+        self._admit(model, len(documents), estimate)
         self.in_flight += 1
         self.admitted_tokens += estimate
         options = _LongInputs(
@@ -257,13 +284,12 @@ class RerankService:
                 "send fewer or shorter documents, or raise --request-timeout"
             ) from exc
         except InferenceFailed:
-            self._failures_in_a_row += 1
-            self._last_failure = time.monotonic()
+            self._probe_soon(model)  # this input, or the engine? the probe tells
             raise
         finally:
             self.in_flight -= 1
             self.admitted_tokens -= estimate
-        self._failures_in_a_row = 0
+        self._degraded.discard(model.name)  # the engine just scored: it works
         return scored
 
     @staticmethod
@@ -278,7 +304,7 @@ class RerankService:
             total += min(limit, chars // CHARS_PER_TOKEN_ESTIMATE + 8)
         return total
 
-    def _admit(self, num_documents: int, estimate: int) -> None:
+    def _admit(self, model: ServedModel, num_documents: int, estimate: int) -> None:
         if self.draining:
             raise ShuttingDown("the server is shutting down and takes no new requests")
         if num_documents > self.limits.max_documents:
@@ -295,10 +321,10 @@ class RerankService:
             )
         budget = self.limits.max_queued_tokens
         if self.admitted_tokens and self.admitted_tokens + estimate > budget:
-            self.metrics.failures.labels("overloaded").inc()
+            self.metrics.rejected.labels(model.name).inc()
             raise Overloaded(
-                f"the server is busy (~{self.admitted_tokens} tokens admitted, this request "
-                f"~{estimate}, limit {budget}, --max-queued-tokens); retry shortly"
+                f"the server is busy (~{self.admitted_tokens} tokens queued or being scored, "
+                f"this request ~{estimate}, limit {budget}, --max-queued-tokens); retry shortly"
             )
 
     async def _score(self, model, queries, documents, instruction, options) -> ScoredPairs:

@@ -52,11 +52,13 @@ class APIKeyMiddleware:
     disagree on which one counts, and that disagreement is how auth gets bypassed.
     """
 
-    def __init__(self, app: ASGIApp, keys: APIKeys) -> None:
+    def __init__(self, app: ASGIApp, keys: APIKeys | Iterable[str]) -> None:
         self.app = app
-        self.keys = keys
+        self.keys = keys if isinstance(keys, APIKeys) else APIKeys(keys)
 
-    def _authorized(self, header: bytes) -> bool:
+    def _authorized(self, header: bytes | None) -> bool:
+        if header is None:
+            return False
         scheme, _, token = header.partition(b" ")
         if scheme.lower() != b"bearer":
             return False

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -51,8 +50,15 @@ MAX_JSON_DEPTH = 250
 _PARSE_INLINE_BYTES = 256 * 1024
 #: orjson reads integers beyond 64 bits as floats, which would echo a changed value
 _BIG_INT = 2.0**64
-#: ... told apart from a float literal (1e22 is a float, and echoes as one) by its digits
-_INT_LITERAL_20_DIGITS = re.compile(rb"(?<![\d.eE+-])-?\d{20,}(?![\d.eE])")
+#: ... told apart from a float literal (1e22 is a float, and echoes as one) by its digits:
+#: 20 or more of them, not preceded by [0-9.eE+-] (after an optional minus sign), nor
+#: followed by [.eE]. Runs of 20 digits are found by translating every digit to b"0" and
+#: finding b"0" * 20 (native speed; a regex over the body takes ~3 s for 60 MB, holding
+#: the GIL, so stalling the event loop)
+_DIGITS_AS_ZERO = bytes.maketrans(b"123456789", b"000000000")
+_TWENTY_DIGITS = b"0" * 20
+_NOT_BEFORE_AN_INT = frozenset(b"0123456789.eE+-")
+_NOT_AFTER_AN_INT = frozenset(b".eE")
 
 
 async def read_request(
@@ -87,8 +93,7 @@ def parse_json(body: bytes, max_values: int = 1_000_000) -> dict[str, Any]:
     """Parse and check a request body (see `read_json`); raises HTTPError(400)."""
     if not body.strip():
         raise HTTPError(400, "the request body is empty; send a JSON object")
-    bound = body.count(b",") + body.count(b"[") + body.count(b"{")
-    if bound > max_values:
+    if _values_exceed(body, max_values):
         raise HTTPError(
             400,
             f"the request body holds more than {max_values} JSON values (counting its commas "
@@ -112,11 +117,69 @@ def parse_json(body: bytes, max_values: int = 1_000_000) -> dict[str, Any]:
     return data
 
 
+#: bytes counted per call: bytes.count holds the GIL, ~75 ms for 60 MB in one call, which
+#: would stall the event loop while a worker thread counts; 1 MiB windows take ~1 ms each
+_COUNT_WINDOW = 1 << 20
+
+
+def _values_exceed(body: bytes, max_values: int) -> bool:
+    """Whether the body has more than `max_values` commas and brackets (an upper bound on
+    its JSON values, save one), counted window by window so that other threads (the event
+    loop) get the GIL in between, and stopping as soon as the bound is passed."""
+    total = 0
+    for start in range(0, len(body), _COUNT_WINDOW):
+        end = start + _COUNT_WINDOW
+        total += body.count(b",", start, end) + body.count(b"[", start, end)
+        total += body.count(b"{", start, end)
+        if total > max_values:
+            return True
+    return False
+
+
 def _has_big_int_literal(body: bytes) -> bool:
-    """Whether the body spells an integer outside [-2**63, 2**64) (orjson's exact range)."""
-    return any(
-        not -(2**63) <= int(m.group()) < 2**64 for m in _INT_LITERAL_20_DIGITS.finditer(body)
-    )
+    """Whether the body spells an integer outside [-2**63, 2**64) (orjson's exact range).
+
+    Every step works on at most a 1 MiB window (see `_COUNT_WINDOW`), so the event loop
+    gets the GIL in between, and int() sees at most ~20 digits (it refuses over 4,300)."""
+    at = _next_digit_run(body, 0)
+    while at != -1:
+        end = _digit_run_end(body, at)
+        start = at - 1 if at and body[at - 1] == ord("-") else at
+        is_int = (start == 0 or body[start - 1] not in _NOT_BEFORE_AN_INT) and (
+            end == len(body) or body[end] not in _NOT_AFTER_AN_INT
+        )
+        if is_int:
+            digits = body[at:end].lstrip(b"0")
+            if len(digits) > 20:
+                return True
+            value = int(digits or b"0")
+            if (value > 2**63) if start != at else (value >= 2**64):
+                return True
+        at = _next_digit_run(body, end)
+    return False
+
+
+def _next_digit_run(body: bytes, pos: int) -> int:
+    """Where the first run of at least 20 ASCII digits at or after `pos` starts; -1 if none.
+    (Called at 0 and at the end of a run, so no run straddles `pos`.)"""
+    for start in range(pos, len(body), _COUNT_WINDOW):
+        window = body[start : start + _COUNT_WINDOW + len(_TWENTY_DIGITS) - 1]
+        found = window.translate(_DIGITS_AS_ZERO).find(_TWENTY_DIGITS)
+        if found != -1:
+            return start + found
+    return -1
+
+
+def _digit_run_end(body: bytes, at: int) -> int:
+    """The index just past the run of ASCII digits that starts at `at`."""
+    pos = at
+    while pos < len(body):
+        window = body[pos : pos + _COUNT_WINDOW].translate(_DIGITS_AS_ZERO)
+        rest = len(window.lstrip(b"0"))
+        if rest:
+            return pos + len(window) - rest
+        pos += len(window)
+    return len(body)
 
 
 def _inspect(value: Any) -> tuple[int, float | None]:
@@ -381,7 +444,7 @@ async def score_plain(request: Request) -> JSONResponse:
     "/health",
     methods=["GET", "HEAD"],
     summary="200 when the model is loaded and warmed; 503 while loading, draining or degraded "
-    "(inference failed for the last 3 requests, the last one within 60 s)",
+    "(a failed inference was followed by a failed known-good probe)",
 )
 async def health(request: Request) -> JSONResponse:
     state = _service(request).state
@@ -390,7 +453,7 @@ async def health(request: Request) -> JSONResponse:
     message = {
         "loading": "the server is loading",
         "draining": "the server is draining",
-        "degraded": "the server is degraded: inference failed for the last requests",
+        "degraded": "the server is degraded: its engine fails even on a known-good probe",
     }[state]
     return error_response(503, message, headers={"Retry-After": "5"})
 

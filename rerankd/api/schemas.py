@@ -29,7 +29,11 @@ class _LongInputFields(_Request):
     truncate: StrictBool | None = Field(
         None, description="true (default): cut over-long documents at the end; false: 400 instead."
     )
-    truncation: StrictBool | None = Field(None, description="Voyage's name for `truncate`.")
+    truncation: Any = Field(
+        None,
+        description="Voyage's name for `truncate` (a boolean; other values, which other "
+        "clients send with other meanings, are ignored).",
+    )
     truncation_side: Literal["left", "right"] | None = Field(
         None,
         description="vLLM: `right` (default) cuts an over-long document's end, `left` keeps it.",
@@ -53,7 +57,8 @@ class _LongInputFields(_Request):
     def long_inputs(self) -> dict[str, Any]:
         """The service's keyword arguments for long inputs (0 and -1 mean "no cap", as vLLM
         sends them)."""
-        truncate = self.truncate if self.truncate is not None else self.truncation
+        voyage = self.truncation if isinstance(self.truncation, bool) else None
+        truncate = self.truncate if self.truncate is not None else voyage
         prompt = self.truncate_prompt_tokens
         return {
             "truncate": truncate is not False,

@@ -26,17 +26,21 @@ from rerankd.types import Batch
 
 class FakeEngine:
     """Scores a pair by its token ids (deterministic, distinct per text); `nan` makes every
-    score NaN, as a checkpoint with a NaN weight does."""
+    score NaN, as a checkpoint with a NaN weight does; `fail_over` fails any batch holding
+    a pair longer than that many tokens (a poison input: the engine itself is fine)."""
 
     name = "fake"
     default_batch_tokens = 8192
 
-    def __init__(self, nan: bool = False) -> None:
+    def __init__(self, nan: bool = False, fail_over: int | None = None) -> None:
         self.nan = nan
+        self.fail_over = fail_over
         self.batches: list[Batch] = []
 
     def score(self, batch: Batch) -> list[float]:
         self.batches.append(batch)
+        if self.fail_over is not None and max(len(p) for p in batch.pairs) > self.fail_over:
+            raise RuntimeError("poison input")
         if self.nan:
             return [math.nan] * len(batch.pairs)
         return [(sum(p.input_ids) % 1000) / 100 - 5 for p in batch.pairs]
@@ -51,7 +55,8 @@ def qwen3_recipe(qwen3_dir):
 def make_client(qwen3_recipe) -> Callable:
     """`with make_client(**options) as client:` an app over a fake engine.
 
-    options: served_name, limits (a Limits), api_keys, cors_origins, nan, document_format.
+    options: served_name, limits (a Limits), nan, fail_over (see FakeEngine), and create_app's
+    api_keys, cors_origins, document_format.
     """
 
     @contextmanager
@@ -59,10 +64,11 @@ def make_client(qwen3_recipe) -> Callable:
         served_name: str = "tiny-qwen3",
         limits: Limits | None = None,
         nan: bool = False,
+        fail_over: int | None = None,
         **app_options: Any,
     ) -> Iterator[TestClient]:
         metrics = Metrics()
-        engine = FakeEngine(nan=nan)
+        engine = FakeEngine(nan=nan, fail_over=fail_over)
         names = aliases_for("/models/tiny-qwen3", [served_name])
         model = ServedModel(names[0], qwen3_recipe, Scheduler(engine, metrics, names[0]), names[1:])
         service = RerankService([model], metrics, limits or Limits())

@@ -8,7 +8,7 @@ import time
 import orjson
 import pytest
 
-from rerankd.service import DEGRADED_AFTER_FAILURES, Limits
+from rerankd.service import Limits
 from tests.e2e.helpers import assert_error
 
 DOCS = ["Paris is the capital of France.", "Berlin is in Germany.", "Bananas are yellow."]
@@ -148,6 +148,14 @@ def test_an_instruction_longer_than_the_context_but_short_in_bytes_is_refused(cl
 # --- wrong answers --------------------------------------------------------------------------
 
 
+def _health_within(client, status: int, seconds: float = 3.0) -> None:
+    """/health answers `status` within `seconds` (the probe runs in the background)."""
+    deadline = time.monotonic() + seconds
+    while client.get("/health").status_code != status:
+        assert time.monotonic() < deadline, client.get("/health").text
+        time.sleep(0.02)
+
+
 def test_a_nan_score_is_a_500_naming_the_cause_and_degrades_health(make_client):
     with make_client(nan=True) as client:
         assert client.get("/health").status_code == 200
@@ -160,21 +168,39 @@ def test_a_nan_score_is_a_500_naming_the_cause_and_degrades_health(make_client):
             assert_error(client.post(path, json=body), 500, contains=["non-finite"])
         tei = client.post("/rerank", json={"query": "q", "texts": DOCS})
         assert_error(tei, 500, contains=["non-finite"])
-        assert DEGRADED_AFTER_FAILURES <= 3
-        health = client.get("/health")
-        assert_error(health, 503, contains=["degraded"])
+        _health_within(client, 503)
+        assert_error(client.get("/health"), 503, contains=["degraded"])
         metrics = client.get("/metrics").text
         assert 'rerankd_failures_total{kind="non_finite"} 3.0' in metrics
+        assert 'rerankd_failures_total{kind="health_probe"} 1.0' in metrics
 
 
 def test_health_recovers_after_a_success(make_client):
     with make_client(nan=True) as client:
-        for _ in range(DEGRADED_AFTER_FAILURES):
-            client.post("/v1/rerank", json={"query": "q", "documents": DOCS})
-        assert client.get("/health").status_code == 503
+        client.post("/v1/rerank", json={"query": "q", "documents": DOCS})
+        _health_within(client, 503)
         client.engine.nan = False
         assert rerank(client).status_code == 200
         assert client.get("/health").status_code == 200
+
+
+def test_health_recovers_by_its_own_probe_when_no_request_comes(make_client, monkeypatch):
+    monkeypatch.setattr("rerankd.service.PROBE_EVERY_S", 0.05)
+    with make_client(nan=True) as client:
+        client.post("/v1/rerank", json={"query": "q", "documents": DOCS})
+        _health_within(client, 503)
+        client.engine.nan = False  # e.g. a transient device fault cleared
+        _health_within(client, 200)
+
+
+def test_a_repeated_poison_input_fails_alone_and_never_degrades_health(make_client):
+    with make_client(fail_over=100) as client:
+        for _ in range(5):
+            response = rerank(client, documents=["word " * 300])
+            assert_error(response, 500, contains=["inference failed"])
+        time.sleep(0.2)  # let the probe run
+        assert client.get("/health").status_code == 200
+        assert rerank(client).status_code == 200
 
 
 # --- admission ------------------------------------------------------------------------------

@@ -79,7 +79,8 @@ def test_authorized_accepts_exactly_the_configured_bearer_keys(middleware, heade
 def test_an_empty_configured_key_never_matches(middleware):
     assert middleware._authorized(b"Bearer ") is False
     assert middleware._authorized(b"Bearer  ") is False
-    assert APIKeyMiddleware(app=None, keys=[""])._keys == []
+    assert len(APIKeyMiddleware(app=None, keys=[""]).keys) == 0
+    assert not APIKeyMiddleware(app=None, keys=[""]).keys.enabled
 
 
 @pytest.mark.parametrize(
@@ -110,13 +111,17 @@ def test_health_and_version_are_open_everything_else_needs_a_key(secure):
     with secure.client() as client:
         assert client.get("/health").status_code == 200
         assert client.get("/version").status_code == 200
+        assert client.get("/health/").status_code == 200  # the same open route, no redirect
+        assert client.head("/health").status_code == 200
         for method, path in [
             ("GET", "/v1/models"),
             ("GET", "/metrics"),
             ("GET", "/openapi.json"),
             ("GET", "/docs"),
             ("GET", "/no/such/route"),
-            ("GET", "/health/"),
+            ("GET", "/v1/models/"),  # a trailing slash is the same route: still closed
+            ("POST", "/v1/rerank/"),
+            ("POST", "/v1/ranking"),
             ("POST", "/v1/rerank"),
             ("POST", "/rerank"),
             ("POST", "/v2/rerank"),
