@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 MAX_HEADER_BYTES_CEILING = 64 * 1024
 #: how long a refused (over the cap) connection is read from before it is closed
 REFUSED_LINGER_S = 1.0
+#: the cap's warning is logged at most every 10 s
+_refusals = {"next_log": 0.0}
 
 
 @dataclass(frozen=True)
@@ -150,7 +152,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if not self._got_bytes:  # a new connection that never sent anything
             self.transport.close()
             return
-        log.info(
+        log.debug(
             "closing a connection: no complete request head in %gs", self.limits.header_timeout
         )
         self._reject(
@@ -164,7 +166,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._deadline = None
         if self.transport.is_closing():
             return
-        log.info("closing a connection: request body not complete in %gs", self.limits.body_timeout)
+        log.debug(
+            "closing a connection: request body not complete in %gs", self.limits.body_timeout
+        )
         self._reject(
             408,
             f"the request body did not arrive within {self.limits.body_timeout:g}s "
@@ -194,7 +198,14 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def _refuse(self) -> None:
         self._refused = True
         self.connections.discard(self)  # counts no more; closes itself
-        log.warning("refusing a connection: %d open (--max-connections)", len(self.connections))
+        now = self.loop.time()
+        if now >= _refusals["next_log"]:  # a flood must not flood the log too
+            _refusals["next_log"] = now + 10.0
+            log.warning(
+                "refusing connections: %d open (--max-connections %d)",
+                len(self.connections),
+                self.limits.max_connections,
+            )
         self.transport.write(
             error_bytes(
                 503,
@@ -221,7 +232,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().data_received(data)
         over = counting and self._in_head and self._head_bytes > self.limits.max_header_bytes
         if (over or self._oversized) and not self.transport.is_closing():
-            log.info(
+            log.debug(
                 "closing a connection: request head over %d bytes", self.limits.max_header_bytes
             )
             self._disarm()
