@@ -153,15 +153,16 @@ class Block(nn.Module):
         """x: rows of `prefixes` (if any), rows of `batch`, then padding rows (zero
         attention output); returns rows `keep_from:`.
 
-        Per-token work runs in chunks of `kernels.chunk` tokens (cache-sized activations
-        for eager kernels), each a multiple of `align` rows if `len(x)` and `keep_from`
-        are; attention runs once per stream: the prefixes causally among
+        Per-token work runs in chunks of `kernels.chunk_for(device)` tokens (CPU:
+        cache-sized activations; CUDA: the whole stream), each a multiple of `align` rows
+        if `len(x)` and `keep_from` are; attention runs once per stream: the prefixes causally among
         themselves, every sequence of `batch` over its prefix's keys and its own."""
         kernels = kernels or EAGER
         attn = self.self_attn
         c = attn.config
         T = x.shape[0]
-        spans = token_chunks(T, kernels.chunk, align)
+        chunk = kernels.chunk_for(x.device.type) or max(T, 1)
+        spans = token_chunks(T, chunk, align)
         # one chunk (most batches of the compiled kernels): their outputs as they are, not
         # copied into preallocated tensors (W-CPU bf16 in-process: +5 %)
         if len(spans) == 1:
@@ -183,7 +184,7 @@ class Block(nn.Module):
         u = slice(shared, end)
         attn.attend(q[u], k[u], v[u], batch, prefix, True, c.scale, out=y[u])
         x, y = x[keep_from:], y[keep_from:].view(T - keep_from, attn.q_size)
-        spans = token_chunks(len(x), kernels.chunk, align)
+        spans = token_chunks(len(x), chunk, align)
         if len(spans) == 1:
             return kernels.finish(self, x, y)
         out = torch.empty_like(x)
@@ -335,8 +336,15 @@ class TokenKernels:
 
     project: Callable
     finish: Callable
-    #: tokens per call of `project`/`finish`
+    #: tokens per call of `project`/`finish` on CPU
     chunk: int = TOKEN_CHUNK
+
+    def chunk_for(self, device_type: str) -> int | None:
+        """Tokens per call on this device type; None: the whole stream in one call. The
+        chunks are a CPU cache tuning; on CUDA each chunk costs ~30 kernel launches per
+        layer (a 32k-token batch in 1,024-token chunks: ~22,000 launches on the 0.6B shape)
+        and there is no cache to fit."""
+        return self.chunk if device_type == "cpu" else None
 
 
 EAGER = TokenKernels(project_tokens, finish_tokens)
