@@ -5,12 +5,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import sys
 from collections.abc import Sequence
+from dataclasses import fields
 
 from rerankd import __version__
-from rerankd.settings import DEFAULT_MODEL, Settings, add_settings_arguments, settings_from_args
+from rerankd.settings import (
+    DEFAULT_MODEL,
+    Settings,
+    SettingsError,
+    add_settings_arguments,
+    settings_from_args,
+)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -35,8 +41,8 @@ def _serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"rerankd: cannot start: {exc}", file=sys.stderr)
         return 2
-    if args.ray:
-        return _serve_on_ray(args, settings)
+    if settings.ray:
+        return _serve_on_ray(settings)
     from rerankd.server import serve
 
     try:
@@ -51,80 +57,20 @@ def _serve(args: argparse.Namespace) -> int:
 
 # --- Ray (rerankd.ray): `serve --ray` and `rerank --ray` ---------------------------------
 
-
-def _add_ray_arguments(parser: argparse.ArgumentParser, serving: bool) -> None:
-    what = "Serve replicas" if serving else "model actors (Ray Data)"
-    group = parser.add_argument_group(
-        "Ray (with --ray; needs `pip install rerankd[ray]`; see docs/scaling.md)"
-    )
-    group.add_argument(
-        "--ray",
-        action="store_true",
-        help="Run on Ray: the cluster in RAY_ADDRESS, else a local one started for this run. "
-        + (
-            "Ray Serve runs the same HTTP app in each replica, behind Serve's proxy on "
-            "--host/--port."
-            if serving
-            else "A Ray Data job over a JSONL or Parquet file/directory (local or a URI "
-            "pyarrow opens); the output is the same JSONL as without --ray."
-        ),
-    )
-    group.add_argument("--replicas", type=int, default=1, help=f"Number of {what} (default 1).")
-    group.add_argument(
-        "--num-cpus-per-replica", type=float, default=1.0, help="CPUs Ray reserves for each."
-    )
-    group.add_argument(
-        "--num-gpus-per-replica",
-        type=float,
-        default=0.0,
-        help="GPUs Ray reserves for each (e.g. 1, or 0.5 for two replicas per GPU).",
-    )
-    group.add_argument(
-        "--min-replicas",
-        type=int,
-        default=None,
-        help=f"Autoscale the {what} between --min-replicas and --max-replicas.",
-    )
-    group.add_argument("--max-replicas", type=int, default=None, help="See --min-replicas.")
-    if serving:
-        group.add_argument(
-            "--target-ongoing-requests",
-            type=float,
-            default=8.0,
-            help="Autoscaling target: requests in flight per replica (default 8).",
-        )
-        group.add_argument(
-            "--max-ongoing-requests",
-            type=int,
-            default=32,
-            help="Most requests Serve sends to one replica at once (default 32); the rest "
-            "wait in Serve's queue.",
-        )
-        group.add_argument(
-            "--ingress-replicas",
-            type=int,
-            default=1,
-            help="With several --models: replicas of the HTTP ingress, which tokenizes and "
-            "routes to one engine deployment per model (the flags above size each of those; "
-            "default 1).",
-        )
-        group.add_argument(
-            "--num-cpus-per-ingress",
-            type=float,
-            default=1.0,
-            help="With several --models: CPUs Ray reserves for each ingress replica (its "
-            "tokenization threads; default 1).",
-        )
-    else:
-        group.add_argument(
-            "--batch-size",
-            type=int,
-            default=16,
-            help="Input rows per actor call (scored concurrently; default 16).",
-        )
+#: Settings fields that are Ray's and that `rerank --ray` takes (`serve` takes every field
+#: but batch_size)
+_RAY_COMMON = (
+    "ray",
+    "replicas",
+    "num_cpus_per_replica",
+    "num_gpus_per_replica",
+    "min_replicas",
+    "max_replicas",
+)
+_RAY_DATA = (*_RAY_COMMON, "batch_size")
 
 
-def _serve_on_ray(args: argparse.Namespace, settings: Settings) -> int:
+def _serve_on_ray(settings: Settings) -> int:
     from rerankd.ray import RAY_MISSING
 
     try:
@@ -133,15 +79,15 @@ def _serve_on_ray(args: argparse.Namespace, settings: Settings) -> int:
         print(f"rerankd: cannot start: {RAY_MISSING}", file=sys.stderr)
         return 1
     options = ReplicaOptions(
-        replicas=args.replicas,
-        num_cpus=args.num_cpus_per_replica,
-        num_gpus=args.num_gpus_per_replica,
-        min_replicas=args.min_replicas,
-        max_replicas=args.max_replicas,
-        target_ongoing_requests=args.target_ongoing_requests,
-        max_ongoing_requests=args.max_ongoing_requests,
-        ingress_replicas=args.ingress_replicas,
-        ingress_num_cpus=args.num_cpus_per_ingress,
+        replicas=settings.replicas,
+        num_cpus=settings.num_cpus_per_replica,
+        num_gpus=settings.num_gpus_per_replica,
+        min_replicas=settings.min_replicas,
+        max_replicas=settings.max_replicas,
+        target_ongoing_requests=settings.target_ongoing_requests,
+        max_ongoing_requests=settings.max_ongoing_requests,
+        ingress_replicas=settings.ingress_replicas,
+        ingress_num_cpus=settings.num_cpus_per_ingress,
     )
     try:
         options.validate()
@@ -167,18 +113,19 @@ def _rerank_on_ray(args: argparse.Namespace) -> int:
     except ImportError:
         print(f"rerankd rerank: {RAY_MISSING}", file=sys.stderr)
         return 2
+    settings = _local_settings(args)
     options = DataOptions(
-        replicas=args.replicas,
-        min_replicas=args.min_replicas,
-        max_replicas=args.max_replicas,
-        num_cpus=args.num_cpus_per_replica,
-        num_gpus=args.num_gpus_per_replica,
-        batch_size=args.batch_size,
+        replicas=settings.replicas,
+        min_replicas=settings.min_replicas,
+        max_replicas=settings.max_replicas,
+        num_cpus=settings.num_cpus_per_replica,
+        num_gpus=settings.num_gpus_per_replica,
+        batch_size=settings.batch_size,
     )
     return main(
         args.input,
         Path(args.output),
-        _local_settings(args),
+        settings,
         options,
         top_n=args.top_n or None,
         instruction=args.instruction,
@@ -204,21 +151,11 @@ def _add_backend_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="Score on a running rerankd server instead, e.g. http://host:8000.",
     )
-    group.add_argument(
-        "--api-key",
-        default=None,
-        help="API key for --url (default: the first of RERANKD_API_KEY, if set).",
-    )
+    # --api-key: with --url, the first key is sent (the same flag and variable as `serve`'s)
+    add_settings_arguments(group, only=["api_key"])
     group.add_argument("--instruction", default=None, help="Task instruction for every query.")
     local = parser.add_argument_group("in-process engine (ignored with --url)")
-    local.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16.")
-    local.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
-    local.add_argument("--recipe", default="auto", help="Force a scoring recipe (see `serve`).")
-    local.add_argument("--max-model-len", type=int, default=None, help="Cap on tokens per pair.")
-    local.add_argument(
-        "--max-batch-tokens", type=int, default=None, help="Token budget of one engine batch."
-    )
-    local.add_argument("--revision", default=None, help="Hub revision to download.")
+    add_settings_arguments(local, only=_LOCAL_ENGINE)
     parser.add_argument(
         "--concurrency",
         type=int,
@@ -228,15 +165,28 @@ def _add_backend_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="No progress bar.")
 
 
+#: Settings fields of the in-process engine that `rerank` and `eval` take
+_LOCAL_ENGINE = (
+    "dtype",
+    "device",
+    "recipe",
+    "max_model_len",
+    "max_batch_tokens",
+    "revision",
+    "engine",
+    "quantize",
+    "compile",
+    "attention",
+)
+
+
 def _backend_factory(args: argparse.Namespace):
     """An awaitable factory of the offline backend the flags ask for."""
     from rerankd.offline import LocalBackend, RemoteBackend
 
     if args.url:
-        key = args.api_key
-        if key is None:
-            env_keys = [k for k in os.environ.get("RERANKD_API_KEY", "").split(",") if k.strip()]
-            key = env_keys[0].strip() if env_keys else None
+        keys = args.api_key if args.api_key is not None else args._env_api_key
+        key = keys[0] if keys else None
         return lambda: RemoteBackend.open(args.url, key, args.model)
     settings = _local_settings(args)
     return lambda: LocalBackend.open(settings)
@@ -244,15 +194,8 @@ def _backend_factory(args: argparse.Namespace):
 
 def _local_settings(args: argparse.Namespace) -> Settings:
     """Settings of the in-process engine from the `rerank`/`eval` flags."""
-    return Settings(
-        model=args.model or DEFAULT_MODEL,
-        dtype=args.dtype,
-        device=args.device,
-        recipe=args.recipe,
-        max_model_len=args.max_model_len,
-        max_batch_tokens=args.max_batch_tokens,
-        revision=args.revision,
-        log_level="warning",
+    return settings_from_args(
+        args, model=args.model or DEFAULT_MODEL, api_key=[], log_level="warning"
     )
 
 
@@ -265,7 +208,7 @@ def _rerank(args: argparse.Namespace) -> int:
     if args.top_n is not None and args.top_n < 0:
         print("rerankd rerank: --top-n must be >= 0", file=sys.stderr)
         return 2
-    if args.ray:
+    if getattr(args, "ray", False):
         return _rerank_on_ray(args)
     input_path, output_path = Path(args.input), Path(args.output)
     if not input_path.is_file():
@@ -305,8 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"rerankd {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="Serve a reranker model over HTTP.")
-    add_settings_arguments(serve)
-    _add_ray_arguments(serve, serving=True)
+    add_settings_arguments(serve, only=[f.name for f in fields(Settings) if f.name != "batch_size"])
     serve.set_defaults(handler=_serve)
 
     rerank = commands.add_parser(
@@ -324,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-documents", action="store_true", help="Leave `document` out of the results."
     )
     _add_backend_arguments(rerank)
-    _add_ray_arguments(rerank, serving=False)
+    add_settings_arguments(rerank.add_argument_group("Ray (see docs/scaling.md)"), only=_RAY_DATA)
     rerank.set_defaults(handler=_rerank)
 
     evaluate = commands.add_parser(
@@ -340,7 +282,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        parser = build_parser()  # reads RERANKD_* defaults: a bad one is a usage error
+    except SettingsError as exc:
+        print(f"rerankd: {exc}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
     return args.handler(args)
 
 

@@ -151,6 +151,39 @@ class Settings:
         1024, "Open client connections at most; beyond, new ones are refused with a 503."
     )
 
+    # --- Ray (with --ray; see docs/scaling.md) --------------------------------------------
+    ray: bool = _opt(
+        False,
+        "Run on Ray (needs `pip install rerankd[ray]`): the cluster in RAY_ADDRESS, else a "
+        "local one started for this run. `serve`: Ray Serve runs the same HTTP app in each "
+        "replica behind Serve's proxy on --host/--port; `rerank`: a Ray Data job over a "
+        "JSONL or Parquet file or directory, with the same output as without --ray.",
+    )
+    replicas: int = _opt(1, "Ray: number of Serve replicas (serve) or model actors (rerank).")
+    num_cpus_per_replica: float = _opt(1.0, "Ray: CPUs reserved for each replica or actor.")
+    num_gpus_per_replica: float = _opt(
+        0.0, "Ray: GPUs reserved for each replica or actor (e.g. 1, or 0.5 for two per GPU)."
+    )
+    min_replicas: int | None = _opt(
+        None, "Ray: autoscale replicas between --min-replicas and --max-replicas."
+    )
+    max_replicas: int | None = _opt(None, "Ray: see --min-replicas.")
+    target_ongoing_requests: float = _opt(
+        8.0, "Ray Serve autoscaling target: requests in flight per replica."
+    )
+    max_ongoing_requests: int = _opt(
+        32, "Ray Serve: most requests sent to one replica at once; the rest wait in Serve's queue."
+    )
+    ingress_replicas: int = _opt(
+        1,
+        "Ray Serve with several --models: replicas of the HTTP ingress, which tokenizes and "
+        "routes to one engine deployment per model.",
+    )
+    num_cpus_per_ingress: float = _opt(
+        1.0, "Ray Serve with several --models: CPUs reserved for each ingress replica."
+    )
+    batch_size: int = _opt(16, "Ray Data (rerank --ray): input rows per actor call.")
+
     def per_model(self) -> list[Settings]:
         """One Settings per served model: `models` split into `model` + `served_model_name`
         (every other setting shared), or just this one when `models` is empty."""
@@ -210,6 +243,11 @@ class Settings:
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
 
 
+class SettingsError(ValueError):
+    """A RERANKD_* variable that cannot be read as its setting's type (the CLI prints it as
+    one line and exits 2; a library caller gets an exception, not a SystemExit)."""
+
+
 def _kind(f) -> str:
     """'list', 'int', 'float', 'bool' or 'str' from the field's annotation string."""
     annotation = str(f.type).replace(" ", "")
@@ -232,7 +270,7 @@ def _convert(kind: str, raw: str, name: str) -> Any:
                 return raw.lower() in _TRUE
             raise ValueError(raw)
     except ValueError as exc:
-        raise SystemExit(f"{name}={raw!r} is not a valid {kind}") from exc
+        raise SettingsError(f"{name}={raw!r} is not a valid {kind}") from exc
     return raw
 
 
@@ -245,11 +283,16 @@ def _default(f, env: Mapping[str, str]) -> Any:
 
 
 def add_settings_arguments(
-    parser: argparse.ArgumentParser, env: Mapping[str, str] | None = None
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+    env: Mapping[str, str] | None = None,
+    only: Sequence[str] | None = None,
 ) -> None:
-    """One flag per Settings field, its default taken from RERANKD_* variables."""
+    """One flag per Settings field (or per field named in `only`), its default taken from
+    RERANKD_* variables: every flag of every subcommand is declared here, once."""
     env = os.environ if env is None else env
     for f in fields(Settings):
+        if only is not None and f.name not in only:
+            continue
         flag = "--" + f.name.replace("_", "-")
         kind = _kind(f)
         default = _default(f, env)
@@ -268,9 +311,13 @@ def add_settings_arguments(
             parser.add_argument(flag, type=convert, default=default, help=help_text)
 
 
-def settings_from_args(args: argparse.Namespace) -> Settings:
-    values = {}
+def settings_from_args(args: argparse.Namespace, **overrides: Any) -> Settings:
+    """Settings from parsed flags; fields a subcommand does not declare keep their defaults
+    (or take `overrides`)."""
+    values = dict(overrides)
     for f in fields(Settings):
+        if f.name in values or not hasattr(args, f.name):
+            continue
         value = getattr(args, f.name)
         if _kind(f) == "list" and value is None:
             value = getattr(args, f"_env_{f.name}")

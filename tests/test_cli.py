@@ -61,3 +61,31 @@ def test_serve_refuses_an_empty_key_set_in_one_line(tmp_path, args, env, message
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, proc.stderr
     assert message in lines[0], proc.stderr
+
+
+def test_ray_flags_have_environment_variables_like_every_other_flag(monkeypatch):
+    from rerankd.settings import settings_from_args
+
+    monkeypatch.setenv("RERANKD_REPLICAS", "3")
+    monkeypatch.setenv("RERANKD_NUM_GPUS_PER_REPLICA", "0.5")
+    args = build_parser().parse_args(["serve", "--ray"])
+    settings = settings_from_args(args)
+    assert (settings.ray, settings.replicas, settings.num_gpus_per_replica) == (True, 3, 0.5)
+    args = build_parser().parse_args(["rerank", "--input", "i", "--output", "o", "--replicas", "2"])
+    assert settings_from_args(args).replicas == 2
+
+
+def test_rerank_and_eval_take_the_engine_flags_from_settings(monkeypatch):
+    from rerankd.cli import _local_settings
+
+    monkeypatch.setenv("RERANKD_DTYPE", "float32")
+    args = build_parser().parse_args(["eval", "--dataset", "d", "--quantize", "int8"])
+    settings = _local_settings(args)
+    assert (settings.dtype, settings.quantize, settings.api_key) == ("float32", "int8", [])
+
+
+def test_a_bad_environment_value_is_one_line_and_exit_2(monkeypatch, capsys):
+    monkeypatch.setenv("RERANKD_PORT", "eighty")
+    assert main(["serve", "--help"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "RERANKD_PORT" in err

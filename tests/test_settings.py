@@ -6,7 +6,7 @@ from dataclasses import fields
 
 import pytest
 
-from rerankd.settings import DEFAULT_MODEL, Settings, parse_settings
+from rerankd.settings import DEFAULT_MODEL, Settings, SettingsError, parse_settings
 
 
 def test_defaults():
@@ -43,9 +43,9 @@ def test_flags_beat_environment_and_lists_repeat():
 
 
 def test_bad_environment_values_fail_with_the_variable_name():
-    with pytest.raises(SystemExit, match="RERANKD_PORT"):
+    with pytest.raises(SettingsError, match="RERANKD_PORT"):
         parse_settings([], env={"RERANKD_PORT": "eighty"})
-    with pytest.raises(SystemExit, match="RERANKD_ACCESS_LOG"):
+    with pytest.raises(SettingsError, match="RERANKD_ACCESS_LOG"):
         parse_settings([], env={"RERANKD_ACCESS_LOG": "maybe"})
 
 
