@@ -12,6 +12,10 @@ which is only a smoke test of the script.
 
     python -m benchmarks.bench_gpu --size 0.6b            # needs a CUDA device
     python -m benchmarks.bench_gpu --size 4b
+    python -m benchmarks.bench_gpu --device cpu --model DIR --docs 8   # a smoke test
+
+`--json` writes what was measured (docs/s, ratios, p50 of a 1 x 16 request, the attention
+kernel, peak CUDA memory); scripts/device_check.sh runs both sizes on the GPU machine.
 """
 
 from __future__ import annotations
@@ -66,27 +70,35 @@ def timed(fn, device: torch.device, repeats: int) -> list[float]:
     return out
 
 
-def run_rerankd(model_dir: Path, pairs, device: torch.device, batch_tokens: int | None):
+def run_rerankd(
+    model_dir: Path, pairs, device: torch.device, batch_tokens: int | None, compile: str = "auto"
+):
+    """(one W-GPU request through a fresh scheduler, one 1 x 16 request, the engine)."""
     settings = Settings(
-        model=str(model_dir), dtype="bfloat16", device=str(device), max_batch_tokens=batch_tokens
+        model=str(model_dir),
+        dtype="bfloat16",
+        device=str(device),
+        max_batch_tokens=batch_tokens,
+        compile=compile,
     )
     served = load_model(settings, Metrics())
-    encoded = [EncodedPair(p) for p in pairs]
-
     engine = served.scheduler.engine
 
-    async def one_request():
-        scheduler = Scheduler(engine, Metrics(), served.name, batch_tokens, max_queued_tokens=10**9)
-        scheduler.start()
-        try:
-            return await scheduler.submit(encoded)
-        finally:
-            await scheduler.stop()
+    def request(encoded: list[EncodedPair]):
+        async def one_request():
+            scheduler = Scheduler(
+                engine, Metrics(), served.name, batch_tokens, max_queued_tokens=10**9
+            )
+            scheduler.start()
+            try:
+                return await scheduler.submit(encoded)
+            finally:
+                await scheduler.stop()
 
-    def go():
         return asyncio.run(one_request())
 
-    return go, served.scheduler.engine.attention
+    everything = [EncodedPair(p) for p in pairs]
+    return (lambda: request(everything)), (lambda: request(everything[:16])), engine
 
 
 def run_transformers(model_dir: Path, pairs, device: torch.device, batch: int, best_effort: bool):
@@ -135,9 +147,14 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16, help="transformers batch size")
     parser.add_argument("--max-batch-tokens", type=int, default=None, help="rerankd token budget")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument(
+        "--model", type=Path, default=None, help="an existing checkpoint instead of --size's"
+    )
+    parser.add_argument("--compile", default="auto", choices=["auto", "on", "off"])
+    parser.add_argument("--latency-repeats", type=int, default=20, help="1 x 16 requests timed")
     args = parser.parse_args()
     device = torch.device(args.device)
-    model_dir = ensure_model(args.size)
+    model_dir = args.model or ensure_model(args.size)
     vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
     pairs = workload(vocab, args.docs, seed=0, doc_range=(args.doc_min, args.doc_max))
     tokens = sum(map(len, pairs))
@@ -145,27 +162,62 @@ def main() -> None:
         f"device {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, "
         f"{args.size}, {args.docs} docs, {tokens} tokens ({tokens / args.docs:.0f}/pair, {PREFIX_TOKENS} shared)"
     )
-    results = {}
-    rerankd_run, attention = run_rerankd(model_dir, pairs, device, args.max_batch_tokens)
+    results, seconds, peak_bytes = {}, {}, {}
+    rerankd_run, rerankd_16, engine = run_rerankd(
+        model_dir, pairs, device, args.max_batch_tokens, args.compile
+    )
+    kernel = getattr(engine, "kernel", engine.attention)
+    latency = timed(rerankd_16, device, args.latency_repeats)
+    p50_ms = 1000 * statistics.median(latency)
+    print(f"rerankd 1 x 16 request: p50 {p50_ms:.1f} ms ({args.latency_repeats} requests)")
+    # each peer is built only when its turn comes: two copies of the 4B shape at once need
+    # twice the memory for nothing
     engines = {
-        f"rerankd (packed, {attention})": rerankd_run,
-        "transformers model-card": run_transformers(model_dir, pairs, device, args.batch, False),
-        "transformers best-effort": run_transformers(model_dir, pairs, device, args.batch, True),
+        f"rerankd (packed, {kernel})": lambda: rerankd_run,
+        "transformers model-card": lambda: run_transformers(
+            model_dir, pairs, device, args.batch, False
+        ),
+        "transformers best-effort": lambda: run_transformers(
+            model_dir, pairs, device, args.batch, True
+        ),
     }
-    for name, fn in engines.items():
+    for name, build in engines.items():
+        fn = build()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         times = timed(fn, device, args.repeats)
         results[name] = args.docs / statistics.median(times)
+        seconds[name] = times
+        if device.type == "cuda":
+            peak_bytes[name] = torch.cuda.max_memory_allocated(device)
         print(f"{name:32s} {results[name]:9.1f} docs/s  (median of {args.repeats})")
+        del fn
         if device.type == "cuda":
             torch.cuda.empty_cache()
     ours = next(v for k, v in results.items() if k.startswith("rerankd"))
-    for name, value in results.items():
-        if not name.startswith("rerankd"):
-            print(f"rerankd / {name}: {ours / value:.2f}x")
+    ratios = {name: ours / value for name, value in results.items() if name.startswith("trans")}
+    for name, ratio in ratios.items():
+        print(f"rerankd / {name}: {ratio:.2f}x")
     if args.json:
-        args.json.write_text(
-            json.dumps({"size": args.size, "device": str(device), "docs_per_s": results}, indent=2)
-        )
+        summary = {
+            "size": args.size,
+            "model": str(model_dir),
+            "device": str(device),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "torch": torch.__version__,
+            "docs": args.docs,
+            "tokens": tokens,
+            "repeats": args.repeats,
+            "attention": engine.attention,
+            "kernel": kernel,
+            "batch_tokens": args.max_batch_tokens or engine.default_batch_tokens,
+            "docs_per_s": results,
+            "rerankd_over": ratios,
+            "seconds": seconds,
+            "p50_ms_1x16": p50_ms,
+            "peak_cuda_bytes": peak_bytes,
+        }
+        args.json.write_text(json.dumps(summary, indent=2))
 
 
 if __name__ == "__main__":

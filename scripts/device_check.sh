@@ -1,0 +1,168 @@
+#!/usr/bin/env bash
+# The GPU machine's checks (issue 17), run from the repository root, installing only from
+# .device/ (scripts/device_kit.sh): `pytest -m gpu`, then W-GPU (benchmarks/bench_gpu.py) for
+# the 0.6B and 4B shapes against the two transformers peers. The benchmark checkpoints are
+# built while the tests run. Everything within $DEVICE_CHECK_BUDGET_S (480 s), each step under
+# its own `timeout`. Results under $OUT: device_check.json (steps, rc, seconds, W-GPU figures),
+# w-gpu-<size>.json, env.json, pytest-gpu.xml, device_check.log and one log per step.
+#
+#   scripts/device_check.sh             # on the GPU machine (see docs/benchmarks.md)
+#   scripts/device_check.sh --dry-run   # the same steps on CPU with tiny shapes (CI, < 90 s)
+#
+# Exit status 0 only if every step passed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+DRY=0
+[[ "${1:-}" == "--dry-run" ]] && DRY=1
+OUT=${OUT:-$ROOT/.device-out}
+mkdir -p "$OUT"
+LOG=$OUT/device_check.log
+STEPS=$OUT/steps.tsv
+: >"$LOG"
+: >"$STEPS"
+if ((DRY)); then BUDGET_S=${DEVICE_CHECK_BUDGET_S:-85}; else BUDGET_S=${DEVICE_CHECK_BUDGET_S:-480}; fi
+START=$(date +%s)
+PY=${PYTHON:-$(command -v python || command -v python3)}
+TMP=${TMPDIR:-/tmp}
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
+export RERANKD_FIXTURE_CACHE=${RERANKD_FIXTURE_CACHE:-$TMP/rerankd-fixtures}
+export RERANKD_BENCH_CACHE=${RERANKD_BENCH_CACHE:-$TMP/rerankd-bench}
+
+log() { echo "[device_check +$(($(date +%s) - START))s] $*" | tee -a "$LOG"; }
+
+# step NAME LIMIT_S CMD...: CMD under `timeout` (LIMIT_S, or what is left of the budget),
+# its output in $OUT/NAME.log; records "NAME rc seconds" in steps.tsv
+step() {
+    local name=$1 limit=$2
+    shift 2
+    local left=$((BUDGET_S - ($(date +%s) - START)))
+    if ((left < 5)); then
+        log "$name: skipped, the ${BUDGET_S}s budget is spent"
+        printf '%s\t124\t0\n' "$name" >>"$STEPS"
+        return 124
+    fi
+    ((limit > left)) && limit=$left
+    log "$name (timeout ${limit}s): $*"
+    local t0 rc
+    t0=$(date +%s)
+    timeout --kill-after=5 "$limit" "$@" >"$OUT/$name.log" 2>&1
+    rc=$?
+    printf '%s\t%s\t%s\n' "$name" "$rc" "$(($(date +%s) - t0))" >>"$STEPS"
+    log "$name: rc $rc in $(($(date +%s) - t0))s"
+    return $rc
+}
+
+log "dry run $DRY, budget ${BUDGET_S}s, python $PY, OUT $OUT"
+command -v nvidia-smi >/dev/null && nvidia-smi >>"$LOG" 2>&1
+
+step env 30 "$PY" -c '
+import json, platform, sys, torch, transformers
+print(json.dumps({"python": platform.python_version(), "torch": torch.__version__,
+    "transformers": transformers.__version__, "cuda": torch.version.cuda,
+    "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}))'
+cp "$OUT/env.log" "$OUT/env.json" 2>/dev/null
+
+# the kit: fastapi, uvicorn, pydantic, orjson, ... into a folder ahead on PYTHONPATH (no venv:
+# the system python may lack ensurepip); unzipped by hand where pip is missing
+KIT_DIR=$TMP/rerankd-device-kit
+install_kit() {
+    rm -rf "$KIT_DIR"
+    if "$PY" -m pip --version >/dev/null 2>&1; then
+        "$PY" -m pip install --quiet --no-index --no-deps --target "$KIT_DIR" .device/*.whl
+    else
+        "$PY" -c 'import sys, zipfile; [zipfile.ZipFile(w).extractall(sys.argv[1]) for w in sys.argv[2:]]' \
+            "$KIT_DIR" .device/*.whl
+    fi
+    PYTHONPATH="$KIT_DIR" "$PY" -c 'import fastapi, uvicorn, pydantic, orjson, httptools; print("kit ok")'
+}
+export -f install_kit
+export PY KIT_DIR
+kit_size=$(du -sb .device 2>/dev/null | cut -f1)
+if ! ls .device/*.whl >/dev/null 2>&1; then
+    log "kit: no .device/ wheels (scripts/device_kit.sh); using what is installed"
+elif [[ $("$PY" -c 'import sys; print(sys.version_info[:2] == (3, 12))') != True ]]; then
+    # cp312 wheels: only checked here, installed on the GPU machine's Python 3.12
+    step kit 10 bash -c "ls .device; test ${kit_size:-0} -le $((64 * 1024 * 1024))"
+else
+    step kit 60 bash -c install_kit && export PYTHONPATH=$KIT_DIR:$PYTHONPATH
+fi
+
+# checkpoints, built while the tests run
+declare -A MODEL_ARGS
+if ((DRY)); then
+    if [[ -n "${DEVICE_CHECK_MODEL:-}" ]]; then
+        TINY=$DEVICE_CHECK_MODEL
+    else
+        step fixture 60 "$PY" -c 'from tests.fixtures.paths import fixture_dir; print(fixture_dir("qwen3"))'
+        TINY=$(tail -n 1 "$OUT/fixture.log")
+    fi
+    SIZES=(0.6b 4b)
+    SHARED="--device cpu --model $TINY --docs 8 --doc-min 16 --doc-max 48 --repeats 1 --batch 4 --latency-repeats 2 --compile off"
+    MODEL_ARGS[0.6b]=$SHARED
+    MODEL_ARGS[4b]=$SHARED
+else
+    SIZES=(0.6b 4b)
+    step make-model-0.6b 200 "$PY" -m benchmarks.make_model --size 0.6b &
+    BUILD_06=$!
+    step make-model-4b 300 "$PY" -m benchmarks.make_model --size 4b &
+    BUILD_4=$!
+    MODEL_ARGS[0.6b]=""
+    MODEL_ARGS[4b]=""
+fi
+
+step pytest-gpu 210 "$PY" -m pytest -m gpu tests/gpu -q -rs -p no:cacheprovider \
+    --junitxml="$OUT/pytest-gpu.xml"
+
+for size in "${SIZES[@]}"; do
+    if ((!DRY)); then
+        if [[ $size == 0.6b ]]; then wait "$BUILD_06"; else wait "$BUILD_4"; fi
+    fi
+    limit=150
+    [[ $size == 4b ]] && limit=200
+    # shellcheck disable=SC2086
+    step "w-gpu-$size" "$limit" "$PY" -m benchmarks.bench_gpu --size "$size" ${MODEL_ARGS[$size]} \
+        --json "$OUT/w-gpu-$size.json"
+done
+
+"$PY" - "$OUT" "$DRY" "$BUDGET_S" "$(($(date +%s) - START))" <<'PY'
+import json, sys
+from pathlib import Path
+
+out, dry, budget, elapsed = Path(sys.argv[1]), sys.argv[2] == "1", int(sys.argv[3]), int(sys.argv[4])
+steps = [
+    {"name": name, "rc": int(rc), "seconds": int(seconds)}
+    for name, rc, seconds in (line.split("\t") for line in (out / "steps.tsv").read_text().splitlines())
+]
+results = {
+    path.stem.removeprefix("w-gpu-"): json.loads(path.read_text())
+    for path in sorted(out.glob("w-gpu-*.json"))
+}
+pytest = {}
+if (out / "pytest-gpu.xml").is_file():
+    import xml.etree.ElementTree as ET
+
+    suite = ET.parse(out / "pytest-gpu.xml").getroot()
+    suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+    pytest = {k: int(suite.get(k, 0)) for k in ("tests", "skipped", "failures", "errors")}
+summary = {
+    "dry_run": dry,
+    "budget_s": budget,
+    "elapsed_s": elapsed,
+    "ok": all(s["rc"] == 0 for s in steps),
+    "steps": steps,
+    "pytest_gpu": pytest,
+    "w_gpu": results,
+}
+(out / "device_check.json").write_text(json.dumps(summary, indent=2))
+for s in steps:
+    print(f"{s['name']:18s} rc {s['rc']:3d} {s['seconds']:4d}s")
+print("pytest -m gpu:", pytest)
+for size, r in results.items():
+    print(size, r["kernel"], {k: round(v, 1) for k, v in r["docs_per_s"].items()})
+sys.exit(0 if summary["ok"] else 1)
+PY
+rc=$?
+log "done: rc $rc, $(($(date +%s) - START))s"
+exit $rc

@@ -1,0 +1,93 @@
+"""The GPU machine's checks, rehearsed on CPU: `scripts/device_check.sh --dry-run` runs every
+step with tiny shapes and writes sane results; the GPU tests collect without the packages the
+GPU machine lacks."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+#: what the GPU machine does not have (the device kit brings the server's share)
+ABSENT = ("fastapi", "starlette", "uvicorn", "pydantic", "pydantic_core", "orjson", "ray")
+
+
+def test_device_check_dry_run_writes_sane_results(tmp_path, qwen3_dir):
+    env = {
+        **os.environ,
+        "OUT": str(tmp_path),
+        "DEVICE_CHECK_MODEL": str(qwen3_dir),
+        "PYTHON": sys.executable,
+    }
+    proc = subprocess.run(
+        ["bash", "scripts/device_check.sh", "--dry-run"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=90,  # the dry run's budget is 85 s
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    summary = json.loads((tmp_path / "device_check.json").read_text())
+    assert summary["dry_run"] and summary["ok"]
+    assert summary["elapsed_s"] <= summary["budget_s"]
+    names = [s["name"] for s in summary["steps"]]
+    assert {"env", "pytest-gpu", "w-gpu-0.6b", "w-gpu-4b"} <= set(names)
+    # every GPU test collected, and skipped here (no CUDA)
+    tests = summary["pytest_gpu"]
+    assert tests["tests"] >= 30 and tests["skipped"] == tests["tests"], tests
+    assert tests["failures"] == tests["errors"] == 0
+    for size in ("0.6b", "4b"):
+        result = json.loads((tmp_path / f"w-gpu-{size}.json").read_text())
+        assert result == summary["w_gpu"][size]
+        assert result["device"] == "cpu" and result["docs"] == 8 and result["tokens"] > 8 * 16
+        assert len(result["docs_per_s"]) == 3
+        assert all(0 < v < 1e6 for v in result["docs_per_s"].values())
+        assert set(result["rerankd_over"]) == {
+            "transformers model-card",
+            "transformers best-effort",
+        }
+        assert result["p50_ms_1x16"] > 0 and result["kernel"]
+    assert (tmp_path / "device_check.log").read_text().count("rc 0") >= 4
+
+
+def test_gpu_tests_collect_without_the_server_stack(tmp_path):
+    """`pytest -m gpu` collects tests/gpu with fastapi, uvicorn, pydantic, orjson and ray
+    unimportable and no third-party pytest plugins, as on the GPU machine; and the import
+    trace of that collection names none of them."""
+    script = textwrap.dedent(
+        f"""
+        import importlib.abc, sys
+        ABSENT = {ABSENT!r}
+
+        class Absent(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in ABSENT:
+                    raise ModuleNotFoundError(f"No module named {{name!r}} (absent on the GPU machine)")
+
+        sys.meta_path.insert(0, Absent())
+        import pytest
+        code = pytest.main(["-m", "gpu", "--collect-only", "-q", "-p", "no:cacheprovider", "tests/gpu"])
+        loaded = sorted({{m.split(".")[0] for m in sys.modules}} & set(ABSENT))
+        print("LOADED", loaded)
+        sys.exit(int(code))
+        """
+    )
+    env = {**os.environ, "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "LOADED []" in proc.stdout
+    collected = [line for line in proc.stdout.splitlines() if line.startswith("tests/gpu/")]
+    assert len(collected) >= 30, proc.stdout
+    assert any("test_server_cuda.py" in line for line in collected)
