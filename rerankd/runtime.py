@@ -47,7 +47,14 @@ def load_model(settings: Settings, metrics: Metrics) -> ServedModel:
         recipe.max_length,
         time.perf_counter() - started,
     )
-    return ServedModel(names[0], recipe, scheduler, names[1:], source=settings.model)
+    return ServedModel(
+        names[0],
+        recipe,
+        scheduler,
+        names[1:],
+        source=settings.model,
+        attention=getattr(engine, "kernel", None),
+    )
 
 
 def load_recipe(settings: Settings) -> tuple[Path, Any, Recipe]:

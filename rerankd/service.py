@@ -39,6 +39,8 @@ class ServedModel:
     aliases: list[str] = field(default_factory=list)
     source: str = ""
     created: int = field(default_factory=lambda: int(time.time()))
+    #: the attention kernel the engine chose at start-up (None where it has no choice)
+    attention: str | None = None
 
     @property
     def max_length(self) -> int:

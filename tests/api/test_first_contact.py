@@ -317,3 +317,8 @@ def test_last_path_part_of_a_served_name_is_an_alias(make_client):
         response = rerank(client, model="Qwen3-Reranker-4B")
         assert response.status_code == 200, response.text
         assert response.json()["model"] == "Qwen/Qwen3-Reranker-4B"
+
+
+def test_models_names_the_attention_kernel_field(client):
+    (model,) = client.get("/v1/models").json()["data"]
+    assert "attention" in model and model["attention"] is None  # the fake engine has no choice
