@@ -151,15 +151,14 @@ def _while_health_probed(server: Server, attack: Callable[[], None]) -> list[flo
     return result[0]
 
 
-def _send_huge_head(server: Server, head: bytes, total: int) -> tuple[bytes, float]:
-    """Stream `head` then filler header bytes up to `total` bytes (no end of head); return
-    what the server answered and how long until it closed."""
+def _send_huge_head(server: Server, head: bytes, filler: bytes, total: int) -> tuple[bytes, float]:
+    """Stream `head`, then `filler` over and over up to `total` bytes (never an end of
+    head); return what the server answered and how long until it stopped the stream."""
     sock = _connect(server)
     started = time.monotonic()
     answer = b""
     try:
         sock.sendall(head)
-        filler = b"a" * (1 << 20)
         sent = len(head)
         while sent < total:
             sock.sendall(filler)
@@ -184,24 +183,19 @@ def test_defaults_are_the_documented_limits():
 
 
 @pytest.mark.parametrize(
-    "head",
-    [
-        b"GET /health HTTP/1.1\r\nHost: x\r\nX-Huge: ",  # one header of 100 MB
-        b"GET /health HTTP/1.1\r\nHost: x\r\n" + b"X-Many: aaaaaaaaaaaa\r\n" * 2048,  # many
-    ],
+    "filler",
+    [b"a" * (1 << 20), (b"X-Many: " + b"a" * 100 + b"\r\n") * 10_000],
     ids=["one-huge-header", "many-headers"],
 )
-def test_100_mb_of_headers_are_refused_fast_and_health_stays_fast(servers, head):
-    server = servers["plain"]
+def test_100_mb_of_headers_are_refused_fast_and_health_stays_fast(servers, filler):
+    server = servers["plain"]  # the default limits
+    head = b"GET /health HTTP/1.1\r\nHost: x\r\n"
+    if filler.startswith(b"a"):
+        head += b"X-Huge: "
     outcome: dict[str, object] = {}
 
     def attack() -> None:
-        if head.endswith(b"\r\n"):  # many headers: keep sending whole header lines
-            line = b"X-Many: " + b"a" * 100 + b"\r\n"
-            filler_head = head + line * ((HUGE - len(head)) // len(line) // 1000)
-            outcome["answer"], outcome["took"] = _send_huge_head(server, filler_head, HUGE)
-        else:
-            outcome["answer"], outcome["took"] = _send_huge_head(server, head, HUGE)
+        outcome["answer"], outcome["took"] = _send_huge_head(server, head, filler, HUGE)
 
     latencies = _while_health_probed(server, attack)
     answer = outcome["answer"]
