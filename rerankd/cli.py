@@ -30,6 +30,9 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         settings.per_model()  # a bad --models is a usage error, before any loading
         settings.all_api_keys()  # so is an empty key set: never serve unauthenticated by accident
+        from rerankd.http_server import ConnectionLimits
+
+        ConnectionLimits.from_settings(settings)  # and so is a bad connection limit
         if settings.rerank_document_format not in ("object", "string"):
             raise ValueError(
                 f"--rerank-document-format {settings.rerank_document_format!r}: "

@@ -163,6 +163,7 @@ def serve(settings: Settings) -> int:
             cors_origins=settings.cors_origin,
             max_request_bytes=settings.max_request_bytes,
             access_log=settings.access_log,
+            document_format=settings.rerank_document_format,
         )
         if keys.enabled:
             log.info(

@@ -492,6 +492,7 @@ def _http_app(settings: Settings, service: Any, pusher: Any) -> Any:
         cors_origins=settings.cors_origin,
         max_request_bytes=settings.max_request_bytes,
         access_log=settings.access_log,
+        document_format=settings.rerank_document_format,
         metrics_export=pusher.export if pusher is not None else None,
     )
 
