@@ -1,11 +1,15 @@
 """Opt-in int8: the quantized engine really runs int8 linears, and scores stay close.
 
 Unit tests pin the W8A8 layers to the int8 arithmetic they stand for (quantized operands,
-exact integer products, float scales); model tests bound how far int8 moves the scores of
-the tiny fixtures, eager and compiled, and check the torch.ao fallback still serves."""
+exact integer products, float scales), with int8 and uint8 activations; the kernel choice
+refuses reference kernels, wrong results and slow paths; model tests bound how far int8
+moves the scores of the tiny fixtures, eager and compiled, and check the torch.ao fallback
+and the no-int8 fallback still serve. Other CPU classes: tests/test_cpu_classes.py."""
 
 from __future__ import annotations
 
+import logging
+import os
 from contextlib import contextmanager
 
 import pytest
@@ -13,7 +17,9 @@ import torch
 import torch.nn.functional as F
 
 from rerankd.engine import quantize
+from rerankd.engine.onednn_ops import onednn_implementations, parse_implementations
 from rerankd.engine.quantize import (
+    Int8Choice,
     Int8GatedLinear,
     Int8Linear,
     onednn_int8_supported,
@@ -59,6 +65,14 @@ def test_activation_quantization_is_symmetric_and_within_half_a_step():
     assert not zero.any() and zero_scale > 0
 
 
+def test_uint8_activations_are_the_int8_grid_shifted_by_128():
+    x = torch.randn(16, 24) * 3
+    q, scale = quantize_per_tensor(x)
+    u, same_scale = quantize_per_tensor(x, unsigned=True)
+    assert u.dtype == torch.uint8 and torch.equal(same_scale, scale)
+    assert torch.equal(u.int() - 128, q.int())
+
+
 def test_weight_quantization_is_per_output_channel():
     weight = torch.randn(6, 10) * torch.tensor([1e-3, 1, 10, 100, 0.5, 2.0])[:, None]
     q, scale = quantize_weight(weight)
@@ -68,26 +82,28 @@ def test_weight_quantization_is_per_output_channel():
 
 
 @needs_onednn_int8
+@pytest.mark.parametrize("unsigned", [False, True], ids=["int8", "uint8"])
 @pytest.mark.parametrize("bias", [False, True])
-def test_int8_linear_is_the_int8_product_in_float32(bias):
+def test_int8_linear_is_the_int8_product_in_float32(bias, unsigned):
     gen = torch.Generator().manual_seed(1)
     weight = torch.randn(40, 64, generator=gen)
     b = torch.randn(40, generator=gen) if bias else None
     x = torch.randn(3, 7, 64, generator=gen)  # leading dims are kept
-    got = Int8Linear(weight, b)(x)
+    got = Int8Linear(weight, b, unsigned=unsigned)(x)
     assert got.shape == (3, 7, 40) and got.dtype == torch.float32
     torch.testing.assert_close(got, _int8_reference(x, weight, b), atol=1e-4, rtol=1e-4)
 
 
 @needs_onednn_int8
-def test_int8_linear_in_bf16_and_its_residual_epilogue():
+@pytest.mark.parametrize("unsigned", [False, True], ids=["int8", "uint8"])
+def test_int8_linear_in_bf16_and_its_residual_epilogue(unsigned):
     if not onednn_int8_supported(torch.bfloat16):
         pytest.skip("oneDNN int8 linear with bf16 output not available here")
     gen = torch.Generator().manual_seed(2)
     weight = torch.randn(32, 48, generator=gen)
     x = torch.randn(20, 48, generator=gen).bfloat16()
     residual = torch.randn(20, 32, generator=gen).bfloat16()
-    layer = Int8Linear(weight, None)
+    layer = Int8Linear(weight, None, unsigned=unsigned)
     expected = _int8_reference(x, weight)
     out = layer(x)
     assert out.dtype == torch.bfloat16
@@ -99,15 +115,114 @@ def test_int8_linear_in_bf16_and_its_residual_epilogue():
 
 
 @needs_onednn_int8
+@pytest.mark.parametrize("unsigned", [False, True], ids=["int8", "uint8"])
 @pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
-def test_int8_gated_linear_quantizes_once_and_applies_the_activation(activation):
+def test_int8_gated_linear_quantizes_once_and_applies_the_activation(activation, unsigned):
     gen = torch.Generator().manual_seed(3)
     w13 = torch.randn(2 * 24, 32, generator=gen)
     x = torch.randn(9, 32, generator=gen)
     act = F.silu if activation == "silu" else (lambda t: F.gelu(t, approximate="tanh"))
     gate, up = _int8_reference(x, w13[:24]), _int8_reference(x, w13[24:])
-    got = Int8GatedLinear(w13, activation)(x)
+    got = Int8GatedLinear(w13, activation, unsigned)(x)
     torch.testing.assert_close(got, act(gate) * up, atol=1e-4, rtol=1e-4)
+
+
+# --- kernel choice ----------------------------------------------------------------------
+
+VERBOSE = """\
+onednn_verbose,v1,info,oneDNN v3.12.0 (commit 80afa71049cd69a3df32adcccb623b12cd7baa22)
+onednn_verbose,v1,primitive,exec,cpu,reorder,simple:any,undef,src:s8::blocked:ba::f0,,512x512,1.5
+onednn_verbose,v1,primitive,exec,cpu,matmul,ref_int8:any,undef,src:s8:a:blocked:ab::f0,,256x512,1076
+onednn_verbose,v1,primitive,exec,cpu,matmul,brg_matmul:avx512_core_vnni,undef,src:u8,,256x512,0.8
+dnnl_verbose,exec,cpu,inner_product,gemm:jit,forward_inference,src_f32::blocked:ab,,mb2ic4oc4,0.1
+"""
+
+
+def test_verbose_output_names_each_gemm_implementation():
+    assert parse_implementations(VERBOSE) == {
+        "ref_int8:any",
+        "brg_matmul:avx512_core_vnni",
+        "gemm:jit",
+    }
+
+
+@needs_onednn_int8
+def test_this_torch_build_reports_the_int8_kernel_it_runs():
+    """The kernel choice reads oneDNN's verbose mode at run time: it must see a real name."""
+    layer = Int8Linear(torch.randn(16, 32), None)
+    out, names = onednn_implementations(lambda: layer(torch.randn(4, 32)))
+    assert out.shape == (4, 16)
+    assert names and all(":" in name for name in names), names
+
+
+@pytest.fixture
+def fresh_choice(monkeypatch):
+    """`choose_int8` without its cache (restored after the test)."""
+    monkeypatch.setattr(quantize, "_LAST_CHOICE", [])
+    monkeypatch.setattr(quantize, "choose_int8", quantize.choose_int8.__wrapped__)
+    return quantize.choose_int8
+
+
+@needs_onednn_int8
+def test_a_reference_kernel_is_refused_and_the_next_path_taken(fresh_choice, monkeypatch):
+    """As on a CPU without AMX: oneDNN reports its reference kernel for int8 activations."""
+    real_probe = quantize._w8a8_probe
+
+    def probe(dtype, unsigned):
+        build = real_probe(dtype, unsigned)
+
+        def reported_as_the_reference_kernel(shape):
+            result = build(shape)
+            if not unsigned:  # what oneDNN's verbose mode prints, to file descriptor 1
+                os.write(1, VERBOSE.splitlines()[2].encode() + b"\n")
+            return result
+
+        return reported_as_the_reference_kernel
+
+    monkeypatch.setattr(quantize, "_w8a8_probe", probe)
+    choice = fresh_choice(torch.float32)
+    assert choice.path == "w8a8-uint8" and choice.unsigned and choice.speedup > 0
+    assert choice.implementations and not any(i.startswith("ref") for i in choice.implementations)
+    assert choice.refused == (("w8a8-int8", "oneDNN reference kernel ref_int8:any"),)
+    assert "refused w8a8-int8: oneDNN reference kernel" in choice.describe()
+
+
+@needs_onednn_int8
+def test_a_slower_int8_path_is_refused_and_the_model_served_without_int8(
+    fresh_choice, monkeypatch, caplog
+):
+    def int8_three_times_slower(runs, repeats):
+        return {"int8": 3e-3, "base": 1e-3} if "int8" in runs else {}
+
+    monkeypatch.setattr(quantize, "_best_times", int8_three_times_slower)
+    with caplog.at_level(logging.WARNING, logger="rerankd.engine.quantize"):
+        choice = fresh_choice(torch.float32)
+    assert choice.path == "none" and not choice.w8a8
+    refused = dict(choice.refused)
+    assert set(refused) >= {"w8a8-int8", "w8a8-uint8"}
+    # int8 activations may already be refused for a reference kernel (small shapes, no AMX)
+    assert all(
+        why.startswith("slower than the non-quantized")
+        for path, why in refused.items()
+        if path != "w8a8-int8"
+    ), refused
+    assert any(path.startswith("torch-ao") for path in refused)
+    assert "no int8 path qualifies" in caplog.text
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4))
+    served, dtype = quantize.quantize_int8(model, torch.float32)
+    assert served is model and type(model[0]) is torch.nn.Linear and dtype == torch.float32
+
+
+def test_without_any_int8_path_the_server_serves_the_exact_model(monkeypatch):
+    none = Int8Choice(torch.float32, "none", refused=(("w8a8-int8", "test"),))
+    monkeypatch.setattr(quantize, "choose_int8", lambda dtype: none)
+    monkeypatch.setattr(quantize, "_LAST_CHOICE", [none])
+    _, exact = _scores("qwen3", "none")
+    model, served = _scores("qwen3", "int8")
+    engine = model.scheduler.engine
+    assert not _int8_layers(model)
+    assert not [m for m in engine.model.modules() if "quantized" in type(m).__module__]
+    assert served == exact
 
 
 def _scores(name: str, quantize: str, dtype: str = "float32", compile: str = "off"):

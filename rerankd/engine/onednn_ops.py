@@ -13,10 +13,17 @@ from __future__ import annotations
 
 import functools
 import itertools
+import os
+import sys
+import tempfile
 import weakref
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 from torch import Tensor
+
+_T = TypeVar("_T")
 
 _PACKED: weakref.WeakValueDictionary[int, Tensor] = weakref.WeakValueDictionary()
 _NEXT_HANDLE = itertools.count(1)
@@ -67,10 +74,16 @@ def _(x, handle, out_features, other=None, binary="", attr="none", algorithm="")
 # --- W8A8 int8 linear -----------------------------------------------------------------------
 
 
+#: zero point of uint8 activations: the symmetric int8 grid shifted by 128 (same products)
+UINT8_ZERO_POINT = 128
+
+
 @functools.cache
-def _zero_points(out_features: int) -> tuple[Tensor, Tensor]:
-    """Symmetric quantization: zero points of the activations and of each weight channel."""
-    return torch.zeros((), dtype=torch.long), torch.zeros(out_features, dtype=torch.long)
+def _zero_points(out_features: int, unsigned: bool) -> tuple[Tensor, Tensor]:
+    """Symmetric quantization: zero points of the activations (0 for int8, 128 for uint8:
+    the same grid shifted) and of each weight channel."""
+    x_zero = UINT8_ZERO_POINT if unsigned else 0
+    return torch.tensor(x_zero, dtype=torch.long), torch.zeros(out_features, dtype=torch.long)
 
 
 @torch.library.custom_op("rerankd::int8_linear", mutates_args=())
@@ -88,9 +101,10 @@ def int8_linear(
 ) -> Tensor:
     """int8 `q` (activation `scale`) times the packed int8 weight of `handle` (per-channel
     `w_scale`), output in `dtype`: plus `residual` in the epilogue when given, else through
-    the unary post-op `attr`/`algorithm`."""
+    the unary post-op `attr`/`algorithm`. `q` is int8, or uint8 with zero point 128 (oneDNN
+    has optimized int8 kernels for signed activations only with AMX, `quantize.choose_int8`)."""
     packed = _lookup(handle)
-    x_zero, w_zero = _zero_points(out_features)
+    x_zero, w_zero = _zero_points(out_features, q.dtype == torch.uint8)
     if residual is not None:
         # "add" reads `residual` (oneDNN's "sum" would overwrite it in place)
         return torch.ops.onednn.qlinear_pointwise.binary_tensor(
@@ -106,3 +120,55 @@ def int8_linear(
 def _(q, scale, handle, w_scale, out_features, dtype, bias=None, residual=None, attr="none",
       algorithm=""):  # fmt: skip
     return q.new_empty(*q.shape[:-1], out_features, dtype=dtype)
+
+
+# --- which oneDNN implementation ran -------------------------------------------------------
+
+
+def onednn_implementations(fn: Callable[[], _T]) -> tuple[_T, set[str]]:
+    """`fn()` and the names of the oneDNN matmul/inner-product implementations it executed
+    (e.g. ``brg_matmul:avx512_core_vnni``; ``ref_int8:any`` is oneDNN's scalar reference).
+
+    Why: oneDNN silently falls back to its reference kernels for configurations it has no
+    optimized kernel for on this CPU (W8A8 with int8 activations without AMX ran ~1,000x
+    slower than bf16), and only its verbose mode names the implementation. Verbose mode
+    prints to the process's stdout (file descriptor 1), which is redirected to a temporary
+    file while `fn` runs: call it at start-up, never while serving. The set is empty where
+    this torch build prints nothing."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 1)
+        try:
+            with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
+                result = fn()
+        finally:
+            sys.stdout.flush()
+            os.dup2(saved, 1)
+            os.close(saved)
+        captured.seek(0)
+        text = captured.read().decode(errors="replace")
+    return result, parse_implementations(text)
+
+
+def parse_implementations(verbose: str) -> set[str]:
+    """The implementation names of the matmul/inner-product executions in oneDNN verbose
+    output (``onednn_verbose,v1,primitive,exec,cpu,matmul,<implementation>,...``)."""
+    names = set()
+    for line in verbose.splitlines():
+        fields = line.split(",")
+        if (
+            len(fields) > 6
+            and fields[0] in ("onednn_verbose", "dnnl_verbose")
+            and "exec" in fields[1:4]
+        ):
+            at = fields.index("exec")
+            if fields[at + 2] in ("matmul", "inner_product"):
+                names.add(fields[at + 3])
+    return names
+
+
+def is_reference_implementation(name: str) -> bool:
+    """oneDNN's scalar reference kernels are named ``ref...`` (``ref_int8:any``,
+    ``ref:any``)."""
+    return name.startswith("ref")
