@@ -22,6 +22,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -67,6 +68,28 @@ def qwen3_model_dir() -> Path:
     from tests.fixtures.paths import fixture_dir
 
     return fixture_dir("qwen3")
+
+
+def nan_model_dir() -> Path:
+    """A copy of the tiny Qwen3 fixture with one weight set to NaN (the final norm's first
+    element, so every pair's score is NaN): a broken checkpoint, as fp16 overflow makes one."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    target = _log_dir() / "qwen3-nan"
+    if (target / "model.safetensors").is_file():
+        return target
+    source = qwen3_model_dir()
+    staging = Path(tempfile.mkdtemp(prefix=".qwen3-nan-", dir=_log_dir()))
+    for item in source.iterdir():
+        if item.is_file() and item.name != "model.safetensors":
+            shutil.copy2(item, staging / item.name)
+    weights = load_file(source / "model.safetensors")
+    weights["model.norm.weight"] = weights["model.norm.weight"].clone()
+    weights["model.norm.weight"][0] = torch.nan
+    save_file(weights, staging / "model.safetensors", metadata={"format": "pt"})
+    staging.rename(target)
+    return target
 
 
 def server_env(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -356,6 +379,89 @@ def raw_post(path: str, body: bytes, extra_headers: bytes = b"", host: bytes = b
     )
 
 
+#: polls /health from its own process (so that the client's GIL never shows up as server
+#: latency) and prints `[[monotonic time, seconds], ...]` as JSON when stdin closes
+_HEALTH_POLLER = """
+import json, sys, threading, time, httpx
+url, pause = sys.argv[1], float(sys.argv[2])
+done, samples = threading.Event(), []
+threading.Thread(target=lambda: (sys.stdin.read(), done.set()), daemon=True).start()
+with httpx.Client(base_url=url, timeout=60) as client:
+    print("ready", flush=True)
+    while not done.is_set():
+        started = time.perf_counter()
+        client.get("/health")
+        samples.append((time.monotonic(), time.perf_counter() - started))
+        time.sleep(pause)
+print(json.dumps(samples), flush=True)
+"""
+
+
+class HealthPoller:
+    """`/health` latency measured from another process while something else happens:
+
+    with HealthPoller(server.url) as poller:
+        ...
+    poller.latencies(since, until)  # seconds
+    """
+
+    def __init__(self, url: str, pause_s: float = 0.01) -> None:
+        self.url = url
+        self.pause_s = pause_s
+        self.samples: list[tuple[float, float]] = []
+        self._proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> HealthPoller:
+        self._proc = subprocess.Popen(
+            [sys.executable, "-c", _HEALTH_POLLER, self.url, str(self.pause_s)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=server_env(),
+        )
+        assert self._proc.stdout is not None
+        assert self._proc.stdout.readline().strip() == "ready"
+        time.sleep(0.3)  # a few polls before whatever is measured
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        assert self._proc is not None
+        out, _ = self._proc.communicate("", timeout=120)
+        # a sample is (end time, latency): a poll started at end - latency
+        self.samples = [(end - took, took) for end, took in json.loads(out)]
+
+    def latencies(self, since: float = 0.0, until: float = math.inf) -> list[float]:
+        """Latencies of the polls that were in flight at any point between since and until
+        (monotonic seconds, this machine's clock: the poller shares it)."""
+        return [took for start, took in self.samples if start + took >= since and start <= until]
+
+
+class RssSampler:
+    """Peak resident memory of a process, sampled from /proc every `interval_s`."""
+
+    def __init__(self, server: Server, interval_s: float = 0.01) -> None:
+        self.server = server
+        self.interval_s = interval_s
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            with contextlib.suppress(OSError, AssertionError):
+                self.peak = max(self.peak, self.server.rss_bytes())
+            time.sleep(self.interval_s)
+
+    def __enter__(self) -> RssSampler:
+        self.peak = self.server.rss_bytes()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def percentile(values: Sequence[float], q: float) -> float:
     """Nearest-rank percentile (q in [0, 100]) of a non-empty sequence."""
     ordered = sorted(values)
@@ -398,6 +504,11 @@ SERVER_SPECS: dict[str, Any] = {
     "secure": lambda: [
         "--api-key", FLAG_KEY, "--api-key-file", _key_file(), "--cors-origin", CORS_ORIGIN,
     ],
+    # test_hostile_inputs: default limits (RSS and /health latency measured there alone),
+    # the flood of item 9 of issue 15, and a checkpoint whose scores are NaN
+    "hostile": lambda: [],
+    "flood": lambda: ["--max-queued-tokens", "50000"],
+    "nan": lambda: ["--model", str(nan_model_dir())],
     # test_shutdown (each is used up by its test)
     "sigterm": lambda: SLOW_DRAIN,
     "sigint": lambda: SLOW_DRAIN,
