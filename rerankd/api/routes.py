@@ -302,8 +302,9 @@ async def _rerank(request: Request, cohere_v2: bool = False, tei: bool = False) 
         "model": model.name,
         "usage": _usage(scored),
         "results": results,
-        # Voyage's shape, for its SDK and the LangChain/LlamaIndex/litellm wrappers of it
-        "object": "list",
+        # Voyage's shape, for its SDK and the LangChain/LlamaIndex/litellm wrappers of it;
+        # Infinity's clients (infinity-client validates the field) want their own object name
+        "object": "rerank" if "raw_scores" in data else "list",
         "data": voyage,
     }
     if cohere_v2:
@@ -327,7 +328,7 @@ async def _tei_rerank(request: Request, req: TEIRerankRequest) -> JSONResponse:
     )
     scores = scored.raw_scores if req.raw_scores else scored.scores
     items = []
-    for index in rank(scores, None):
+    for index in rank(scores, req.top_n):
         item: dict[str, Any] = {"index": index, "score": scores[index]}
         if req.return_text:
             item["text"] = req.texts[index]

@@ -120,6 +120,9 @@ class TEIRerankRequest(_Request):
     raw_scores: StrictBool = False
     return_text: StrictBool = False
     truncate: StrictBool | None = None
+    top_n: NonNegativeInt | None = Field(
+        None, description="Not TEI's, but litellm's `huggingface/` provider sends it: the best N."
+    )
     truncation_direction: Literal["Right", "Left", "right", "left"] = Field(
         "Right",
         description="Right (default): cut a too-long text at its end, as the model cards do; "

@@ -245,6 +245,7 @@ def test_error_bodies_carry_a_top_level_detail_for_jina_clients(client):
 def test_infinity_clients_get_documents_as_strings(client):
     body = rerank(client, raw_scores=False).json()
     assert all(isinstance(r["document"], str) for r in body["results"])
+    assert body["object"] == "rerank"  # infinity-client validates it
     assert isinstance(rerank(client).json()["results"][0]["document"], dict)
 
 
@@ -322,3 +323,9 @@ def test_last_path_part_of_a_served_name_is_an_alias(make_client):
 def test_models_names_the_attention_kernel_field(client):
     (model,) = client.get("/v1/models").json()["data"]
     assert "attention" in model and model["attention"] is None  # the fake engine has no choice
+
+
+def test_tei_route_honours_top_n_as_litellm_sends_it(client):
+    items = client.post("/rerank", json={"query": "q", "texts": DOCS, "top_n": 2}).json()
+    assert len(items) == 2
+    assert len(client.post("/rerank", json={"query": "q", "texts": DOCS}).json()) == 3

@@ -82,7 +82,8 @@ VENV_PROBES: dict[str, list[str]] = {
         "infinity-client",
         "llamaindex-voyageai",
         "voyageai",
-        "voyageai-truncation-error",
+        # not voyageai-truncation-error: voyageai 0.3 crashes on any error body whose `error`
+        # is an object (fixed in 0.5); rerankd keeps one error shape (tests/clients/README.md)
     ],
 }
 
