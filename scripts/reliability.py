@@ -1,9 +1,10 @@
 #!/usr/bin/env python
-"""Dedicated reliability run: fuzz, load, overload, fault, cancellation and shutdown
+"""Dedicated reliability run: fuzz, load, overload, fault, cancellation, shutdown and
+hostile-input (issue 15: many-value bodies, 10 MB fields, a flood, NaN scores, slowloris)
 scenarios against freshly started `rerankd serve` processes on the tiny Qwen3 fixture
 (127.0.0.1 only), then docs/reliability.md with what was measured.
 
-    python scripts/reliability.py                 # the full run (~10 minutes on 2 cores)
+    python scripts/reliability.py                 # the full run (~15 minutes on 2 cores)
     python scripts/reliability.py --quick         # a short smoke run of every scenario
     python scripts/reliability.py --output /tmp/r.md
 
@@ -17,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import select
 import signal
 import socket
 import statistics
@@ -40,10 +42,14 @@ import httpx  # noqa: E402
 
 from tests.hardening.conftest import (  # noqa: E402
     SLOW_DRAIN,
+    HealthPoller,
+    RssSampler,
     Server,
     error_shape_problem,
     launch_servers,
     metric_sum,
+    nan_model_dir,
+    percentile,
     raw_post,
     scores_of,
 )
@@ -53,6 +59,16 @@ from tests.hardening.test_fuzz import (  # noqa: E402
     ODD_BUT_VALID,
     check_input,
     run_schemathesis,
+)
+from tests.hardening.test_hostile_inputs import (  # noqa: E402
+    FLOOD_QUEUE_TOKENS,
+    HOSTILE_BODIES,
+    NAN_REQUESTS,
+    OVERSIZED,
+    TEN_MB,
+    health_baseline_p99,
+    run_flood,
+    send_raw,
 )
 from tests.hardening.test_load import run_load  # noqa: E402
 
@@ -491,6 +507,220 @@ def shutdown(report: Report, plain: Server, drain: dict[str, Server]) -> None:
     )
 
 
+def mib(size: float) -> str:
+    return f"{size / 2**20:.0f} MiB"
+
+
+def hostile_bodies(report: Report, hostile: Server) -> None:
+    """Issue 15 item 7: many-small-values bodies, /health polled from another process."""
+    rows = []
+    baseline = health_baseline_p99(hostile)
+    for name, make in HOSTILE_BODIES.items():
+        body = make()
+        with HealthPoller(hostile.url) as poller, RssSampler(hostile) as rss:
+            before = hostile.rss_bytes()
+            started = time.monotonic()
+            status, _ = send_raw(hostile, "/v1/rerank", body)
+            finished = time.monotonic()
+            time.sleep(0.2)
+        during = poller.latencies(started, finished)
+        p99 = percentile(during, 99) if during else float("nan")
+        growth = rss.peak - before
+        rows.append(
+            (
+                name,
+                f"{status} in {finished - started:.2f} s; /health p99 {ms(p99)} "
+                f"(max {ms(max(during)) if during else '-'}, {len(during)} polls); "
+                f"peak RSS +{mib(growth)} ({growth / len(body):.1f}x the body)",
+            )
+        )
+        if status != 400 or p99 > 0.100 + baseline or growth > 3 * len(body):
+            report.violate(f"hostile body {name}: {rows[-1][1]}")
+    rows.append(("/health p99 with no hostile body (same poller)", ms(baseline)))
+    report.add(
+        "Hostile bodies: many small JSON values (issue 15, item 7)",
+        "Each body sent once on its own connection to a default server while another process "
+        "polls /health every 10 ms; the p99 and max are of the polls in flight while the body "
+        "was sent and answered. Peak RSS sampled from /proc every 10 ms. Contract: 400, "
+        "/health p99 under 100 ms (beyond the idle p99 below), peak growth at most 3x the body.",
+        rows,
+    )
+
+
+def oversized_fields(report: Report, hostile: Server) -> None:
+    """Issue 15 item 8: 10 MB text fields refused (or cut) fast; memory comes back."""
+    rows = []
+    for field, (path, payload) in OVERSIZED.items():
+        request_id = f"oversized-{uuid.uuid4().hex}"
+        response = httpx.post(
+            f"{hostile.url}{path}", json=payload, headers={"X-Request-Id": request_id}, timeout=60
+        )
+        server_s = hostile.access_record(request_id)["latency_ms"] / 1000
+        rows.append((f"10 MB {field}", f"{response.status_code} in {ms(server_s)}"))
+        if response.status_code != 400 or server_s >= 1.0:
+            report.violate(f"10 MB {field}: {response.status_code} in {server_s:.2f} s")
+    cut = {"query": "q", "documents": [{"title": TEN_MB, "text": "a"}], "rank_fields": ["title"]}
+    request_id = f"cut-{uuid.uuid4().hex}"
+    response = httpx.post(
+        f"{hostile.url}/v1/rerank", json=cut, headers={"X-Request-Id": request_id}, timeout=60
+    )
+    server_s = hostile.access_record(request_id)["latency_ms"] / 1000
+    rows.append(
+        (
+            "10 MB rank_fields value, truncate on (cut, scored)",
+            f"{response.status_code} in {ms(server_s)}",
+        )
+    )
+    cases = [*OVERSIZED.values(), ("/v1/rerank", cut)]
+    before = hostile.rss_bytes()
+    rss = []
+    with httpx.Client(base_url=hostile.url, timeout=60) as client:
+        for n in range(20):
+            path, payload = cases[n % len(cases)]
+            client.post(path, json=payload)
+            rss.append(hostile.rss_bytes())
+    rows.append(
+        (
+            "RSS before / after 2 / after 20 oversized requests",
+            f"{mib(before)} / {mib(rss[1])} / {mib(rss[-1])}",
+        )
+    )
+    if rss[-1] - rss[1] > 64 * 2**20:
+        report.violate(f"oversized requests: RSS kept growing ({mib(rss[1])} -> {mib(rss[-1])})")
+    report.add(
+        "Oversized text fields (issue 15, item 8)",
+        "A 10 MB (2 M words) value in each text field of a default server; server-side "
+        "latency from its access log. Then 20 such requests in a row, RSS read after each.",
+        rows,
+    )  # fmt: skip
+
+
+def flood(report: Report, server: Server, seconds: float) -> None:
+    """Issue 15 item 9: 2,000-document requests against --max-queued-tokens 50000."""
+    figures = run_flood(server, seconds=seconds)
+    srv, cli = figures["server_429_s"], figures["client_429_s"]
+    report.add(
+        f"Flood: 2,000-document requests against --max-queued-tokens {FLOOD_QUEUE_TOKENS} "
+        "(issue 15, item 9)",
+        f"8 clients send 2,000-document requests (95 KB, ~38,000 estimated tokens) back to "
+        f"back for {seconds:.0f} s, pausing 50 ms after a 429. One request fits the queue at a "
+        "time; the rest must be refused before they are tokenized. Server latency from the "
+        "access log; client latency includes the client's own 8 threads.",
+        [
+            ("admitted (200) / refused (429) / other", f"{figures['admitted']} / {figures['refused']} / {len(figures['other'])}"),
+            ("429 latency, server: p50 / p99 / max", f"{ms(percentile(srv, 50))} / {ms(percentile(srv, 99))} / {ms(max(srv))}"),
+            ("429 latency, client: p50 / p99 / max", f"{ms(percentile(cli, 50))} / {ms(percentile(cli, 99))} / {ms(max(cli))}"),
+            ("RSS before / peak / after", f"{mib(figures['rss_before'])} / {mib(figures['rss_peak'])} / {mib(figures['rss_after'])}"),
+            ("healthy afterwards", server.healthy()),
+        ],
+    )  # fmt: skip
+    if figures["other"] or percentile(srv, 99) > 0.100:
+        report.violate(f"flood: 429 p99 {ms(percentile(srv, 99))}, other {figures['other'][:5]}")
+    if figures["rss_peak"] - figures["rss_before"] > 300 * 2**20:
+        report.violate(f"flood: RSS peak {mib(figures['rss_peak'])}")
+
+
+def non_finite(report: Report, nan: Server) -> None:
+    """Issue 15 item 10: a checkpoint whose scores are NaN."""
+    rows = []
+    for path, payload in NAN_REQUESTS:
+        response = httpx.post(f"{nan.url}{path}", json=payload, timeout=60)
+        message = response.json().get("error", {}).get("message", "") if response.content else ""
+        rows.append((path, f"{response.status_code}: {message[:90]}"))
+        if response.status_code != 500 or "non-finite" not in message:
+            report.violate(f"NaN checkpoint {path}: {response.status_code}")
+    started = time.monotonic()
+    while (health := httpx.get(f"{nan.url}/health", timeout=10)).status_code == 200:
+        if time.monotonic() - started > 15:
+            break
+        time.sleep(0.1)
+    rows.append(
+        (
+            "/health after them",
+            f"{health.status_code} {health.json().get('error', health.json())}"[:160],
+        )
+    )
+    rows.append(
+        (
+            'rerankd_failures_total{kind="non_finite"}',
+            int(nan.metric("rerankd_failures_total", kind="non_finite")),
+        )
+    )
+    if health.status_code != 503:
+        report.violate("NaN checkpoint: /health did not turn 503")
+    report.add(
+        "Non-finite scores: a checkpoint with one NaN weight (issue 15, item 10)",
+        "The tiny fixture with model.norm.weight[0] = NaN, so every score is NaN.",
+        rows,
+    )  # fmt: skip
+
+
+def slowloris(report: Report, plain: Server, per_kind: int) -> None:
+    """How long the default limits let trickling clients hold a connection."""
+    kinds = {
+        "idle (connects, sends nothing)": b"",
+        "slow head (a byte a second)": b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"s" * 200,
+        "slow body (a byte a second)": b"POST /v1/rerank HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 200\r\n\r\n" + b" " * 200,
+    }  # fmt: skip
+
+    def hold(payload: bytes, limit_s: float = 120.0) -> float:
+        """Seconds until the server closed the connection (inf: still open at limit_s)."""
+        started = time.monotonic()
+        with socket.create_connection(("127.0.0.1", plain.port), timeout=5) as sock:
+            head_end = payload.find(b"\r\n\r\n")
+            if head_end >= 0:  # a complete head at once: only its body trickles
+                sock.sendall(payload[: head_end + 4])
+                payload = payload[head_end + 4 :]
+            sent = 0
+            while time.monotonic() - started < limit_s:
+                try:
+                    if sent < len(payload):
+                        sock.sendall(payload[sent : sent + 1])
+                        sent += 1
+                    readable, _, _ = select.select([sock], [], [], 1.0)
+                    if readable and sock.recv(65536) == b"":
+                        break  # closed (after a 408, or silently when idle)
+                except OSError:
+                    break
+            else:
+                return float("inf")
+        return time.monotonic() - started
+
+    rows = []
+    sockets_before = len(list(Path(f"/proc/{plain.pid}/fd").iterdir()))
+    with HealthPoller(plain.url) as poller, ThreadPoolExecutor(per_kind * len(kinds)) as pool:
+        futures = {k: [pool.submit(hold, p) for _ in range(per_kind)] for k, p in kinds.items()}
+        time.sleep(2)
+        held = len(list(Path(f"/proc/{plain.pid}/fd").iterdir())) - sockets_before
+        times = {k: sorted(f.result() for f in fs) for k, fs in futures.items()}
+    for kind, values in times.items():
+        rows.append(
+            (kind, f"{per_kind} clients, each closed after {values[0]:.1f}-{values[-1]:.1f} s")
+        )
+        if values[-1] == float("inf"):
+            report.violate(f"slowloris {kind}: a connection was never closed")
+    rows.append(("server file descriptors held 2 s in", held))
+    rows.append(
+        (
+            "server file descriptors after",
+            len(list(Path(f"/proc/{plain.pid}/fd").iterdir())) - sockets_before,
+        )
+    )
+    rows.append(
+        (
+            "/health p99 / max meanwhile",
+            f"{ms(percentile(poller.latencies(), 99))} / {ms(max(poller.latencies()))}",
+        )
+    )
+    report.add(
+        "Connections held: slowloris clients against the default limits",
+        "Clients that connect and send nothing, trickle a request head a byte a second, or "
+        "send a head and trickle its body a byte a second (defaults: --header-timeout 10, "
+        "--body-timeout 30). Each row: when the server closed those connections.",
+        rows,
+    )  # fmt: skip
+
+
 # --- the report -----------------------------------------------------------------------------------
 
 
@@ -514,6 +744,24 @@ def git_revision() -> str:
         return "unknown"
 
 
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def memory_gib() -> str:
+    try:
+        kib = int(Path("/proc/meminfo").read_text().split()[1])
+        return f"{kib / 2**20:.0f}"
+    except (OSError, ValueError, IndexError):
+        return "?"
+
+
 def write(report: Report, path: Path, args: argparse.Namespace, started: float) -> None:
     import fastapi
     import torch
@@ -531,8 +779,10 @@ def write(report: Report, path: Path, args: argparse.Namespace, started: float) 
         f"- date: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
         f"- rerankd {rerankd.__version__} at {args.revision}; torch {torch.__version__}, "
         f"fastapi {fastapi.__version__}, uvicorn {uvicorn.__version__}, Python {platform.python_version()}",
-        f"- machine: {os.cpu_count()} CPU cores, load average before the run "
-        f"{args.load_before}; servers and clients share these cores",
+        f"- machine: {os.cpu_count()} CPU cores ({cpu_model()}), {memory_gib()} GiB memory, "
+        f"load average before the run {args.load_before}, after it "
+        f"{' / '.join(f'{x:.1f}' for x in os.getloadavg())}; servers and clients share "
+        "these cores, and timings move with the load",
         "- model: the tiny seeded Qwen3-Reranker test fixture (float32, CPU), so latencies "
         "measure the server, not a real model",
         f"- total time: {time.monotonic() - started:.0f} s",
@@ -581,6 +831,9 @@ def main(argv: list[str] | None = None) -> int:
             "sigterm": SLOW_DRAIN,
             "sigint": SLOW_DRAIN,
             "twice": SLOW_DRAIN,
+            "hostile": [],
+            "flood": ["--max-queued-tokens", str(FLOOD_QUEUE_TOKENS)],
+            "nan": ["--model", str(nan_model_dir())],
         }
     )  # fmt: skip
     try:
@@ -591,6 +844,11 @@ def main(argv: list[str] | None = None) -> int:
         cancellation(report, servers["queue"])
         faults(report, plain, servers["faults"])
         shutdown(report, plain, servers)
+        hostile_bodies(report, servers["hostile"])
+        oversized_fields(report, servers["hostile"])
+        flood(report, servers["flood"], seconds=10 if args.quick else 120)
+        non_finite(report, servers["nan"])
+        slowloris(report, plain, per_kind=5 if args.quick else 30)
     finally:
         for server in servers.values():
             if server.proc.poll() is None:
