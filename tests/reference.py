@@ -27,10 +27,12 @@ __all__ = [
     "bge_gemma_reference",
     "cross_encoder_reference",
     "flag_cross_encoder_reference",
+    "mxbai_reference",
     "qwen3_reference",
     "qwen3_reference_ids",
     "qwen3_seq_cls_reference",
     "sigmoid",
+    "st_causal_reference",
 ]
 
 # --- Qwen3-Reranker model card ---------------------------------------------------------------
@@ -338,4 +340,86 @@ def flag_cross_encoder_reference(
                 inputs["token_type_ids"] = torch.tensor([pair.type_ids])
             logits = model(**inputs).logits
             out.append((list(pair.ids), logits[0, 0].item()))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# mxbai-rerank-v2 (Qwen2ForCausalLM) — the PyPI package `mxbai-rerank`, run as is
+# ---------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _mxbai(model_dir: str, max_length: int):
+    """The package's own `MxbaiRerankV2` in float32 on CPU.
+
+    transformers 5 dropped `prepare_for_model` / `truncate_sequences` from fast tokenizers,
+    which the package (0.1.6) calls; they are bound back from transformers' own Python-backend
+    tokenizer class (the upstream code, unchanged), so the package runs its own truncation.
+    """
+    import types
+
+    from mxbai_rerank import MxbaiRerankV2
+    from transformers.tokenization_python import PreTrainedTokenizer
+
+    model = MxbaiRerankV2(model_dir, device="cpu", torch_dtype=torch.float32, max_length=max_length)
+    for name in ("prepare_for_model", "truncate_sequences"):
+        if not hasattr(type(model.tokenizer), name):
+            method = types.MethodType(getattr(PreTrainedTokenizer, name), model.tokenizer)
+            setattr(model.tokenizer, name, method)
+    return model
+
+
+def mxbai_reference(
+    model_dir,
+    query: str,
+    documents: Sequence[str],
+    instruction: str | None = None,
+    max_length: int = 8192,
+) -> Result:
+    """mxbai-rerank-v2: ids from the package's `prepare_inputs`, raw from its
+    `predict(normalize=False)` (logit("1") − logit("0")), one pair at a time."""
+    model = _mxbai(_key(model_dir), max_length)
+    out: Result = []
+    for doc in documents:
+        inputs = model.prepare_inputs([query], [doc], instruction=instruction)
+        row, mask = inputs["input_ids"][0].tolist(), inputs["attention_mask"][0].tolist()
+        ids = [t for t, keep in zip(row, mask, strict=True) if keep]
+        raw = model.predict([query], [doc], instruction=instruction).item()
+        out.append((ids, raw))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# sentence-transformers causal-LM cross-encoders (LogitScore) — CrossEncoder.predict, as is
+# ---------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _st_cross_encoder(model_dir: str, max_length: int | None):
+    from sentence_transformers import CrossEncoder
+
+    return CrossEncoder(model_dir, device="cpu", max_length=max_length)
+
+
+def st_causal_reference(
+    model_dir,
+    query: str,
+    documents: Sequence[str],
+    instruction: str | None = None,
+    max_length: int | None = None,
+) -> Result:
+    """`CrossEncoder.predict` of sentence-transformers (>= 6.2), one pair at a time, float32,
+    no activation; ids from its own `preprocess` with the same resolved prompt
+    (`instruction` is its `prompt=`: None → the default prompt, "" → none)."""
+    model = _st_cross_encoder(_key(model_dir), max_length)
+    prompt = model._resolve_prompt(instruction, None)
+    out: Result = []
+    for doc in documents:
+        features = model.preprocess([(query, doc)], prompt=prompt)
+        row, mask = features["input_ids"][0].tolist(), features["attention_mask"][0].tolist()
+        ids = [t for t, keep in zip(row, mask, strict=True) if keep]
+        raw = model.predict(
+            [(query, doc)], prompt=instruction, activation_fn=torch.nn.Identity(), batch_size=1
+        )
+        out.append((ids, float(raw[0])))
     return out

@@ -1,4 +1,4 @@
-"""Map Hugging Face decoder checkpoints (Qwen3, Gemma) onto `Decoder`, fusing projections.
+"""Map Hugging Face decoder checkpoints (Qwen3, Qwen2, Gemma) onto `Decoder`, fusing projections.
 
 Built on the meta device and loaded with `assign=True` from memory-mapped safetensors, so
 a model never needs twice its size in memory while loading.
@@ -7,6 +7,7 @@ a model never needs twice its size in memory while loading.
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from rerankd.models.decoder import Decoder, DecoderConfig, DecoderReranker, rope_inv_freq
 from rerankd.models.weights import Checkpoint, strip_prefix
@@ -24,10 +25,14 @@ def load_decoder(
         )
 
     state = {"embed_tokens.weight": get("embed_tokens.weight"), "norm.weight": get("norm.weight")}
+    # Qwen2: biases on q/k/v (never on o): fused like the weights
+    qkv_bias = _has(checkpoint, "layers.0.self_attn.q_proj.bias")
     for i in range(config.num_layers):
         p = f"layers.{i}."
         attn, mlp = p + "self_attn.", p + "mlp."
         state[attn + "wqkv.weight"] = torch.cat([get(attn + f"{n}_proj.weight") for n in "qkv"])
+        if qkv_bias:
+            state[attn + "wqkv.bias"] = torch.cat([get(attn + f"{n}_proj.bias") for n in "qkv"])
         state[attn + "wo.weight"] = get(attn + "o_proj.weight")
         if config.qk_norm:
             state[attn + "q_norm.weight"] = get(attn + "q_norm.weight")
@@ -40,9 +45,18 @@ def load_decoder(
         state[p + "post_attention_layernorm.weight"] = get(p + "post_attention_layernorm.weight")
     with torch.device("meta"):
         model = Decoder(config)
+        if qkv_bias:
+            for layer in model.layers:
+                wqkv = layer.self_attn.wqkv
+                layer.self_attn.wqkv = nn.Linear(wqkv.in_features, wqkv.out_features, bias=True)
     model.load_state_dict(state, strict=True, assign=True)
     model.inv_freq = rope_inv_freq(config, device)  # non-persistent buffer: rebuild off meta
     return model.eval()
+
+
+def _has(checkpoint: Checkpoint, name: str) -> bool:
+    """Whether the checkpoint holds base-model tensor `name` (under any known prefix)."""
+    return any(prefix + name in checkpoint for prefix in _BASE_PREFIXES)
 
 
 def load_decoder_reranker(

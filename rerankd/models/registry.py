@@ -14,11 +14,12 @@ from rerankd.models.decoder_weights import load_decoder_reranker
 from rerankd.models.encoder import EncoderConfig, load_encoder
 from rerankd.models.gemma import gemma_config
 from rerankd.models.hf_config import UnsupportedCheckpoint
+from rerankd.models.qwen2 import qwen2_config
 from rerankd.models.qwen3 import qwen3_config
 from rerankd.models.weights import open_checkpoint
 from rerankd.recipes import ScoreHead
 
-DECODERS = {"qwen3": qwen3_config, "gemma": gemma_config}
+DECODERS = {"qwen3": qwen3_config, "qwen2": qwen2_config, "gemma": gemma_config}
 ENCODERS = ("bert", "xlm-roberta", "roberta", "camembert")
 
 __all__ = ["UnsupportedCheckpoint", "build_packed_engine"]

@@ -15,19 +15,42 @@ from rerankd.recipes.bi_encoder import (
     sentence_transformer_info,
 )
 from rerankd.recipes.cross_encoder import CrossEncoder
+from rerankd.recipes.mxbai import MxbaiRerankV2, is_mxbai_v2_download
 from rerankd.recipes.qwen3 import Qwen3Reranker, Qwen3SeqCls
+from rerankd.recipes.st_causal import StCausalReranker, st_causal_info
 
 RECIPES: dict[str, type[Recipe]] = {
-    cls.name: cls for cls in (Qwen3Reranker, Qwen3SeqCls, BgeGemmaReranker, CrossEncoder, BiEncoder)
+    cls.name: cls
+    for cls in (
+        Qwen3Reranker,
+        Qwen3SeqCls,
+        BgeGemmaReranker,
+        CrossEncoder,
+        BiEncoder,
+        MxbaiRerankV2,
+        StCausalReranker,
+    )
 }
+#: recipes that read their checkpoint's own files besides config and tokenizer
+_READS_MODEL_DIR = (BiEncoder, StCausalReranker)
 
 __all__ = ["RECIPES", "Recipe", "ScoreHead", "build_recipe", "detect_recipe", "sigmoid"]
 
 
 def detect_recipe(config: Any, model_dir: Path | str | None = None) -> type[Recipe]:
-    """Pick the recipe from `config.architectures` (and, for bi-encoders, the
-    sentence-transformers files in `model_dir`); no flags needed for known families."""
+    """Pick the recipe from the checkpoint; no flags needed for known families.
+
+    Order: a checkpoint that declares its own scoring in sentence-transformers files (a
+    LogitScore cross-encoder) is served as it declares, whatever its architecture (a Qwen3
+    LM with its own chat template must not get the Qwen3-Reranker prompt); then a hub
+    download of mxbai-rerank v2; then `config.architectures`; then bi-encoder files.
+    """
     architectures = list(getattr(config, "architectures", None) or [])
+    model_dir = model_dir if model_dir is not None else checkpoint_dir(config)
+    if st_causal_info(model_dir) is not None:
+        return StCausalReranker
+    if "Qwen2ForCausalLM" in architectures and is_mxbai_v2_download(model_dir):
+        return MxbaiRerankV2
     for arch in architectures:
         for recipe in RECIPES.values():
             if arch in recipe.architectures:
@@ -35,7 +58,6 @@ def detect_recipe(config: Any, model_dir: Path | str | None = None) -> type[Reci
     for arch in architectures:
         if arch.endswith("ForSequenceClassification") and getattr(config, "num_labels", 1) == 1:
             return CrossEncoder
-    model_dir = model_dir if model_dir is not None else checkpoint_dir(config)
     if is_mean_pooling_bi_encoder(config, model_dir):
         return BiEncoder
     why = ""
@@ -48,7 +70,10 @@ def detect_recipe(config: Any, model_dir: Path | str | None = None) -> type[Reci
         f"num_labels: {getattr(config, 'num_labels', '?')}).{why} Supported: Qwen3ForCausalLM "
         "(qwen3-reranker), Qwen3ForSequenceClassification (qwen3-seq-cls), GemmaForCausalLM "
         "(bge-gemma), any one-label *ForSequenceClassification (cross-encoder), a "
-        "sentence-transformers encoder with mean pooling (bi-encoder). Pass --recipe "
+        "sentence-transformers encoder with mean pooling (bi-encoder), a sentence-transformers "
+        "causal-LM cross-encoder with a LogitScore module (st-causal-lm). A Qwen2ForCausalLM "
+        "mxbai-rerank v2 checkpoint in a local directory needs --recipe mxbai-rerank-v2 (its "
+        "files are a plain Qwen2.5 LM's; only a hub download is recognized). Pass --recipe "
         f"with one of {', '.join(RECIPES)} to force one."
     )
 
@@ -67,6 +92,7 @@ def build_recipe(
         cls = RECIPES[name]
     else:
         raise ModelLoadError(f"unknown recipe {name!r}; choose one of: {', '.join(RECIPES)}")
-    if cls is BiEncoder:  # reads its checkpoint's sentence-transformers files
+    if cls in _READS_MODEL_DIR:  # reads its checkpoint's sentence-transformers files
+        model_dir = model_dir if model_dir is not None else checkpoint_dir(config)
         return cls(tokenizer, config, max_model_len, model_dir=model_dir)
     return cls(tokenizer, config, max_model_len)
