@@ -43,7 +43,7 @@ class Settings:
     recipe: str = _opt(
         "auto",
         "Scoring recipe: auto (from the checkpoint's architecture), qwen3-reranker, "
-        "qwen3-seq-cls, bge-gemma, cross-encoder, bi-encoder.",
+        "qwen3-seq-cls, bge-gemma, cross-encoder, bi-encoder, mxbai-rerank-v2, st-causal-lm.",
     )
     max_model_len: int | None = _opt(
         None,
