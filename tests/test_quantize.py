@@ -191,7 +191,7 @@ def test_a_reference_kernel_is_refused_and_the_next_path_taken(fresh_choice, mon
 def test_a_slower_int8_path_is_refused_and_the_model_served_without_int8(
     fresh_choice, monkeypatch, caplog
 ):
-    def int8_three_times_slower(runs, repeats):
+    def int8_three_times_slower(runs, repeats, budget_s=0.0):
         return {"int8": 3e-3, "base": 1e-3} if "int8" in runs else {}
 
     monkeypatch.setattr(quantize, "_best_times", int8_three_times_slower)

@@ -171,7 +171,7 @@ _MAX_TIMING_ROUNDS = 200
 #: probe shapes (rows, in, out): a small one to catch a reference kernel cheaply, and one of
 #: the size real batches have to compare speed on
 _SMALL_SHAPE = (32, 256, 256)
-_TIMED_SHAPE = (256, 1024, 1024)
+_TIMED_SHAPE = (1024, 1024, 1024)
 
 
 @dataclass(frozen=True)
@@ -308,7 +308,11 @@ def _qualify(
                 f"{small['base'] * 1e3:.2f} ms non-quantized on {_SMALL_SHAPE})"
             )
     _, run_timed = build(_TIMED_SHAPE)
-    timed = _best_times({"int8": run_timed, "base": _baseline(dtype, _TIMED_SHAPE)}, repeats=7)
+    runs = {"int8": run_timed, "base": _baseline(dtype, _TIMED_SHAPE)}
+    timed = _best_times(runs, repeats=7)
+    if timed["base"] < timed["int8"] * _SPEED_SLACK:  # not faster: make sure, on more samples
+        again = _best_times(runs, repeats=7, budget_s=4 * _TIMING_BUDGET_S)
+        timed = {name: min(timed[name], again[name]) for name in timed}
     speedup = timed["base"] / timed["int8"]
     if speedup * _SPEED_SLACK < 1.0:
         return (
@@ -433,9 +437,24 @@ def _best_times(
 ) -> dict[str, float]:
     """The fastest run of each, interleaved (after one warm-up each) so that a busy moment
     of the machine hits every contender alike: at least `repeats` rounds, and more until
-    `budget_s` has passed. The minimum, since contention only ever adds time: on a machine
-    running other work one GEMM took 0.2-48 ms, and a handful of samples was not enough."""
+    `budget_s` has passed, on one thread. The minimum, since contention only ever adds
+    time."""
     best = dict.fromkeys(runs, float("inf"))
+    threads = torch.get_num_threads()
+    # one thread: a GEMM split over all cores waits for the slowest, and on a shared machine
+    # some core is always busy (2 threads on 2 shared cores: 0.2-48 ms for one GEMM); the
+    # ratio of two kernels is what is measured, and one core shows it without the noise
+    torch.set_num_threads(1)
+    try:
+        _sample(runs, repeats, budget_s, best)
+    finally:
+        torch.set_num_threads(threads)
+    return best
+
+
+def _sample(
+    runs: dict[str, Callable[[], object]], repeats: int, budget_s: float, best: dict[str, float]
+) -> None:
     with torch.inference_mode():
         for run in runs.values():
             run()
@@ -449,7 +468,6 @@ def _best_times(
                 run()
                 best[name] = min(best[name], time.perf_counter() - begun)
             rounds += 1
-    return best
 
 
 # --- swapping the model's linears ------------------------------------------------------------
