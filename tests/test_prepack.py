@@ -165,7 +165,7 @@ def test_compiled_layer_code_has_no_graph_break_at_a_gemm(quantized):
         pytest.skip("oneDNN int8 linear not available here")
     block, config = _tiny_block(torch.bfloat16)
     if quantized:
-        quantize_int8(block, torch.bfloat16, w8a8=True)
+        quantize_int8(block, torch.bfloat16)
     else:
         assert prepack_linears(block, CPU, torch.bfloat16) == 4
     x = torch.randn(48, config.hidden_size).bfloat16()

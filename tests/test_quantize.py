@@ -28,6 +28,7 @@ from rerankd.engine.quantize import (
 )
 from rerankd.errors import ModelLoadError
 from rerankd.metrics import Metrics
+from rerankd.models import registry
 from rerankd.recipes import sigmoid
 from rerankd.runtime import load_model
 from rerankd.settings import Settings
@@ -158,7 +159,6 @@ def test_this_torch_build_reports_the_int8_kernel_it_runs():
 @pytest.fixture
 def fresh_choice(monkeypatch):
     """`choose_int8` without its cache (restored after the test)."""
-    monkeypatch.setattr(quantize, "_LAST_CHOICE", [])
     monkeypatch.setattr(quantize, "choose_int8", quantize.choose_int8.__wrapped__)
     return quantize.choose_int8
 
@@ -216,13 +216,14 @@ def test_a_slower_int8_path_is_refused_and_the_model_served_without_int8(
 def test_without_any_int8_path_the_server_serves_the_exact_model(monkeypatch):
     none = Int8Choice(torch.float32, "none", refused=(("w8a8-int8", "test"),))
     monkeypatch.setattr(quantize, "choose_int8", lambda dtype: none)
-    monkeypatch.setattr(quantize, "_LAST_CHOICE", [none])
+    monkeypatch.setattr(registry, "choose_int8", lambda dtype: none)
     _, exact = _scores("qwen3", "none")
     model, served = _scores("qwen3", "int8")
     engine = model.scheduler.engine
     assert not _int8_layers(model)
     assert not [m for m in engine.model.modules() if "quantized" in type(m).__module__]
     assert served == exact
+    assert "int8" not in engine.dtype  # labelled as what it serves
 
 
 def _scores(name: str, quantize: str, dtype: str = "float32", compile: str = "off"):
@@ -280,10 +281,8 @@ def test_compiled_int8_runs_compiled_and_agrees_with_eager_int8():
 
 
 def test_without_onednn_int8_the_torch_ao_fallback_serves_float32(monkeypatch):
-    from rerankd.models import registry
-
-    monkeypatch.setattr(registry, "onednn_int8_supported", lambda dtype: False)
-    monkeypatch.setattr(quantize, "onednn_int8_supported", lambda dtype: False)
+    torch_ao = Int8Choice(torch.bfloat16, "torch-ao", quantize._TORCH_AO_ENGINES[0])
+    monkeypatch.setattr(registry, "choose_int8", lambda dtype: torch_ao)
     _, exact = _scores("qwen3", "none")
     model, quantized = _scores("qwen3", "int8", dtype="bfloat16")
     engine = model.scheduler.engine

@@ -220,11 +220,6 @@ def _name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-#: the latest decision of `choose_int8` (the registry asks for `dtype`, then loads the model
-#: in float32 when torch.ao serves and calls `quantize_int8` with that dtype)
-_LAST_CHOICE: list[Int8Choice] = []
-
-
 @functools.cache
 def choose_int8(dtype: torch.dtype) -> Int8Choice:
     """The fastest int8 implementation here that gives the int8 arithmetic's result for
@@ -267,7 +262,6 @@ def choose_int8(dtype: torch.dtype) -> Int8Choice:
 
 
 def _decided(choice: Int8Choice) -> Int8Choice:
-    _LAST_CHOICE[:] = [choice]
     (log.warning if choice.path == "none" else log.info)("%s", choice.describe())
     return choice
 
@@ -474,21 +468,15 @@ def _sample(
 
 
 def quantize_int8(
-    model: nn.Module, dtype: torch.dtype, w8a8: bool | None = None
+    model: nn.Module, dtype: torch.dtype, choice: Int8Choice | None = None
 ) -> tuple[nn.Module, torch.dtype]:
-    """Replace every `nn.Linear` by an int8 one as `choose_int8` decides; returns the model
-    and the dtype its activations now run in (`dtype` with oneDNN W8A8, float32 with the
-    torch.ao fallback: the model must then be float32). `w8a8`: the caller's
-    `onednn_int8_supported(dtype)`, if it already asked (False: the caller loaded the model
-    in float32 for the fallback its earlier `choose_int8` decided). Where no int8 path
+    """Replace every `nn.Linear` by an int8 one as `choice` (default: `choose_int8(dtype)`)
+    says; returns the model and the dtype its activations now run in (`dtype` with oneDNN
+    W8A8, float32 with the torch.ao fallback: the model must then be float32; the caller
+    that chose for bf16 and loaded in float32 passes its choice). Where no int8 path
     qualifies the model is returned as it is."""
-    if w8a8 is False and _LAST_CHOICE and not _LAST_CHOICE[0].w8a8:
-        choice = _LAST_CHOICE[0]
-    else:
-        choice = choose_int8(dtype)
-    if w8a8 is None:
-        w8a8 = choice.w8a8
-    if w8a8:
+    choice = choice or choose_int8(dtype)
+    if choice.w8a8:
         unsigned = choice.unsigned
         swap_linears(
             model,

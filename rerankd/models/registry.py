@@ -9,7 +9,7 @@ import torch
 
 from rerankd.engine.packed_engine import PackedEngine
 from rerankd.engine.prepack import prepack_linears
-from rerankd.engine.quantize import onednn_int8_supported, quantize_int8
+from rerankd.engine.quantize import choose_int8, quantize_int8
 from rerankd.models.decoder_weights import load_decoder_reranker
 from rerankd.models.encoder import EncoderConfig, load_encoder
 from rerankd.models.gemma import gemma_config
@@ -45,8 +45,11 @@ def build_packed_engine(
     if quantize == "int8":
         if device.type != "cpu":
             raise ValueError("--quantize int8 runs on CPU only")
-        w8a8 = onednn_int8_supported(dtype)
-        if not w8a8:
+        choice = choose_int8(dtype)
+        w8a8 = choice.w8a8
+        if choice.path == "none":  # no int8 path here is correct and fast: serve as without
+            quantize = "none"
+        elif not w8a8:
             dtype = torch.float32  # the torch.ao fallback's int8 linears take float32
     model_type = getattr(hf_config, "model_type", None)
     if model_type in DECODERS:
@@ -69,7 +72,7 @@ def build_packed_engine(
     if model_type in DECODERS and quantize == "none":
         onednn = prepack_linears(model, device, dtype) > 0
     if quantize == "int8":
-        model, dtype = quantize_int8(model, dtype, w8a8)
+        model, dtype = quantize_int8(model, dtype, choice)
         onednn = w8a8
     if onednn and model_type in DECODERS:
         model.decoder.set_row_multiple(ONEDNN_ROW_MULTIPLE)
