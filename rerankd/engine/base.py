@@ -122,16 +122,18 @@ def split_on_oom(
 ) -> list[float]:
     """`forward(pairs, groups)`, halving the batch and retrying while it runs out of memory.
 
-    A single pair that does not fit re-raises: its request fails, the server does not.
+    A single pair that does not fit re-raises: its request fails, the server does not. The
+    retries run after the `except` block: inside it, the traceback would keep the failed
+    attempt's activations alive through every retry (and on a GPU run out again).
     """
     try:
         return forward(pairs, groups)
     except torch.OutOfMemoryError:
         if len(pairs) == 1:
             raise
-        log.warning("out of memory on %d pairs; splitting the batch and retrying", len(pairs))
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        half = len(pairs) // 2
-        left = split_on_oom(forward, pairs[:half], groups[:half] if groups else None, device)
-        return left + split_on_oom(forward, pairs[half:], groups[half:] if groups else None, device)
+    log.warning("out of memory on %d pairs; splitting the batch and retrying", len(pairs))
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    half = len(pairs) // 2
+    left = split_on_oom(forward, pairs[:half], groups[:half] if groups else None, device)
+    return left + split_on_oom(forward, pairs[half:], groups[half:] if groups else None, device)
