@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -59,6 +60,7 @@ _DIGIT_MASK = bytes(0x30 if 0x30 <= byte <= 0x39 else 0x31 for byte in range(256
 _TWENTY_DIGITS = b"0" * 20
 _NOT_BEFORE_AN_INT = frozenset(b"0123456789.eE+-")
 _NOT_AFTER_AN_INT = frozenset(b".eE")
+_LEADING_ZEROS = re.compile(rb"0*")
 
 
 async def read_request(
@@ -172,10 +174,10 @@ def _has_big_int_literal(body: bytes | bytearray) -> bool:
             end == len(body) or body[end] not in _NOT_AFTER_AN_INT
         )
         if is_int:
-            digits = body[at:end].lstrip(b"0")
-            if len(digits) > 20:
+            first = _LEADING_ZEROS.match(body, at, end).end()
+            if end - first > 20:  # (no copy of a long run: it may be the whole body)
                 return True
-            value = int(digits or b"0")
+            value = int(body[first:end] or b"0")
             if value > 2**63 if start != at else value >= 2**64:
                 return True
         at = mask.find(_TWENTY_DIGITS, end)
