@@ -45,6 +45,8 @@ FAST_REFUSAL_S = 1.0
 FLOOD_429_P99_S = 0.100
 FLOOD_QUEUE_TOKENS = 50_000
 TEN_MB = "word " * 2_000_000
+#: how long each hostile body is sent again and again while /health is polled
+HOSTILE_SEND_S = 2.0
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +66,7 @@ def send_raw(server: Server, path: str, body: bytes, timeout: float = 120) -> tu
 
 def health_baseline_p99(server: Server) -> float:
     with HealthPoller(server.url) as poller:
-        time.sleep(1.0)
+        time.sleep(1.5)
     return percentile(poller.latencies(), 99)
 
 
@@ -98,28 +100,43 @@ HOSTILE_BODIES = {
 }
 
 
+@pytest.fixture(scope="module")
+def health_baseline(hostile) -> float:
+    """/health p99 on this machine, now, with nothing hostile going on."""
+    return health_baseline_p99(hostile)
+
+
 @pytest.mark.parametrize("name", list(HOSTILE_BODIES))
-def test_a_hostile_body_is_refused_fast_while_health_stays_fast_and_memory_bounded(hostile, name):
+def test_a_hostile_body_is_refused_fast_while_health_stays_fast_and_memory_bounded(
+    hostile, health_baseline, name
+):
+    """The body is sent again and again for 2 s, so that the p99 is of ~200 polls and says
+    how the server behaves, not how one scheduling hiccup of a loaded machine fell."""
     body = HOSTILE_BODIES[name]()
-    baseline = health_baseline_p99(hostile)
+    sends: list[tuple[float, float]] = []
     with HealthPoller(hostile.url) as poller, RssSampler(hostile) as rss:
         before = hostile.rss_bytes()
-        started = time.monotonic()
-        status, raw = send_raw(hostile, "/v1/rerank", body)
-        finished = time.monotonic()
+        while not sends or sends[-1][1] - sends[0][0] < HOSTILE_SEND_S:
+            started = time.monotonic()
+            status, raw = send_raw(hostile, "/v1/rerank", body)
+            sends.append((started, time.monotonic()))
+            assert status == 400, raw[:300]
         time.sleep(0.2)
-    assert status == 400, raw[:300]
     message = json.loads(raw.partition(b"\r\n\r\n")[2])["error"]["message"]
     assert "JSON values" in message or "64 bits" in message, message
-    during = poller.latencies(started, finished)
-    assert during, "no /health poll overlapped the request"
+    during = [took for start, end in sends for took in poller.latencies(start, end)]
+    assert len(during) >= 20, f"only {len(during)} /health polls overlapped the requests"
     p99 = percentile(during, 99)
-    assert p99 <= HEALTH_P99_S + baseline, (
-        f"/health p99 {p99 * 1000:.0f} ms while a {len(body) // MIB} MB body was handled "
-        f"({finished - started:.2f} s; baseline p99 {baseline * 1000:.0f} ms)"
+    slowest = max(end - start for start, end in sends)
+    assert p99 <= HEALTH_P99_S + health_baseline, (
+        f"/health p99 {p99 * 1000:.0f} ms over {len(during)} polls while {len(sends)} "
+        f"{len(body) // MIB} MB bodies were handled (each within {slowest:.2f} s; "
+        f"baseline p99 {health_baseline * 1000:.0f} ms)"
     )
     growth = rss.peak - before
-    assert growth <= 3 * len(body), (
+    # at most the body, what it parses to (one long string: as large) and the digit mask
+    # of the big-integer check, plus allocator slack
+    assert growth <= 4 * len(body), (
         f"peak RSS grew {growth / MIB:.0f} MiB for a {len(body) / MIB:.0f} MiB body"
     )
 
