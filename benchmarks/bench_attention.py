@@ -20,9 +20,9 @@ import torch
 
 from benchmarks.make_model import ensure_model
 from benchmarks.workload import w_cpu
-from rerankd.engine.amx_kernel import load_kernel
-from rerankd.engine.attention import amx_attention, sdpa_attention
-from rerankd.engine.batch import pack
+from rerankd.ops.amx_kernel import load_kernel
+from rerankd.ops.attention import amx_attention, sdpa_attention
+from rerankd.ops.batch import pack
 from rerankd.runtime import load_recipe
 from rerankd.settings import Settings
 

@@ -14,10 +14,10 @@ from typing import Any
 from rerankd.engine import Engine, resolve_device, resolve_dtype
 from rerankd.engine.malloc import keep_freed_memory
 from rerankd.engine.packed_engine import ATTENTION_MODES, COMPILE_MODES
-from rerankd.engine.quantize import QUANTIZE_MODES
 from rerankd.errors import ModelLoadError
 from rerankd.metrics import Metrics
 from rerankd.models.loader import load_config_and_tokenizer, resolve_model_dir
+from rerankd.ops.quantize import QUANTIZE_MODES
 from rerankd.recipes import Recipe, build_recipe
 from rerankd.scheduler import Scheduler
 from rerankd.service import Limits, RerankService, ServedModel, aliases_for
@@ -101,8 +101,8 @@ def load_engine(settings: Settings, model_dir: Path, config: Any, recipe: Recipe
 def build_engine(kind: str, model_dir, config, recipe, device, dtype, settings: Settings):
     """`packed` (our model code), `transformers` (generic fallback) or `auto` (packed if we
     have code for the architecture, else transformers)."""
+    from rerankd.engine.factory import UnsupportedCheckpoint, build_packed_engine
     from rerankd.engine.transformers_engine import TransformersEngine
-    from rerankd.models.registry import UnsupportedCheckpoint, build_packed_engine
 
     if kind not in ("auto", "packed", "transformers"):
         raise ModelLoadError(f"unknown engine {kind!r}; use auto, packed or transformers")

@@ -11,9 +11,9 @@ import random
 import pytest
 import torch
 
-from rerankd.engine import amx_kernel
-from rerankd.engine.attention import amx_attention, sdpa_attention
-from rerankd.engine.batch import pack
+from rerankd.ops import amx_kernel
+from rerankd.ops.attention import amx_attention, sdpa_attention
+from rerankd.ops.batch import pack
 from rerankd.types import EncodedPair
 
 needs_kernel = pytest.mark.skipif(
@@ -144,7 +144,7 @@ def test_other_dtypes_and_head_sizes_use_sdpa(monkeypatch):
     _, pk, pv = _tensors(12, 2, 1, 8, seed=2, dtype=torch.float32)
     expected = sdpa_attention(q, k, v, batch, (pk, pv), True, 0.3)
     assert torch.equal(amx_attention(q, k, v, batch, (pk, pv), True, 0.3), expected)
-    monkeypatch.setattr("rerankd.engine.attention.load_kernel", lambda: None)
+    monkeypatch.setattr("rerankd.ops.attention.load_kernel", lambda: None)
     qb, kb, vb = (t.to(torch.bfloat16) for t in (q, k, v))
     assert torch.equal(
         amx_attention(qb, kb, vb, batch, None, False, 0.3),

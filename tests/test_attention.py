@@ -9,8 +9,8 @@ import logging
 import pytest
 import torch
 
-from rerankd.engine import attention
-from rerankd.engine.attention import (
+from rerankd.ops import attention
+from rerankd.ops.attention import (
     ATTENTION,
     describe,
     sdpa_attention,
@@ -18,7 +18,7 @@ from rerankd.engine.attention import (
     varlen_attention,
     varlen_kwargs,
 )
-from rerankd.engine.batch import pack
+from rerankd.ops.batch import pack
 from rerankd.types import EncodedPair
 
 
@@ -246,17 +246,17 @@ def test_cuda_backends_fall_back_in_order_with_warnings(monkeypatch, caplog):
     monkeypatch.setattr(
         attention.importlib.util, "find_spec", lambda n: None if n in missing else real(n)
     )
-    with caplog.at_level(logging.WARNING, logger="rerankd.engine.attention"):
+    with caplog.at_level(logging.WARNING, logger="rerankd.ops.attention"):
         assert attention.cuda_backends() == ["flex", "sdpa_padded"]
     assert "no varlen_attn" in caplog.text and "flash-attn is not installed" in caplog.text
     missing.add("torch.nn.attention.flex_attention")
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="rerankd.engine.attention"):
+    with caplog.at_level(logging.WARNING, logger="rerankd.ops.attention"):
         assert attention.cuda_backends() == ["sdpa_padded"]
     assert "no flex_attention" in caplog.text
     monkeypatch.setattr(attention, "torch_varlen_kernel", lambda: varlen_attn_2_11)
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="rerankd.engine.attention"):
+    with caplog.at_level(logging.WARNING, logger="rerankd.ops.attention"):
         assert attention.cuda_backends() == ["varlen", "sdpa_padded"]
     assert caplog.text == ""
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from rerankd.engine.batch import MIN_SHARED_PREFIX, common_prefix_length, pack
+from rerankd.ops.batch import MIN_SHARED_PREFIX, common_prefix_length, pack
 from rerankd.types import EncodedPair
 
 CPU = torch.device("cpu")

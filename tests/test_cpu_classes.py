@@ -1,6 +1,6 @@
 """Every CPU class rerankd serves, tested from whatever machine runs the suite.
 
-Each class is an environment (`rerankd.engine.base.CPU_CLASSES`): oneDNN's
+Each class is an environment (`rerankd.ops.cpu.CPU_CLASSES`): oneDNN's
 `ONEDNN_MAX_CPU_ISA`, ATen's `ATEN_CPU_CAPABILITY`, MKL's and fbgemm's caps, and rerankd's
 own `RERANKD_CPU_FLAGS`. A process started with it chooses kernels as on that class: on an
 AMX Xeon the Zen 4 class must refuse oneDNN's reference int8 kernel (issue 18: the server
@@ -29,7 +29,7 @@ import httpx
 import pytest
 import torch
 
-from rerankd.engine.base import CPU_CLASSES, CPU_FLAGS_ENV
+from rerankd.ops.cpu import CPU_CLASSES, CPU_FLAGS_ENV
 from tests import reference
 from tests.fixtures.paths import fixture_dir
 
@@ -55,6 +55,7 @@ each_class = pytest.mark.parametrize("cpu_class", list(CPU_CLASSES))
 
 def test_rerankd_cpu_flags_replaces_cpuinfo(tmp_path, monkeypatch):
     from rerankd.engine import base
+    from rerankd.ops import cpu
 
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16 amx_bf16\n")
@@ -64,13 +65,13 @@ def test_rerankd_cpu_flags_replaces_cpuinfo(tmp_path, monkeypatch):
         lambda path, *a, **k: real_open(cpuinfo if path == "/proc/cpuinfo" else path, *a, **k),
     )
     monkeypatch.setenv(CPU_FLAGS_ENV, "avx512f, avx512_bf16 avx512_vnni")  # a Zen 4
-    assert base.cpu_flags() == {"avx512f", "avx512_bf16", "avx512_vnni"}
-    assert base.cpu_supports_bf16() and not base.cpu_has_amx()
+    assert cpu.cpu_flags() == {"avx512f", "avx512_bf16", "avx512_vnni"}
+    assert cpu.cpu_supports_bf16() and not cpu.cpu_has_amx()
     monkeypatch.setenv(CPU_FLAGS_ENV, "avx2,fma")
-    assert not base.cpu_supports_bf16()
+    assert not cpu.cpu_supports_bf16()
     assert base.resolve_dtype("auto", torch.device("cpu")) is torch.float32
     monkeypatch.setenv(CPU_FLAGS_ENV, " ")  # empty: /proc/cpuinfo's flags
-    assert base.cpu_flags() == {"fpu", "avx512f", "avx512_bf16", "amx_bf16"}
+    assert cpu.cpu_flags() == {"fpu", "avx512f", "avx512_bf16", "amx_bf16"}
 
 
 @cache
@@ -161,10 +162,10 @@ def test_an_int8_server_starts_and_answers_16_documents(cpu_class, start_server)
 def _worker(fixtures: dict[str, str]) -> dict:
     import torch
 
-    from rerankd.engine.base import CPU_FLAGS_ENV, cpu_flags
-    from rerankd.engine.onednn_ops import onednn_implementations
-    from rerankd.engine.quantize import choose_int8
     from rerankd.metrics import Metrics
+    from rerankd.ops.cpu import CPU_FLAGS_ENV, cpu_flags
+    from rerankd.ops.onednn_ops import onednn_implementations
+    from rerankd.ops.quantize import choose_int8
     from rerankd.runtime import load_model
     from rerankd.settings import Settings
     from rerankd.types import Batch

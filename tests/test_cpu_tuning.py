@@ -7,9 +7,10 @@ import platform
 import pytest
 import torch
 
-from rerankd.engine import base, packed_engine
+from rerankd.engine import packed_engine
 from rerankd.engine.malloc import keep_freed_memory
 from rerankd.engine.packed_engine import PackedEngine
+from rerankd.ops import cpu
 
 CPU = torch.device("cpu")
 
@@ -22,8 +23,8 @@ def test_cpu_flags_are_parsed_from_cpuinfo(tmp_path, monkeypatch):
         "builtins.open",
         lambda path, *a, **k: real_open(cpuinfo if path == "/proc/cpuinfo" else path, *a, **k),
     )
-    assert {"avx512_bf16", "amx_bf16", "fpu"} <= base.cpu_flags()
-    assert base.cpu_supports_bf16() and base.cpu_has_amx()
+    assert {"avx512_bf16", "amx_bf16", "fpu"} <= cpu.cpu_flags()
+    assert cpu.cpu_supports_bf16() and cpu.cpu_has_amx()
 
 
 def _engine_stub() -> PackedEngine:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from rerankd.engine.batch import pack
 from rerankd.models import decoder
 from rerankd.models.decoder import Decoder, DecoderConfig, TokenKernels
+from rerankd.ops.batch import pack
 from rerankd.types import EncodedPair
 
 

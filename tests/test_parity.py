@@ -13,8 +13,8 @@ from functools import cache
 import pytest
 import torch
 
-from rerankd.engine.amx_kernel import load_kernel
 from rerankd.metrics import Metrics
+from rerankd.ops.amx_kernel import load_kernel
 from rerankd.recipes import sigmoid
 from rerankd.runtime import load_model
 from rerankd.settings import Settings
@@ -286,8 +286,8 @@ def test_row_padding_does_not_change_scores(engine, rows, monkeypatch):
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_onednn_linears_pad_the_stream(dtype):
     """bf16 on CPU runs oneDNN-prepacked linears, which pad to a row multiple; float32 not."""
-    from rerankd.engine.prepack import PrepackedLinear, prepack_supported
-    from rerankd.models.registry import ONEDNN_ROW_MULTIPLE
+    from rerankd.engine.factory import ONEDNN_ROW_MULTIPLE
+    from rerankd.ops.prepack import PrepackedLinear, prepack_supported
 
     model = _model("qwen3", dtype, 512)
     packed = model.scheduler.engine.model

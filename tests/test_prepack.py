@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rerankd.engine.prepack import (
+from rerankd.ops.prepack import (
     PrepackedGatedLinear,
     PrepackedLinear,
     prepack_linears,
@@ -158,8 +158,8 @@ def _tiny_block(dtype: torch.dtype):
 def test_compiled_layer_code_has_no_graph_break_at_a_gemm(quantized):
     """A graph break per GEMM cost the compiled layer code ~8 % of W-CPU (Dynamo's entry
     and resume code five or six times a layer); the ops must stay in the graph."""
-    from rerankd.engine.quantize import onednn_int8_supported, quantize_int8
     from rerankd.models.decoder import finish_tokens, project_tokens, rotary
+    from rerankd.ops.quantize import onednn_int8_supported, quantize_int8
 
     if quantized and not onednn_int8_supported(torch.bfloat16):
         pytest.skip("oneDNN int8 linear not available here")
@@ -185,7 +185,7 @@ def test_compiled_layer_code_has_no_graph_break_at_a_gemm(quantized):
 
 
 def test_a_freed_packed_weight_is_a_clear_error():
-    from rerankd.engine.onednn_ops import packed_linear
+    from rerankd.ops.onednn_ops import packed_linear
 
     layer = PrepackedLinear((torch.randn(8, 16) * 0.1).bfloat16())
     handle = layer.handle

@@ -16,9 +16,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rerankd.engine import quantize
-from rerankd.engine.onednn_ops import onednn_implementations, parse_implementations
-from rerankd.engine.quantize import (
+from rerankd.engine import factory
+from rerankd.errors import ModelLoadError
+from rerankd.metrics import Metrics
+from rerankd.ops import quantize
+from rerankd.ops.onednn_ops import onednn_implementations, parse_implementations
+from rerankd.ops.quantize import (
     Int8Choice,
     Int8GatedLinear,
     Int8Linear,
@@ -26,9 +29,6 @@ from rerankd.engine.quantize import (
     quantize_per_tensor,
     quantize_weight,
 )
-from rerankd.errors import ModelLoadError
-from rerankd.metrics import Metrics
-from rerankd.models import registry
 from rerankd.recipes import sigmoid
 from rerankd.runtime import load_model
 from rerankd.settings import Settings
@@ -195,7 +195,7 @@ def test_a_slower_int8_path_is_refused_and_the_model_served_without_int8(
         return {"int8": 3e-3, "base": 1e-3} if "int8" in runs else {}
 
     monkeypatch.setattr(quantize, "_best_times", int8_three_times_slower)
-    with caplog.at_level(logging.WARNING, logger="rerankd.engine.quantize"):
+    with caplog.at_level(logging.WARNING, logger="rerankd.ops.quantize"):
         choice = fresh_choice(torch.float32)
     assert choice.path == "none" and not choice.w8a8
     refused = dict(choice.refused)
@@ -216,7 +216,7 @@ def test_a_slower_int8_path_is_refused_and_the_model_served_without_int8(
 def test_without_any_int8_path_the_server_serves_the_exact_model(monkeypatch):
     none = Int8Choice(torch.float32, "none", refused=(("w8a8-int8", "test"),))
     monkeypatch.setattr(quantize, "choose_int8", lambda dtype: none)
-    monkeypatch.setattr(registry, "choose_int8", lambda dtype: none)
+    monkeypatch.setattr(factory, "choose_int8", lambda dtype: none)
     _, exact = _scores("qwen3", "none")
     model, served = _scores("qwen3", "int8")
     engine = model.scheduler.engine
@@ -282,7 +282,7 @@ def test_compiled_int8_runs_compiled_and_agrees_with_eager_int8():
 
 def test_without_onednn_int8_the_torch_ao_fallback_serves_float32(monkeypatch):
     torch_ao = Int8Choice(torch.bfloat16, "torch-ao", quantize._TORCH_AO_ENGINES[0])
-    monkeypatch.setattr(registry, "choose_int8", lambda dtype: torch_ao)
+    monkeypatch.setattr(factory, "choose_int8", lambda dtype: torch_ao)
     _, exact = _scores("qwen3", "none")
     model, quantized = _scores("qwen3", "int8", dtype="bfloat16")
     engine = model.scheduler.engine

@@ -16,10 +16,11 @@ import time
 import torch
 from torch import nn
 
-from rerankd.engine.amx_kernel import load_kernel
-from rerankd.engine.attention import cuda_backends, describe
-from rerankd.engine.base import cpu_has_amx, split_on_oom
-from rerankd.engine.batch import pack
+from rerankd.engine.base import split_on_oom
+from rerankd.ops.amx_kernel import load_kernel
+from rerankd.ops.attention import cuda_backends, describe
+from rerankd.ops.batch import pack
+from rerankd.ops.cpu import cpu_has_amx
 from rerankd.types import EncodedPair
 
 log = logging.getLogger(__name__)

@@ -15,10 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rerankd.engine.attention import ATTENTION, PrefixKV
-from rerankd.engine.batch import PackedBatch
-from rerankd.engine.prepack import PrepackedGatedLinear, residual_linear
-from rerankd.engine.quantize import Int8GatedLinear
+from rerankd.ops.attention import ATTENTION, PrefixKV
+from rerankd.ops.batch import PackedBatch
+from rerankd.ops.prepack import residual_linear
 
 
 @dataclass
@@ -224,7 +223,7 @@ class MLP(nn.Module):
 
     def gated(self, x: Tensor) -> Tensor:
         """act(x Wg) * (x Wu), (T, intermediate)."""
-        if isinstance(self.w13, (PrepackedGatedLinear, Int8GatedLinear)):
+        if getattr(self.w13, "fuses_activation", False):  # prepacked or int8: act inside
             return self.w13(x)
         gate, up = self.w13(x).split(self.intermediate, dim=-1)
         return self.act(gate) * up

@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rerankd.engine.attention import ATTENTION
-from rerankd.engine.batch import PackedBatch
 from rerankd.models.hf_config import UnsupportedCheckpoint
 from rerankd.models.weights import Checkpoint
+from rerankd.ops.attention import ATTENTION
+from rerankd.ops.batch import PackedBatch
 
 #: position ids of RoBERTa-family models start after the padding index
 _ROBERTA_TYPES = {"xlm-roberta": "roberta", "roberta": "roberta", "camembert": "roberta"}

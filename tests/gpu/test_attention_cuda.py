@@ -8,8 +8,8 @@ import random
 import pytest
 import torch
 
-from rerankd.engine.attention import ATTENTION, cuda_backends, sdpa_attention, torch_varlen_kernel
-from rerankd.engine.batch import pack
+from rerankd.ops.attention import ATTENTION, cuda_backends, sdpa_attention, torch_varlen_kernel
+from rerankd.ops.batch import pack
 from rerankd.types import EncodedPair
 
 pytestmark = pytest.mark.gpu

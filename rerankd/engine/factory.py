@@ -1,4 +1,5 @@
-"""Which of our own model implementations serves a checkpoint (by `config.model_type`)."""
+"""Builds the packed engine for a checkpoint: which of our model implementations serves it (by
+`config.model_type`), loaded, prepacked or quantized, and wrapped in `PackedEngine`."""
 
 from __future__ import annotations
 
@@ -8,8 +9,6 @@ from typing import Any
 import torch
 
 from rerankd.engine.packed_engine import PackedEngine
-from rerankd.engine.prepack import prepack_linears
-from rerankd.engine.quantize import choose_int8, quantize_int8
 from rerankd.models.decoder_weights import load_decoder_reranker
 from rerankd.models.encoder import EncoderConfig, load_encoder
 from rerankd.models.gemma import gemma_config
@@ -17,6 +16,8 @@ from rerankd.models.hf_config import UnsupportedCheckpoint
 from rerankd.models.qwen2 import qwen2_config
 from rerankd.models.qwen3 import qwen3_config
 from rerankd.models.weights import open_checkpoint
+from rerankd.ops.prepack import prepack_linears
+from rerankd.ops.quantize import choose_int8, quantize_int8
 from rerankd.recipes import ScoreHead
 
 DECODERS = {"qwen3": qwen3_config, "qwen2": qwen2_config, "gemma": gemma_config}

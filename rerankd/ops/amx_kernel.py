@@ -1,5 +1,5 @@
 """Builds and loads rerankd's AMX attention kernel for bf16 on Intel CPUs (``csrc/amx_attention.cpp``;
-the attention function that calls it is `rerankd.engine.attention.amx_attention`).
+the attention function that calls it is `rerankd.ops.attention.amx_attention`).
 
 Why: PyTorch's CPU flash attention uses AMX only for fp16; for bf16 it issues small oneDNN
 GEMMs per block (~0.3 TFLOP/s on the 2-core Xeon of docs/benchmarks.md) and attention was
@@ -26,8 +26,8 @@ from types import ModuleType
 
 import torch
 
-from rerankd.engine.base import cpu_flags, cpu_has_amx
-from rerankd.engine.batch import PackedBatch
+from rerankd.ops.batch import PackedBatch
+from rerankd.ops.cpu import cpu_flags, cpu_has_amx
 
 log = logging.getLogger(__name__)
 

@@ -24,8 +24,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from rerankd.engine.amx_kernel import load_kernel, sequence_table
-from rerankd.engine.batch import PackedBatch, VarlenLayout
+from rerankd.ops.amx_kernel import load_kernel, sequence_table
+from rerankd.ops.batch import PackedBatch, VarlenLayout
 
 log = logging.getLogger(__name__)
 
@@ -496,7 +496,7 @@ def amx_attention(
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Same contract as `sdpa_attention`: rerankd's AMX kernel for bf16 on CPU (see
-    `rerankd.engine.amx_kernel`); SDPA for anything it does not cover."""
+    `rerankd.ops.amx_kernel`); SDPA for anything it does not cover."""
     kernel = load_kernel()
     if kernel is None or q.dtype != torch.bfloat16 or q.device.type != "cpu" or q.shape[-1] % 16:
         return sdpa_attention(q, k, v, batch, prefix_kv, causal, scale, out)

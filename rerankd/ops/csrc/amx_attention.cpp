@@ -7,7 +7,7 @@
 // oneDNN ukernels). A reranking pair has at most a few thousand keys, so each row's softmax
 // is exact in two passes over the whole row (no online rescaling).
 //
-// Contract (same as rerankd.engine.attention.sdpa_attention): q (T, H, D), k/v (T, KVH, D),
+// Contract (same as rerankd.ops.attention.sdpa_attention): q (T, H, D), k/v (T, KVH, D),
 // optional prefix keys/values pk/pv (P, KVH, D), all bf16 with unit stride over D and head
 // stride D; rows may be strided. `seqs` (S, 4) int64 holds each sequence's start and length in
 // the stream and its prefix's start and length in pk/pv (length 0: no prefix). Causal masks

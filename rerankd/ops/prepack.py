@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from rerankd.engine.onednn_ops import packed_linear, register_packed
+from rerankd.ops.onednn_ops import packed_linear, register_packed
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,10 @@ class PrepackedGatedLinear(nn.Module):
 
     Two packed GEMMs whose epilogues do the activation and the product, instead of one
     GEMM followed by a split, an activation pass and a multiply pass over (T, 2I)."""
+
+    #: it applies the activation itself: `MLP.gated` calls it as is, without the split and
+    #: the activation pass a plain `nn.Linear` gate ‖ up projection needs
+    fuses_activation = True
 
     def __init__(self, weight: Tensor, activation: str) -> None:
         super().__init__()

@@ -35,14 +35,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from rerankd.engine.onednn_ops import (
+from rerankd.ops.onednn_ops import (
     UINT8_ZERO_POINT,
     int8_linear,
     is_reference_implementation,
     onednn_implementations,
     register_packed,
 )
-from rerankd.engine.prepack import (
+from rerankd.ops.prepack import (
     ONEDNN_ACTIVATIONS,
     PrepackedLinear,
     prepack_supported,
@@ -133,6 +133,10 @@ class Int8Linear(nn.Module):
 class Int8GatedLinear(nn.Module):
     """A fused gate ‖ up projection `W13` (2I, H) as `act(x Wg) * (x Wu)` in int8: the input
     is quantized once for both GEMMs and the activation rides the gate GEMM's epilogue."""
+
+    #: it applies the activation itself: `MLP.gated` calls it as is, without the split and
+    #: the activation pass a plain `nn.Linear` gate ‖ up projection needs
+    fuses_activation = True
 
     def __init__(self, weight: Tensor, activation: str, unsigned: bool = False) -> None:
         super().__init__()
