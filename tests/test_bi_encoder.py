@@ -138,13 +138,13 @@ def test_mixed_queries_in_one_batch_match_the_card():
 def test_each_distinct_sequence_is_embedded_once_per_batch(monkeypatch):
     engine = served().scheduler.engine
     seen: list[tuple[int, ...]] = []
-    forward = engine._forward
+    forward = engine.forward
 
-    def counting(sequences):
+    def counting(sequences, groups=None):
         seen.extend(sequences)
-        return forward(sequences)
+        return forward(sequences, groups)
 
-    monkeypatch.setattr(engine, "_forward", counting)
+    monkeypatch.setattr(engine, "forward", counting)
     documents = [DOCUMENTS[0], DOCUMENTS[1], DOCUMENTS[0], DOCUMENTS[2], DOCUMENTS[1]]
     _, scores = _score(served(), [QUERY] * len(documents), documents)
     assert len(seen) == len(set(seen)) == 1 + 3  # the query once, each distinct document once

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 from rerankd.metrics import Metrics
@@ -13,9 +15,13 @@ from tests.fixtures.paths import fixture_dir
 DOCS = ["alpha beta", "gamma delta epsilon", "zeta", "eta theta iota kappa", "lambda mu"]
 
 
-def _model(faults: str | None = None):
+def _model(faults: str | None = None, engine: str = "auto"):
     settings = Settings(
-        model=str(fixture_dir("qwen3")), dtype="float32", device="cpu", fault_injection=faults
+        model=str(fixture_dir("qwen3")),
+        dtype="float32",
+        device="cpu",
+        engine=engine,
+        fault_injection=faults,
     )
     return load_model(settings, Metrics())
 
@@ -25,11 +31,15 @@ def _scores(model, docs=DOCS):
     return model.scheduler.engine.score(Batch(pairs, [0] * len(pairs)))
 
 
-def test_simulated_oom_splits_the_batch_and_gives_the_same_scores():
-    expected = _scores(_model())
-    faulty = _model("oom-above:2")
-    assert faulty.scheduler.engine.name == "packed+faults"
-    assert _scores(faulty) == pytest.approx(expected, abs=1e-5)
+@pytest.mark.parametrize("engine", ["packed", "transformers"])
+def test_simulated_oom_splits_the_batch_and_gives_the_same_scores(engine, caplog):
+    """The fault wraps every engine's public `forward`, inside its split-and-retry path."""
+    expected = _scores(_model(engine=engine))
+    faulty = _model("oom-above:2", engine=engine)
+    assert faulty.scheduler.engine.name == f"{engine}+faults"
+    with caplog.at_level(logging.WARNING, logger="rerankd.engine.base"):
+        assert _scores(faulty) == pytest.approx(expected, abs=1e-5)
+    assert "out of memory on 5 pairs" in caplog.text
 
 
 def test_raise_on_marker_fails_only_batches_holding_it():

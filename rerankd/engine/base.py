@@ -7,14 +7,18 @@ The engine contract itself (`Engine`: `score(batch) -> raw scores`) lives in
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import operator
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import torch
 
 from rerankd.ops.cpu import cpu_supports_bf16
-from rerankd.types import EncodedPair
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -42,25 +46,31 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def split_on_oom(
-    forward: Callable[[list[EncodedPair], list[int] | None], list[float]],
-    pairs: list[EncodedPair],
+    forward: Callable[[Sequence[T], list[int] | None], R],
+    items: Sequence[T],
     groups: list[int] | None,
     device: torch.device,
-) -> list[float]:
-    """`forward(pairs, groups)`, halving the batch and retrying while it runs out of memory.
+    join: Callable[[R, R], R] = operator.add,
+    unit: str = "pairs",
+) -> R:
+    """`forward(items, groups)`, halving the batch and retrying while it runs out of memory;
+    the halves' results are `join`ed (lists: concatenated).
 
-    A single pair that does not fit re-raises: its request fails, the server does not. The
-    retries run after the `except` block: inside it, the traceback would keep the failed
-    attempt's activations alive through every retry (and on a GPU run out again).
+    Every engine's `forward` runs through here, so a memory cap (or an injected OOM,
+    engine/faults.py) splits every engine the same way. A single item that does not fit
+    re-raises: its request fails, the server does not. The retries run after the `except`
+    block: inside it, the traceback would keep the failed attempt's activations alive through
+    every retry (and on a GPU run out again).
     """
     try:
-        return forward(pairs, groups)
+        return forward(items, groups)
     except torch.OutOfMemoryError:
-        if len(pairs) == 1:
+        if len(items) == 1:
             raise
-    log.warning("out of memory on %d pairs; splitting the batch and retrying", len(pairs))
+    log.warning("out of memory on %d %s; splitting the batch and retrying", len(items), unit)
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    half = len(pairs) // 2
-    left = split_on_oom(forward, pairs[:half], groups[:half] if groups else None, device)
-    return left + split_on_oom(forward, pairs[half:], groups[half:] if groups else None, device)
+    half = len(items) // 2
+    left_groups, right_groups = (groups[:half], groups[half:]) if groups else (None, None)
+    left = split_on_oom(forward, items[:half], left_groups, device, join, unit)
+    return join(left, split_on_oom(forward, items[half:], right_groups, device, join, unit))

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModel
 
+from rerankd.engine.base import split_on_oom
 from rerankd.recipes.bi_encoder import EncodedTwin
 from rerankd.types import Batch
 
@@ -70,32 +71,20 @@ class EmbeddingEngine:
             # longest first: the first sequence sets the padded width of this sub-batch
             width = max(len(sequences[order[start]]), 1)
             chunk = order[start : start + max(1, self.max_padded_tokens // width)]
-            pooled = self._embed_split_on_oom([sequences[i] for i in chunk])
+            pooled = split_on_oom(
+                self.forward, [sequences[i] for i in chunk], None, self._device, _cat, "sequences"
+            )
             for i, row in zip(chunk, pooled, strict=True):
                 rows[i] = row
             start += len(chunk)
         return F.normalize(torch.stack(rows), p=2, dim=-1)
 
-    def _embed_split_on_oom(self, sequences: list[tuple[int, ...]]) -> torch.Tensor:
-        try:
-            return self._forward(sequences)
-        except torch.OutOfMemoryError:
-            if len(sequences) == 1:
-                raise
-            log.warning("out of memory on %d sequences; splitting and retrying", len(sequences))
-            if self._device.type == "cuda":
-                torch.cuda.empty_cache()
-            half = len(sequences) // 2
-            return torch.cat(
-                [
-                    self._embed_split_on_oom(sequences[:half]),
-                    self._embed_split_on_oom(sequences[half:]),
-                ]
-            )
-
     @torch.inference_mode()
-    def _forward(self, sequences: list[tuple[int, ...]]) -> torch.Tensor:
-        """Mean-pooled (not yet normalized) float32 embeddings of one padded sub-batch."""
+    def forward(
+        self, sequences: list[tuple[int, ...]], groups: list[int] | None = None
+    ) -> torch.Tensor:
+        """Mean-pooled (not yet normalized) float32 embeddings of one padded sub-batch
+        (`groups` unused); the seam `split_on_oom` and engine/faults.py wrap."""
         width = max(len(s) for s in sequences)
         ids = torch.full((len(sequences), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(sequences), width), dtype=torch.long)
@@ -107,3 +96,8 @@ class EmbeddingEngine:
         weights = mask.unsqueeze(-1).float()
         summed = (hidden * weights).sum(dim=1)
         return (summed / weights.sum(dim=1).clamp(min=1e-9)).cpu()
+
+
+def _cat(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """Rows of two halves of a split sub-batch, in order."""
+    return torch.cat([first, second])

@@ -2,20 +2,25 @@
 
 Wraps any engine. Comma-separated directives:
 - ``raise-on:TEXT``  a batch holding a pair whose ids contain TEXT's ids raises RuntimeError
-- ``oom-above:N``    a batch of more than N pairs raises torch.OutOfMemoryError *inside* the
-                     engine's split-and-retry path (so the split is exercised for real)
+- ``oom-above:N``    a sub-batch of more than N items (pairs; sequences for the embedding
+                     engine) raises torch.OutOfMemoryError from the engine's `forward`, the
+                     public seam every engine runs through `split_on_oom` (so the split is
+                     exercised for real)
 - ``delay:SECONDS``  every batch sleeps first (for timeout, overload and drain tests)
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
-from rerankd.types import Batch, EncodedPair
+from rerankd.types import Batch
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -45,6 +50,17 @@ def _contains(haystack: tuple[int, ...], needle: tuple[int, ...]) -> bool:
     return n > 0 and any(haystack[i : i + n] == needle for i in range(len(haystack) - n + 1))
 
 
+def _oom_above(forward: Callable[..., T], limit: int) -> Callable[..., T]:
+    """`forward(items, groups)` that runs out of memory on more than `limit` items."""
+
+    def forward_or_oom(items: Sequence[object], groups: list[int] | None) -> T:
+        if len(items) > limit:
+            raise torch.OutOfMemoryError(f"injected: {len(items)} items > {limit}")
+        return forward(items, groups)
+
+    return forward_or_oom
+
+
 class FaultInjectingEngine:
     """Delegates to `engine`, failing as the plan says."""
 
@@ -54,15 +70,8 @@ class FaultInjectingEngine:
         self.name = f"{engine.name}+faults"
         self.device, self.dtype = engine.device, engine.dtype
         self.default_batch_tokens = engine.default_batch_tokens
-        if plan.oom_above is not None and hasattr(engine, "_forward"):
-            inner = engine._forward
-
-            def forward_or_oom(pairs: list[EncodedPair], *args):  # same signature as _forward
-                if len(pairs) > plan.oom_above:
-                    raise torch.OutOfMemoryError(f"injected: {len(pairs)} pairs > {plan.oom_above}")
-                return inner(pairs, *args)
-
-            engine._forward = forward_or_oom
+        if plan.oom_above is not None:
+            engine.forward = _oom_above(engine.forward, plan.oom_above)
 
     def score(self, batch: Batch) -> list[float]:
         if self.plan.delay_s:

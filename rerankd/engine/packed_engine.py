@@ -62,7 +62,7 @@ class PackedEngine:
         self.default_batch_tokens = 65536 if device.type == "cuda" else 8192
         self.quantized = quantized
         self.tolerance = _INT8_BACKEND_TOLERANCE if quantized else _BACKEND_TOLERANCE
-        self.attention = "sdpa"  # what `_forward` reads while the probes below run
+        self.attention = "sdpa"  # what `forward` reads while the probes below run
         self.attention = self._pick_attention(attention, device, dtype)
         model.set_attention(self.attention)
         self.compiled = (
@@ -75,13 +75,11 @@ class PackedEngine:
         return describe(self.attention)
 
     def score(self, batch) -> list[float]:
-        # `self._forward` is looked up per call so the fault-injection hook can wrap it
-        return split_on_oom(
-            lambda p, g: self._forward(p, g), batch.pairs, batch.groups, self._device
-        )
+        return split_on_oom(self.forward, batch.pairs, batch.groups, self._device)
 
     @torch.inference_mode()
-    def _forward(self, pairs: list[EncodedPair], groups: list[int] | None) -> list[float]:
+    def forward(self, pairs: list[EncodedPair], groups: list[int] | None) -> list[float]:
+        """Raw scores of one sub-batch: the seam `split_on_oom` and engine/faults.py wrap."""
         packed = pack(pairs, groups, self._device, share_prefix=self.share_prefix)
         if self.attention == "varlen":
             packed.with_varlen_layout()
@@ -127,10 +125,10 @@ class PackedEngine:
         pairs, groups = self._probe_batch()
         started = time.perf_counter()
         try:
-            expected = self._forward(pairs, groups)
+            expected = self.forward(pairs, groups)
             self.model.set_kernels(compiled_kernels())
-            got = self._forward(pairs, groups)
-            self._forward(pairs[1:5], groups[1:5])  # a second shape: no recompiles later
+            got = self.forward(pairs, groups)
+            self.forward(pairs[1:5], groups[1:5])  # a second shape: no recompiles later
         except Exception as exc:
             self.model.set_kernels(EAGER)
             log.warning(
@@ -172,10 +170,10 @@ class PackedEngine:
         pairs, groups = self._probe_batch()
         try:
             self.model.set_attention("sdpa")
-            expected = self._forward(pairs, groups)
+            expected = self.forward(pairs, groups)
             self.model.set_attention(backend)
-            self.attention = backend  # `_forward` builds the layout this backend reads
-            got = self._forward(pairs, groups)
+            self.attention = backend  # `forward` builds the layout this backend reads
+            got = self.forward(pairs, groups)
         except Exception as exc:  # kernel missing, unsupported dtype/head size, ...
             log.warning(
                 "%s attention unavailable (%s: %s); trying the next kernel",

@@ -80,16 +80,16 @@ class TransformersEngine:
             width = len(pairs[order[start]])
             count = max(1, self.max_padded_tokens // max(width, 1))
             chunk = order[start : start + count]
-            chunk_scores = split_on_oom(
-                lambda p, _: self._forward(p), [pairs[i] for i in chunk], None, self._device
-            )
+            chunk_scores = split_on_oom(self.forward, [pairs[i] for i in chunk], None, self._device)
             for index, value in zip(chunk, chunk_scores, strict=True):
                 scores[index] = value
             start += count
         return scores
 
     @torch.inference_mode()
-    def _forward(self, pairs: list[EncodedPair]) -> list[float]:
+    def forward(self, pairs: list[EncodedPair], groups: list[int] | None = None) -> list[float]:
+        """Raw scores of one padded sub-batch (`groups` unused: no prefix sharing here); the
+        seam `split_on_oom` and engine/faults.py wrap."""
         width = max(len(p) for p in pairs)
         # right padding: causal models never look right, so real tokens are unaffected
         ids = torch.full((len(pairs), width), self.pad_id, dtype=torch.long)

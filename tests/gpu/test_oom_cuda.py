@@ -72,7 +72,7 @@ def test_engine_splits_a_batch_that_does_not_fit(memory_cap, caplog):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(CUDA)
         base = torch.cuda.memory_reserved(CUDA)
-        scores = engine._forward(batch_pairs, None)
+        scores = engine.forward(batch_pairs, None)
         return torch.cuda.max_memory_reserved(CUDA) - base, scores
 
     half, _ = peak(pairs[:16])
