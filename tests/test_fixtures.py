@@ -278,6 +278,10 @@ def test_qwen3_seq_cls_conversion_is_exact():
 
 @pytest.mark.parametrize("name", [*BUILDERS, "qwen3-seq-cls"])
 def test_builds_are_deterministic(name, tmp_path):
+    """A rebuild gives the same files: configs and tokenizers byte for byte, weights to float
+    rounding. Not bit for bit: the LM fixtures calibrate their score head with a forward
+    pass, whose last bits may follow the kernels this process has warmed up by then (seen
+    once in a full-suite run: one lm_head value one ulp apart)."""
     if name == "qwen3-seq-cls":
         fresh = tiny_models.build_qwen3_seq_cls(tmp_path / name, fixture_dir("qwen3"))
     else:
@@ -286,7 +290,14 @@ def test_builds_are_deterministic(name, tmp_path):
     files = sorted(p.name for p in fresh.iterdir())
     assert files == sorted(p.name for p in cached.iterdir() if not p.name.startswith("."))
     for file in files:
-        assert (fresh / file).read_bytes() == (cached / file).read_bytes(), file
+        if file.endswith(".safetensors"):
+            fresh_weights, cached_weights = load_file(fresh / file), load_file(cached / file)
+            assert fresh_weights.keys() == cached_weights.keys()
+            for key, tensor in fresh_weights.items():
+                torch.testing.assert_close(tensor, cached_weights[key], rtol=1e-5, atol=1e-6)
+        else:
+            assert (fresh / file).read_bytes() == (cached / file).read_bytes(), file
     again = SCORERS[name](fresh, QUERY, DOCUMENTS[:3])
     first = SCORERS[name](cached, QUERY, DOCUMENTS[:3])
-    assert again == first
+    assert [ids for ids, _ in again] == [ids for ids, _ in first]
+    assert [score for _, score in again] == pytest.approx([score for _, score in first], abs=1e-5)
