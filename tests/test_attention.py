@@ -14,7 +14,6 @@ from rerankd.ops.attention import (
     ATTENTION,
     describe,
     sdpa_attention,
-    split_prefix_attention,
     varlen_attention,
     varlen_kwargs,
 )
@@ -103,15 +102,6 @@ def test_sdpa_prefix_attention_equals_attention_over_the_full_sequence():
             enable_gqa=True,
         )
         torch.testing.assert_close(got[start : start + length], whole[plen:], atol=1e-5, rtol=1e-5)
-
-
-def test_split_prefix_attention_matches_sdpa():
-    batch = _batch()
-    q, k, v = _qkv(len(batch.input_ids))
-    _, pk, pv = _qkv(sum(batch.prefix_lengths), seed=1)
-    expected = sdpa_attention(q, k, v, batch, (pk, pv), causal=True, scale=0.3)
-    got = split_prefix_attention(q, k, v, batch, (pk, pv), causal=True, scale=0.3)
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
 # --- the CUDA backends, checked on CPU -------------------------------------------------------

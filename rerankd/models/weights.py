@@ -17,9 +17,6 @@ class Checkpoint:
     def __init__(self, files: dict[str, object]) -> None:
         self._files = files  # tensor name → open safe_open handle
 
-    def names(self) -> list[str]:
-        return list(self._files)
-
     def __contains__(self, name: str) -> bool:
         return name in self._files
 

@@ -411,68 +411,11 @@ def describe(backend: str) -> str:
         return "varlen_attn" if native else "varlen_attn (KV heads expanded)"
     return {
         "sdpa": "sdpa (per sequence)",
-        "split": "sdpa (prefix split)",
         "amx": "amx (rerankd AMX bf16)",
         "flash_attn": "flash_attn varlen",
         "flex": "flex_attention (document mask)",
         "sdpa_padded": "sdpa (padded buckets)",
     }.get(backend, backend)
-
-
-def split_prefix_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    batch: PackedBatch,
-    prefix_kv: PrefixKV | None,
-    causal: bool,
-    scale: float,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """CPU: the prefix part of attention for all of a prefix's sequences in ONE kernel call.
-
-    softmax over [prefix keys, own keys] = a log-sum-exp weighted mix of two softmaxes:
-    (a) every token of a group against its shared prefix (no mask, one call per prefix),
-    (b) every sequence against its own keys (plain causal, the fused kernel's fast path).
-    Exact up to float rounding; avoids copying the prefix's keys once per document.
-    """
-    if prefix_kv is None or not causal:
-        return sdpa_attention(q, k, v, batch, prefix_kv, causal, scale, out)
-    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-    own = torch.empty_like(q)
-    own_lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)  # (T, H)
-    for start, length in zip(batch.starts, batch.lengths, strict=True):
-        end = start + length
-        o, lse = flash(
-            q[start:end].transpose(0, 1)[None],
-            k[start:end].transpose(0, 1)[None],
-            v[start:end].transpose(0, 1)[None],
-            0.0,
-            True,
-            scale=scale,
-        )[:2]
-        own[start:end] = o[0].transpose(0, 1)
-        own_lse[start:end] = lse[0].transpose(0, 1)
-    for index, (p_start, p_len) in enumerate(
-        zip(batch.prefix_starts, batch.prefix_lengths, strict=True)
-    ):
-        rows = batch.prefix_rows(index)  # (T_g,) flat rows of the sequences sharing prefix `index`
-        qg = q[rows].transpose(0, 1)[None]  # (1, H, T_g, D)
-        pk = prefix_kv[0][p_start : p_start + p_len].transpose(0, 1)[None]  # (1, KVH, P, D)
-        pv = prefix_kv[1][p_start : p_start + p_len].transpose(0, 1)[None]
-        o_pre, lse_pre = flash(qg, pk, pv, 0.0, False, scale=scale)[:2]
-        o_pre = o_pre[0].transpose(0, 1).float()  # (T_g, H, D)
-        lse_pre = lse_pre[0].transpose(0, 1)  # (T_g, H)
-        lse_own = own_lse[rows]
-        top = torch.maximum(lse_pre, lse_own)
-        w_pre = torch.exp(lse_pre - top)[..., None]  # (T_g, H, 1)
-        w_own = torch.exp(lse_own - top)[..., None]
-        mixed = (o_pre * w_pre + own[rows].float() * w_own) / (w_pre + w_own)
-        own[rows] = mixed.to(q.dtype)
-    return own if out is None else out.copy_(own)
-
-
-ATTENTION["split"] = split_prefix_attention
 
 
 def _rows_ok(t: torch.Tensor) -> bool:

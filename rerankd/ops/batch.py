@@ -76,19 +76,6 @@ class PackedBatch:
             return None
         return self.prefix_starts[index], len(self.prefixes[index])
 
-    def prefix_rows(self, prefix: int) -> torch.Tensor:
-        """Flat stream rows of every sequence that shares prefix number `prefix` (cached)."""
-        cache = self.__dict__.setdefault("_prefix_rows", {})
-        if prefix not in cache:
-            rows = [
-                r
-                for i, (start, length) in enumerate(zip(self.starts, self.lengths, strict=True))
-                if self.prefix_of[i] == prefix
-                for r in range(start, start + length)
-            ]
-            cache[prefix] = torch.tensor(rows, dtype=torch.long, device=self.input_ids.device)
-        return cache[prefix]
-
     def with_varlen_layout(self) -> PackedBatch:
         """Attach the cu_seqlens/gather layout that varlen attention kernels need."""
         self.varlen = VarlenLayout.build(self)
