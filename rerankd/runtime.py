@@ -13,11 +13,10 @@ from typing import Any
 
 from rerankd.engine import Engine, resolve_device, resolve_dtype
 from rerankd.engine.malloc import keep_freed_memory
-from rerankd.engine.packed_engine import ATTENTION_MODES, COMPILE_MODES
+from rerankd.engine.packed_engine import check_modes
 from rerankd.errors import ModelLoadError
 from rerankd.metrics import Metrics
 from rerankd.models.loader import load_config_and_tokenizer, resolve_model_dir
-from rerankd.ops.quantize import QUANTIZE_MODES
 from rerankd.recipes import Recipe, build_recipe
 from rerankd.scheduler import Scheduler
 from rerankd.service import Limits, RerankService, ServedModel, aliases_for
@@ -106,12 +105,10 @@ def build_engine(kind: str, model_dir, config, recipe, device, dtype, settings: 
 
     if kind not in ("auto", "packed", "transformers"):
         raise ModelLoadError(f"unknown engine {kind!r}; use auto, packed or transformers")
-    if settings.quantize not in QUANTIZE_MODES:
-        raise ModelLoadError(f"unknown --quantize {settings.quantize!r}; use none or int8")
-    if settings.compile not in COMPILE_MODES:
-        raise ModelLoadError(f"unknown --compile {settings.compile!r}; use auto, on or off")
-    if settings.attention not in ATTENTION_MODES:
-        raise ModelLoadError(f"unknown --attention {settings.attention!r}; use auto or sdpa")
+    try:
+        check_modes(settings.quantize, settings.compile, settings.attention)
+    except ValueError as exc:
+        raise ModelLoadError(str(exc)) from exc
     if settings.quantize != "none" and kind == "transformers":
         raise ModelLoadError("--quantize needs the packed engine (--engine auto or packed)")
     if recipe.head.kind == "cosine":  # bi-encoders: each sequence embedded on its own

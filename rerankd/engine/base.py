@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TypeVar
 
 import torch
@@ -43,6 +43,37 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.bfloat16 if cpu_supports_bf16() else torch.float32
+
+
+#: token budget per batch on a CPU: a few requests' worth, short enough that a batch does
+#: not hold up the queue behind it for long
+CPU_BATCH_TOKENS = 8192
+#: on CUDA: the packed engine holds one whole W-GPU request (100 docs, ~41k tokens) in one
+#: batch, its shared prefix computed once (32k split it in two); the padded engines compute
+#: their padding too, so they keep half of that
+CUDA_BATCH_TOKENS = 65536
+CUDA_PADDED_BATCH_TOKENS = 32768
+
+
+def default_batch_tokens(device: torch.device, padded: bool = False) -> int:
+    """The token budget per batch an engine offers the scheduler (`Engine.default_batch_tokens`)
+    when --max-batch-tokens is not given; `padded`: the engine computes padding rows too."""
+    if device.type != "cuda":
+        return CPU_BATCH_TOKENS
+    return CUDA_PADDED_BATCH_TOKENS if padded else CUDA_BATCH_TOKENS
+
+
+def padded_chunks(lengths: Sequence[int], max_padded_tokens: int) -> Iterator[list[int]]:
+    """Indices of `lengths` in padded sub-batches, longest first: each sub-batch is padded to
+    its first (longest) item, and holds as many items as fit `max_padded_tokens` at that
+    width (at least one). Sorting wastes little padding; scores go back by index."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True)
+    start = 0
+    while start < len(order):
+        width = max(lengths[order[start]], 1)
+        chunk = order[start : start + max(1, max_padded_tokens // width)]
+        yield chunk
+        start += len(chunk)
 
 
 def split_on_oom(

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModel
 
-from rerankd.engine.base import split_on_oom
+from rerankd.engine.base import default_batch_tokens, padded_chunks, split_on_oom
 from rerankd.recipes.bi_encoder import EncodedTwin
 from rerankd.types import Batch
 
@@ -38,7 +38,7 @@ class EmbeddingEngine:
         self.device = str(device)
         self.dtype = str(dtype).removeprefix("torch.")
         self._device = device
-        self.default_batch_tokens = 32768 if device.type == "cuda" else 8192
+        self.default_batch_tokens = default_batch_tokens(device, padded=True)
         self.max_padded_tokens = max_batch_tokens or self.default_batch_tokens
         # AutoModel: the bare encoder (a checkpoint with a task head loads its base model)
         self._model = AutoModel.from_pretrained(model_dir, dtype=dtype).to(device).eval()
@@ -64,19 +64,13 @@ class EmbeddingEngine:
 
     def embed(self, sequences: list[tuple[int, ...]]) -> torch.Tensor:
         """Unit-length mean-pooled embeddings (float32, on the CPU), one row per sequence."""
-        order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]), reverse=True)
         rows: list[torch.Tensor | None] = [None] * len(sequences)
-        start = 0
-        while start < len(order):
-            # longest first: the first sequence sets the padded width of this sub-batch
-            width = max(len(sequences[order[start]]), 1)
-            chunk = order[start : start + max(1, self.max_padded_tokens // width)]
+        for chunk in padded_chunks([len(s) for s in sequences], self.max_padded_tokens):
             pooled = split_on_oom(
                 self.forward, [sequences[i] for i in chunk], None, self._device, _cat, "sequences"
             )
             for i, row in zip(chunk, pooled, strict=True):
                 rows[i] = row
-            start += len(chunk)
         return F.normalize(torch.stack(rows), p=2, dim=-1)
 
     @torch.inference_mode()

@@ -16,11 +16,12 @@ import time
 import torch
 from torch import nn
 
-from rerankd.engine.base import split_on_oom
+from rerankd.engine.base import default_batch_tokens, split_on_oom
 from rerankd.ops.amx_kernel import load_kernel
 from rerankd.ops.attention import cuda_backends, describe
 from rerankd.ops.batch import pack
 from rerankd.ops.cpu import cpu_has_amx
+from rerankd.ops.quantize import QUANTIZE_MODES
 from rerankd.types import EncodedPair
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,25 @@ _INT8_BACKEND_TOLERANCE = 0.25
 
 COMPILE_MODES = ("auto", "on", "off")
 ATTENTION_MODES = ("auto", "sdpa")
+
+
+def check_mode(flag: str, mode: str, modes: tuple[str, ...]) -> None:
+    """ValueError naming the flag and its choices unless `mode` is one of `modes`; the one
+    check of --quantize, --compile and --attention (runtime.py asks before loading)."""
+    if mode not in modes:
+        raise ValueError(f"unknown --{flag} {mode!r}; use {_choices(modes)}")
+
+
+def check_modes(quantize: str, compile: str, attention: str) -> None:
+    """`check_mode` of the three packed-engine flags, in this order."""
+    check_mode("quantize", quantize, QUANTIZE_MODES)
+    check_mode("compile", compile, COMPILE_MODES)
+    check_mode("attention", attention, ATTENTION_MODES)
+
+
+def _choices(modes: tuple[str, ...]) -> str:
+    """("auto", "on", "off") -> "auto, on or off"."""
+    return f"{', '.join(modes[:-1])} or {modes[-1]}" if len(modes) > 1 else modes[0]
 
 
 class PackedEngine:
@@ -57,9 +77,7 @@ class PackedEngine:
         self._device = device
         self.share_prefix = share_prefix
         self.vocab_size = vocab_size
-        # CUDA: one whole W-GPU request (100 docs, ~41k tokens) in one batch, its shared
-        # prefix computed once; 32k split it in two
-        self.default_batch_tokens = 65536 if device.type == "cuda" else 8192
+        self.default_batch_tokens = default_batch_tokens(device)
         self.quantized = quantized
         self.tolerance = _INT8_BACKEND_TOLERANCE if quantized else _BACKEND_TOLERANCE
         self.attention = "sdpa"  # what `forward` reads while the probes below run
@@ -106,8 +124,7 @@ class PackedEngine:
         shapes, 1-5 ms compiled, fused with the norm before it). It stays off elsewhere:
         slower than eager on a 2-core EPYC without AMX (1.24 vs 1.58), unmeasured on CUDA
         (`on` forces it)."""
-        if mode not in COMPILE_MODES:
-            raise ValueError(f"unknown --compile {mode!r}; use auto, on or off")
+        check_mode("compile", mode, COMPILE_MODES)
         if not hasattr(self.model, "set_kernels"):
             return False
         if mode == "auto":
@@ -154,8 +171,7 @@ class PackedEngine:
         """`auto`: the fastest kernel for this device that agrees with SDPA on a probe batch
         (varlen flash attention on CUDA; the AMX kernel for bf16 on CPUs with AMX, 2.2-2.9x
         faster than SDPA per layer on the 0.6B shapes, docs/benchmarks.md); `sdpa`: SDPA."""
-        if mode not in ATTENTION_MODES:
-            raise ValueError(f"unknown --attention {mode!r}; use auto or sdpa")
+        check_mode("attention", mode, ATTENTION_MODES)
         if mode == "auto":
             if device.type == "cuda":  # fused kernels only: see `attention.cuda_backends`
                 return next(filter(self._attention_agrees, cuda_backends()), "sdpa")

@@ -1,9 +1,10 @@
-"""Engine v1: transformers models, padded length-sorted sub-batches, only the needed logits.
+"""The transformers engine: transformers models, padded length-sorted sub-batches, only the
+needed logits; the generic fallback for architectures the packed engine has no code for.
 
 Decoder rerankers (Qwen3, Gemma) run the base model and score only the last real token:
 for LM-head recipes h · (W[yes] − W[no]) (or h · W[Yes]) — two rows of the head, never the
-vocabulary. Encoders run their own classification head. The packed engine replaces this
-one without changing the contract (`score(batch) -> raw scores`).
+vocabulary. Encoders run their own classification head. Same contract as every engine
+(`score(batch) -> raw scores`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from rerankd.engine.base import split_on_oom
+from rerankd.engine.base import default_batch_tokens, padded_chunks, split_on_oom
 from rerankd.recipes import ScoreHead
 from rerankd.types import Batch, EncodedPair
 
@@ -36,7 +37,7 @@ class TransformersEngine:
         self.device = str(device)
         self.dtype = str(dtype).removeprefix("torch.")
         self._device, self._dtype = device, dtype
-        self.default_batch_tokens = 32768 if device.type == "cuda" else 8192
+        self.default_batch_tokens = default_batch_tokens(device, padded=True)
         self.max_padded_tokens = max_batch_tokens or self.default_batch_tokens
         self.pad_id = 0
         if head.kind == "lm_rows":
@@ -72,18 +73,11 @@ class TransformersEngine:
     def score(self, batch: Batch) -> list[float]:
         """Raw scores in batch order; sub-batches sorted by length, split on OOM."""
         pairs = batch.pairs
-        order = sorted(range(len(pairs)), key=lambda i: len(pairs[i]), reverse=True)
         scores: list[float] = [0.0] * len(pairs)
-        start = 0
-        while start < len(order):
-            # longest first: the first pair sets the padded width of this sub-batch
-            width = len(pairs[order[start]])
-            count = max(1, self.max_padded_tokens // max(width, 1))
-            chunk = order[start : start + count]
+        for chunk in padded_chunks([len(p) for p in pairs], self.max_padded_tokens):
             chunk_scores = split_on_oom(self.forward, [pairs[i] for i in chunk], None, self._device)
             for index, value in zip(chunk, chunk_scores, strict=True):
                 scores[index] = value
-            start += count
         return scores
 
     @torch.inference_mode()
