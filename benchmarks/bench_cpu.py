@@ -44,7 +44,6 @@ import json
 import os
 import platform
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -71,6 +70,7 @@ from benchmarks.workload import (  # noqa: E402
     sweep_request,
     w_cpu,
 )
+from tests.ports import free_port  # noqa: E402  (one port helper: tests, scripts, benchmarks)
 
 PEERS = Path(__file__).resolve().parent / "peers"
 VLLM_TEMPLATE = PEERS / "qwen3_reranker.jinja"
@@ -192,12 +192,6 @@ atexit.register(_kill_all)
 
 def _on_signal(signum, frame):  # noqa: ARG001
     raise SystemExit(128 + signum)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:

@@ -1,4 +1,5 @@
-"""Loopback ports for the servers tests start: each port handed out once per test process.
+"""Loopback ports for the servers that tests, scripts and benchmarks start: each port handed
+out once per process.
 
 Servers are started several at a time and bind their port only after importing torch (tens
 of seconds later); until then the OS may offer the same free port again. Two servers given
