@@ -54,6 +54,10 @@ def keep_document_end(
     return list(ids[:head]) + list(ids[max(head, len(ids) - room) :])
 
 
+#: characters of a document's start kept ahead of its end when a long one is cut on the left
+_SEAM_CHARS = 64
+
+
 def sigmoid(x: float) -> float:
     """Numerically safe logistic function (raw logit → probability)."""
     if x >= 0:
@@ -84,6 +88,11 @@ class Recipe(ABC):
         longest = max((len(t) for t in tokenizer.get_vocab()), default=1)
         self._chars_per_token_bound = 4 * longest
         self._precut_chars = self._chars_per_token_bound * (self.max_length + 16)
+        # ... but that bound is loose (millions of characters for a real vocabulary's long
+        # entries): a window of ~8 characters per kept token (at least 64 KiB, so documents
+        # of ordinary length keep exact `cut_tokens` counts) is tokenized first, and settles
+        # it for ordinary text (see `_precut`); a longer document's count is then a minimum
+        self._window_chars = max(65_536, 8 * (self.max_length + 16) + 64)
 
     # --- to implement ---------------------------------------------------------------------
 
@@ -294,10 +303,27 @@ class Recipe(ABC):
                 raise self._too_long(first_index + offset, pair)
 
     def _precut(self, text: str, side: str) -> str:
-        """`text` without the part no recipe could keep (see `_precut_chars`)."""
-        if len(text) <= self._precut_chars:
+        """`text` without the part no recipe could keep, with bounded work: the kept end's
+        window of `_window_chars` when it already holds more tokens than any pair may keep
+        (tokenization is local: the window's tokens up to its last few are the text's), else
+        the proven bound `_precut_chars`."""
+        if len(text) <= self._window_chars:
             return text
-        return text[: self._precut_chars] if side == "right" else text[-self._precut_chars :]
+        window = self._cut(text, side, self._window_chars)
+        if len(self.encode_text(window)) > self.max_length + 16:
+            return window
+        return (
+            text if len(text) <= self._precut_chars else self._cut(text, side, self._precut_chars)
+        )
+
+    @staticmethod
+    def _cut(text: str, side: str, chars: int) -> str:
+        """The first `chars` characters, or (side="left") the last ones behind the text's own
+        first few: the template's end tokenizes with the document's real start exactly as it
+        would whole (a space there can merge with it), and the seam falls in the cut part."""
+        if side == "right":
+            return text[:chars]
+        return text[:_SEAM_CHARS] + text[-(chars - _SEAM_CHARS) :]
 
     def _too_long(self, index: int, pair: EncodedPair) -> InvalidRequest:
         full = len(pair) + pair.cut_tokens
