@@ -188,6 +188,8 @@ class Recipe(ABC):
         if not documents:
             return []
         capped = [0] * len(documents)
+        # chunks past `max_chunks` are dropped: never tokenize more than they could hold
+        documents = [self._precut(d, "right", times=max_chunks) for d in documents]
         if max_document_tokens is not None:
             documents, capped = self.cap_texts(documents, max_document_tokens, "right")
         whole = self._encode_pairs(queries, documents, instruction)
@@ -302,19 +304,18 @@ class Recipe(ABC):
             if pair.truncated:
                 raise self._too_long(first_index + offset, pair)
 
-    def _precut(self, text: str, side: str) -> str:
-        """`text` without the part no recipe could keep, with bounded work: the kept end's
-        window of `_window_chars` when it already holds more tokens than any pair may keep
-        (tokenization is local: the window's tokens up to its last few are the text's), else
-        the proven bound `_precut_chars`."""
-        if len(text) <= self._window_chars:
+    def _precut(self, text: str, side: str, times: int = 1) -> str:
+        """`text` without the part no recipe could keep (`times` pairs' worth, for chunking),
+        with bounded work: the kept end's window of `_window_chars` when it already holds more
+        tokens than that (tokenization is local: the window's tokens up to its last few are
+        the text's), else the proven bound `_precut_chars`."""
+        window_chars, bound_chars = times * self._window_chars, times * self._precut_chars
+        if len(text) <= window_chars:
             return text
-        window = self._cut(text, side, self._window_chars)
-        if len(self.encode_text(window)) > self.max_length + 16:
+        window = self._cut(text, side, window_chars)
+        if len(self.encode_text(window)) > times * (self.max_length + 16):
             return window
-        return (
-            text if len(text) <= self._precut_chars else self._cut(text, side, self._precut_chars)
-        )
+        return text if len(text) <= bound_chars else self._cut(text, side, bound_chars)
 
     @staticmethod
     def _cut(text: str, side: str, chars: int) -> str:
