@@ -476,6 +476,7 @@ async def models(request: Request) -> JSONResponse:
             "aliases": m.aliases,
             "max_model_len": m.max_length,
             "recipe": m.recipe.name,
+            "supports_instruction": m.recipe.supports_instruction,
             "attention": m.attention,
         }
         for m in _service(request).models

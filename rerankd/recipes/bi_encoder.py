@@ -26,7 +26,7 @@ from tokenizers import Tokenizer
 
 from rerankd.errors import InvalidRequest, ModelLoadError
 from rerankd.recipes.base import Recipe, ScoreHead
-from rerankd.recipes.cross_encoder import _POSITION_OFFSET, _UNSET_MAX_LENGTH
+from rerankd.recipes.cross_encoder import POSITION_OFFSET, UNSET_MAX_LENGTH
 from rerankd.types import EncodedPair
 
 #: sentence-transformers modules that leave mean-pooled cosines unchanged (Normalize does
@@ -174,11 +174,11 @@ class BiEncoder(Recipe):
             limits.append(self.info.max_seq_length)
         else:
             tokenizer_max = getattr(self.tokenizer, "model_max_length", None)
-            if tokenizer_max and tokenizer_max < _UNSET_MAX_LENGTH:
+            if tokenizer_max and tokenizer_max < UNSET_MAX_LENGTH:
                 limits.append(int(tokenizer_max))
         positions = getattr(self.config, "max_position_embeddings", None)
         if positions:
-            limits.append(positions - _POSITION_OFFSET.get(self.config.model_type, 0))
+            limits.append(positions - POSITION_OFFSET.get(self.config.model_type, 0))
         if max_model_len is not None:
             limits.append(max_model_len)
         return min(limits) if limits else 512

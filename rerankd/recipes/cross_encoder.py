@@ -16,9 +16,9 @@ from rerankd.recipes.base import Recipe, ScoreHead
 from rerankd.types import EncodedPair
 
 #: model_max_length values above this are the "unset" sentinel transformers uses
-_UNSET_MAX_LENGTH = 1_000_000
+UNSET_MAX_LENGTH = 1_000_000
 #: RoBERTa-family position ids start after the padding index, costing two positions
-_POSITION_OFFSET = {"xlm-roberta": 2, "roberta": 2, "camembert": 2, "xlm-roberta-xl": 2}
+POSITION_OFFSET = {"xlm-roberta": 2, "roberta": 2, "camembert": 2, "xlm-roberta-xl": 2}
 
 
 class CrossEncoder(Recipe):
@@ -42,11 +42,11 @@ class CrossEncoder(Recipe):
     def _max_length(self, max_model_len: int | None) -> int:
         limits = []
         tokenizer_max = getattr(self.tokenizer, "model_max_length", None)
-        if tokenizer_max and tokenizer_max < _UNSET_MAX_LENGTH:
+        if tokenizer_max and tokenizer_max < UNSET_MAX_LENGTH:
             limits.append(int(tokenizer_max))
         positions = getattr(self.config, "max_position_embeddings", None)
         if positions:
-            limits.append(positions - _POSITION_OFFSET.get(self.config.model_type, 0))
+            limits.append(positions - POSITION_OFFSET.get(self.config.model_type, 0))
         if max_model_len is not None:
             limits.append(max_model_len)
         return min(limits) if limits else 512

@@ -323,6 +323,7 @@ def test_last_path_part_of_a_served_name_is_an_alias(make_client):
 def test_models_names_the_attention_kernel_field(client):
     (model,) = client.get("/v1/models").json()["data"]
     assert "attention" in model and model["attention"] is None  # the fake engine has no choice
+    assert model["supports_instruction"] is True  # Qwen3-Reranker takes an instruction
 
 
 def test_tei_route_honours_top_n_as_litellm_sends_it(client):
