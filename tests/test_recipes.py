@@ -139,3 +139,23 @@ def test_max_length_defaults():
     assert recipe("gemma").max_length == 512
     assert recipe("xlmr").max_length == 512
     assert recipe("bert").max_length == 512
+
+
+def test_an_empty_instruction_gives_qwen3_the_bare_pair(qwen3_dir):
+    """`"instruction": ""` asks for no instruction: the `<Instruct>` line is left out (not
+    the card's recipe; opt-in for tasks the default instruction hurts). None keeps the card's."""
+    from rerankd.recipes.qwen3 import DEFAULT_INSTRUCTION
+    from rerankd.runtime import load_recipe
+    from rerankd.settings import Settings
+
+    recipe = load_recipe(Settings(model=str(qwen3_dir)))[2]
+
+    def text(instruction):
+        (pair,) = recipe.encode(["capital of France"], ["Paris."], instruction)
+        return recipe.tokenizer.decode(pair.input_ids)
+
+    assert "<Instruct>" not in text(
+        ""
+    ) and "<Query>: capital of France\n<Document>: Paris." in text("")
+    assert f"<Instruct>: {DEFAULT_INSTRUCTION}\n" in text(None)
+    assert "<Instruct>: find capitals\n" in text("find capitals")

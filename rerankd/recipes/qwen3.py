@@ -48,7 +48,11 @@ def strip_document_tag(document: str) -> str:
 
 
 def format_body(instruction: str, query: str, document: str) -> str:
-    """The card's `format_instruction`."""
+    """The card's `format_instruction`; an empty instruction (a request's `"instruction": ""`)
+    gives the bare pair, without the `<Instruct>` line (users report the card's default
+    instruction hurting some tasks; this is not the card's recipe, so it is opt-in)."""
+    if not instruction:
+        return f"<Query>: {query}\n<Document>: {document}"
     return f"<Instruct>: {instruction}\n<Query>: {query}\n<Document>: {document}"
 
 
@@ -80,10 +84,12 @@ class Qwen3Reranker(Recipe):
         return min(limit, context)
 
     def _resolve(self, query: str, instruction: str | None) -> tuple[str, str]:
-        """Pick the instruction (field > inline > default) and the bare query."""
+        """Pick the instruction (field > inline > default; an empty field: none, the bare
+        pair) and the bare query."""
         inline, bare_query = split_inline_instruction(query)
-        chosen = instruction if instruction else (inline or DEFAULT_INSTRUCTION)
-        return chosen, bare_query
+        if instruction is not None:
+            return instruction, bare_query
+        return inline or DEFAULT_INSTRUCTION, bare_query
 
     def _encode_pairs(
         self,
