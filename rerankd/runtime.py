@@ -19,7 +19,14 @@ from rerankd.metrics import Metrics
 from rerankd.models.loader import load_config_and_tokenizer, resolve_model_dir
 from rerankd.recipes import Recipe, build_recipe
 from rerankd.scheduler import Scheduler
-from rerankd.service import Limits, RerankService, ServedModel, aliases_for
+from rerankd.service import (
+    PROBE_DOCUMENT,
+    PROBE_QUERY,
+    Limits,
+    RerankService,
+    ServedModel,
+    aliases_for,
+)
 from rerankd.settings import Settings
 from rerankd.types import Batch
 
@@ -143,7 +150,7 @@ def build_engine(kind: str, model_dir, config, recipe, device, dtype, settings: 
 
 def warm_up(recipe, engine) -> None:
     """Run one tiny batch so the first request does not pay for lazy initialization."""
-    pairs = recipe.encode(["warm-up query"], ["warm-up document"])
+    pairs = recipe.encode([PROBE_QUERY], [PROBE_DOCUMENT])
     engine.score(Batch(pairs))
 
 
