@@ -52,6 +52,7 @@ from tests.hardening.conftest import (  # noqa: E402
     percentile,
     raw_post,
     scores_of,
+    send_raw_request,
 )
 from tests.hardening.test_faults_e2e import _co_batched_round as co_batched_round  # noqa: E402
 from tests.hardening.test_fuzz import (  # noqa: E402
@@ -68,7 +69,6 @@ from tests.hardening.test_hostile_inputs import (  # noqa: E402
     TEN_MB,
     health_baseline_p99,
     run_flood,
-    send_raw,
 )
 from tests.hardening.test_load import run_load  # noqa: E402
 
@@ -520,7 +520,7 @@ def hostile_bodies(report: Report, hostile: Server) -> None:
         with HealthPoller(hostile.url) as poller, RssSampler(hostile) as rss:
             before = hostile.rss_bytes()
             started = time.monotonic()
-            status, _ = send_raw(hostile, "/v1/rerank", body)
+            status, _ = send_raw_request(hostile, raw_post("/v1/rerank", body))
             finished = time.monotonic()
             time.sleep(0.2)
         during = poller.latencies(started, finished)

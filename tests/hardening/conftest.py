@@ -379,6 +379,16 @@ def raw_post(path: str, body: bytes, extra_headers: bytes = b"", host: bytes = b
     )
 
 
+def send_raw_request(server: Server, request: bytes, timeout: float = 120) -> tuple[int, bytes]:
+    """Send a complete raw HTTP request on a fresh socket; the status and the raw response."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=timeout) as sock:
+        sock.sendall(request)
+        data = b""
+        while chunk := sock.recv(2**20):
+            data += chunk
+    return int(data[9:12]), data
+
+
 #: polls /health from its own process (so that the client's GIL never shows up as server
 #: latency) and prints `[[monotonic time, seconds], ...]` as JSON when stdin closes
 _HEALTH_POLLER = """

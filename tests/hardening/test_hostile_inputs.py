@@ -15,7 +15,6 @@ The 2-minute flood is `slow`; scripts/reliability.py reports the same figures.
 from __future__ import annotations
 
 import json
-import socket
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -33,6 +32,7 @@ from .conftest import (
     percentile,
     raw_post,
     scores_of,
+    send_raw_request,
 )
 
 SERVERS = ("plain", "hostile", "flood", "nan")
@@ -53,16 +53,6 @@ HOSTILE_SEND_S = 2.0
 @pytest.fixture(scope="module")
 def hostile(servers) -> Server:
     return servers["hostile"]
-
-
-def send_raw_request(server: Server, request: bytes, timeout: float = 120) -> tuple[int, bytes]:
-    """Send a complete raw HTTP request on a fresh socket; the status and the raw response."""
-    with socket.create_connection(("127.0.0.1", server.port), timeout=timeout) as sock:
-        sock.sendall(request)
-        data = b""
-        while chunk := sock.recv(MIB):
-            data += chunk
-    return int(data[9:12]), data
 
 
 def health_baseline_p99(server: Server) -> float:
