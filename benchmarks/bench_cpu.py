@@ -38,7 +38,6 @@ measured GEMM peak. The same FLOPs are charged to every engine, whatever it real
 from __future__ import annotations
 
 import argparse
-import atexit
 import contextlib
 import json
 import os
@@ -70,7 +69,7 @@ from benchmarks.workload import (  # noqa: E402
     sweep_request,
     w_cpu,
 )
-from tests.ports import free_port  # noqa: E402  (one port helper: tests, scripts, benchmarks)
+from tests.harness import Server, free_port, spawn  # noqa: E402  (one harness: tests, scripts, benchmarks)
 
 PEERS = Path(__file__).resolve().parent / "peers"
 VLLM_TEMPLATE = PEERS / "qwen3_reranker.jinja"
@@ -163,100 +162,23 @@ def print_gemm(g: dict, label: str) -> None:
 # Servers (subprocesses on 127.0.0.1, killed on exit)
 # ---------------------------------------------------------------------------------------------
 
-_live: list[subprocess.Popen] = []
-
-
-def _kill(proc: subprocess.Popen, grace: float = 15.0) -> None:
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)  # its own session: the server and its workers
-        os.killpg(proc.pid, signal.SIGCONT)  # a paused server (--interleave) handles it now
-    except ProcessLookupError:
-        return
-    try:
-        proc.wait(grace)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(5)
-
-
-def _kill_all() -> None:
-    while _live:
-        _kill(_live.pop())
-
-
-atexit.register(_kill_all)
-
 
 def _on_signal(signum, frame):  # noqa: ARG001
-    raise SystemExit(128 + signum)
+    raise SystemExit(128 + signum)  # so that tests/harness.py stops every server at exit
 
 
-class Server:
-    """A server subprocess in its own session; ``base`` is its URL once healthy."""
+def start_server(name: str, cmd: list[str], port: int, env: dict | None, logdir: Path) -> Server:
+    """A server subprocess (tests/harness.py) in its own session, so that pause/resume and
+    stop reach its worker processes too (vLLM's engine core)."""
+    log(f"   starting {name}: {' '.join(cmd)}  (log: {logdir / f'{name}.log'})")
+    return spawn(
+        name, cmd, port, logdir / f"{name}.log", {**os.environ, **(env or {})}, own_session=True
+    )
 
-    def __init__(self, name: str, cmd: list[str], port: int, env: dict | None, logdir: Path):
-        self.name, self.cmd, self.port = name, cmd, port
-        self.base = f"http://127.0.0.1:{port}"
-        self.logfile = logdir / f"{name}.log"
-        self.env = {**os.environ, **(env or {})}
-        self.proc: subprocess.Popen | None = None
-        self.startup_s = 0.0
 
-    def __enter__(self) -> Server:
-        log(f"   starting {self.name}: {' '.join(self.cmd)}  (log: {self.logfile})")
-        self._fh = open(self.logfile, "w")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            self.cmd,
-            stdout=self._fh,
-            stderr=subprocess.STDOUT,
-            env=self.env,
-            start_new_session=True,
-            cwd=REPO,
-        )
-        _live.append(self.proc)
-        return self
-
-    def wait_healthy(self, timeout: float) -> None:
-        t0 = time.perf_counter()
-        while time.perf_counter() - t0 < timeout:
-            if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"{self.name} exited with {self.proc.returncode}:\n{self.tail()}"
-                )
-            try:
-                if httpx.get(self.base + "/health", timeout=2).status_code == 200:
-                    self.startup_s = time.perf_counter() - t0
-                    log(f"   {self.name} healthy after {self.startup_s:.0f}s")
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        raise TimeoutError(f"{self.name} not healthy after {timeout:.0f}s:\n{self.tail()}")
-
-    def pause(self) -> None:
-        """Freeze the server and its workers (SIGSTOP to its session): no CPU while another
-        engine is measured, its memory and warm state kept."""
-        os.killpg(self.proc.pid, signal.SIGSTOP)
-
-    def resume(self) -> None:
-        os.killpg(self.proc.pid, signal.SIGCONT)
-        time.sleep(0.5)  # let every worker get scheduled again before the clock starts
-
-    def tail(self, n: int = 30) -> str:
-        try:
-            return "\n".join(self.logfile.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
-
-    def __exit__(self, *exc) -> None:
-        if self.proc is not None:
-            _kill(self.proc)
-            if self.proc in _live:
-                _live.remove(self.proc)
-        self._fh.close()
+def wait_healthy(srv: Server, timeout: float) -> None:
+    srv.wait_healthy(timeout, poll_s=1.0)
+    log(f"   {srv.name} healthy after {srv.startup_s:.0f}s")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -459,9 +381,9 @@ def bench_rerankd(
     log(f"\n== {key} (server subprocess{', ' + ' '.join(extra) if extra else ''})")
     res: dict = {}
     with rerankd_server(args, model_dir, logdir, key, extra) as srv:
-        srv.wait_healthy(args.start_timeout)
+        wait_healthy(srv, args.start_timeout)
         res["startup_s"] = srv.startup_s
-        score = http_scorer(srv.base, "/v1/rerank", None, args.request_timeout)
+        score = http_scorer(srv.url, "/v1/rerank", None, args.request_timeout)
         warm(score, args.warmup, key)
         res["sequential"] = throughput(score, seeds, False, f"{key} sequential")
         res["concurrent"] = throughput(score, conc_seeds, True, f"{key} concurrent")
@@ -498,7 +420,7 @@ def rerankd_server(args, model_dir: Path, logdir: Path, key: str, extra: tuple[s
         *args.rerankd_arg,
         *extra,
     ]
-    return Server(key, cmd, port, None, logdir)
+    return start_server(key, cmd, port, None, logdir)
 
 
 def bench_rerankd_tiny(args, logdir: Path) -> dict | None:
@@ -536,9 +458,9 @@ def bench_rerankd_tiny(args, logdir: Path) -> dict | None:
         "warning",
         *args.rerankd_arg,
     ]
-    with Server("rerankd-tiny", cmd, port, None, logdir) as srv:
-        srv.wait_healthy(args.start_timeout)
-        score = http_scorer(srv.base, "/v1/rerank", None, args.request_timeout)
+    with start_server("rerankd-tiny", cmd, port, None, logdir) as srv:
+        wait_healthy(srv, args.start_timeout)
+        score = http_scorer(srv.url, "/v1/rerank", None, args.request_timeout)
         for _ in range(20):
             score(short_request(seed=SEED_LAT - 2))
         res = latency(score, args.tiny_latency_samples, "rerankd tiny fixture")
@@ -579,9 +501,9 @@ def bench_vllm(
     py = vllm_python(args)
     res: dict = {}
     with vllm_server(args, model_dir, logdir, key) as srv:
-        srv.wait_healthy(args.vllm_start_timeout)
+        wait_healthy(srv, args.vllm_start_timeout)
         res["startup_s"] = srv.startup_s
-        score = http_scorer(srv.base, "/rerank", "qwen3-reranker", args.request_timeout)
+        score = http_scorer(srv.url, "/rerank", "qwen3-reranker", args.request_timeout)
         warm(score, max(args.warmup, 2), key)
         res["sequential"] = throughput(score, seeds, False, f"{key} sequential")
         res["concurrent"] = throughput(score, conc_seeds, True, f"{key} concurrent")
@@ -644,7 +566,7 @@ def vllm_server(args, model_dir: Path, logdir: Path, key: str) -> Server:
         iomp = Path(args.vllm_venv).expanduser() / "lib" / "libiomp5.so"
         if iomp.is_file():
             env["LD_PRELOAD"] = str(iomp)
-    return Server(key, cmd, port, env, logdir)
+    return start_server(key, cmd, port, env, logdir)
 
 
 def bench_interleaved(
@@ -661,14 +583,14 @@ def bench_interleaved(
         for key in keys:  # start one at a time, each warmed and paused before the next starts
             if key.startswith("vllm"):
                 srv = stack.enter_context(vllm_server(args, model_dir, logdir, key))
-                srv.wait_healthy(args.vllm_start_timeout)
-                score = http_scorer(srv.base, "/rerank", "qwen3-reranker", args.request_timeout)
+                wait_healthy(srv, args.vllm_start_timeout)
+                score = http_scorer(srv.url, "/rerank", "qwen3-reranker", args.request_timeout)
                 warm(score, max(args.warmup, 2), key)
             else:
                 extra = ("--quantize", "int8") if key == INT8_KEY else ()
                 srv = stack.enter_context(rerankd_server(args, model_dir, logdir, key, extra))
-                srv.wait_healthy(args.start_timeout)
-                score = http_scorer(srv.base, "/v1/rerank", None, args.request_timeout)
+                wait_healthy(srv, args.start_timeout)
+                score = http_scorer(srv.url, "/v1/rerank", None, args.request_timeout)
                 warm(score, args.warmup, key)
             results[key] = {"startup_s": srv.startup_s}
             srv.pause()

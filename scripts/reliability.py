@@ -47,7 +47,6 @@ from tests.hardening.conftest import (  # noqa: E402
     Server,
     error_shape_problem,
     launch_servers,
-    metric_sum,
     nan_model_dir,
     percentile,
     raw_post,
@@ -71,6 +70,7 @@ from tests.hardening.test_hostile_inputs import (  # noqa: E402
     run_flood,
 )
 from tests.hardening.test_load import run_load  # noqa: E402
+from tests.harness import metric_sum  # noqa: E402
 
 MARKED = "text with FAULT_MARKER inside"
 

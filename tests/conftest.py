@@ -3,15 +3,10 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-import tempfile
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import httpx
 import pytest
 
 # Tests never touch the network.
@@ -22,8 +17,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # each server start tens of seconds; the compiled path has its own parity tests.
 os.environ.setdefault("RERANKD_COMPILE", "off")
 
+from tests import harness  # noqa: E402
 from tests.fixtures.paths import fixture_dir  # noqa: E402
-from tests.ports import free_port  # noqa: E402
 
 SERVER_START_TIMEOUT_S = 120
 
@@ -55,54 +50,13 @@ def qwen3_seq_cls_dir() -> Path:
 
 @contextmanager
 def running_server(*args: str, env: dict[str, str] | None = None) -> Iterator[str]:
-    """Start `rerankd serve ARGS` on a free loopback port; yield its base URL; stop it.
-
-    The server's output goes to a temporary file, never an unread pipe: a pipe fills up
-    after a few hundred access-log lines and would block the server.
-    """
-    port = free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "rerankd.cli",
-        "serve",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        *args,
-    ]
-    proc_env = {**os.environ, **(env or {})}
-    with tempfile.TemporaryFile(mode="w+", encoding="utf-8") as log:
-        proc = subprocess.Popen(cmd, env=proc_env, stdout=log, stderr=subprocess.STDOUT, text=True)
-        url = f"http://127.0.0.1:{port}"
-
-        def output() -> str:
-            log.flush()
-            log.seek(0)
-            return log.read()
-
-        try:
-            deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-            while True:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"rerankd exited with {proc.returncode}:\n{output()}")
-                try:
-                    if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"rerankd did not become healthy in time:\n{output()}")
-                time.sleep(0.2)
-            yield url
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    """Start `rerankd serve ARGS` on a free loopback port; yield its base URL; stop it
+    (tests/harness.py: its output goes to a file, never an unread pipe). The server inherits
+    this process's environment (RERANKD_COMPILE=off above included), plus `env`."""
+    with harness.running_server(
+        *args, env=env, base_env=dict(os.environ), timeout=SERVER_START_TIMEOUT_S
+    ) as server:
+        yield server.url
 
 
 @pytest.fixture(scope="session")

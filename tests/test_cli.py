@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from rerankd.cli import build_parser, main
-from tests.hardening.conftest import server_env
+from tests.harness import offline_env
 
 
 def _subcommands() -> list[str]:
@@ -52,7 +52,7 @@ def test_serve_refuses_an_empty_key_set_in_one_line(tmp_path, args, env, message
     args = [a.replace("{empty}", str(empty)) for a in args]
     proc = subprocess.run(
         [sys.executable, "-m", "rerankd.cli", "serve", "--model", str(tmp_path / "none"), *args],
-        env=server_env(env),
+        env=offline_env(env),
         capture_output=True,
         text=True,
         timeout=60,

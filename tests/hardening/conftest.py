@@ -15,7 +15,6 @@ import atexit
 import contextlib
 import json
 import math
-import os
 import re
 import shutil
 import socket
@@ -25,19 +24,21 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.ports import free_port
+from tests.harness import (
+    REPO_ROOT,
+    START_TIMEOUT_S,
+    Server,
+    offline_env,
+    spawn_rerankd,
+)
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-START_TIMEOUT_S = 180
-STOP_TIMEOUT_S = 30
 ERROR_TYPES = {
     400: "BadRequestError",
     401: "AuthenticationError",
@@ -92,147 +93,6 @@ def nan_model_dir() -> Path:
     return target
 
 
-def server_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """This process's environment without RERANKD_* settings, offline, plus `extra`."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RERANKD_")}
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    env.update(extra or {})
-    return env
-
-
-@dataclass
-class Server:
-    """One `rerankd serve` child process on 127.0.0.1."""
-
-    name: str
-    args: list[str]
-    port: int
-    proc: subprocess.Popen
-    log_path: Path
-    spawned_at: float = 0.0
-    #: seconds from spawn to the first healthy /health
-    startup_s: float | None = None
-    _log: Any = field(default=None, repr=False)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def client(self, **kwargs: Any) -> httpx.Client:
-        kwargs.setdefault("timeout", 60)
-        return httpx.Client(base_url=self.url, **kwargs)
-
-    def output(self) -> str:
-        """Everything the process wrote to stdout and stderr so far."""
-        if self._log is not None:
-            self._log.flush()
-        return self.log_path.read_text(encoding="utf-8", errors="replace")
-
-    def access_records(self) -> list[dict[str, Any]]:
-        """The JSON access-log lines (one per request) written so far."""
-        records = []
-        for line in self.output().splitlines():
-            if line.startswith("{"):
-                with contextlib.suppress(ValueError):
-                    record = json.loads(line)
-                    if isinstance(record, dict) and "request_id" in record:
-                        records.append(record)
-        return records
-
-    def access_record(self, request_id: str, wait_s: float = 5.0) -> dict[str, Any]:
-        deadline = time.monotonic() + wait_s
-        while True:
-            for record in self.access_records():
-                if record["request_id"] == request_id:
-                    return record
-            if time.monotonic() > deadline:
-                raise AssertionError(f"no access-log line for request id {request_id}")
-            time.sleep(0.05)
-
-    def rss_bytes(self) -> int:
-        """Resident set size of the server process (VmRSS from /proc)."""
-        status = Path(f"/proc/{self.pid}/status").read_text()
-        match = re.search(r"^VmRSS:\s+(\d+) kB", status, re.M)
-        assert match, status
-        return int(match.group(1)) * 1024
-
-    def metrics_text(self) -> str:
-        response = httpx.get(f"{self.url}/metrics", timeout=30)
-        assert response.status_code == 200, response.text
-        return response.text
-
-    def metric(self, name: str, **labels: str) -> float:
-        """Sum of the samples called `name` whose labels include `labels`."""
-        return metric_sum(self.metrics_text(), name, **labels)
-
-    def healthy(self) -> bool:
-        try:
-            return httpx.get(f"{self.url}/health", timeout=5).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    def signal(self, sig: int) -> None:
-        self.proc.send_signal(sig)
-
-    def wait(self, timeout: float) -> int:
-        code = self.proc.wait(timeout=timeout)
-        if self._log is not None:
-            self._log.flush()
-        return code
-
-    def stop(self, timeout: float = STOP_TIMEOUT_S) -> int | None:
-        """SIGTERM (the server drains) and wait; SIGKILL if it does not exit in time."""
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-        return self.proc.returncode
-
-
-def _spawn(name: str, args: Sequence[str], env: dict[str, str] | None) -> Server:
-    port = free_port()
-    log_path = _log_dir() / f"{name}-{port}.log"
-    log = open(log_path, "w", encoding="utf-8")  # noqa: SIM115 (closed by Server.stop)
-    cmd = [
-        sys.executable, "-m", "rerankd.cli", "serve", "--host", "127.0.0.1",
-        "--port", str(port), *args,
-    ]  # fmt: skip
-    proc = subprocess.Popen(
-        cmd,
-        cwd=REPO_ROOT,
-        env=server_env(env),
-        stdin=subprocess.DEVNULL,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    return Server(name, list(args), port, proc, log_path, time.monotonic(), log)
-
-
-def _wait_healthy(server: Server, deadline: float) -> None:
-    while True:
-        if server.proc.poll() is not None:
-            raise RuntimeError(
-                f"rerankd ({server.name}) exited with {server.proc.returncode}:\n"
-                + server.output()[-4000:]
-            )
-        if server.healthy():
-            server.startup_s = time.monotonic() - server.spawned_at
-            return
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"rerankd ({server.name}) not healthy in time:\n{server.output()}")
-        time.sleep(0.1)
-
-
 def base_args(*extra: str) -> list[str]:
     """Serve the tiny Qwen3 fixture in float32 on the CPU, plus `extra` flags."""
     return ["--model", str(qwen3_model_dir()), "--dtype", "float32", "--device", "cpu", *extra]
@@ -245,10 +105,9 @@ def launch_servers(
     servers: dict[str, Server] = {}
     try:
         for name, extra in specs.items():
-            servers[name] = _spawn(name, base_args(*extra), env)
-        deadline = time.monotonic() + START_TIMEOUT_S
+            servers[name] = spawn_rerankd(name, base_args(*extra), _log_dir(), env)
         for server in servers.values():
-            _wait_healthy(server, deadline)
+            server.wait_healthy(START_TIMEOUT_S)
     except BaseException:
         for server in servers.values():
             server.stop(timeout=5)
@@ -257,15 +116,6 @@ def launch_servers(
 
 
 # --- HTTP helpers ---------------------------------------------------------------------------
-
-
-def metric_sum(text: str, name: str, **labels: str) -> float:
-    total = 0.0
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                total += sample.value
-    return total
 
 
 def error_shape_problem(response: httpx.Response) -> str | None:
@@ -427,7 +277,7 @@ class HealthPoller:
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
-            env=server_env(),
+            env=offline_env(),
         )
         assert self._proc.stdout is not None
         assert self._proc.stdout.readline().strip() == "ready"

@@ -21,11 +21,12 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
+from tests.harness import metric_sum
+
 from .conftest import (
     Server,
     assert_error,
     assert_scores_close,
-    metric_sum,
     raw_http,
     raw_post,
     scores_of,

@@ -19,8 +19,9 @@ import pytest
 from rerankd.metrics import Metrics
 from rerankd.scheduler import Scheduler
 from rerankd.types import EncodedPair
+from tests.harness import metric_sum
 
-from .conftest import Server, assert_error, assert_scores_close, metric_sum, scores_of
+from .conftest import Server, assert_error, assert_scores_close, scores_of
 
 DELAY_S = 0.25
 

@@ -24,11 +24,11 @@ import httpx
 import pytest
 
 from rerankd.settings import Settings
+from tests.harness import metric_sum
 
 from .conftest import (
     SERVER_SPECS,
     Server,
-    metric_sum,
     percentile,
     raw_http,
 )
