@@ -13,6 +13,7 @@ from rerankd.models.decoder_weights import load_decoder_reranker
 from rerankd.models.encoder import EncoderConfig, load_encoder
 from rerankd.models.gemma import gemma_config
 from rerankd.models.hf_config import UnsupportedCheckpoint
+from rerankd.models.modernbert import ModernBertConfig, load_modernbert
 from rerankd.models.qwen2 import qwen2_config
 from rerankd.models.qwen3 import qwen3_config
 from rerankd.models.weights import open_checkpoint
@@ -62,6 +63,10 @@ def build_packed_engine(
         load = lambda ckpt: load_encoder(ckpt, config, dtype, device)  # noqa: E731
         # bidirectional attention: a shared prefix would see the documents, so never share
         share_prefix = False
+    elif model_type == "modernbert" and head.kind == "classifier":
+        config = ModernBertConfig.from_hf_config(hf_config)
+        load = lambda ckpt: load_modernbert(ckpt, config, dtype, device)  # noqa: E731
+        share_prefix = False  # bidirectional, as the encoders above
     else:
         raise UnsupportedCheckpoint(f"no packed implementation for model_type {model_type!r}")
     with open_checkpoint(model_dir) as checkpoint:

@@ -1,0 +1,381 @@
+"""A compact ModernBERT cross-encoder (`ModernBertForSequenceClassification`, one label) that
+runs packed batches.
+
+Config at the top, then Model → Block → Attention → MLP, the checkpoint mapping and the pure
+helpers (rotary, local windows) at the bottom. The spec is transformers'
+`modeling_modernbert.py`: pre-norm LayerNorms (bias per `norm_bias`; the first layer has no
+attention norm), fused Wqkv, GeGLU MLP, RoPE with one theta for global and one for local
+layers, every `global_attn_every_n_layers`-th layer global and the others local (each token
+sees the tokens within `local_attention // 2` positions of its own sequence), final norm,
+head (dense → act → norm) and classifier on the [CLS] token or the sequence mean.
+
+Bidirectional attention means no prefix can be shared; packing still means no padding token
+is ever computed. What this module does not do: tokenize (the cross-encoder recipe does),
+or choose kernels (the engine calls `set_attention` after checking them against SDPA).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from rerankd.models.hf_config import UnsupportedCheckpoint
+from rerankd.models.weights import Checkpoint
+from rerankd.ops.attention import ATTENTION, takes, torch_varlen_kernel
+from rerankd.ops.batch import PackedBatch
+
+#: transformers' ACT2FN names → the function they compute ("gelu" is the exact erf GELU)
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "gelu": F.gelu,
+    "gelu_pytorch_tanh": functools.partial(F.gelu, approximate="tanh"),
+    "silu": F.silu,
+    "swish": F.silu,
+    "relu": F.relu,
+}
+#: ModernBertConfig's defaults for configs that predate `rope_parameters` and omit a theta
+_DEFAULT_THETA = {"full_attention": 160_000.0, "sliding_attention": 10_000.0}
+
+
+@dataclass
+class ModernBertConfig:
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    intermediate_size: int
+    norm_eps: float
+    norm_bias: bool
+    attention_bias: bool
+    mlp_bias: bool
+    classifier_bias: bool
+    hidden_act: str
+    classifier_act: str
+    global_rope_theta: float
+    local_rope_theta: float
+    #: per layer: True for global (full) attention, False for local (sliding window)
+    global_layers: tuple[bool, ...]
+    #: a local layer's token sees keys at most this many positions away (local_attention // 2)
+    window: int
+    #: "cls" (first token) or "mean" (over the sequence's tokens)
+    pooling: str = "cls"
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @classmethod
+    def from_hf_config(cls, hf: Any) -> ModernBertConfig:
+        if hf.model_type != "modernbert":
+            raise UnsupportedCheckpoint(f"no packed ModernBERT for model_type {hf.model_type!r}")
+        acts = (hf.hidden_activation, getattr(hf, "classifier_activation", "gelu"))
+        for act in acts:
+            if act not in ACTIVATIONS:
+                raise UnsupportedCheckpoint(f"ModernBERT activation {act!r} is not implemented")
+        pooling = getattr(hf, "classifier_pooling", "cls")
+        if pooling not in ("cls", "mean"):
+            raise UnsupportedCheckpoint(f"classifier_pooling {pooling!r} is not implemented")
+        layers = hf.num_hidden_layers
+        types = getattr(hf, "layer_types", None)
+        if types is None:  # transformers 4 configs: an int pattern
+            every = getattr(hf, "global_attn_every_n_layers", 3)
+            types = ["sliding_attention" if i % every else "full_attention" for i in range(layers)]
+        return cls(
+            vocab_size=hf.vocab_size,
+            hidden_size=hf.hidden_size,
+            num_layers=layers,
+            num_heads=hf.num_attention_heads,
+            intermediate_size=hf.intermediate_size,
+            norm_eps=hf.norm_eps,
+            norm_bias=bool(hf.norm_bias),
+            attention_bias=bool(getattr(hf, "attention_bias", False)),
+            mlp_bias=bool(getattr(hf, "mlp_bias", False)),
+            classifier_bias=bool(getattr(hf, "classifier_bias", False)),
+            hidden_act=acts[0],
+            classifier_act=acts[1],
+            global_rope_theta=_theta(hf, "full_attention", "global_rope_theta"),
+            local_rope_theta=_theta(hf, "sliding_attention", "local_rope_theta"),
+            global_layers=tuple(t == "full_attention" for t in types),
+            window=hf.local_attention // 2,
+            pooling=pooling,
+        )
+
+
+def _theta(hf: Any, layer_type: str, legacy: str) -> float:
+    """RoPE base of one layer type from transformers 5 (`rope_parameters[type]`) or 4
+    (`global_rope_theta`/`local_rope_theta`) configs; only the default RoPE is implemented."""
+    params = (getattr(hf, "rope_parameters", None) or {}).get(layer_type) or {}
+    if params.get("rope_type", "default") != "default":
+        raise UnsupportedCheckpoint(f"RoPE type {params['rope_type']!r} is not implemented")
+    theta = params.get("rope_theta") or getattr(hf, legacy, None)
+    return float(theta or _DEFAULT_THETA[layer_type])
+
+
+# ---------------------------------------------------------------------------------------
+
+
+class ModernBert(nn.Module):
+    """Embeddings + layers + head → raw scores (N,) in float32."""
+
+    def __init__(self, config: ModernBertConfig) -> None:
+        super().__init__()
+        c = self.config = config
+        self.tok_embeddings = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.embed_norm = _norm(c)
+        self.layers = nn.ModuleList(Block(c, i) for i in range(c.num_layers))
+        self.final_norm = _norm(c)
+        self.head_dense = nn.Linear(c.hidden_size, c.hidden_size, bias=c.classifier_bias)
+        self.head_norm = _norm(c)
+        self.classifier = nn.Linear(c.hidden_size, 1)
+        self.head_act = ACTIVATIONS[c.classifier_act]
+        self.register_buffer("global_inv_freq", inv_freq(c.global_rope_theta, c), persistent=False)
+        self.register_buffer("local_inv_freq", inv_freq(c.local_rope_theta, c), persistent=False)
+
+    def set_attention(self, backend: str) -> None:
+        """Choose the attention kernels: global layers take `backend` (`sdpa`, `amx`,
+        `varlen`, …); local layers take its windowed form (`local_attention`)."""
+        for layer in self.layers:
+            attention = layer.attention
+            attention.attend = (
+                ATTENTION[backend] if attention.is_global else local_attention(backend)
+            )
+
+    def forward(self, batch: PackedBatch) -> Tensor:
+        c = self.config
+        x = self.embed_norm(self.tok_embeddings(batch.input_ids))  # (T, hidden)
+        rope = {
+            True: rotary(batch.positions, self.global_inv_freq, x.dtype),
+            False: rotary(batch.positions, self.local_inv_freq, x.dtype),
+        }  # is_global → (cos, sin), each (T, head_dim)
+        for layer in self.layers:
+            x = layer(x, batch, rope[layer.attention.is_global])
+        if c.pooling == "cls":
+            pooled = self.final_norm(x[torch.tensor(batch.starts, device=x.device)])  # (N, h)
+        else:
+            pooled = mean_rows(self.final_norm(x), batch)
+        pooled = self.head_norm(self.head_act(self.head_dense(pooled)))
+        return self.classifier(pooled)[:, 0].float()
+
+
+class Block(nn.Module):
+    """Pre-norm layer; layer 0 has no attention norm (its input is the normed embedding)."""
+
+    def __init__(self, config: ModernBertConfig, index: int) -> None:
+        super().__init__()
+        self.attention_norm = nn.Identity() if index == 0 else _norm(config)
+        self.attention = Attention(config, config.global_layers[index])
+        self.mlp_norm = _norm(config)
+        self.mlp = MLP(config)
+
+    def forward(self, x: Tensor, batch: PackedBatch, rope: tuple[Tensor, Tensor]) -> Tensor:
+        x = x + self.attention(self.attention_norm(x), batch, rope)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModernBertConfig, is_global: bool) -> None:
+        super().__init__()
+        self.config = config
+        self.is_global = is_global
+        h, bias = config.hidden_size, config.attention_bias
+        self.wqkv = nn.Linear(h, 3 * h, bias=bias)  # fused q ‖ k ‖ v
+        self.wo = nn.Linear(h, h, bias=bias)
+        self.attend = ATTENTION["sdpa"] if is_global else local_attention("sdpa")
+
+    def forward(self, x: Tensor, batch: PackedBatch, rope: tuple[Tensor, Tensor]) -> Tensor:
+        c = self.config
+        seqlen = x.shape[0]
+        qkv = self.wqkv(x).view(seqlen, 3, c.num_heads, c.head_dim)
+        q, k, v = qkv.unbind(dim=1)  # (T, H, D) each
+        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        scale = c.head_dim**-0.5
+        if self.is_global:
+            y = self.attend(q, k, v, batch, None, causal=False, scale=scale)
+        else:
+            y = self.attend(q, k, v, batch, c.window, scale)
+        return self.wo(y.reshape(seqlen, c.hidden_size))
+
+
+class MLP(nn.Module):
+    """GeGLU: wi → (input ‖ gate) → act(input) · gate → wo."""
+
+    def __init__(self, config: ModernBertConfig) -> None:
+        super().__init__()
+        h, inter, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.wi = nn.Linear(h, 2 * inter, bias=bias)
+        self.wo = nn.Linear(inter, h, bias=bias)
+        self.act = ACTIVATIONS[config.hidden_act]
+
+    def forward(self, x: Tensor) -> Tensor:
+        input, gate = self.wi(x).chunk(2, dim=-1)  # (T, inter) each
+        return self.wo(self.act(input) * gate)
+
+
+def _norm(config: ModernBertConfig) -> nn.LayerNorm:
+    return nn.LayerNorm(config.hidden_size, eps=config.norm_eps, bias=config.norm_bias)
+
+
+# --- checkpoint mapping -----------------------------------------------------------------------
+
+#: our parameter name prefix → transformers' (ModernBertForSequenceClassification)
+_HF_NAMES = {
+    "tok_embeddings.": "model.embeddings.tok_embeddings.",
+    "embed_norm.": "model.embeddings.norm.",
+    "final_norm.": "model.final_norm.",
+    "head_dense.": "head.dense.",
+    "head_norm.": "head.norm.",
+    "classifier.": "classifier.",
+}
+_HF_LAYER_NAMES = {
+    "attention_norm.": "attn_norm.",
+    "attention.wqkv.": "attn.Wqkv.",
+    "attention.wo.": "attn.Wo.",
+    "mlp_norm.": "mlp_norm.",
+    "mlp.wi.": "mlp.Wi.",
+    "mlp.wo.": "mlp.Wo.",
+}
+
+
+def hf_name(name: str) -> str:
+    """`layers.3.attention.wqkv.weight` → `model.layers.3.attn.Wqkv.weight`."""
+    if name.startswith("layers."):
+        index, rest = name.removeprefix("layers.").split(".", 1)
+        for ours, theirs in _HF_LAYER_NAMES.items():
+            if rest.startswith(ours):
+                return f"model.layers.{index}.{theirs}{rest.removeprefix(ours)}"
+    for ours, theirs in _HF_NAMES.items():
+        if name.startswith(ours):
+            return theirs + name.removeprefix(ours)
+    raise KeyError(f"no checkpoint name for {name!r} (this is a bug)")
+
+
+def load_modernbert(
+    checkpoint: Checkpoint, config: ModernBertConfig, dtype: torch.dtype, device: torch.device
+) -> ModernBert:
+    """Map a ModernBertForSequenceClassification checkpoint onto `ModernBert`."""
+    with torch.device("meta"):
+        model = ModernBert(config)
+    state = {
+        name: checkpoint.get(hf_name(name)).to(device=device, dtype=dtype)
+        for name in model.state_dict()
+    }
+    if state["classifier.weight"].shape[0] != 1:
+        raise UnsupportedCheckpoint("only one-label classification heads are rerankers")
+    model.load_state_dict(state, strict=True, assign=True)
+    # non-persistent buffers stay on meta after assign: rebuild them on the device
+    model.global_inv_freq = inv_freq(config.global_rope_theta, config).to(device)
+    model.local_inv_freq = inv_freq(config.local_rope_theta, config).to(device)
+    return model.eval()
+
+
+# --- helpers: rotary, pooling, local windows --------------------------------------------------
+
+
+def inv_freq(theta: float, config: ModernBertConfig) -> Tensor:
+    """(head_dim / 2,) float32 RoPE frequencies, on the current default device."""
+    dim = config.head_dim
+    return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+
+
+def rotary(positions: Tensor, inv_freq: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(cos, sin), each (T, head_dim), computed in float32 and cast to `dtype` (as
+    transformers does, so bf16 runs see the same rounded tables)."""
+    freqs = positions[:, None].float() * inv_freq[None, :]  # (T, D/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (T, D): rotate-half layout
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x: (T, H, D) rotated in float32, returned in its dtype."""
+    xf = x.float()
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-xf[..., half:], xf[..., :half]), dim=-1)
+    return (xf * cos[:, None, :] + rotated * sin[:, None, :]).to(x.dtype)
+
+
+def mean_rows(x: Tensor, batch: PackedBatch) -> Tensor:
+    """(T, h) → (N, h): each sequence's mean, summed in float32, returned in x's dtype."""
+    cache = batch.__dict__.setdefault("_mean_rows", {})
+    if "index" not in cache:
+        lengths = torch.tensor(batch.lengths, device=x.device)
+        cache["index"] = torch.arange(len(lengths), device=x.device).repeat_interleave(lengths)
+        cache["lengths"] = lengths[:, None].float()
+    sums = x.new_zeros(batch.num_sequences, x.shape[1], dtype=torch.float32)
+    sums.index_add_(0, cache["index"], x.float())
+    return (sums / cache["lengths"]).to(x.dtype)
+
+
+#: local attention: (q, k, v, batch, window, scale) → (T, H, D)
+LocalAttention = Callable[[Tensor, Tensor, Tensor, PackedBatch, int, float], Tensor]
+
+
+def local_attention(backend: str) -> LocalAttention:
+    """The windowed kernel that goes with a global `backend`: torch's varlen kernel with
+    `window_size` where the engine runs `varlen` and this torch's kernel takes it (CUDA),
+    else per-sequence SDPA with a band mask (`band_sdpa_attention`; the AMX kernel and the
+    other CUDA backends have no window)."""
+    kernel = torch_varlen_kernel()
+    if backend == "varlen" and kernel is not None and takes(kernel, "window_size"):
+        return functools.partial(windowed_varlen_attention, kernel=kernel)
+    return band_sdpa_attention
+
+
+def band_sdpa_attention(
+    q: Tensor, k: Tensor, v: Tensor, batch: PackedBatch, window: int, scale: float
+) -> Tensor:
+    """q/k/v: (T, H, D) → (T, H, D); one SDPA call per sequence, query i seeing keys j with
+    |i − j| ≤ window. A sequence of at most window + 1 tokens needs no mask (every pair is
+    within the window), so the unmasked fused kernel runs; longer ones pass a band mask."""
+    out = torch.empty_like(q)
+    for start, length in zip(batch.starts, batch.lengths, strict=True):
+        end = start + length
+        # (1, H, L, D): SDPA's fused kernels need 4-D inputs
+        qi, ki, vi = (t[start:end].transpose(0, 1)[None] for t in (q, k, v))
+        mask = (
+            None if length <= window + 1 else band_mask(batch, window, q.device)[:length, :length]
+        )
+        oi = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=scale)
+        out[start:end] = oi[0].transpose(0, 1)  # (H, L, D) -> (L, H, D)
+    return out
+
+
+def band_mask(batch: PackedBatch, window: int, device: torch.device) -> Tensor:
+    """(L, L) bool, True where |i − j| ≤ window, L the batch's longest sequence; a Toeplitz
+    band, so its top-left (n, n) corner is the mask of a sequence of n tokens. Cached on the
+    batch: built once per forward, shared by every local layer."""
+    cache = batch.__dict__.setdefault("_band_masks", {})
+    if window not in cache:
+        index = torch.arange(max(batch.lengths), device=device)
+        cache[window] = (index[:, None] - index[None, :]).abs() <= window
+    return cache[window]
+
+
+def windowed_varlen_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    batch: PackedBatch,
+    window: int,
+    scale: float,
+    kernel: Callable | None = None,
+) -> Tensor:
+    """Same contract as `band_sdpa_attention`, as one varlen kernel call over the packed
+    stream: `window_size=(window, window)` is flash-attention's inclusive band."""
+    layout = batch.varlen if batch.varlen is not None else batch.with_varlen_layout().varlen
+    kernel = kernel or torch_varlen_kernel()
+    return kernel(
+        q,
+        k,
+        v,
+        layout.cu_seq_q,
+        layout.cu_seq_k,
+        layout.max_q,
+        layout.max_k,
+        scale=scale,
+        window_size=(window, window),
+    )
