@@ -25,6 +25,7 @@ from rerankd.errors import (
 )
 from rerankd.metrics import Metrics
 from rerankd.recipes import Recipe
+from rerankd.recipes.chunking import encode_chunks
 from rerankd.scheduler import Scheduler
 from rerankd.types import EncodedPair, ScoredPairs
 
@@ -98,7 +99,8 @@ class _LongInputs:
         self, recipe: Recipe, queries, documents, instruction, max_document_tokens: int | None
     ) -> list[list[EncodedPair]]:
         if self.max_chunks_per_doc is not None:
-            return recipe.encode_chunks(
+            return encode_chunks(
+                recipe,
                 queries,
                 documents,
                 instruction,

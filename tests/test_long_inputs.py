@@ -11,6 +11,7 @@ from transformers import AutoConfig, AutoTokenizer
 
 from rerankd.errors import InvalidRequest
 from rerankd.recipes import build_recipe
+from rerankd.recipes.chunking import encode_chunks, split_document
 from tests.fixtures.paths import fixture_dir
 
 #: fixture → the max_model_len the tests give it (small, so short texts overflow)
@@ -91,7 +92,7 @@ def test_max_document_tokens_cuts_the_text_before_templating(name):
 @pytest.mark.parametrize("name", FAMILIES)
 def test_chunks_of_a_document_that_fits_are_the_document(name):
     r = recipe(name)
-    groups = r.encode_chunks([QUERY, QUERY], [SHORT, "paris"], max_chunks=4)
+    groups = encode_chunks(r, [QUERY, QUERY], [SHORT, "paris"], max_chunks=4)
     assert [g[0] for g in groups] == r.encode([QUERY, QUERY], [SHORT, "paris"])
     assert [len(g) for g in groups] == [1, 1]
 
@@ -99,7 +100,7 @@ def test_chunks_of_a_document_that_fits_are_the_document(name):
 @pytest.mark.parametrize("name", FAMILIES)
 def test_a_long_document_is_split_into_chunks_that_each_fit(name):
     r = recipe(name)
-    (chunks,) = r.encode_chunks([QUERY], [LONG], max_chunks=100)
+    (chunks,) = encode_chunks(r, [QUERY], [LONG], max_chunks=100)
     assert len(chunks) > 3
     assert not any(c.truncated for c in chunks)
     assert "alpha" in text_of(r, chunks[0]) and "omega" in text_of(r, chunks[-1])
@@ -115,27 +116,36 @@ def test_a_long_document_is_split_into_chunks_that_each_fit(name):
 @pytest.mark.parametrize("name", FAMILIES)
 def test_chunks_beyond_the_maximum_are_dropped_and_counted(name):
     r = recipe(name)
-    (chunks,) = r.encode_chunks([QUERY], [LONG], max_chunks=2)
+    (chunks,) = encode_chunks(r, [QUERY], [LONG], max_chunks=2)
     assert len(chunks) == 2
     assert not chunks[0].truncated and chunks[1].truncated
     with pytest.raises(InvalidRequest) as info:
-        r.encode_chunks([QUERY] * 2, [SHORT, LONG], truncate=False, max_chunks=2)
+        encode_chunks(r, [QUERY] * 2, [SHORT, LONG], truncate=False, max_chunks=2)
     assert info.value.param == "documents[1]" and "max_chunks_per_doc=2" in info.value.message
     # enough chunks: truncate=false is fine, nothing was cut
-    groups = r.encode_chunks([QUERY], [LONG], truncate=False, max_chunks=100)
+    groups = encode_chunks(r, [QUERY], [LONG], truncate=False, max_chunks=100)
     assert not any(c.truncated for c in groups[0])
 
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_one_chunk_is_the_default_truncation(name):
     r = recipe(name)
-    assert r.encode_chunks([QUERY], [LONG], max_chunks=1) == [[r.encode([QUERY], [LONG])[0]]]
+    assert encode_chunks(r, [QUERY], [LONG], max_chunks=1) == [[r.encode([QUERY], [LONG])[0]]]
+
+
+def chunk_texts(r, query: str, document: str) -> list[str]:
+    """The texts `encode_chunks` scores for `document` beside `query` (all of them, before
+    `max_chunks` applies); just the document when it fits."""
+    pair = r.encode_pairs([query], [document], None)[0]
+    bare = r.encode_pairs([query], [""], None)[0]
+    chunks = split_document(r, query, document, None, pair, bare)
+    return [document] if chunks is None else [text for text, _ in chunks]
 
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_chunk_texts_are_what_encode_chunks_scores(name):
     r = recipe(name)
-    texts = r.chunk_texts(QUERY, LONG)
-    (chunks,) = r.encode_chunks([QUERY], [LONG], max_chunks=len(texts))
+    texts = chunk_texts(r, QUERY, LONG)
+    (chunks,) = encode_chunks(r, [QUERY], [LONG], max_chunks=len(texts))
     assert chunks == r.encode([QUERY] * len(texts), texts)
-    assert r.chunk_texts(QUERY, SHORT) == [SHORT]
+    assert chunk_texts(r, QUERY, SHORT) == [SHORT]

@@ -91,7 +91,7 @@ class Recipe(ABC):
         # ... but that bound is loose (millions of characters for a real vocabulary's long
         # entries): a window of ~8 characters per kept token (at least 64 KiB, so documents
         # of ordinary length keep exact `cut_tokens` counts) is tokenized first, and settles
-        # it for ordinary text (see `_precut`); a longer document's count is then a minimum
+        # it for ordinary text (see `precut`); a longer document's count is then a minimum
         self._window_chars = max(65_536, 8 * (self.max_length + 16) + 64)
 
     # --- to implement ---------------------------------------------------------------------
@@ -143,14 +143,14 @@ class Recipe(ABC):
             raise ValueError(f"unknown truncation side {side!r}")
         if not documents:
             return []
-        queries = [self._precut(q, "right") for q in queries]
-        documents = [self._precut(d, side) for d in documents]
+        queries = [self.precut(q, "right") for q in queries]
+        documents = [self.precut(d, side) for d in documents]
         capped: list[int] = []
         if max_document_tokens is not None:
             documents, capped = self.cap_texts(documents, max_document_tokens, side)
         pairs = self._encode_side(queries, documents, instruction, side)
         if not truncate:
-            self._check_fits(pairs)
+            self.check_fits(pairs)
         if capped:
             pairs = [
                 replace(pair, cut_tokens=pair.cut_tokens + cut) if cut else pair
@@ -158,153 +158,26 @@ class Recipe(ABC):
             ]
         return pairs
 
-    def encode_chunks(
-        self,
-        queries: Sequence[str],
-        documents: Sequence[str],
-        instruction: str | None = None,
-        truncate: bool = True,
-        *,
-        max_chunks: int,
-        max_document_tokens: int | None = None,
-    ) -> list[list[EncodedPair]]:
-        """Cohere v1 `max_chunks_per_doc`: per document, the pairs of its chunks.
-
-        A document that fits beside its query is one chunk, encoded exactly as `encode` does.
-        A longer one is split (at token boundaries of the document's own tokenization) into
-        consecutive chunks that each fit beside the query; the first `max_chunks` are kept.
-        Dropping the rest counts as truncation (its tokens are added to the last kept
-        chunk's `cut_tokens`); with ``truncate=False`` it is a 400 instead.
-        """
-        if max_chunks < 1:
-            raise ValueError("max_chunks must be at least 1")
-        if max_chunks == 1:  # one chunk is the document cut as by default, exactly
-            pairs = self.encode(
-                queries, documents, instruction, truncate, max_document_tokens=max_document_tokens
-            )
-            return [[pair] for pair in pairs]
-        if len(queries) != len(documents):
-            raise ValueError("queries and documents must be aligned; this is a bug")
-        if not documents:
-            return []
-        capped = [0] * len(documents)
-        # chunks past `max_chunks` are dropped: never tokenize more than they could hold
-        documents = [self._precut(d, "right", times=max_chunks) for d in documents]
-        if max_document_tokens is not None:
-            documents, capped = self.cap_texts(documents, max_document_tokens, "right")
-        whole = self._encode_pairs(queries, documents, instruction)
-        empty: dict[str, EncodedPair] = {}
-        groups: list[list[EncodedPair]] = []
-        for index, (query, document, pair) in enumerate(
-            zip(queries, documents, whole, strict=True)
-        ):
-            if query not in empty:
-                empty[query] = self._encode_pairs([query], [""], instruction)[0]
-            chunks = self._split(query, document, instruction, pair, empty[query])
-            if chunks is None:
-                if not truncate:
-                    self._check_fits([pair], first_index=index)
-                groups.append([replace(pair, cut_tokens=pair.cut_tokens + capped[index])])
-                continue
-            kept = chunks[:max_chunks]
-            if len(chunks) > max_chunks:
-                if not truncate:
-                    raise InvalidRequest(
-                        f"document {index} needs {len(chunks)} chunks of this model's limit "
-                        f"of {self.max_length} tokens, more than max_chunks_per_doc="
-                        f"{max_chunks}, and truncate is false; shorten it, raise "
-                        "max_chunks_per_doc or send truncate: true to drop the rest",
-                        param=f"documents[{index}]",
-                    )
-                dropped = sum(len(self.encode_text(text)) for text, _ in chunks[max_chunks:])
-                last = kept[-1][1]
-                kept[-1] = (kept[-1][0], replace(last, cut_tokens=last.cut_tokens + dropped))
-            first = kept[0][1]
-            kept[0] = (kept[0][0], replace(first, cut_tokens=first.cut_tokens + capped[index]))
-            groups.append([chunk_pair for _, chunk_pair in kept])
-        return groups
-
-    def chunk_texts(self, query: str, document: str, instruction: str | None = None) -> list[str]:
-        """The texts `encode_chunks` scores for `document` beside `query` (all of them, before
-        `max_chunks` applies); just the document when it fits."""
-        pair = self._encode_pairs([query], [document], instruction)[0]
-        bare = self._encode_pairs([query], [""], instruction)[0]
-        chunks = self._split(query, document, instruction, pair, bare)
-        return [document] if chunks is None else [text for text, _ in chunks]
-
-    def _split(
-        self,
-        query: str,
-        document: str,
-        instruction: str | None,
-        pair: EncodedPair,
-        bare: EncodedPair,
-    ) -> list[tuple[str, EncodedPair]] | None:
-        """Split `document` into consecutive texts that each fit beside `query`; None when
-        it fits already (or nothing of it can: then only the default truncation applies).
-
-        `pair` is the whole document's encoding, `bare` the query's with an empty document:
-        their difference is how many document tokens fit. Sizes count the document's own
-        tokens; a chunk ends at a word boundary when one lies in its last quarter. The
-        template may tokenize a chunk's edges a token differently, so sizes shrink until no
-        chunk needs cutting.
-        """
-        room = len(pair) - len(bare)
-        if pair.cut_tokens - bare.cut_tokens <= 0 or room <= 0:
-            return None
-        offsets = self._offsets(document)
-        size = room
-        for _ in range(8):
-            texts = [document[a:b] for a, b in self._chunk_spans(document, offsets, size)]
-            pairs = self._encode_pairs([query] * len(texts), texts, instruction)
-            over = max(pair.cut_tokens - bare.cut_tokens for pair in pairs)
-            if over <= 0 or size == 1:
-                break
-            size = max(1, size - over)
-        return list(zip(texts, pairs, strict=True))
-
-    @staticmethod
-    def _chunk_spans(
-        text: str, offsets: Sequence[tuple[int, int]], size: int
-    ) -> list[tuple[int, int]]:
-        """Character spans of consecutive chunks of at most `size` tokens covering `text`."""
-        starts, token = [0], 0
-        while token + size < len(offsets):
-            end = token + size
-            for candidate in range(end, end - size // 4, -1):  # prefer a word boundary
-                char = offsets[candidate][0]
-                if char > starts[-1] and (text[char].isspace() or text[char - 1].isspace()):
-                    end = candidate
-                    break
-            # byte-level tokens of one character share its span: never an empty chunk
-            if offsets[end][0] > starts[-1]:
-                starts.append(offsets[end][0])
-            token = end
-        spans = []
-        for start, stop in zip(starts, [*starts[1:], len(text)], strict=True):
-            # whitespace between two chunks belongs to neither (the first chunk's start and
-            # the last chunk's end stay as sent)
-            if start > 0:
-                while start < stop and text[start].isspace():
-                    start += 1
-            if stop < len(text):
-                while stop > start and text[stop - 1].isspace():
-                    stop -= 1
-            spans.append((start, stop))
-        return spans
+    def encode_pairs(
+        self, queries: Sequence[str], documents: Sequence[str], instruction: str | None
+    ) -> list[EncodedPair]:
+        """Aligned pairs exactly as the model card tokenizes them (its own truncation), with
+        no pre-cut and no `truncate=False` check: for callers that prepare the texts
+        themselves (recipes/chunking.py)."""
+        return self._encode_pairs(queries, documents, instruction)
 
     def _encode_side(self, queries, documents, instruction, side: str) -> list[EncodedPair]:
         if side == "right":  # the model card's path, called exactly as before
             return self._encode_pairs(queries, documents, instruction)
         return self._encode_pairs(queries, documents, instruction, side)
 
-    def _check_fits(self, pairs: Sequence[EncodedPair], first_index: int = 0) -> None:
+    def check_fits(self, pairs: Sequence[EncodedPair], first_index: int = 0) -> None:
         """`truncate: false`: a pair that needed cutting is a 400 naming its document."""
         for offset, pair in enumerate(pairs):
             if pair.truncated:
                 raise self._too_long(first_index + offset, pair)
 
-    def _precut(self, text: str, side: str, times: int = 1) -> str:
+    def precut(self, text: str, side: str, times: int = 1) -> str:
         """`text` without the part no recipe could keep (`times` pairs' worth, for chunking),
         with bounded work: the kept end's window of `_window_chars` when it already holds more
         tokens than that (tokenization is local: the window's tokens up to its last few are
@@ -335,7 +208,7 @@ class Recipe(ABC):
             param=f"documents[{index}]",
         )
 
-    def _offsets(self, text: str) -> list[tuple[int, int]]:
+    def token_offsets(self, text: str) -> list[tuple[int, int]]:
         """Character spans of `text`'s tokens (no special tokens)."""
         encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         return [tuple(span) for span in encoded["offset_mapping"]]

@@ -248,7 +248,7 @@ class StCausalReranker(Recipe):
         """`side="left"`: drop the document's first tokens (whole tokens of its own
         tokenization) until the rendered pair fits; the template stays whole. Falls back to
         ST's cut when even an empty document does not fit."""
-        offsets = self._offsets(document)
+        offsets = self.token_offsets(document)
         ids = self.encode_text(self._render(prompt, query, document))
         drop = 0
         while len(ids) > limit and drop < len(offsets):

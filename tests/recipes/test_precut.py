@@ -6,6 +6,7 @@ import time
 
 import pytest
 
+from rerankd.recipes.chunking import encode_chunks
 from rerankd.runtime import load_recipe
 from rerankd.settings import Settings
 from tests.fixtures.paths import fixture_dir
@@ -24,7 +25,7 @@ def test_a_long_document_encodes_exactly_as_without_the_precut(recipe, side, mon
     )  # far beyond the window of ~8 characters per token
     assert len(document) > recipe._window_chars
     cut = recipe.encode(["capital of France"], [document], side=side)
-    monkeypatch.setattr(recipe, "_precut", lambda text, side, times=1: text)
+    monkeypatch.setattr(recipe, "precut", lambda text, side, times=1: text)
     whole = recipe.encode(["capital of France"], [document], side=side)
     assert cut[0].input_ids == whole[0].input_ids
     assert cut[0].truncated and whole[0].truncated
@@ -48,10 +49,10 @@ def test_a_text_of_few_tokens_per_character_falls_back_to_the_proven_bound(monke
     )
     text = longest * (3 * recipe._window_chars // len(longest))
     assert len(recipe.encode_text(text[: recipe._window_chars])) <= recipe.max_length + 16
-    cut = recipe._precut(text, "right")
+    cut = recipe.precut(text, "right")
     assert cut in (text, text[: recipe._precut_chars])
     encoded = recipe.encode(["q"], [text])
-    monkeypatch.setattr(recipe, "_precut", lambda text, side, times=1: text)
+    monkeypatch.setattr(recipe, "precut", lambda text, side, times=1: text)
     assert encoded[0].input_ids == recipe.encode(["q"], [text])[0].input_ids
 
 
@@ -66,6 +67,6 @@ def test_a_10_mb_document_costs_well_under_a_second(recipe):
 def test_chunking_a_10_mb_document_tokenizes_only_what_its_kept_chunks_can_hold(recipe):
     document = "word " * 2_000_000
     started = time.perf_counter()
-    (chunks,) = recipe.encode_chunks(["q"], [document], max_chunks=3)
+    (chunks,) = encode_chunks(recipe, ["q"], [document], max_chunks=3)
     assert time.perf_counter() - started < 2.0
     assert len(chunks) == 3 and chunks[-1].truncated
