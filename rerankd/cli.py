@@ -77,7 +77,8 @@ def _serve_on_ray(settings: Settings) -> int:
     from rerankd.ray import RAY_MISSING
 
     try:
-        from rerankd.ray.serve import ReplicaOptions, run
+        from rerankd.ray.options import ReplicaOptions
+        from rerankd.ray.serve import run
     except ImportError:
         print(f"rerankd: cannot start: {RAY_MISSING}", file=sys.stderr)
         return 1

@@ -76,6 +76,12 @@ class Scheduler:
 
     # --- lifecycle ---------------------------------------------------------------------
 
+    @property
+    def loop_ended(self) -> bool:
+        """Whether the batching loop was started and has ended without `stop()` clearing it:
+        it crashed, or `stop()` is cancelling it right now (a health probe asks this)."""
+        return self._task is not None and self._task.done()
+
     def start(self) -> None:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(

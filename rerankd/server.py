@@ -120,7 +120,7 @@ class KeyReloader:
         return True
 
 
-def _configure_access_log() -> None:
+def configure_access_log() -> None:
     """Access records go to stdout as bare JSON lines, one per request."""
     access = logging.getLogger("rerankd.access")
     if not access.handlers:
@@ -155,7 +155,7 @@ def serve(settings: Settings) -> int:
     previous_hup = signal.signal(signal.SIGHUP, reloader)
     try:
         if settings.access_log:
-            _configure_access_log()
+            configure_access_log()
         service = build_service(settings)
         app = create_app(
             service,

@@ -339,7 +339,7 @@ def run_asgi(app, body: bytes = b'{"query": "q"}') -> tuple[int, dict[str, str],
 def test_proxy_middleware_retries_once_with_the_same_body_then_answers_503_json():
     import json
 
-    from rerankd.ray.serve import ServeErrorsAsJSON
+    from rerankd.ray.proxy import ServeErrorsAsJSON
 
     bodies: list[bytes] = []
 
@@ -372,7 +372,7 @@ def test_proxy_middleware_retries_once_with_the_same_body_then_answers_503_json(
 def test_proxy_middleware_turns_serves_plain_text_errors_into_json():
     import json
 
-    from rerankd.ray.serve import ServeErrorsAsJSON
+    from rerankd.ray.proxy import ServeErrorsAsJSON
 
     async def busy(scope, receive, send):  # Serve's own backpressure answer
         await send({"type": "http.response.start", "status": 503, "headers": [
@@ -394,7 +394,7 @@ def test_proxy_middleware_turns_serves_plain_text_errors_into_json():
 def test_proxy_middleware_turns_serves_timeout_into_rerankds_504():
     import json
 
-    from rerankd.ray.serve import ServeErrorsAsJSON
+    from rerankd.ray.proxy import ServeErrorsAsJSON
 
     async def timed_out(scope, receive, send):  # Serve's proxy past request_timeout_s
         await send({"type": "http.response.start", "status": 408,
@@ -417,14 +417,14 @@ def test_proxy_middleware_gives_each_attempt_the_scope_as_the_client_sent_it():
         scope["root_path"] = scope.get("root_path", "") + "/prefix"
         await receive()
 
-    from rerankd.ray.serve import ServeErrorsAsJSON
+    from rerankd.ray.proxy import ServeErrorsAsJSON
 
     assert run_asgi(ServeErrorsAsJSON(prefixing_then_dying))[0] == 503
     assert roots == ["", ""]
 
 
 def test_serves_request_timeout_follows_rerankds():
-    from rerankd.ray.serve import PROXY_TIMEOUT_MARGIN_S, serve_http_options
+    from rerankd.ray.options import PROXY_TIMEOUT_MARGIN_S, serve_http_options
     from rerankd.settings import parse_settings
 
     settings = parse_settings(["--request-timeout", "20", "--port", "9000"], env={})
@@ -437,7 +437,8 @@ def test_the_serve_configs_in_deploy_are_valid_and_mean_what_they_say():
     import yaml
     from ray.serve.schema import ServeDeploySchema
 
-    from rerankd.ray.serve import app_builder, serve_http_options, settings_and_options
+    from rerankd.ray.options import serve_http_options, settings_and_options
+    from rerankd.ray.serve import app_builder
 
     root = Path(__file__).resolve().parents[2] / "deploy"
     service = yaml.safe_load((root / "rayservice.yaml").read_text())

@@ -117,7 +117,7 @@ class _FakeService:
 
 
 def test_a_replica_drains_then_aborts_what_is_left_at_the_timeout():
-    from rerankd.ray.serve import DrainWatcher
+    from rerankd.ray.drain import DrainWatcher
 
     async def scenario(service: _FakeService, finish_after: float | None) -> tuple[int, float]:
         async def finish() -> None:
@@ -170,7 +170,7 @@ class _Engine:
 
 
 def test_remote_scheduler_abort_fails_waiting_submits_and_cancels_their_engine_calls():
-    from rerankd.ray.serve import RemoteScheduler
+    from rerankd.ray.remote_scheduler import RemoteScheduler
     from rerankd.types import EncodedPair
 
     async def scenario() -> tuple[BaseException | None, int, bool, int]:

@@ -245,7 +245,7 @@ def answer(recipe, scheduler, body: dict | None = None, timeout: float = 300.0) 
 
 def test_engine_errors_reach_the_client_as_the_single_process_answers_them(qwen3_recipe):
     from rerankd.errors import InferenceFailed, InvalidRequest, Overloaded, ShuttingDown
-    from rerankd.ray.serve import RemoteScheduler
+    from rerankd.ray.remote_scheduler import RemoteScheduler
 
     for error, status in [
         (Overloaded("the server is busy (9 tokens queued, limit 8); retry shortly"), 429),
@@ -265,7 +265,7 @@ def test_engine_errors_reach_the_client_as_the_single_process_answers_them(qwen3
 def test_a_lost_engine_replica_is_asked_again_once_then_it_is_a_503(qwen3_recipe):
     from ray.exceptions import ActorDiedError
 
-    from rerankd.ray.serve import RemoteScheduler
+    from rerankd.ray.remote_scheduler import RemoteScheduler
 
     def scores(pairs):
         return [0.0] * len(pairs)
@@ -287,7 +287,7 @@ def test_a_lost_engine_replica_is_asked_again_once_then_it_is_a_503(qwen3_recipe
 
 
 def test_a_request_timed_out_at_the_ingress_is_cancelled_in_the_engine(qwen3_recipe):
-    from rerankd.ray.serve import RemoteScheduler
+    from rerankd.ray.remote_scheduler import RemoteScheduler
 
     engine = FakeEngine([0.0, 0.0], delay=5.0)
     got = answer(qwen3_recipe, RemoteScheduler(engine, "m"), timeout=0.2)
