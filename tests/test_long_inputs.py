@@ -11,8 +11,9 @@ from transformers import AutoConfig, AutoTokenizer
 
 from rerankd.errors import InvalidRequest
 from rerankd.recipes import build_recipe
-from rerankd.recipes.chunking import encode_chunks, split_document
+from rerankd.recipes.chunking import encode_chunks
 from tests.fixtures.paths import fixture_dir
+from tests.recipes.helpers import chunk_texts
 
 #: fixture → the max_model_len the tests give it (small, so short texts overflow)
 FAMILIES = {"qwen3": 128, "gemma": 48, "xlmr": 48, "bert": 48}
@@ -131,15 +132,6 @@ def test_chunks_beyond_the_maximum_are_dropped_and_counted(name):
 def test_one_chunk_is_the_default_truncation(name):
     r = recipe(name)
     assert encode_chunks(r, [QUERY], [LONG], max_chunks=1) == [[r.encode([QUERY], [LONG])[0]]]
-
-
-def chunk_texts(r, query: str, document: str) -> list[str]:
-    """The texts `encode_chunks` scores for `document` beside `query` (all of them, before
-    `max_chunks` applies); just the document when it fits."""
-    pair = r.encode_pairs([query], [document], None)[0]
-    bare = r.encode_pairs([query], [""], None)[0]
-    chunks = split_document(r, query, document, None, pair, bare)
-    return [document] if chunks is None else [text for text, _ in chunks]
 
 
 @pytest.mark.parametrize("name", FAMILIES)

@@ -15,6 +15,7 @@ import pytest
 from transformers import AutoConfig, AutoTokenizer
 
 from rerankd.recipes import build_recipe
+from tests.recipes.helpers import chunk_texts
 from tests.reference import qwen3_reference, qwen3_reference_ids
 
 from .helpers import assert_close, assert_error, scores_by_index
@@ -172,12 +173,12 @@ def test_max_tokens_per_doc_0_means_no_cap_as_vllm_sends_it(client):
 
 
 @functools.cache
-def chunk_texts(qwen3_dir, max_len: int, document: str) -> list[str]:
+def server_chunk_texts(qwen3_dir, max_len: int, document: str) -> list[str]:
     """The chunks the server scores (its recipe, built here with the same limit)."""
     config = AutoConfig.from_pretrained(qwen3_dir)
     recipe = build_recipe(None, tokenizer(qwen3_dir), config, None)
     assert recipe.max_length == max_len
-    return recipe.chunk_texts(QUERY, document)
+    return chunk_texts(recipe, QUERY, document)
 
 
 def long_document(max_len: int) -> str:
@@ -194,7 +195,7 @@ def test_a_document_that_fits_keeps_its_score_with_chunks(client):
 
 def test_a_long_document_scores_as_its_best_chunk(client, qwen3_dir, qwen3_max_len):
     document = long_document(qwen3_max_len)
-    texts = chunk_texts(qwen3_dir, qwen3_max_len, document)
+    texts = server_chunk_texts(qwen3_dir, qwen3_max_len, document)
     assert len(texts) >= 3 and texts[-1].endswith(SHORT[0])
     per_chunk = post(
         client, "/v1/score", {"queries": QUERY, "documents": texts, "use_activation": False}
@@ -218,7 +219,7 @@ def test_a_long_document_scores_as_its_best_chunk(client, qwen3_dir, qwen3_max_l
 
 def test_chunks_beyond_the_maximum_are_dropped_and_counted(client, qwen3_dir, qwen3_max_len):
     document = long_document(qwen3_max_len)
-    texts = chunk_texts(qwen3_dir, qwen3_max_len, document)[:2]
+    texts = server_chunk_texts(qwen3_dir, qwen3_max_len, document)[:2]
     per_chunk = post(
         client, "/v1/score", {"queries": QUERY, "documents": texts, "use_activation": False}
     )
