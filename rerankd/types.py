@@ -31,6 +31,40 @@ class EncodedPair:
         return self.cut_tokens > 0
 
 
+@dataclass(frozen=True)
+class EncodedTwin(EncodedPair):
+    """A bi-encoder pair (recipes/bi_encoder.py): `input_ids[:split]` is the query's sequence (with its special
+    tokens), `input_ids[split:]` the document's. `cut_tokens` counts both sides' cuts."""
+
+    split: int = 0
+    #: of `cut_tokens`, those cut from the query
+    query_cut: int = 0
+
+    @property
+    def query_ids(self) -> tuple[int, ...]:
+        return self.input_ids[: self.split]
+
+    @property
+    def document_ids(self) -> tuple[int, ...]:
+        return self.input_ids[self.split :]
+
+
+@dataclass(frozen=True)
+class ScoreHead:
+    """Which output of the model is the raw score.
+
+    - ``lm_rows``: a causal LM; raw = h_last · (W[positive] − W[negative]) where W is the LM
+      head. Only those rows are ever used, never the full vocabulary.
+    - ``classifier``: the checkpoint's own one-label classification head (logit 0).
+    - ``cosine``: a bi-encoder; raw = cosine of the query's and the document's mean-pooled
+      embeddings, each sequence encoded on its own (see `recipes/bi_encoder.py`).
+    """
+
+    kind: str
+    positive_token_id: int | None = None
+    negative_token_id: int | None = None
+
+
 @dataclass
 class Batch:
     """Pairs the engine scores together; scores come back in `pairs` order.

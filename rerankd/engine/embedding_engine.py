@@ -18,8 +18,7 @@ import torch.nn.functional as F
 from transformers import AutoModel
 
 from rerankd.engine.base import default_batch_tokens, padded_chunks, split_on_oom
-from rerankd.recipes.bi_encoder import EncodedTwin
-from rerankd.types import Batch
+from rerankd.types import Batch, EncodedTwin
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from rerankd.engine.base import default_batch_tokens, padded_chunks, split_on_oom
-from rerankd.recipes import ScoreHead
-from rerankd.types import Batch, EncodedPair
+from rerankd.types import Batch, EncodedPair, ScoreHead
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from torch import nn
 
 from rerankd.models.decoder import Decoder, DecoderConfig, DecoderReranker, rope_inv_freq
 from rerankd.models.weights import Checkpoint, strip_prefix
-from rerankd.recipes import ScoreHead
+from rerankd.types import ScoreHead
 
 _BASE_PREFIXES = ("model.", "")
 

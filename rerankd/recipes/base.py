@@ -9,27 +9,13 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 from rerankd.errors import InvalidRequest
-from rerankd.types import EncodedPair
+from rerankd.types import EncodedPair, ScoreHead
 
-
-@dataclass(frozen=True)
-class ScoreHead:
-    """Which output of the model is the raw score.
-
-    - ``lm_rows``: a causal LM; raw = h_last · (W[positive] − W[negative]) where W is the LM
-      head. Only those rows are ever used, never the full vocabulary.
-    - ``classifier``: the checkpoint's own one-label classification head (logit 0).
-    - ``cosine``: a bi-encoder; raw = cosine of the query's and the document's mean-pooled
-      embeddings, each sequence encoded on its own (see `recipes/bi_encoder.py`).
-    """
-
-    kind: str
-    positive_token_id: int | None = None
-    negative_token_id: int | None = None
+__all__ = ["Recipe", "ScoreHead", "keep_document_end", "sigmoid"]
 
 
 #: truncation sides: "right" cuts the end of a document (the model cards' way, the default);

@@ -27,29 +27,13 @@ from tokenizers import Tokenizer
 from rerankd.errors import InvalidRequest, ModelLoadError
 from rerankd.recipes.base import Recipe, ScoreHead
 from rerankd.recipes.cross_encoder import POSITION_OFFSET, UNSET_MAX_LENGTH
-from rerankd.types import EncodedPair
+from rerankd.types import EncodedPair, EncodedTwin
+
+__all__ = ["BiEncoder", "EncodedTwin", "checkpoint_dir"]
 
 #: sentence-transformers modules that leave mean-pooled cosines unchanged (Normalize does
 #: not change a cosine); anything else (Dense, LayerNorm, …) would change the embeddings
 _SUPPORTED_MODULES = ("Transformer", "Pooling", "Normalize")
-
-
-@dataclass(frozen=True)
-class EncodedTwin(EncodedPair):
-    """A bi-encoder pair: `input_ids[:split]` is the query's sequence (with its special
-    tokens), `input_ids[split:]` the document's. `cut_tokens` counts both sides' cuts."""
-
-    split: int = 0
-    #: of `cut_tokens`, those cut from the query
-    query_cut: int = 0
-
-    @property
-    def query_ids(self) -> tuple[int, ...]:
-        return self.input_ids[: self.split]
-
-    @property
-    def document_ids(self) -> tuple[int, ...]:
-        return self.input_ids[self.split :]
 
 
 @dataclass(frozen=True)
