@@ -143,7 +143,8 @@ def _ingress(replica_class: type) -> type:
     if inspect.signature(serve.ingress).parameters["app"].default is inspect.Parameter.empty:
         raise RuntimeError(
             f"this Ray ({_ray_version()}) cannot build an ingress's app in its replica "
-            "(`serve.ingress()` without an app, `__serve_build_asgi_app__`): upgrade ray[serve]"
+            "(`serve.ingress()` without an app, `__serve_build_asgi_app__`): upgrade ray[serve] "
+            "(Ray 2.60 has it)"
         )
     return serve.ingress()(replica_class)
 
