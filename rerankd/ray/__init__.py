@@ -8,7 +8,7 @@ rerankd, and these modules import Ray, torch and the HTTP layer only where they 
 from __future__ import annotations
 
 RAY_MISSING = (
-    'Ray is not installed: pip install "rerankd[ray]" (or "ray[serve,data]>=2.40"), '
+    'Ray is not installed: pip install "rerankd[ray]" (or "ray[serve,data]>=2.60"), '
     "keeping the torch you have"
 )
 

@@ -169,7 +169,8 @@ def test_scheduler_stop_returns_when_its_loop_was_cancelled_with_work_queued():
         work = asyncio.ensure_future(scheduler.submit([EncodedPair((1, 2, 3))] * 20))
         await asyncio.sleep(0.2)
         work.cancel()
-        scheduler._task.cancel()
+        (loop_task,) = [t for t in asyncio.all_tasks() if t.get_name() == "rerankd-scheduler"]
+        loop_task.cancel()  # as asyncio.run cancels every task on a forced exit
         await asyncio.sleep(0.05)
         try:
             await asyncio.wait_for(scheduler.stop(), 3)
