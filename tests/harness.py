@@ -251,13 +251,14 @@ def spawn(
     *,
     args: Sequence[str] = (),
     own_session: bool = False,
+    cwd: Path = REPO_ROOT,
 ) -> Server:
     """Start `cmd` (which listens on `port`) with its output in `log_path`; not yet healthy.
     `env` is the whole environment (default: `offline_env()`)."""
     log = open(log_path, "w", encoding="utf-8")  # noqa: SIM115 (closed by Server.stop)
     proc = subprocess.Popen(
         list(cmd),
-        cwd=REPO_ROOT,
+        cwd=cwd,
         env=offline_env() if env is None else env,
         stdin=subprocess.DEVNULL,
         stdout=log,
