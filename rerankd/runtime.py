@@ -127,6 +127,21 @@ def build_engine(kind: str, model_dir, config, recipe, device, dtype, settings: 
                 "and --quantize"
             )
         return EmbeddingEngine(model_dir, device, dtype, settings.max_batch_tokens)
+    if recipe.head.kind == "maxsim":  # late interaction: per-token embeddings, MaxSim
+        from rerankd.engine.late_interaction import LateInteractionEngine
+
+        if settings.quantize != "none":
+            raise ModelLoadError("the colbert recipe's late-interaction engine has no --quantize")
+        return LateInteractionEngine(
+            model_dir,
+            config,
+            device,
+            dtype,
+            settings.max_batch_tokens,
+            dense_dirs=recipe.dense_dirs,
+            skiplist_ids=recipe.skiplist_ids,
+            backbone=kind,
+        )
     if kind in ("auto", "packed"):
         try:
             return build_packed_engine(

@@ -14,6 +14,7 @@ from rerankd.recipes.bi_encoder import (
     is_mean_pooling_bi_encoder,
     sentence_transformer_info,
 )
+from rerankd.recipes.colbert import ColbertReranker, colbert_info
 from rerankd.recipes.cross_encoder import CrossEncoder
 from rerankd.recipes.mxbai import MxbaiRerankV2, is_mxbai_v2_download
 from rerankd.recipes.qwen3 import Qwen3Reranker, Qwen3SeqCls
@@ -29,10 +30,11 @@ RECIPES: dict[str, type[Recipe]] = {
         BiEncoder,
         MxbaiRerankV2,
         StCausalReranker,
+        ColbertReranker,
     )
 }
 #: recipes that read their checkpoint's own files besides config and tokenizer
-_READS_MODEL_DIR = (BiEncoder, StCausalReranker)
+_READS_MODEL_DIR = (BiEncoder, StCausalReranker, ColbertReranker)
 
 __all__ = ["RECIPES", "Recipe", "ScoreHead", "build_recipe", "detect_recipe", "sigmoid"]
 
@@ -40,13 +42,16 @@ __all__ = ["RECIPES", "Recipe", "ScoreHead", "build_recipe", "detect_recipe", "s
 def detect_recipe(config: Any, model_dir: Path | str | None = None) -> type[Recipe]:
     """Pick the recipe from the checkpoint; no flags needed for known families.
 
-    Order: a checkpoint that declares its own scoring in sentence-transformers files (a
+    Order: a ColBERT checkpoint (PyLate's or stanford's files) is late interaction; a
+    checkpoint that declares its own scoring in sentence-transformers files (a
     LogitScore cross-encoder) is served as it declares, whatever its architecture (a Qwen3
     LM with its own chat template must not get the Qwen3-Reranker prompt); then a hub
     download of mxbai-rerank v2; then `config.architectures`; then bi-encoder files.
     """
     architectures = list(getattr(config, "architectures", None) or [])
     model_dir = model_dir if model_dir is not None else checkpoint_dir(config)
+    if colbert_info(config, model_dir) is not None:
+        return ColbertReranker
     if st_causal_info(model_dir) is not None:
         return StCausalReranker
     if "Qwen2ForCausalLM" in architectures and is_mxbai_v2_download(model_dir):
@@ -71,7 +76,8 @@ def detect_recipe(config: Any, model_dir: Path | str | None = None) -> type[Reci
         "(qwen3-reranker), Qwen3ForSequenceClassification (qwen3-seq-cls), GemmaForCausalLM "
         "(bge-gemma), any one-label *ForSequenceClassification (cross-encoder), a "
         "sentence-transformers encoder with mean pooling (bi-encoder), a sentence-transformers "
-        "causal-LM cross-encoder with a LogitScore module (st-causal-lm). A Qwen2ForCausalLM "
+        "causal-LM cross-encoder with a LogitScore module (st-causal-lm), a ColBERT "
+        "checkpoint in PyLate's or stanford's layout (colbert). A Qwen2ForCausalLM "
         "mxbai-rerank v2 checkpoint in a local directory needs --recipe mxbai-rerank-v2 (its "
         "files are a plain Qwen2.5 LM's; only a hub download is recognized). Pass --recipe "
         f"with one of {', '.join(RECIPES)} to force one."
