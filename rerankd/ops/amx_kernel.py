@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "amx_attention.cpp"
 #: AVX-512 (with BF16: every AMX CPU has both) for the vector code; fbgemm's transpose is in
-#: libtorch
+#: libtorch. The AVX512-BF16 kernel (`rerankd.ops.avx512_kernel`) is built with the same flags
 _CFLAGS = [
     "-O3",
     "-mavx512f",
@@ -54,18 +54,43 @@ _CFLAGS = [
 _STALE_LOCK_SECONDS = 600
 
 
-def build_directory() -> Path:
+def build_directory(source: Path = SOURCE, name: str = "rerankd_amx_attention") -> Path:
     """Where this torch version's build of this exact kernel source lives."""
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(_CFLAGS).encode()).hexdigest()[:12]
+    digest = hashlib.sha256(source.read_bytes() + " ".join(_CFLAGS).encode()).hexdigest()[:12]
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions"
     version = torch.__version__.replace("+", "_")
-    path = Path(root) / f"rerankd_amx_attention-torch{version}-{digest}"
+    path = Path(root) / f"{name}-torch{version}-{digest}"
     path.mkdir(parents=True, exist_ok=True)
     lock = path / "lock"
     if lock.exists() and time.time() - lock.stat().st_mtime > _STALE_LOCK_SECONDS:
         log.warning("removing a stale kernel build lock %s", lock)
         lock.unlink(missing_ok=True)
     return path
+
+
+def build_kernel(name: str, source: Path, label: str) -> ModuleType | None:
+    """Compile (or load the cached build of) one of rerankd's C++ attention kernels with the
+    AVX512-BF16 flags; None, logged at WARNING with the reason, where that fails. Shared by
+    this kernel and `rerankd.ops.avx512_kernel`."""
+    try:
+        from torch.utils.cpp_extension import load
+
+        return load(
+            name=name,
+            sources=[str(source)],
+            extra_cflags=_CFLAGS,
+            build_directory=str(build_directory(source, name)),
+            verbose=False,
+        )
+    except Exception as exc:  # no compiler or ninja, missing headers, read-only home, ...
+        first_line = str(exc).splitlines()[0] if str(exc) else ""
+        log.warning(
+            "%s attention kernel could not be built (%s: %s); using SDPA attention",
+            label,
+            type(exc).__name__,
+            first_line,
+        )
+        return None
 
 
 @functools.cache
@@ -75,23 +100,8 @@ def load_kernel() -> ModuleType | None:
     if not cpu_has_amx() or "avx512_bf16" not in cpu_flags():
         return None
     started = time.perf_counter()
-    try:
-        from torch.utils.cpp_extension import load
-
-        module = load(
-            name="rerankd_amx_attention",
-            sources=[str(SOURCE)],
-            extra_cflags=_CFLAGS,
-            build_directory=str(build_directory()),
-            verbose=False,
-        )
-    except Exception as exc:  # no compiler or ninja, missing headers, read-only home, ...
-        first_line = str(exc).splitlines()[0] if str(exc) else ""
-        log.warning(
-            "AMX attention kernel could not be built (%s: %s); using SDPA attention",
-            type(exc).__name__,
-            first_line,
-        )
+    module = build_kernel("rerankd_amx_attention", SOURCE, "AMX")
+    if module is None:
         return None
     if not module.available():
         log.info("bf16 brgemm packing unsupported by this PyTorch build; using SDPA attention")

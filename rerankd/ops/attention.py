@@ -3,7 +3,9 @@
 Exact implementations of one contract, chosen per device by `PackedEngine` after checking
 each against ``sdpa`` on a probe batch:
 - ``sdpa``: SDPA per sequence (4-D inputs, so the fused CPU/GPU kernels run). The reference.
-- ``amx``: rerankd's own AMX kernel for bf16 on Intel CPUs with AMX (`amx_kernel`).
+- CPU, bf16, fastest first (`cpu_backends`): ``amx``, rerankd's own AMX kernel on Intel CPUs
+  with AMX (`amx_kernel`); ``avx512``, rerankd's own AVX512-BF16 kernel for CPUs without AMX
+  (AMD EPYC Zen 4/5, Cooper Lake: `avx512_kernel`).
 - ``split``: CPU, the shared prefix attended once per group (log-sum-exp merge).
 - CUDA, fastest first (`cuda_backends`): ``varlen`` (one
   `torch.nn.attention.varlen.varlen_attn` call per batch, adapted to the installed torch's
@@ -19,13 +21,15 @@ import functools
 import importlib.util
 import inspect
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 
+from rerankd.ops import avx512_kernel
 from rerankd.ops.amx_kernel import load_kernel, sequence_table
 from rerankd.ops.batch import PackedBatch, VarlenLayout
+from rerankd.ops.cpu import cpu_has_amx
 
 log = logging.getLogger(__name__)
 
@@ -412,6 +416,7 @@ def describe(backend: str) -> str:
     return {
         "sdpa": "sdpa (per sequence)",
         "amx": "amx (rerankd AMX bf16)",
+        "avx512": "avx512 (rerankd AVX512-BF16)",
         "flash_attn": "flash_attn varlen",
         "flex": "flex_attention (document mask)",
         "sdpa_padded": "sdpa (padded buckets)",
@@ -428,21 +433,9 @@ def _kernel_rows(t: torch.Tensor) -> torch.Tensor:
     return t if _rows_ok(t) else t.contiguous()
 
 
-def amx_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    batch: PackedBatch,
-    prefix_kv: PrefixKV | None,
-    causal: bool,
-    scale: float,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Same contract as `sdpa_attention`: rerankd's AMX kernel for bf16 on CPU (see
-    `rerankd.ops.amx_kernel`); SDPA for anything it does not cover."""
-    kernel = load_kernel()
-    if kernel is None or q.dtype != torch.bfloat16 or q.device.type != "cpu" or q.shape[-1] % 16:
-        return sdpa_attention(q, k, v, batch, prefix_kv, causal, scale, out)
+def _run_cpu_kernel(kernel, q, k, v, batch, prefix_kv, causal, scale, out) -> torch.Tensor:
+    """Call a compiled CPU kernel's `attention` (amx_attention.cpp's contract): views it cannot
+    read are copied first, and its output lands in `out` when given."""
     target = out if out is not None and _rows_ok(out) else torch.empty_like(q)
     if prefix_kv is None:
         pk = pv = q.new_empty(0, k.shape[1], k.shape[2])
@@ -457,4 +450,68 @@ def amx_attention(
     return target
 
 
+def _kernel_takes(q: torch.Tensor) -> bool:
+    """Whether rerankd's CPU kernels cover these inputs: bf16 on CPU, head dim a multiple of
+    16 (one vector of float lanes)."""
+    return q.dtype == torch.bfloat16 and q.device.type == "cpu" and q.shape[-1] % 16 == 0
+
+
+def amx_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    batch: PackedBatch,
+    prefix_kv: PrefixKV | None,
+    causal: bool,
+    scale: float,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Same contract as `sdpa_attention`: rerankd's AMX kernel for bf16 on CPU (see
+    `rerankd.ops.amx_kernel`); SDPA for anything it does not cover."""
+    kernel = load_kernel()
+    if kernel is None or not _kernel_takes(q):
+        return sdpa_attention(q, k, v, batch, prefix_kv, causal, scale, out)
+    return _run_cpu_kernel(kernel, q, k, v, batch, prefix_kv, causal, scale, out)
+
+
+def avx512_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    batch: PackedBatch,
+    prefix_kv: PrefixKV | None,
+    causal: bool,
+    scale: float,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Same contract as `sdpa_attention`: rerankd's AVX512-BF16 kernel for bf16 on CPU (see
+    `rerankd.ops.avx512_kernel`); SDPA for anything it does not cover."""
+    kernel = avx512_kernel.load_kernel()
+    if kernel is None or not _kernel_takes(q):
+        return sdpa_attention(q, k, v, batch, prefix_kv, causal, scale, out)
+    return _run_cpu_kernel(kernel, q, k, v, batch, prefix_kv, causal, scale, out)
+
+
 ATTENTION["amx"] = amx_attention
+ATTENTION["avx512"] = avx512_attention
+
+
+def cpu_backends() -> Iterator[str]:
+    """rerankd's bf16 CPU attention kernels that load here, to probe against SDPA in this
+    order: ``amx`` on CPUs with AMX, then ``avx512`` on CPUs with AVX512-BF16 (Zen 4/5,
+    Cooper Lake; on an AMX CPU only if the AMX kernel is missing or refused). Lazy: a kernel
+    is built only when the one before it was not taken. Logs at WARNING why there is none."""
+    amx = load_kernel() is not None
+    if amx:
+        yield "amx"
+    missing = avx512_kernel.missing_flags()
+    avx512 = not missing and avx512_kernel.load_kernel() is not None
+    if avx512:
+        yield "avx512"
+    if not amx and not avx512:  # a failed build has logged its own WARNING already
+        log.warning(
+            "no rerankd bf16 attention kernel on this CPU (AMX: %s; AVX512-BF16: %s); "
+            "attention runs SDPA",
+            "unavailable" if cpu_has_amx() else "no amx_bf16",
+            f"lacks {', '.join(missing)}" if missing else "unavailable",
+        )
