@@ -68,11 +68,19 @@ print(json.dumps(out))
 
 
 def record(pylate_python: str) -> dict:
-    from tests.fixtures.colbert import build_colbert_bert, build_colbert_xlmr
+    from tests.fixtures.colbert import (
+        build_colbert_bert,
+        build_colbert_modernbert,
+        build_colbert_xlmr,
+    )
 
     golden = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, build in (("bert", build_colbert_bert), ("xlmr", build_colbert_xlmr)):
+        for name, build in (
+            ("bert", build_colbert_bert),
+            ("xlmr", build_colbert_xlmr),
+            ("modernbert", build_colbert_modernbert),
+        ):
             path = build(Path(tmp) / name)
             run = subprocess.run(
                 [

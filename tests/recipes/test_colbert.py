@@ -7,12 +7,14 @@ Two references:
 - a scorer written here from PyLate's source (`ColBERT.tokenize` / `encode`,
   `scores.colbert_scores`) on transformers' tokenizer and AutoModel, padded, one text at a
   time, float32. It imports nothing from rerankd.
-Fixtures: tests/fixtures/colbert.py (PyLate layout on BERT, stanford layout on XLM-R).
+Fixtures: tests/fixtures/colbert.py (PyLate layout on BERT and ModernBERT, stanford layout on
+XLM-R).
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import string
 from pathlib import Path
@@ -32,10 +34,16 @@ from rerankd.recipes import detect_recipe
 from rerankd.runtime import build_service, load_model
 from rerankd.settings import Settings
 from rerankd.types import Batch
-from tests.fixtures.colbert import build_colbert_bert, build_colbert_xlmr
+from tests.fixtures.colbert import build_colbert_bert, build_colbert_modernbert, build_colbert_xlmr
 from tests.recipes.colbert_golden import DOCUMENTS, GOLDEN, QUERIES
 
-BUILDERS = {"bert": build_colbert_bert, "xlmr": build_colbert_xlmr}
+BUILDERS = {
+    "bert": build_colbert_bert,
+    "xlmr": build_colbert_xlmr,
+    "modernbert": build_colbert_modernbert,
+}
+#: the backbone each fixture runs on with `--engine auto` (ModernBERT: transformers')
+BACKBONE = {"bert": "packed", "xlmr": "packed", "modernbert": "transformers"}
 PYLATE = json.loads(GOLDEN.read_text(encoding="utf-8"))
 
 
@@ -93,6 +101,8 @@ class Reference:
             self.dense = [(weights["linear.weight"], weights.get("linear.bias"))]
         self.tok.pad_token_id = self.tok.mask_token_id  # PyLate pads with [MASK]
         self.skip_ids = [self.tok.convert_tokens_to_ids(w) for w in self.skiplist]
+        # sentence-transformers passes the features the model's forward takes
+        self.inputs = set(inspect.signature(self.model.forward).parameters)
         self.encode = functools.cache(self.encode)  # each text encoded once per test session
 
     def tokenize(self, text: str, is_query: bool) -> dict:
@@ -117,7 +127,8 @@ class Reference:
     @torch.no_grad()
     def encode(self, text: str, is_query: bool) -> torch.Tensor:
         features = self.tokenize(text, is_query)
-        x = self.model(**features).last_hidden_state[0]
+        x = self.model(**{k: v for k, v in features.items() if k in self.inputs})
+        x = x.last_hidden_state[0]
         for weight, bias in self.dense:
             x = F.linear(x, weight, bias)
         ids = features["input_ids"][0]
@@ -146,6 +157,7 @@ def test_detected_from_pylate_and_stanford_files():
     for name, layout, prefixes, attend, dim in (
         ("bert", "pylate", ("[Q] ", "[D] "), False, 96),
         ("xlmr", "stanford", ("[QueryMarker]", "[DocumentMarker]"), True, 128),
+        ("modernbert", "pylate", ("[Q] ", "[D] "), False, 128),
     ):
         path = fixture(name)
         config = AutoConfig.from_pretrained(path)
@@ -158,7 +170,7 @@ def test_detected_from_pylate_and_stanford_files():
         assert info.attend_to_expansion_tokens is attend and info.do_query_expansion
         assert model.recipe.max_length == 300
         engine = model.scheduler.engine
-        assert (engine.name, engine.backbone) == ("late-interaction", "packed")
+        assert (engine.name, engine.backbone) == ("late-interaction", BACKBONE[name])
         pair = model.recipe.encode(["q"], ["d"])[0]
         assert engine.embed([pair.query_ids], [len(pair.query_ids)])[0].shape[-1] == dim
 
@@ -179,7 +191,7 @@ def test_other_sentence_transformers_modules_are_not_colbert(tmp_path):
 # --- parity -----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["bert", "xlmr"])
+@pytest.mark.parametrize("name", list(BUILDERS))
 def test_token_ids_equal_pylate(name):
     pairs, _ = _score(served(name), *_all_pairs())
     golden = PYLATE[name]
@@ -190,11 +202,14 @@ def test_token_ids_equal_pylate(name):
     assert len(long.document_ids) == 300 and long.truncated
 
 
-@pytest.mark.parametrize("engine", ["auto", "transformers"])
-@pytest.mark.parametrize("name", ["bert", "xlmr"])
+@pytest.mark.parametrize(
+    ("name", "engine"),
+    [("bert", "auto"), ("bert", "transformers"), ("xlmr", "auto"), ("xlmr", "transformers")]
+    + [("modernbert", "auto")],
+)
 def test_float32_maxsim_matches_pylate_to_1e4(name, engine):
     model = served(name, engine)
-    assert model.scheduler.engine.backbone == ("packed" if engine == "auto" else "transformers")
+    assert model.scheduler.engine.backbone == (BACKBONE[name] if engine == "auto" else engine)
     _, scores = _score(model, *_all_pairs())
     expected = [s for row in PYLATE[name]["scores"] for s in row]
     assert scores == pytest.approx(expected, abs=1e-4)
@@ -204,7 +219,7 @@ def test_float32_maxsim_matches_pylate_to_1e4(name, engine):
         assert order == PYLATE[name]["rerank"][q]
 
 
-@pytest.mark.parametrize("name", ["bert", "xlmr"])
+@pytest.mark.parametrize("name", list(BUILDERS))
 def test_float32_maxsim_matches_the_reference_written_from_pylate(name):
     queries = [*QUERIES, "capital. of, France?!"]
     documents = [*DOCUMENTS, "  [Q] Beijing [D] !!!  ", "word " * 400]
