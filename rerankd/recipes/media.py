@@ -1,0 +1,142 @@
+"""Images a request refers to: `data:` URIs always, http(s) only when the server allows it;
+bounded in bytes and pixels before any decoding.
+
+Called from the service's worker threads (never the event loop): a remote fetch blocks its
+thread for at most `MediaPolicy.timeout` seconds. Every failure is a `MediaError` whose
+message says what was wrong; the service adds which document it was.
+
+What this module does not do: resize or normalize (the recipe does, the way its model's
+official code does), or cache across requests.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["MediaError", "MediaPolicy", "decode_image", "load_image"]
+
+#: formats PIL may try: the web's image formats (a smaller parser surface than all of PIL's)
+ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
+#: the media types a remote response may declare
+ALLOWED_CONTENT_TYPES = (
+    "image/png",
+    "image/jpeg",
+    "image/jpg",
+    "image/webp",
+    "image/gif",
+    "image/bmp",
+)
+
+
+class MediaError(ValueError):
+    """An image that cannot be used; the message names the reason, not the document."""
+
+
+@dataclass(frozen=True)
+class MediaPolicy:
+    """What a request may make the server fetch and decode (see Settings for each flag)."""
+
+    #: http(s) URLs fetched by the server (off by default: a request could make the server
+    #: reach hosts only it can reach, SSRF)
+    allow_remote: bool = False
+    #: seconds one remote fetch may take, connect and read together
+    timeout: float = 10.0
+    #: most encoded bytes of one image (a data: URI's decoded payload, or a download)
+    max_bytes: int = 20 * 1024 * 1024
+    #: most pixels of one image, checked from its header before decoding (decompression
+    #: bombs: a few KB of PNG can claim gigapixels)
+    max_pixels: int = 40_000_000
+
+
+def load_image(url: str, policy: MediaPolicy) -> Any:
+    """The decoded PIL image that `url` (a data: URI or, when allowed, an http(s) URL) holds."""
+    if not isinstance(url, str) or not url:
+        raise MediaError("an image must be given as a data: URI or an http(s) URL string")
+    scheme = url.split(":", 1)[0].lower() if ":" in url else ""
+    if scheme == "data":
+        return decode_image(_data_uri_bytes(url, policy.max_bytes), policy)
+    if scheme in ("http", "https"):
+        if not policy.allow_remote:
+            raise MediaError(
+                "remote image URLs are not fetched by this server (start it with "
+                "--allow-remote-media to allow them); send the image as a data: URI"
+            )
+        return decode_image(_download(url, policy), policy)
+    raise MediaError(
+        f"unsupported image URL scheme {scheme or url[:16]!r}: send a data: URI "
+        "(data:image/png;base64,...) or an http(s) URL"
+    )
+
+
+def _data_uri_bytes(url: str, max_bytes: int) -> bytes:
+    header, sep, payload = url.partition(",")
+    if not sep:
+        raise MediaError("a data: URI needs a comma before its payload")
+    meta = header[5:].split(";")
+    media_type = meta[0].strip().lower()
+    if media_type and not media_type.startswith("image/"):
+        raise MediaError(f"a data: URI of type {media_type!r} is not an image")
+    if "base64" not in (m.strip().lower() for m in meta[1:]):
+        raise MediaError("an image data: URI must be base64-encoded (data:image/png;base64,...)")
+    if len(payload) // 4 * 3 > max_bytes + 3:
+        raise MediaError(f"the image is larger than {max_bytes} bytes (--max-image-bytes)")
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise MediaError(f"the data: URI is not valid base64 ({exc})") from exc
+
+
+def _download(url: str, policy: MediaPolicy) -> bytes:
+    request = urllib.request.Request(url, headers={"User-Agent": "rerankd"})
+    try:
+        with urllib.request.urlopen(request, timeout=policy.timeout) as response:  # noqa: S310
+            kind = (response.headers.get_content_type() or "").lower()
+            if kind not in ALLOWED_CONTENT_TYPES:
+                raise MediaError(f"the URL answered with content type {kind!r}, not an image")
+            length = response.headers.get("Content-Length")
+            if length and length.isdigit() and int(length) > policy.max_bytes:
+                raise MediaError(
+                    f"the image is larger than {policy.max_bytes} bytes (--max-image-bytes)"
+                )
+            data = response.read(policy.max_bytes + 1)
+    except MediaError:
+        raise
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise MediaError(f"the image could not be fetched: {exc}") from exc
+    if len(data) > policy.max_bytes:
+        raise MediaError(f"the image is larger than {policy.max_bytes} bytes (--max-image-bytes)")
+    return data
+
+
+def decode_image(data: bytes, policy: MediaPolicy) -> Any:
+    """Decode `data`, refusing an image whose header claims more than `max_pixels` before its
+    pixels are decoded, and a truncated or corrupt one."""
+    from PIL import Image
+
+    if len(data) > policy.max_bytes:
+        raise MediaError(f"the image is larger than {policy.max_bytes} bytes (--max-image-bytes)")
+    try:
+        image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+    except Image.DecompressionBombError as exc:
+        raise MediaError(f"the image has too many pixels ({exc})") from exc
+    except Exception as exc:  # UnidentifiedImageError, or a corrupt header
+        raise MediaError(
+            f"the image could not be decoded (formats: {', '.join(ALLOWED_FORMATS)})"
+        ) from exc
+    width, height = image.size
+    if width < 1 or height < 1 or width * height > policy.max_pixels:
+        raise MediaError(
+            f"the image is {width}x{height} pixels, more than {policy.max_pixels} "
+            "(--max-image-pixels)"
+        )
+    try:
+        image.load()  # reads every pixel: a truncated file fails here
+    except Exception as exc:
+        raise MediaError(f"the image could not be decoded: {exc}") from exc
+    return image
