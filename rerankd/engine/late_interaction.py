@@ -34,8 +34,7 @@ from rerankd.models.hf_config import UnsupportedCheckpoint
 from rerankd.models.weights import open_checkpoint
 from rerankd.ops.attention import cuda_backends
 from rerankd.ops.batch import pack
-from rerankd.recipes.bi_encoder import EncodedTwin
-from rerankd.types import Batch, EncodedPair
+from rerankd.types import Batch, EncodedPair, EncodedTwin
 
 log = logging.getLogger(__name__)
 

@@ -39,9 +39,9 @@ from tokenizers import Tokenizer
 
 from rerankd.errors import InvalidRequest, ModelLoadError
 from rerankd.recipes.base import Recipe, ScoreHead
-from rerankd.recipes.bi_encoder import EncodedTwin, checkpoint_dir
+from rerankd.recipes.bi_encoder import checkpoint_dir
 from rerankd.recipes.cross_encoder import POSITION_OFFSET
-from rerankd.types import EncodedPair
+from rerankd.types import EncodedPair, EncodedTwin
 
 #: PyLate's defaults when a checkpoint's files do not say (models/colbert.py)
 DEFAULT_QUERY_PREFIX, DEFAULT_DOCUMENT_PREFIX = "[Q] ", "[D] "
