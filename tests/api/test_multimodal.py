@@ -1,0 +1,196 @@
+"""Image inputs (issue 19 part 2), in-process: the request shapes that carry images, and the
+image-input security rules (data: URIs always; http(s) only with --allow-remote-media, then
+bounded; every bad image a 400 naming its document; decoding off the event loop).
+
+The parsing of the shapes (api/documents.py) and the fetch/decode rules (recipes/media.py)
+are tested directly; the HTTP behaviour over the fake engine, with the tiny Qwen3-VL
+fixture's recipe (real tokenizer and image processor) or the text-only Qwen3 recipe.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.server
+import struct
+import threading
+import zlib
+from collections.abc import Iterator
+
+import pytest
+
+from rerankd.api.documents import document_inputs, input_text, query_input
+from rerankd.errors import InvalidRequest
+from rerankd.recipes.media import MediaError, MediaPolicy, load_image
+from tests.fixtures.qwen3_vl import png_data_uri
+
+PNG = png_data_uri(40, 30, seed=1)
+PNG2 = png_data_uri(64, 64, seed=2, mode="RGBA")
+
+
+def _image_part(url: str) -> dict:
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+def _png_bytes(uri: str) -> bytes:
+    return base64.b64decode(uri.split(",", 1)[1])
+
+
+def _uri(data: bytes, media_type: str = "image/png") -> str:
+    return f"data:{media_type};base64," + base64.b64encode(data).decode()
+
+
+def _bomb_png(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height pixels, with one tiny compressed row."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit greyscale
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+        + chunk(b"IEND", b"")
+    )
+
+
+# --- the shapes, parsed ------------------------------------------------------------------
+
+
+def test_vllm_documents_object_is_one_document_per_part():
+    inputs, sent = document_inputs(
+        {"content": [_image_part(PNG), {"type": "text", "text": "a caption"}]}
+    )
+    assert inputs == [(("image", PNG),), "a caption"]
+    assert sent[0] == _image_part(PNG)
+
+
+def test_a_list_mixes_strings_text_objects_content_items_and_jina_forms():
+    documents = [
+        "plain",
+        {"text": "an object", "id": 7},
+        {"content": [{"type": "text", "text": "t"}, _image_part(PNG)]},
+        {"image": PNG},
+        {"text": "both", "image": PNG2},
+    ]
+    inputs, sent = document_inputs(documents)
+    assert inputs == [
+        "plain",
+        "an object",
+        (("text", "t"), ("image", PNG)),
+        (("image", PNG),),
+        (("image", PNG2), ("text", "both")),
+    ]
+    assert sent == documents
+    assert input_text(inputs[4]) == "both"
+
+
+def test_queries_take_the_same_forms():
+    assert query_input("q") == "q"
+    assert query_input({"text": "q"}) == "q"
+    assert query_input({"content": [_image_part(PNG)]}) == (("image", PNG),)
+    assert query_input({"image": PNG, "text": "q"}) == (("image", PNG), ("text", "q"))
+
+
+@pytest.mark.parametrize(
+    ("documents", "param"),
+    [
+        (["ok", {"content": [{"type": "video_url", "video_url": {"url": "x"}}]}], "documents[1]"),
+        (["ok", {"content": [{"type": "image_url", "image_url": {}}]}], "documents[1]"),
+        (["ok", {"content": "not a list"}], "documents[1]"),
+        (["ok", "ok", {"image": 3}], "documents[2].image"),
+        ([{"content": [_image_part(PNG)] * 17}], "documents[0]"),
+        ([{"content": [{"type": "text", "text": "x"}] * 65}], "documents[0]"),
+        ({"items": []}, "documents"),
+    ],
+)
+def test_malformed_shapes_are_400s_naming_the_document(documents, param):
+    with pytest.raises(InvalidRequest) as caught:
+        document_inputs(documents)
+    assert caught.value.param.startswith(param), caught.value.message
+
+
+# --- fetching and decoding -----------------------------------------------------------------
+
+
+def test_a_data_uri_decodes():
+    assert load_image(PNG, MediaPolicy()).size == (40, 30)
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("data:image/png;base64,!!!!", "base64"),
+        ("data:image/png," + "abc", "base64-encoded"),
+        (_uri(b"<svg></svg>", "image/svg+xml"), "could not be decoded"),
+        (_uri(b"hello", "text/plain"), "not an image"),
+        (_uri(b"GIF89a-not-really"), "could not be decoded"),
+        (_uri(_png_bytes(PNG)[:60]), "decoded"),  # truncated PNG
+        (_uri(_bomb_png(100_000, 100_000)), "pixels"),  # decompression bomb, refused unread
+        ("file:///etc/passwd", "scheme"),
+        ("ftp://example.com/a.png", "scheme"),
+        ("https://example.com/a.png", "--allow-remote-media"),
+    ],
+)
+def test_bad_images_are_refused_with_a_reason(url, message):
+    with pytest.raises(MediaError, match=message.replace("-", r"\-")):
+        load_image(url, MediaPolicy())
+
+
+def test_byte_and_pixel_caps():
+    with pytest.raises(MediaError, match="bytes"):
+        load_image(PNG2, MediaPolicy(max_bytes=200))
+    with pytest.raises(MediaError, match="64x64 pixels"):
+        load_image(PNG2, MediaPolicy(max_pixels=64 * 63))
+
+
+class _ImageServer(http.server.BaseHTTPRequestHandler):
+    routes: dict[str, tuple[str, bytes, float]] = {}
+
+    def do_GET(self):  # noqa: N802
+        kind, body, delay = self.routes.get(self.path, ("text/plain", b"missing", 0.0))
+        if delay:
+            threading.Event().wait(delay)
+        self.send_response(200 if self.path in self.routes else 404)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def image_server() -> Iterator[str]:
+    _ImageServer.routes = {
+        "/a.png": ("image/png", _png_bytes(PNG), 0.0),
+        "/page.html": ("text/html", b"<html></html>", 0.0),
+        "/big.png": ("image/png", _png_bytes(PNG2), 0.0),
+        "/slow.png": ("image/png", _png_bytes(PNG), 2.0),
+    }
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _ImageServer)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_remote_images_only_when_allowed_then_bounded(image_server):
+    allowed = MediaPolicy(allow_remote=True, timeout=0.5, max_bytes=8000)
+    with pytest.raises(MediaError, match="--allow-remote-media"):
+        load_image(f"{image_server}/a.png", MediaPolicy())
+    assert load_image(f"{image_server}/a.png", allowed).size == (40, 30)
+    with pytest.raises(MediaError, match="content type 'text/html'"):
+        load_image(f"{image_server}/page.html", allowed)
+    with pytest.raises(MediaError, match="larger than 8000 bytes"):
+        load_image(f"{image_server}/big.png", allowed)
+    with pytest.raises(MediaError, match="could not be fetched"):
+        load_image(f"{image_server}/slow.png", allowed)
+    with pytest.raises(MediaError, match="could not be fetched"):
+        load_image(f"{image_server}/missing.png", allowed)
