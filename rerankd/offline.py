@@ -25,11 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from rerankd.api.documents import document_texts, echo
-from rerankd.errors import InvalidRequest, ModelNotFound, RerankdError
-
-#: error `type` for each domain error, as the HTTP API names them
-_ERROR_TYPES = {InvalidRequest: "BadRequestError", ModelNotFound: "NotFoundError"}
+from rerankd.api.documents import document_texts
+from rerankd.api.errors import error_type
+from rerankd.api.responses import rerank_results, usage
+from rerankd.errors import InvalidRequest, RerankdError
 
 
 class FatalError(Exception):
@@ -69,8 +68,7 @@ class LocalBackend:
 
     def __init__(self, service: Any) -> None:
         self._service = service
-        self._model = service.resolve(None)
-        self.model = self._model.name
+        self.model = service.resolve(None).name
 
     @classmethod
     async def open(cls, settings: Any) -> LocalBackend:
@@ -84,27 +82,15 @@ class LocalBackend:
         return cls(service)
 
     async def rerank(self, query, documents, top_n, instruction, return_documents):
-        from rerankd.service import rank
-
         try:
             texts = document_texts(documents)
-            scored = await self._service.rerank(self._model, query, texts, instruction)
+            ranking = await self._service.rank_documents(
+                None, query, texts, instruction, top_n=top_n
+            )
         except RerankdError as exc:
-            kind = next((t for cls, t in _ERROR_TYPES.items() if isinstance(exc, cls)), None)
-            raise LineError(exc.message, kind or type(exc).__name__, exc.param) from exc
-        results = []
-        for index in rank(scored.scores, top_n):
-            item: dict[str, Any] = {"index": index}
-            if return_documents:
-                item["document"] = echo(documents[index])
-            item["relevance_score"] = scored.scores[index]
-            results.append(item)
-        usage = {
-            "prompt_tokens": scored.prompt_tokens,
-            "total_tokens": scored.prompt_tokens,
-            "truncated_documents": scored.truncated_documents,
-        }
-        return {"model": self.model, "results": results, "usage": usage}
+            raise LineError(exc.message, error_type(exc), exc.param) from exc
+        results = rerank_results(ranking, documents, texts, return_documents)
+        return {"model": ranking.model, "results": results, "usage": usage(ranking)}
 
     async def close(self) -> None:
         await self._service.stop()
@@ -248,10 +234,15 @@ class Summary:
     seconds: float = 0.0
 
 
-def _report(job: Job, error: LineError, source: str) -> dict[str, Any]:
-    print(f"rerankd rerank: {source}:{job.line}: {error.message}", file=sys.stderr)
+def error_record(job: Job, error: LineError) -> dict[str, Any]:
+    """The output line of an input line that could not be served (this job's and Ray's)."""
     body = {"message": error.message, "type": error.type, "param": error.param}
     return {"id": job.id, "line": job.line, "error": body}
+
+
+def _report(job: Job, error: LineError, source: str) -> dict[str, Any]:
+    print(f"rerankd rerank: {source}:{job.line}: {error.message}", file=sys.stderr)
+    return error_record(job, error)
 
 
 async def run(

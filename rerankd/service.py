@@ -27,7 +27,7 @@ from rerankd.metrics import Metrics
 from rerankd.recipes import Recipe
 from rerankd.recipes.chunking import encode_chunks
 from rerankd.scheduler import Scheduler
-from rerankd.types import EncodedPair, ScoredPairs
+from rerankd.types import EncodedPair, Ranking, ScoredPairs
 
 
 @dataclass
@@ -416,6 +416,31 @@ class RerankService:
         """One query against many documents (`long_inputs`: see `score_pairs`)."""
         return await self.score_pairs(
             model, [query] * len(documents), documents, instruction, truncate, **long_inputs
+        )
+
+    async def rank_documents(
+        self,
+        model_name: str | None,
+        query: str,
+        documents: Sequence[str],
+        instruction: str | None = None,
+        truncate: bool = True,
+        *,
+        top_n: int | None = None,
+        activated: bool = True,
+        **long_inputs,
+    ) -> Ranking:
+        """A whole rerank request in one call: the model resolved, every document scored
+        (`long_inputs`: see `score_pairs`), sorted and cut to `top_n` (None or 0: all)."""
+        model = self.resolve(model_name)
+        scored = await self.rerank(model, query, documents, instruction, truncate, **long_inputs)
+        scores = scored.scores if activated else scored.raw_scores
+        return Ranking(
+            model.name,
+            rank(scores, top_n),
+            scores,
+            scored.prompt_tokens,
+            scored.truncated_documents,
         )
 
     async def start(self) -> None:

@@ -91,6 +91,18 @@ class ScoredPairs:
     truncated_documents: int
 
 
+@dataclass(frozen=True)
+class Ranking:
+    """One rerank request's answer from the service, ready for any API shape: the document
+    indices best first (cut to top_n), each document's score (activated or raw, as asked)."""
+
+    model: str
+    order: list[int]
+    scores: list[float]
+    prompt_tokens: int
+    truncated_documents: int
+
+
 class Engine(Protocol):
     """What the scheduler needs from an engine (defined here, torch-free, so that the HTTP
     layer and the scheduler import without loading torch)."""

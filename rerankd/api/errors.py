@@ -56,6 +56,13 @@ _STATUS = {
 }
 
 
+def error_type(exc: RerankdError) -> str:
+    """The `type` a domain error is answered with (as its status's; the class name for an
+    error no status is mapped to), for callers that report errors without HTTP (offline)."""
+    status = next((code for cls, code in _STATUS.items() if isinstance(exc, cls)), None)
+    return _TYPES[status] if status is not None else type(exc).__name__
+
+
 class HTTPError(Exception):
     """An error raised inside the HTTP layer itself (auth, body parsing)."""
 

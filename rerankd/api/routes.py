@@ -16,9 +16,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 
 from rerankd import __version__
-from rerankd.api.documents import document_texts, echo
+from rerankd.api.documents import document_texts
 from rerankd.api.errors import HTTPError, error_response
-from rerankd.api.responses import JSONResponse
+from rerankd.api.responses import JSONResponse, rerank_results, usage
 from rerankd.api.schemas import (
     ErrorResponse,
     RankingRequest,
@@ -31,10 +31,10 @@ from rerankd.api.schemas import (
     TEIRerankRequest,
 )
 from rerankd.errors import InvalidRequest
-from rerankd.service import RerankService, rank
-from rerankd.types import ScoredPairs
+from rerankd.service import RerankService
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
+T = TypeVar("T")
 router = APIRouter()
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 500, 503, 504)
@@ -226,7 +226,7 @@ async def _wait_for_disconnect(request: Request) -> None:
         pass
 
 
-async def until_disconnect(request: Request, work: Awaitable[ScoredPairs]) -> ScoredPairs:
+async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
     """Await the work, cancelling it (and its queued pairs) if the client disconnects."""
     task = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(_wait_for_disconnect(request))
@@ -238,14 +238,6 @@ async def until_disconnect(request: Request, work: Awaitable[ScoredPairs]) -> Sc
         return task.result()
     task.cancel()
     raise HTTPError(499, "the client closed the connection; its work was cancelled")
-
-
-def _usage(scored: ScoredPairs) -> dict[str, int]:
-    return {
-        "prompt_tokens": scored.prompt_tokens,
-        "total_tokens": scored.prompt_tokens,
-        "truncated_documents": scored.truncated_documents,
-    }
 
 
 # --- rerank ------------------------------------------------------------------------------
@@ -276,38 +268,33 @@ async def _rerank(request: Request, cohere_v2: bool = False, tei: bool = False) 
     if isinstance(req, TEIRerankRequest):
         return await _tei_rerank(request, req)
     assert isinstance(req, RerankRequest)
-    service = _service(request)
-    model = service.resolve(req.model)
     texts = document_texts(req.documents, req.rank_fields)
-    scored = await until_disconnect(
+    ranking = await until_disconnect(
         request,
-        service.rerank(
-            model,
+        _service(request).rank_documents(
+            req.model,
             req.query,
             texts,
             req.instruction,
+            top_n=req.limit,
+            activated=req.activated,
             max_chunks_per_doc=req.max_chunks_per_doc,
             **req.long_inputs(),
         ),
     )
-    scores = scored.scores if req.activated else scored.raw_scores
     as_string = _document_format(request, data) == "string"
-    results, voyage = [], []
-    for index in rank(scores, req.limit):
-        item: dict[str, Any] = {"index": index}
-        entry: dict[str, Any] = {"index": index, "relevance_score": scores[index]}
-        if req.return_documents:
-            item["document"] = texts[index] if as_string else echo(req.documents[index])
-            entry["document"] = texts[index]
-        item["relevance_score"] = scores[index]
-        results.append(item)
-        voyage.append(entry)
+    # Voyage's shape, for its SDK and the LangChain/LlamaIndex/litellm wrappers of it: the
+    # document as its text
+    voyage = [
+        {"index": i, "relevance_score": ranking.scores[i]}
+        | ({"document": texts[i]} if req.return_documents else {})
+        for i in ranking.order
+    ]
     body: dict[str, Any] = {
         "id": f"rerank-{uuid.uuid4().hex}",
-        "model": model.name,
-        "usage": _usage(scored),
-        "results": results,
-        # Voyage's shape, for its SDK and the LangChain/LlamaIndex/litellm wrappers of it;
+        "model": ranking.model,
+        "usage": usage(ranking),
+        "results": rerank_results(ranking, req.documents, texts, req.return_documents, as_string),
         # Infinity's clients (infinity-client validates the field) want their own object name
         "object": "rerank" if "raw_scores" in data else "list",
         "data": voyage,
@@ -318,23 +305,22 @@ async def _rerank(request: Request, cohere_v2: bool = False, tei: bool = False) 
 
 
 async def _tei_rerank(request: Request, req: TEIRerankRequest) -> JSONResponse:
-    service = _service(request)
-    model = service.resolve(req.model)
-    scored = await until_disconnect(
+    ranking = await until_disconnect(
         request,
-        service.rerank(
-            model,
+        _service(request).rank_documents(
+            req.model,
             req.query,
             req.texts,
             None,
             req.truncate is not False,
+            top_n=req.top_n,
+            activated=not req.raw_scores,
             truncation_side=req.truncation_direction.lower(),
         ),
     )
-    scores = scored.raw_scores if req.raw_scores else scored.scores
     items = []
-    for index in rank(scores, req.top_n):
-        item: dict[str, Any] = {"index": index, "score": scores[index]}
+    for index in ranking.order:
+        item: dict[str, Any] = {"index": index, "score": ranking.scores[index]}
         if req.return_text:
             item["text"] = req.texts[index]
         items.append(item)
@@ -379,14 +365,15 @@ async def rerank_v2(request: Request) -> JSONResponse:
 )
 async def ranking(request: Request) -> JSONResponse:
     req, _ = await read_request(request, lambda _: RankingRequest)
-    service = _service(request)
-    model = service.resolve(req.model)
     texts = [passage.text for passage in req.passages]
-    scored = await until_disconnect(
-        request, service.rerank(model, req.query.text, texts, None, req.truncate != "NONE")
+    ranking = await until_disconnect(
+        request,
+        _service(request).rank_documents(
+            req.model, req.query.text, texts, None, req.truncate != "NONE", activated=False
+        ),
     )
-    raw = scored.raw_scores
-    return JSONResponse({"rankings": [{"index": i, "logit": raw[i]} for i in rank(raw, None)]})
+    rankings = [{"index": i, "logit": ranking.scores[i]} for i in ranking.order]
+    return JSONResponse({"rankings": rankings})
 
 
 # --- score -------------------------------------------------------------------------------
@@ -422,7 +409,7 @@ async def _score(request: Request) -> JSONResponse:
             "created": int(time.time()),
             "model": model.name,
             "data": [{"index": i, "object": "score", "score": s} for i, s in enumerate(scores)],
-            "usage": _usage(scored),
+            "usage": usage(scored),
         }
     )
 

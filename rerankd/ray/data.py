@@ -240,13 +240,13 @@ class Scorer:
         gate = asyncio.Semaphore(self.concurrency)
 
         async def one(line: int, text: str, skip: bool) -> tuple[str, str, int]:
-            from rerankd.offline import LineError, parse_line
+            from rerankd.offline import LineError, error_record, parse_line
 
             if skip:
                 return "skipped", "", 0
             job = parse_line(text, line)
             if job.error is not None:
-                return "failed", _dump(_error_record(job, job.error)), 0
+                return "failed", _dump(error_record(job, job.error)), 0
             async with gate:
                 try:
                     got = await self.backend.rerank(
@@ -254,16 +254,10 @@ class Scorer:
                         self.return_documents,
                     )  # fmt: skip
                 except LineError as exc:
-                    return "failed", _dump(_error_record(job, exc)), 0
+                    return "failed", _dump(error_record(job, exc)), 0
             return "scored", _dump({"id": job.id, **got}), len(job.documents or [])
 
         return await asyncio.gather(*(one(*row) for row in zip(lines, texts, skips, strict=True)))
-
-
-def _error_record(job, error) -> dict[str, Any]:
-    """offline.py's record of a line that could not be served (the driver prints it)."""
-    body = {"message": error.message, "type": error.type, "param": error.param}
-    return {"id": job.id, "line": job.line, "error": body}
 
 
 def _dump(record: dict[str, Any]) -> str:
