@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from rerankd.engine.base import default_batch_tokens, padded_chunks, split_on_oom
+from rerankd.errors import ModelLoadError
 from rerankd.models.colbert import load_colbert_encoder, load_projections, project
 from rerankd.models.encoder import EncoderConfig
 from rerankd.models.hf_config import UnsupportedCheckpoint
@@ -259,7 +260,17 @@ class _TransformersBackbone:
     def __init__(self, model_dir, dense_dirs, device, dtype) -> None:
         from transformers import AutoModel
 
-        self.model = AutoModel.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+        model, loading = AutoModel.from_pretrained(model_dir, dtype=dtype, output_loading_info=True)
+        # a backbone whose weights transformers' own class does not hold (remote code, e.g.
+        # jina-colbert-v2's rotary XLM-R) would run with random tensors: refuse it
+        missing = [k for k in loading["missing_keys"] if not k.startswith("pooler.")]
+        if missing:
+            raise ModelLoadError(
+                f"transformers' {type(model).__name__} lacks {len(missing)} of this checkpoint's "
+                f"tensors (e.g. {missing[0]!r}); its backbone needs its own code "
+                "(trust_remote_code), which rerankd never runs"
+            )
+        self.model = model.to(device).eval()
         if dense_dirs:
             self.projections = load_projections(dense_dirs, None, dtype, device)
         else:

@@ -347,3 +347,22 @@ def test_rerank_and_score_over_http_return_maxsim_sorted():
         body = {"queries": QUERIES[0], "documents": DOCUMENTS[:3], "use_activation": False}
         data = client.post("/v1/score", json=body).json()["data"]
         assert [d["score"] for d in data] == pytest.approx(expected[:3], abs=1e-4)
+
+
+def test_a_backbone_missing_tensors_is_refused_not_run_with_random_ones(tmp_path):
+    """jina-colbert-v2's remote-code XLM-R (rotary, no position table) must not load into
+    transformers' XLM-R with a fresh random table: neither backbone takes it."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from rerankd.errors import ModelLoadError
+
+    path = tmp_path / "no-positions"
+    shutil.copytree(fixture("xlmr"), path)
+    weights = load_file(str(path / "model.safetensors"))
+    del weights["roberta.embeddings.position_embeddings.weight"]
+    save_file(weights, str(path / "model.safetensors"), metadata={"format": "pt"})
+    settings = Settings(model=str(path), dtype="float32", device="cpu")
+    with pytest.raises(ModelLoadError, match="trust_remote_code"):
+        load_model(settings, Metrics())
