@@ -95,7 +95,9 @@ def _content_part(part: Any, where: str) -> tuple[str, str]:
     )
 
 
-def _checked(parts: list[tuple[str, str]], where: str) -> Parts:
+def _checked(parts: list[tuple[str, str]], where: str) -> str | Parts:
+    """The parts, within the caps; parts without an image are their texts joined (what every
+    recipe reads the same way: the official VL code joins a side's texts with nothing)."""
     if len(parts) > MAX_PARTS_PER_INPUT:
         raise InvalidRequest(
             f"{where} has {len(parts)} content parts; at most {MAX_PARTS_PER_INPUT} are accepted",
@@ -107,10 +109,12 @@ def _checked(parts: list[tuple[str, str]], where: str) -> Parts:
             f"{where} has {images} images; at most {MAX_IMAGES_PER_INPUT} per query or document",
             param=where,
         )
+    if parts and not images:
+        return "".join(text for _, text in parts)
     return tuple(parts)
 
 
-def content_parts(content: Any, where: str) -> Parts:
+def content_parts(content: Any, where: str) -> str | Parts:
     """A vLLM `content` list as one input's parts."""
     if not isinstance(content, list):
         raise InvalidRequest(f"{where}.content must be a list of content parts", param=where)
@@ -119,7 +123,7 @@ def content_parts(content: Any, where: str) -> Parts:
     )
 
 
-def _jina_parts(item: dict[str, Any], where: str) -> Parts:
+def _jina_parts(item: dict[str, Any], where: str) -> str | Parts:
     """Jina m0's {"image": url} / {"text": ..., "image": url}: the image, then the text."""
     images = item["image"] if isinstance(item["image"], list) else [item["image"]]
     if not images or not all(isinstance(url, str) and url for url in images):
@@ -136,8 +140,9 @@ def _jina_parts(item: dict[str, Any], where: str) -> Parts:
 
 
 def is_multimodal(item: Any) -> bool:
-    """Whether a sent query or document uses a form that may hold images."""
-    return isinstance(item, dict) and ("content" in item or "image" in item)
+    """Whether a sent query or document uses a form that may hold images: a `content` list,
+    or an `image` (a Cohere-style object whose `content` is a string stays text)."""
+    return isinstance(item, dict) and (isinstance(item.get("content"), list) or "image" in item)
 
 
 def document_input(
@@ -147,7 +152,7 @@ def document_input(
     is sent in a form that may hold images."""
     if is_multimodal(document) and not rank_fields:
         where = f"documents[{index}]"
-        if "content" in document:
+        if isinstance(document.get("content"), list):
             return content_parts(document["content"], where)
         return _jina_parts(document, where)
     return document_text(document, index, rank_fields)
@@ -175,7 +180,7 @@ def query_input(query: str | dict[str, Any], param: str = "query") -> str | Part
     {"image": ...} / {"text": ..., "image": ...}; {"text": ...} alone is its text."""
     if isinstance(query, str):
         return query
-    if "content" in query:
+    if isinstance(query.get("content"), list):
         return content_parts(query["content"], param)
     if "image" in query:
         return _jina_parts(query, param)

@@ -16,7 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 
 from rerankd import __version__
-from rerankd.api.documents import document_texts
+from rerankd.api.documents import document_inputs, input_text, query_input
 from rerankd.api.errors import HTTPError, error_response
 from rerankd.api.responses import JSONResponse, rerank_results, usage
 from rerankd.api.schemas import (
@@ -268,13 +268,15 @@ async def _rerank(request: Request, cohere_v2: bool = False, tei: bool = False) 
     if isinstance(req, TEIRerankRequest):
         return await _tei_rerank(request, req)
     assert isinstance(req, RerankRequest)
-    texts = document_texts(req.documents, req.rank_fields)
+    # text, or (with images) parts; `sent`: the documents as sent, one per input
+    inputs, sent = document_inputs(req.documents, req.rank_fields)
+    texts = [input_text(item) for item in inputs]
     ranking = await until_disconnect(
         request,
         _service(request).rank_documents(
             req.model,
-            req.query,
-            texts,
+            query_input(req.query),
+            inputs,
             req.instruction,
             top_n=req.limit,
             activated=req.activated,
@@ -294,7 +296,7 @@ async def _rerank(request: Request, cohere_v2: bool = False, tei: bool = False) 
         "id": f"rerank-{uuid.uuid4().hex}",
         "model": ranking.model,
         "usage": usage(ranking),
-        "results": rerank_results(ranking, req.documents, texts, req.return_documents, as_string),
+        "results": rerank_results(ranking, sent, texts, req.return_documents, as_string),
         # Infinity's clients (infinity-client validates the field) want their own object name
         "object": "rerank" if "raw_scores" in data else "list",
         "data": voyage,
@@ -383,12 +385,22 @@ def _as_list(value: Any) -> list:
     return [value] if isinstance(value, str) else list(value)
 
 
+def _query_inputs(side: Any) -> list:
+    """/v1/score's queries: a string, a list, or one query object ({"content": [...]} or
+    Jina's {"image": ...}, all its parts one query)."""
+    if isinstance(side, dict):
+        return [query_input(side, "queries")]
+    items = _as_list(side)
+    return [query_input(item, f"queries[{i}]") for i, item in enumerate(items)]
+
+
 async def _score(request: Request) -> JSONResponse:
     req, _ = await read_request(request, lambda _: ScoreRequest)
     service = _service(request)
     model = service.resolve(req.model)
-    queries = document_texts(_as_list(req.left))
-    documents = document_texts(_as_list(req.right))
+    queries = _query_inputs(req.left)
+    right = req.right
+    documents, _ = document_inputs(right if isinstance(right, dict) else _as_list(right))
     if len(queries) == 1 and len(documents) != 1:
         queries = queries * len(documents)
     elif len(queries) != len(documents):

@@ -70,8 +70,9 @@ def test_vllm_documents_object_is_one_document_per_part():
 def test_a_list_mixes_strings_text_objects_content_items_and_jina_forms():
     documents = [
         "plain",
-        {"text": "an object", "id": 7},
+        {"text": "an object", "id": 7, "content": "a Cohere field, not vLLM's list"},
         {"content": [{"type": "text", "text": "t"}, _image_part(PNG)]},
+        {"content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
         {"image": PNG},
         {"text": "both", "image": PNG2},
     ]
@@ -80,11 +81,12 @@ def test_a_list_mixes_strings_text_objects_content_items_and_jina_forms():
         "plain",
         "an object",
         (("text", "t"), ("image", PNG)),
+        "ab",  # text parts only: their texts joined, as the official VL code joins them
         (("image", PNG),),
         (("image", PNG2), ("text", "both")),
     ]
     assert sent == documents
-    assert input_text(inputs[4]) == "both"
+    assert input_text(inputs[5]) == "both"
 
 
 def test_queries_take_the_same_forms():
