@@ -19,7 +19,7 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["MediaError", "MediaPolicy", "decode_image", "load_image"]
+__all__ = ["DecodedImage", "MediaError", "MediaPolicy", "decode_image", "load_image"]
 
 #: formats PIL may try: the web's image formats (a smaller parser surface than all of PIL's)
 ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
@@ -52,6 +52,19 @@ class MediaPolicy:
     #: most pixels of one image, checked from its header before decoding (decompression
     #: bombs: a few KB of PNG can claim gigapixels)
     max_pixels: int = 40_000_000
+
+
+class DecodedImage:
+    """A decoded image as a request part: hashed and compared by identity (PIL images are not
+    hashable, and the service keys inputs by value), the PIL image in `image`."""
+
+    __slots__ = ("image",)
+
+    def __init__(self, image: Any) -> None:
+        self.image = image
+
+    def __repr__(self) -> str:
+        return f"DecodedImage({self.image.width}x{self.image.height})"
 
 
 def load_image(url: str, policy: MediaPolicy) -> Any:

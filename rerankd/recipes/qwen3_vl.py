@@ -20,8 +20,8 @@ Reproduces QwenLM/Qwen3-VL-Embedding's `src/models/qwen3_vl_reranker.py` token f
 - score: sigmoid(h_last · (W[yes] − W[no])), W the LM head.
 
 Inputs: a query or a document is a string, or a tuple of parts `("text", str)` /
-`("image", image)` where image is a decoded PIL image (the service decodes `data:` URIs and
-URLs with recipes/media.py before calling `encode`). Pairs come back as `EncodedVisionPair`,
+`("image", image)` where image is a decoded PIL image, or a `DecodedImage` holding one (the
+service decodes `data:` URIs and URLs with recipes/media.py before calling `encode`). Pairs come back as `EncodedVisionPair`,
 whose `images` hold each image's pixel patches and grid for the engine.
 """
 
@@ -35,6 +35,7 @@ from typing import Any
 
 from rerankd.errors import InvalidRequest
 from rerankd.recipes.base import Recipe, ScoreHead
+from rerankd.recipes.media import DecodedImage
 from rerankd.types import EncodedPair
 
 SYSTEM = (
@@ -93,7 +94,11 @@ def split_parts(item: Any) -> tuple[list[str], list[Any]]:
     if isinstance(item, str):
         return [item], []
     texts = [value for kind, value in item if kind == "text"]
-    images = [value for kind, value in item if kind == "image"]
+    images = [
+        value.image if isinstance(value, DecodedImage) else value
+        for kind, value in item
+        if kind == "image"
+    ]
     return texts, images
 
 
