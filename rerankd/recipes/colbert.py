@@ -4,7 +4,8 @@ score = Σ_i max_j q_i · d_j over the query's token embeddings q_i and the docu
 L2-normalized (PyLate's `colbert_scores`). The query and the document are encoded apart, as
 PyLate's `ColBERT.tokenize` prepares them (PyLate 1.6 on sentence-transformers 5.3):
 
-- the text is stripped (`str.strip`) and lowercased when sentence_bert_config.json says so;
+- the text (after the default prompt, when config_sentence_transformers.json names one) is
+  stripped (`str.strip`) and lowercased when sentence_bert_config.json says so;
 - it is tokenized with the tokenizer's special tokens and cut at its end to `length - 1`
   tokens (`query_length` / `document_length`), then the marker token (`query_prefix` /
   `document_prefix`, e.g. "[Q] " / "[D] ", or stanford's "[unused0]" / "[unused1]") is
@@ -74,6 +75,9 @@ class ColbertInfo:
     attend_to_expansion_tokens: bool = False
     skiplist_words: tuple[str, ...] = tuple(string.punctuation)
     do_lower_case: bool = False
+    #: sentence-transformers' default prompt (`prompts[default_prompt_name]`), which PyLate's
+    #: `encode` puts before every query and document
+    prompt: str = ""
     #: PyLate layout: the Dense modules' directories, in order (stanford: `linear` weights)
     dense_dirs: tuple[Path, ...] = ()
 
@@ -137,9 +141,10 @@ def _pylate_info(root: Path) -> ColbertInfo | None:
         if bert_config.is_file()
         else False
     )
-    return _with_settings(
-        ColbertInfo("pylate", dense_dirs=tuple(dense_dirs), do_lower_case=lower), settings
-    )
+    default = settings.get("default_prompt_name")
+    prompt = str((settings.get("prompts") or {}).get(default) or "") if default else ""
+    info = ColbertInfo("pylate", do_lower_case=lower, prompt=prompt, dense_dirs=tuple(dense_dirs))
+    return _with_settings(info, settings)
 
 
 def _stanford_info(root: Path | None) -> ColbertInfo:
@@ -268,7 +273,7 @@ class ColbertReranker(Recipe):
         self, texts: Sequence[str], is_query: bool, side: str
     ) -> list[tuple[tuple[int, ...], int]]:
         """Each text as PyLate encodes it alone, and how many of its tokens were cut."""
-        texts = [text.strip() for text in texts]
+        texts = [(self.info.prompt + text).strip() for text in texts]
         if self.info.do_lower_case:
             texts = [text.lower() for text in texts]
         limit = self.query_length if is_query else self.max_length

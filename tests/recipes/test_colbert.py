@@ -366,3 +366,23 @@ def test_a_backbone_missing_tensors_is_refused_not_run_with_random_ones(tmp_path
     settings = Settings(model=str(path), dtype="float32", device="cpu")
     with pytest.raises(ModelLoadError, match="trust_remote_code"):
         load_model(settings, Metrics())
+
+
+def test_a_default_prompt_comes_before_every_query_and_document(tmp_path):
+    import shutil
+
+    path = tmp_path / "prompted"
+    shutil.copytree(fixture("bert"), path)
+    settings_file = path / "config_sentence_transformers.json"
+    settings = json.loads(settings_file.read_text())
+    settings.update(prompts={"search": "search: "}, default_prompt_name="search")
+    settings_file.write_text(json.dumps(settings))
+    config, tok = AutoConfig.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+    from rerankd.recipes import build_recipe
+
+    prompted = build_recipe(None, tok, config, None, model_dir=path)
+    plain = served("bert").recipe
+    assert prompted.info.prompt == "search: "
+    pair = prompted.encode(["  capital  "], ["Beijing"])[0]
+    expected = plain.encode(["search: capital"], ["search: Beijing"])[0]
+    assert pair.input_ids == expected.input_ids
