@@ -14,7 +14,7 @@ from typing import Any
 from rerankd.engine import Engine, resolve_device, resolve_dtype
 from rerankd.engine.malloc import keep_freed_memory
 from rerankd.engine.packed_engine import check_modes
-from rerankd.errors import ModelLoadError
+from rerankd.errors import InvalidRequest, ModelLoadError
 from rerankd.metrics import Metrics
 from rerankd.models.loader import load_config_and_tokenizer, resolve_model_dir
 from rerankd.recipes import Recipe, build_recipe
@@ -71,6 +71,11 @@ def load_recipe(settings: Settings) -> tuple[Path, Any, Recipe]:
     recipe = build_recipe(
         settings.recipe, tokenizer, config, settings.max_model_len, model_dir=model_dir
     )
+    if settings.cutoff_layers is not None and hasattr(recipe, "set_default_layer"):
+        try:  # a layerwise model's default layer; other models ignore the flag
+            recipe.set_default_layer(settings.cutoff_layers)
+        except InvalidRequest as exc:
+            raise ModelLoadError(exc.message) from exc
     return model_dir, config, recipe
 
 
@@ -127,6 +132,11 @@ def build_engine(kind: str, model_dir, config, recipe, device, dtype, settings: 
                 "and --quantize"
             )
         return EmbeddingEngine(model_dir, device, dtype, settings.max_batch_tokens)
+    if recipe.head.kind == "layers" and kind == "transformers":  # its heads are remote code
+        raise ModelLoadError(
+            f"the {recipe.name} recipe runs on the packed engine only (transformers would need "
+            "the checkpoint's own code, which rerankd never runs); drop --engine transformers"
+        )
     if recipe.head.kind == "maxsim":  # late interaction: per-token embeddings, MaxSim
         from rerankd.engine.late_interaction import LateInteractionEngine
 

@@ -58,6 +58,8 @@ class _LongInputs:
     max_chunks_per_doc: int | None = None
     max_tokens_per_query: int | None = None
     max_prompt_tokens: int | None = None
+    #: the layer a layerwise model scores after (the request's `cutoff_layers`; None: default)
+    layer: int | None = None
 
     def encode(self, recipe: Recipe, queries, documents, instruction) -> list[list[EncodedPair]]:
         if self.max_tokens_per_query is not None:
@@ -251,6 +253,7 @@ class RerankService:
         max_chunks_per_doc: int | None = None,
         max_tokens_per_query: int | None = None,
         max_prompt_tokens: int | None = None,
+        cutoff_layers: int | Sequence[int] | None = None,
     ) -> ScoredPairs:
         """Score aligned pairs; raw scores and activated scores in input order.
 
@@ -259,11 +262,13 @@ class RerankService:
         tokens first (Cohere v2); `max_chunks_per_doc` scores up to that many chunks of a long
         document and keeps the best chunk's score (Cohere v1; usage counts every chunk);
         `max_tokens_per_query` cuts the query, `max_prompt_tokens` each pair (vLLM's
-        `truncate_prompt_tokens`: by cutting the document).
+        `truncate_prompt_tokens`: by cutting the document). `cutoff_layers`: the layer a
+        layerwise model scores after (see recipes/bge_layerwise.py); a 400 for other models.
 
         Admission comes before any work: the request's tokens are estimated from its length
         and it gets a 429 at once when the estimate does not fit beside what is admitted.
         """
+        layer = _score_layer(model.recipe, cutoff_layers)
         estimate = self._estimate_tokens(model, queries, documents, instruction)
         self._admit(model, len(documents), estimate)
         self.in_flight += 1
@@ -275,6 +280,7 @@ class RerankService:
             max_chunks_per_doc,
             max_tokens_per_query,
             max_prompt_tokens,
+            layer,
         )
         try:
             scored = await asyncio.wait_for(
@@ -389,7 +395,7 @@ class RerankService:
                         param="query",
                     )
         try:
-            return options.encode(recipe, queries, documents, instruction)
+            groups = options.encode(recipe, queries, documents, instruction)
         except InvalidRequest:
             raise
         except Exception as exc:
@@ -403,6 +409,9 @@ class RerankService:
                         param=f"documents[{index}]",
                     ) from single
             raise InvalidRequest(f"the request could not be tokenized: {exc}") from exc
+        if options.layer is not None:  # a layerwise model's pairs, scored at another layer
+            groups = [recipe.at_layer(group, options.layer) for group in groups]
+        return groups
 
     async def rerank(
         self,
@@ -470,6 +479,22 @@ class RerankService:
         for model in self.models:
             await model.scheduler.stop()
         self._tokenizers.shutdown(wait=False, cancel_futures=True)
+
+
+def _score_layer(recipe: Recipe, cutoff_layers: int | Sequence[int] | None) -> int | None:
+    """The layer a request's `cutoff_layers` asks a layerwise model to score after (None: the
+    recipe's default); a 400 naming the field when it is invalid or the model has no
+    per-layer heads."""
+    if cutoff_layers is None:
+        return None
+    layer_of = getattr(recipe, "layer_of", None)
+    if layer_of is None:
+        raise InvalidRequest(
+            "cutoff_layers applies to layerwise rerankers (bge-reranker-v2-minicpm-layerwise); "
+            "this model has a single score head",
+            param="cutoff_layers",
+        )
+    return layer_of(cutoff_layers)
 
 
 def rank(scores: Sequence[float], top_n: int | None) -> list[int]:

@@ -43,13 +43,21 @@ class Settings:
     recipe: str = _opt(
         "auto",
         "Scoring recipe: auto (from the checkpoint's architecture), qwen3-reranker, "
-        "qwen3-seq-cls, bge-gemma, cross-encoder, bi-encoder, mxbai-rerank-v2, st-causal-lm.",
+        "qwen3-seq-cls, bge-gemma, bge-layerwise, cross-encoder, bi-encoder, mxbai-rerank-v2, "
+        "st-causal-lm.",
     )
     max_model_len: int | None = _opt(
         None,
         "Cap on tokens per query-document pair (default: the recipe's own limit: 8192 for "
         "Qwen3-Reranker as in its card, L=512 for bge-reranker-v2-gemma, the context of "
         "cross-encoders). Longer pairs are cut at the end of the document.",
+    )
+    cutoff_layers: int | None = _opt(
+        None,
+        "Layerwise rerankers (bge-reranker-v2-minicpm-layerwise): the layer whose score head "
+        "answers requests that do not send `cutoff_layers` (default: the last layer, as "
+        "FlagEmbedding). An earlier layer is faster (no layer past it runs) but its head sits on "
+        "a shallower model; the model card's example uses 28 of 40. Ignored by other models.",
     )
     # --- engine --------------------------------------------------------------------------
     engine: str = _opt(

@@ -50,12 +50,23 @@ class EncodedTwin(EncodedPair):
 
 
 @dataclass(frozen=True)
+class LayerwisePair(EncodedPair):
+    """A pair for a model with one score head per layer (recipes/bge_layerwise.py): `layer` is
+    the layer whose head scores it (the request's `cutoff_layers`, else the server's default);
+    None: the model's own default, its last layer."""
+
+    layer: int | None = None
+
+
+@dataclass(frozen=True)
 class ScoreHead:
     """Which output of the model is the raw score.
 
     - ``lm_rows``: a causal LM; raw = h_last · (W[positive] − W[negative]) where W is the LM
       head. Only those rows are ever used, never the full vocabulary.
     - ``classifier``: the checkpoint's own one-label classification head (logit 0).
+    - ``layers``: one (1, hidden) head per layer, read after the layer each pair asks for
+      (`LayerwisePair.layer`; bge-reranker-v2-minicpm-layerwise).
     - ``cosine``: a bi-encoder; raw = cosine of the query's and the document's mean-pooled
       embeddings, each sequence encoded on its own (see `recipes/bi_encoder.py`).
     """

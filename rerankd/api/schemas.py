@@ -24,7 +24,8 @@ class _Request(BaseModel):
 
 
 class _LongInputFields(_Request):
-    """How over-long inputs are cut, in every dialect's words (see `long_inputs`)."""
+    """How over-long inputs are cut, in every dialect's words (see `long_inputs`), and which
+    layer a layerwise model scores with (`cutoff_layers`, passed along with them)."""
 
     truncate: StrictBool | None = Field(
         None, description="true (default): cut over-long documents at the end; false: 400 instead."
@@ -53,6 +54,14 @@ class _LongInputFields(_Request):
     max_tokens_per_query: NonNegativeInt | None = Field(
         None, description="vLLM: cut the query to this many tokens (0 or null: no cut)."
     )
+    cutoff_layers: StrictInt | list[StrictInt] | None = Field(
+        None,
+        description="Layerwise rerankers (bge-reranker-v2-minicpm-layerwise; FlagEmbedding's "
+        "`cutoff_layers`): the layer whose score head answers, or a list of layers, of which "
+        "the deepest answers; no layer past it is computed. Default: the server's "
+        "--cutoff-layers, else the last layer. A layer without a head is a 400; other models "
+        "refuse the field.",
+    )
 
     def long_inputs(self) -> dict[str, Any]:
         """The service's keyword arguments for long inputs (0 and -1 mean "no cap", as vLLM
@@ -66,6 +75,7 @@ class _LongInputFields(_Request):
             "max_tokens_per_doc": self.max_tokens_per_doc or None,
             "max_tokens_per_query": self.max_tokens_per_query or None,
             "max_prompt_tokens": prompt if prompt is not None and prompt > 0 else None,
+            "cutoff_layers": self.cutoff_layers,
         }
 
 

@@ -8,11 +8,13 @@ from typing import Any
 
 import torch
 
+from rerankd.engine.layerwise import LayerwiseEngine
 from rerankd.engine.packed_engine import PackedEngine
 from rerankd.models.decoder_weights import load_decoder_reranker
 from rerankd.models.encoder import EncoderConfig, load_encoder
 from rerankd.models.gemma import gemma_config
 from rerankd.models.hf_config import UnsupportedCheckpoint
+from rerankd.models.minicpm import LayerwiseConfig, load_layerwise
 from rerankd.models.modernbert import ModernBertConfig, load_modernbert
 from rerankd.models.qwen2 import qwen2_config
 from rerankd.models.qwen3 import qwen3_config
@@ -23,6 +25,8 @@ from rerankd.recipes import ScoreHead
 
 DECODERS = {"qwen3": qwen3_config, "qwen2": qwen2_config, "gemma": gemma_config}
 ENCODERS = ("bert", "xlm-roberta", "roberta", "camembert")
+#: decoders with one score head per layer (bge-reranker-v2-minicpm-layerwise)
+LAYERWISE = ("minicpm",)
 
 __all__ = ["UnsupportedCheckpoint", "build_packed_engine"]
 
@@ -58,6 +62,13 @@ def build_packed_engine(
         config = DECODERS[model_type](hf_config)
         load = lambda ckpt: load_decoder_reranker(ckpt, config, head, dtype, device)  # noqa: E731
         share_prefix = True
+    elif model_type in LAYERWISE and head.kind == "layers":
+        try:
+            config = LayerwiseConfig.from_hf_config(hf_config)
+        except UnsupportedCheckpoint as exc:  # no other engine runs it: say so, no fallback
+            raise ValueError(f"cannot serve this layerwise checkpoint: {exc}") from exc
+        load = lambda ckpt: load_layerwise(ckpt, config, dtype, device)  # noqa: E731
+        share_prefix = True
     elif model_type in ENCODERS and head.kind == "classifier":
         config = EncoderConfig.from_hf_config(hf_config)
         load = lambda ckpt: load_encoder(ckpt, config, dtype, device)  # noqa: E731
@@ -75,14 +86,15 @@ def build_packed_engine(
         except KeyError as exc:  # unusual tensor names: the generic engine copes
             raise UnsupportedCheckpoint(f"unexpected checkpoint layout ({exc})") from exc
     onednn = False
-    if model_type in DECODERS and quantize == "none":
+    decoder = model_type in DECODERS or model_type in LAYERWISE
+    if decoder and quantize == "none":
         onednn = prepack_linears(model, device, dtype) > 0
     if quantize == "int8":
         model, dtype = quantize_int8(model, dtype, choice)
         onednn = w8a8
-    if onednn and model_type in DECODERS:
+    if onednn and decoder:
         model.decoder.set_row_multiple(ONEDNN_ROW_MULTIPLE)
-    engine = PackedEngine(
+    engine = (LayerwiseEngine if model_type in LAYERWISE else PackedEngine)(
         model,
         device,
         dtype,

@@ -6,6 +6,7 @@ how to pass a local directory) instead of a traceback.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -71,13 +72,31 @@ def _check_checkpoint_dir(path: Path, model: str) -> None:
 
 def load_config_and_tokenizer(path: Path):
     """Load the transformers config and tokenizer of a checkpoint directory."""
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoTokenizer
 
     try:
-        config = AutoConfig.from_pretrained(path)
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        config = _load_config(path)
+        # the config in hand: AutoTokenizer would otherwise load it again, remote code and all
+        tokenizer = AutoTokenizer.from_pretrained(path, config=config)
     except Exception as exc:
         raise ModelLoadError(
             f"could not load the config/tokenizer in {str(path)!r}: {type(exc).__name__}: {exc}"
         ) from exc
     return config, tokenizer
+
+
+def _load_config(path: Path):
+    """The checkpoint's config. One that ships its own config code (`auto_map`) for a model
+    type transformers does not know (bge-reranker-v2-minicpm-layerwise's "minicpm") is read as
+    plain values: rerankd never runs a checkpoint's code, and AutoConfig would ask whether to
+    (an interactive prompt, then an error)."""
+    from transformers import AutoConfig, PretrainedConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    data = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    remote = "AutoConfig" in (data.get("auto_map") or {})
+    if remote and data.get("model_type") not in CONFIG_MAPPING_NAMES:
+        config = PretrainedConfig.from_dict(data)
+        config._name_or_path = str(path)
+        return config
+    return AutoConfig.from_pretrained(path)

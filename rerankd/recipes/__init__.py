@@ -8,6 +8,7 @@ from typing import Any
 from rerankd.errors import ModelLoadError
 from rerankd.recipes.base import Recipe, ScoreHead, sigmoid
 from rerankd.recipes.bge_gemma import BgeGemmaReranker
+from rerankd.recipes.bge_layerwise import BgeLayerwiseReranker
 from rerankd.recipes.bi_encoder import (
     BiEncoder,
     checkpoint_dir,
@@ -26,6 +27,7 @@ RECIPES: dict[str, type[Recipe]] = {
         Qwen3Reranker,
         Qwen3SeqCls,
         BgeGemmaReranker,
+        BgeLayerwiseReranker,
         CrossEncoder,
         BiEncoder,
         MxbaiRerankV2,
@@ -74,7 +76,8 @@ def detect_recipe(config: Any, model_dir: Path | str | None = None) -> type[Reci
         f"no scoring recipe fits this checkpoint (architectures: {architectures or 'none'}, "
         f"num_labels: {getattr(config, 'num_labels', '?')}).{why} Supported: Qwen3ForCausalLM "
         "(qwen3-reranker), Qwen3ForSequenceClassification (qwen3-seq-cls), GemmaForCausalLM "
-        "(bge-gemma), any one-label *ForSequenceClassification (cross-encoder), a "
+        "(bge-gemma), LayerWiseMiniCPMForCausalLM (bge-layerwise), any one-label "
+        "*ForSequenceClassification (cross-encoder), a "
         "sentence-transformers encoder with mean pooling (bi-encoder), a sentence-transformers "
         "causal-LM cross-encoder with a LogitScore module (st-causal-lm), a ColBERT "
         "checkpoint in PyLate's or stanford's layout (colbert). A Qwen2ForCausalLM "
