@@ -29,6 +29,7 @@ from rerankd.models.hf_config import UnsupportedCheckpoint
 from rerankd.models.weights import Checkpoint
 from rerankd.ops.attention import ATTENTION, takes, torch_varlen_kernel
 from rerankd.ops.batch import PackedBatch
+from rerankd.ops.prepack import residual_linear
 
 #: transformers' ACT2FN names → the function they compute ("gelu" is the exact erf GELU)
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
@@ -173,8 +174,9 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x: Tensor, batch: PackedBatch, rope: tuple[Tensor, Tensor]) -> Tensor:
-        x = x + self.attention(self.attention_norm(x), batch, rope)
-        return x + self.mlp(self.mlp_norm(x))
+        y = self.attention(self.attention_norm(x), batch, rope)  # (T, hidden), before wo
+        x = residual_linear(x, self.attention.wo, y)
+        return residual_linear(x, self.mlp.wo, self.mlp.gated(self.mlp_norm(x)))
 
 
 class Attention(nn.Module):
@@ -188,21 +190,22 @@ class Attention(nn.Module):
         self.attend = ATTENTION["sdpa"] if is_global else local_attention("sdpa")
 
     def forward(self, x: Tensor, batch: PackedBatch, rope: tuple[Tensor, Tensor]) -> Tensor:
+        """(T, hidden) → attention output (T, hidden) before `wo` (the block applies it)."""
         c = self.config
         seqlen = x.shape[0]
         qkv = self.wqkv(x).view(seqlen, 3, c.num_heads, c.head_dim)
-        q, k, v = qkv.unbind(dim=1)  # (T, H, D) each
-        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        q, k = apply_rotary(qkv[:, :2], *rope).unbind(dim=1)  # (T, H, D) each, rows strided
+        v = qkv[:, 2]
         scale = c.head_dim**-0.5
         if self.is_global:
             y = self.attend(q, k, v, batch, None, causal=False, scale=scale)
         else:
             y = self.attend(q, k, v, batch, c.window, scale)
-        return self.wo(y.reshape(seqlen, c.hidden_size))
+        return y.reshape(seqlen, c.hidden_size)
 
 
 class MLP(nn.Module):
-    """GeGLU: wi → (input ‖ gate) → act(input) · gate → wo."""
+    """GeGLU: wi → (input ‖ gate) → act(input) · gate → wo (`wo` applied by the block)."""
 
     def __init__(self, config: ModernBertConfig) -> None:
         super().__init__()
@@ -211,9 +214,11 @@ class MLP(nn.Module):
         self.wo = nn.Linear(inter, h, bias=bias)
         self.act = ACTIVATIONS[config.hidden_act]
 
-    def forward(self, x: Tensor) -> Tensor:
+    def gated(self, x: Tensor) -> Tensor:
+        """act(input) · gate, (T, inter): the MLP before `wo` (the block fuses `wo` with
+        the residual add)."""
         input, gate = self.wi(x).chunk(2, dim=-1)  # (T, inter) each
-        return self.wo(self.act(input) * gate)
+        return self.act(input).mul_(gate)
 
 
 def _norm(config: ModernBertConfig) -> nn.LayerNorm:
@@ -283,19 +288,25 @@ def inv_freq(theta: float, config: ModernBertConfig) -> Tensor:
 
 
 def rotary(positions: Tensor, inv_freq: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """(cos, sin), each (T, head_dim), computed in float32 and cast to `dtype` (as
-    transformers does, so bf16 runs see the same rounded tables)."""
+    """(cos, sin), each (T, head_dim / 2), computed in float32 and cast to `dtype` as
+    transformers does (its (T, head_dim) tables repeat these halves: cat(freqs, freqs))."""
     freqs = positions[:, None].float() * inv_freq[None, :]  # (T, D/2)
-    emb = torch.cat((freqs, freqs), dim=-1)  # (T, D): rotate-half layout
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    return freqs.cos().to(dtype), freqs.sin().to(dtype)
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x: (T, H, D) rotated in float32, returned in its dtype."""
-    xf = x.float()
+    """x: (T, n, H, D) (q ‖ k) → rotated, contiguous, in x's dtype: the rotate-half form
+    x·cos + rotate_half(x)·sin written per half (x1·c − x2·s, x2·c + x1·s) in four passes
+    over half-size tensors; transformers upcasts to float32, concatenates and negates first
+    (same math; in bf16 each pass rounds, within bf16's tolerance)."""
     half = x.shape[-1] // 2
-    rotated = torch.cat((-xf[..., half:], xf[..., :half]), dim=-1)
-    return (xf * cos[:, None, :] + rotated * sin[:, None, :]).to(x.dtype)
+    x1, x2 = x[..., :half], x[..., half:]
+    c, s = cos[:, None, None, :], sin[:, None, None, :]  # (T, 1, 1, D/2)
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    o1, o2 = out[..., :half], out[..., half:]
+    torch.mul(x1, c, out=o1).addcmul_(x2, s, value=-1)
+    torch.mul(x2, c, out=o2).addcmul_(x1, s)
+    return out
 
 
 def mean_rows(x: Tensor, batch: PackedBatch) -> Tensor:
@@ -325,34 +336,61 @@ def local_attention(backend: str) -> LocalAttention:
     return band_sdpa_attention
 
 
+#: a local layer attends a sequence longer than this (or 4 windows) in query chunks, each
+#: with the keys from a window before it to a window after it (at most this many): linear
+#: cost in the length instead of quadratic (an 8192-token document: 1/16 of the scores)
+CHUNK_SPAN = 512
+
+
 def band_sdpa_attention(
     q: Tensor, k: Tensor, v: Tensor, batch: PackedBatch, window: int, scale: float
 ) -> Tensor:
-    """q/k/v: (T, H, D) → (T, H, D); one SDPA call per sequence, query i seeing keys j with
-    |i − j| ≤ window. A sequence of at most window + 1 tokens needs no mask (every pair is
-    within the window), so the unmasked fused kernel runs; longer ones pass a band mask."""
-    out = torch.empty_like(q)
+    """q/k/v: (T, H, D) → (T, H, D); query i of a sequence sees its keys j with
+    |i − j| ≤ window. SDPA per sequence: unmasked when it has at most window + 1 tokens
+    (every pair is within the window), with a band mask up to `CHUNK_SPAN` tokens, in query
+    chunks beyond."""
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    span = max(CHUNK_SPAN, 4 * window)
+    chunk = span - 2 * window  # queries per chunk: their keys fit in `span`
     for start, length in zip(batch.starts, batch.lengths, strict=True):
-        end = start + length
-        # (1, H, L, D): SDPA's fused kernels need 4-D inputs
-        qi, ki, vi = (t[start:end].transpose(0, 1)[None] for t in (q, k, v))
-        mask = (
-            None if length <= window + 1 else band_mask(batch, window, q.device)[:length, :length]
-        )
-        oi = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=scale)
-        out[start:end] = oi[0].transpose(0, 1)  # (H, L, D) -> (L, H, D)
+        if length <= window + 1:
+            _attend(q, k, v, out, (start, start + length), (start, start + length), None, scale)
+            continue
+        band = band_mask(batch, min(span, max(batch.lengths)), window, q.dtype)
+        if length <= span:
+            whole = (start, start + length)
+            _attend(q, k, v, out, whole, whole, band[:length, :length], scale)
+            continue
+        for a in range(0, length, chunk):
+            b = min(a + chunk, length)
+            ks, ke = max(0, a - window), min(length, b + window)
+            mask = band[a - ks : b - ks, : ke - ks]  # Toeplitz: the band shifted by a - ks
+            _attend(q, k, v, out, (start + a, start + b), (start + ks, start + ke), mask, scale)
     return out
 
 
-def band_mask(batch: PackedBatch, window: int, device: torch.device) -> Tensor:
-    """(L, L) bool, True where |i − j| ≤ window, L the batch's longest sequence; a Toeplitz
-    band, so its top-left (n, n) corner is the mask of a sequence of n tokens. Cached on the
-    batch: built once per forward, shared by every local layer."""
+def _attend(q, k, v, out, rows: tuple[int, int], keys: tuple[int, int], mask, scale) -> None:
+    """out[rows] = SDPA(q[rows], k[keys], v[keys]) with an additive mask or none."""
+    # (1, H, L, D): SDPA's fused kernels need 4-D inputs
+    qi = q[rows[0] : rows[1]].transpose(0, 1)[None]
+    ki, vi = (t[keys[0] : keys[1]].transpose(0, 1)[None] for t in (k, v))
+    oi = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=scale)
+    out[rows[0] : rows[1]] = oi[0].transpose(0, 1)  # (H, L, D) -> (L, H, D)
+
+
+def band_mask(batch: PackedBatch, size: int, window: int, dtype: torch.dtype) -> Tensor:
+    """(size, size) additive mask in `dtype`: 0 where |i − j| ≤ window, −inf elsewhere.
+    Additive because SDPA's CPU kernel turns a bool mask into one on every call. A Toeplitz
+    band: any (n, m) block whose diagonal offset is d is `band[d : d + n, :m]`. Cached on the
+    batch, built once for every local layer."""
     cache = batch.__dict__.setdefault("_band_masks", {})
-    if window not in cache:
-        index = torch.arange(max(batch.lengths), device=device)
-        cache[window] = (index[:, None] - index[None, :]).abs() <= window
-    return cache[window]
+    key = (size, window, dtype)
+    if key not in cache:
+        index = torch.arange(size, device=batch.input_ids.device)
+        outside = (index[:, None] - index[None, :]).abs() > window
+        mask = torch.zeros(outside.shape, dtype=dtype, device=outside.device)
+        cache[key] = mask.masked_fill_(outside, float("-inf"))
+    return cache[key]
 
 
 def windowed_varlen_attention(

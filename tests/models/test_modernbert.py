@@ -23,6 +23,7 @@ from transformers import ModernBertConfig as HFModernBertConfig
 
 from rerankd.metrics import Metrics
 from rerankd.models.modernbert import (
+    CHUNK_SPAN,
     ModernBertConfig,
     band_sdpa_attention,
     load_modernbert,
@@ -157,6 +158,15 @@ def test_float32_scores_match_transformers(pooling, engine):
     assert max(expected) - min(expected) > 0.5, "fixture scores too flat to test ranking"
 
 
+def test_long_documents_match_transformers():
+    """Untruncated (up to the model's 8192 tokens): two pairs are longer than `CHUNK_SPAN`,
+    so their local layers run in query chunks."""
+    _, scores = _score(_model(max_len=None))
+    expected = _reference(max_len=8192)
+    assert sum(len(ids) > CHUNK_SPAN for ids, _ in expected) >= 2
+    assert scores == pytest.approx([raw for _, raw in expected], abs=TOLERANCE_FP32)
+
+
 def test_float32_scores_match_sentence_transformers_cross_encoder():
     """`CrossEncoder.predict` (batched and padded, no activation) on the same pairs; nothing
     is cut at the model's 8192 tokens, where its truncation and ours agree."""
@@ -234,8 +244,10 @@ def _band_reference(q, k, v, lengths, window, scale):
 
 
 def test_band_sdpa_attention_is_the_banded_math():
+    """Short sequences (no mask), banded ones, and long ones in query chunks."""
     gen = torch.Generator().manual_seed(0)
-    lengths = [3, 9, 10, 40, 1, 25]  # around window + 1 = 9 on both sides
+    # around window + 1 = 9 on both sides, and past CHUNK_SPAN (query chunks)
+    lengths = [3, 9, 10, 40, 1, 25, CHUNK_SPAN + 1, 3 * CHUNK_SPAN - 7]
     pairs = [EncodedPair(tuple(range(n))) for n in lengths]
     batch = pack(pairs, None, torch.device("cpu"), share_prefix=False)
     q, k, v = (torch.randn(sum(lengths), 2, 16, generator=gen) for _ in range(3))
