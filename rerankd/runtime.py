@@ -18,6 +18,7 @@ from rerankd.errors import InvalidRequest, ModelLoadError
 from rerankd.metrics import Metrics
 from rerankd.models.loader import load_config_and_tokenizer, resolve_model_dir
 from rerankd.recipes import Recipe, build_recipe
+from rerankd.recipes.media import MediaPolicy
 from rerankd.scheduler import Scheduler
 from rerankd.service import (
     PROBE_DOCUMENT,
@@ -69,7 +70,12 @@ def load_recipe(settings: Settings) -> tuple[Path, Any, Recipe]:
     model_dir = resolve_model_dir(settings.model, settings.revision)
     config, tokenizer = load_config_and_tokenizer(model_dir)
     recipe = build_recipe(
-        settings.recipe, tokenizer, config, settings.max_model_len, model_dir=model_dir
+        settings.recipe,
+        tokenizer,
+        config,
+        settings.max_model_len,
+        model_dir=model_dir,
+        image_pixel_budget=settings.image_pixel_budget,
     )
     if settings.cutoff_layers is not None and hasattr(recipe, "set_default_layer"):
         try:  # a layerwise model's default layer; other models ignore the flag
@@ -137,6 +143,17 @@ def build_engine(kind: str, model_dir, config, recipe, device, dtype, settings: 
             f"the {recipe.name} recipe runs on the packed engine only (transformers would need "
             "the checkpoint's own code, which rerankd never runs); drop --engine transformers"
         )
+    if getattr(recipe, "supports_images", False):  # text and images: transformers' VL model
+        from rerankd.engine.multimodal_engine import VisionLanguageEngine
+
+        if kind == "packed" or settings.quantize != "none":
+            raise ModelLoadError(
+                f"the {recipe.name} recipe runs on the vision-language engine (transformers' "
+                "model, padded) only; drop --engine packed and --quantize"
+            )
+        return VisionLanguageEngine(
+            model_dir, recipe.head, device, dtype, settings.max_batch_tokens
+        )
     if recipe.head.kind == "maxsim":  # late interaction: per-token embeddings, MaxSim
         from rerankd.engine.late_interaction import LateInteractionEngine
 
@@ -186,6 +203,12 @@ def limits_of(settings: Settings) -> Limits:
         max_concurrent_requests=settings.max_concurrent_requests,
         request_timeout=settings.request_timeout,
         max_queued_tokens=settings.max_queued_tokens,
+        media=MediaPolicy(
+            allow_remote=settings.allow_remote_media,
+            timeout=settings.media_timeout,
+            max_bytes=settings.max_image_bytes,
+            max_pixels=settings.max_image_pixels,
+        ),
     )
 
 

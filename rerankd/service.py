@@ -26,6 +26,7 @@ from rerankd.errors import (
 from rerankd.metrics import Metrics
 from rerankd.recipes import Recipe
 from rerankd.recipes.chunking import encode_chunks
+from rerankd.recipes.media import DecodedImage, MediaError, MediaPolicy, load_image
 from rerankd.scheduler import Scheduler
 from rerankd.types import EncodedPair, Ranking, ScoredPairs
 
@@ -63,10 +64,10 @@ class _LongInputs:
 
     def encode(self, recipe: Recipe, queries, documents, instruction) -> list[list[EncodedPair]]:
         if self.max_tokens_per_query is not None:
-            unique = list(dict.fromkeys(queries))
+            unique = [q for q in dict.fromkeys(queries) if isinstance(q, str)]
             cut, _ = recipe.cap_texts(unique, self.max_tokens_per_query, "right")
             as_cut = dict(zip(unique, cut, strict=True))
-            queries = [as_cut[q] for q in queries]
+            queries = [as_cut.get(q, q) if isinstance(q, str) else q for q in queries]
         if self.max_prompt_tokens is None:
             return self._encode(recipe, queries, documents, instruction, self.max_tokens_per_doc)
         # vLLM's truncate_prompt_tokens: each query's documents get what its prompt leaves
@@ -131,6 +132,8 @@ class Limits:
     request_timeout: float = 300.0
     #: estimated tokens of admitted, unanswered requests; beyond it new ones get 429 at once
     max_queued_tokens: int = 2_000_000
+    #: which images a request may make the server fetch and decode (recipes/media.py)
+    media: MediaPolicy = MediaPolicy()
 
 
 #: after a failed inference, and then while degraded, a known-good probe pair is scored at
@@ -142,6 +145,22 @@ PROBE_QUERY, PROBE_DOCUMENT = "warm-up query", "warm-up document"
 #: characters per token assumed when estimating a request's size before tokenizing it
 #: (English BPE averages ~4; a low estimate only admits a request the queue then refuses)
 CHARS_PER_TOKEN_ESTIMATE = 4
+#: tokens assumed per image before it is decoded (a 512x512 image is 256 merged patches)
+TOKENS_PER_IMAGE_ESTIMATE = 256
+
+
+def _chars(item) -> int:
+    """Characters of a query or document (a string, or text and image parts), an image
+    counted as `TOKENS_PER_IMAGE_ESTIMATE` tokens' worth."""
+    if isinstance(item, str):
+        return len(item)
+    images = sum(1 for kind, _ in item if kind == "image")
+    text = sum(len(value) for kind, value in item if kind == "text")
+    return text + images * TOKENS_PER_IMAGE_ESTIMATE * CHARS_PER_TOKEN_ESTIMATE
+
+
+def _has_image(item) -> bool:
+    return not isinstance(item, str) and any(kind == "image" for kind, _ in item)
 
 
 def aliases_for(source: str, served_names: Sequence[str]) -> list[str]:
@@ -269,6 +288,7 @@ class RerankService:
         and it gets a 429 at once when the estimate does not fit beside what is admitted.
         """
         layer = _score_layer(model.recipe, cutoff_layers)
+        queries, documents = _check_images(model, queries, documents, max_chunks_per_doc)
         estimate = self._estimate_tokens(model, queries, documents, instruction)
         self._admit(model, len(documents), estimate)
         self.in_flight += 1
@@ -310,7 +330,7 @@ class RerankService:
         extra = len(instruction or "")
         total = 0
         for query, document in zip(queries, documents, strict=True):
-            chars = len(query) + len(document) + extra
+            chars = _chars(query) + _chars(document) + extra
             total += min(limit, chars // CHARS_PER_TOKEN_ESTIMATE + 8)
         return total
 
@@ -379,7 +399,10 @@ class RerankService:
         failure is a 400 naming the first document that fails.
 
         Texts that can never fit (an instruction or query longer than the model's limit, or
-        than --max-query-tokens) are refused with bounded work, before full tokenization."""
+        than --max-query-tokens) are refused with bounded work, before full tokenization.
+        Images are fetched and decoded first, here in the worker thread (never on the event
+        loop); a bad one is a 400 naming its document."""
+        queries, documents = self._load_images(queries, documents)
         if instruction and recipe.count_tokens_upto(instruction, recipe.max_length) is None:
             raise InvalidRequest(
                 f"the instruction is longer than this model's limit of {recipe.max_length} "
@@ -389,7 +412,7 @@ class RerankService:
         max_query = self.limits.max_query_tokens
         if max_query is not None:
             for query in dict.fromkeys(queries):
-                if recipe.count_tokens_upto(query, max_query) is None:
+                if isinstance(query, str) and recipe.count_tokens_upto(query, max_query) is None:
                     raise InvalidRequest(
                         f"the query is longer than {max_query} tokens (--max-query-tokens)",
                         param="query",
@@ -412,6 +435,38 @@ class RerankService:
         if options.layer is not None:  # a layerwise model's pairs, scored at another layer
             groups = [recipe.at_layer(group, options.layer) for group in groups]
         return groups
+
+    def _load_images(self, queries, documents) -> tuple[list, list]:
+        """Queries and documents with each image part's URL replaced by the decoded image
+        (`DecodedImage`), each distinct URL decoded once per request."""
+        if not any(map(_has_image, queries)) and not any(map(_has_image, documents)):
+            return list(queries), list(documents)
+        decoded: dict[str, DecodedImage] = {}
+
+        def load(item, param: str):
+            if isinstance(item, str):
+                return item
+            parts = []
+            for kind, value in item:
+                if kind == "image" and isinstance(value, str):
+                    if value not in decoded:
+                        try:
+                            decoded[value] = DecodedImage(load_image(value, self.limits.media))
+                        except MediaError as exc:
+                            raise InvalidRequest(f"{param}: {exc}", param=param) from exc
+                    value = decoded[value]
+                parts.append((kind, value))
+            return tuple(parts)
+
+        one_query = len({id(q) for q in queries}) == 1
+        seen: dict[int, object] = {}
+        loaded_queries = []
+        for index, query in enumerate(queries):
+            if id(query) not in seen:
+                seen[id(query)] = load(query, "query" if one_query else f"queries[{index}]")
+            loaded_queries.append(seen[id(query)])
+        loaded = [load(d, f"documents[{i}]") for i, d in enumerate(documents)]
+        return loaded_queries, loaded
 
     async def rerank(
         self,
@@ -501,3 +556,36 @@ def rank(scores: Sequence[float], top_n: int | None) -> list[int]:
     """Indices sorted by score descending (ties: lower index first), cut to `top_n`."""
     order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
     return order if not top_n else order[:top_n]
+
+
+def _check_images(model: ServedModel, queries, documents, max_chunks_per_doc) -> tuple[list, list]:
+    """A model that reads text only refuses image inputs (a 400 naming the first one); its
+    image-free part tuples become their joined text. Chunking splits text only."""
+    if getattr(model.recipe, "supports_images", False):
+        if max_chunks_per_doc is not None:
+            for index, document in enumerate(documents):
+                if _has_image(document):
+                    raise InvalidRequest(
+                        f"documents[{index}] holds an image; max_chunks_per_doc splits text "
+                        "documents only",
+                        param="max_chunks_per_doc",
+                    )
+        return list(queries), list(documents)
+
+    def text_only(item, param: str):
+        if isinstance(item, str):
+            return item
+        if _has_image(item):
+            raise InvalidRequest(
+                f"{param} holds an image, but model {model.name!r} ({model.recipe.name}) "
+                "reads text only; send text, or serve a multimodal reranker "
+                "(e.g. Qwen/Qwen3-VL-Reranker-2B)",
+                param=param,
+            )
+        return "".join(value for _, value in item)
+
+    one_query = len({id(q) for q in queries}) == 1
+    checked_queries = [
+        text_only(q, "query" if one_query else f"queries[{i}]") for i, q in enumerate(queries)
+    ]
+    return checked_queries, [text_only(d, f"documents[{i}]") for i, d in enumerate(documents)]

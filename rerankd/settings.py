@@ -134,6 +134,34 @@ class Settings:
     request_timeout: float = _opt(
         300.0, "Seconds a request may take before it is cancelled with a 504."
     )
+    # --- images (multimodal rerankers) ------------------------------------------------------
+    allow_remote_media: bool = _opt(
+        False,
+        "Fetch http(s) image URLs sent in requests. Off by default: a request could make the "
+        "server reach hosts only it can reach (SSRF); data: URIs are always accepted. When on, "
+        "each fetch is bounded by --media-timeout and --max-image-bytes and must answer an "
+        "image content type; it blocks one tokenizer thread while it runs.",
+    )
+    media_timeout: float = _opt(
+        10.0, "Seconds one remote image fetch may take (with --allow-remote-media); 400 beyond."
+    )
+    max_image_bytes: int = _opt(
+        20 * 1024 * 1024,
+        "Largest encoded image accepted (a data: URI's payload or a download); 400 beyond.",
+    )
+    max_image_pixels: int = _opt(
+        40_000_000,
+        "Largest image accepted, in pixels, read from its header before decoding (a few KB "
+        "of PNG can claim gigapixels); 400 beyond. Accepted images are then resized to "
+        "--image-pixel-budget.",
+    )
+    image_pixel_budget: int | None = _opt(
+        None,
+        "Multimodal rerankers: most pixels an image is resized to before the vision tower "
+        "(default: the model's own, 1800 x 32 x 32 for Qwen3-VL-Reranker; each 32x32 block "
+        "is one token). Lower is faster and sees less detail; scores then differ from the "
+        "official code's.",
+    )
     fault_injection: str | None = _opt(
         None, "Testing only: inject engine faults (raise-on:TEXT, oom-above:N, delay:SECONDS)."
     )

@@ -85,9 +85,14 @@ class RerankRequest(_LongInputFields):
     model: StrictStr | None = Field(
         None, description="Served model name or alias; omit for the default."
     )
-    query: StrictStr
-    documents: list[Document] = Field(
-        description="Strings or objects with a `text` field (other fields are echoed back)."
+    query: StrictStr | dict[str, Any] = Field(
+        description='A string; for multimodal models also vLLM\'s {"content": [parts]} or '
+        'Jina\'s {"image": url} / {"text": ..., "image": url}.'
+    )
+    documents: list[Document] | dict[str, Any] = Field(
+        description="Strings or objects with a `text` field (other fields are echoed back); "
+        'for multimodal models also {"content": [parts]} items and Jina\'s {"image"} '
+        'objects, or vLLM\'s {"content": [parts]} object, one document per part.'
     )
     top_n: NonNegativeInt | None = Field(None, description="Return the best N (0/null: all).")
     top_k: NonNegativeInt | None = Field(None, description="Voyage's name for top_n.")
@@ -140,7 +145,7 @@ class TEIRerankRequest(_Request):
     )
 
 
-Side = StrictStr | list[Document] | None
+Side = StrictStr | list[Document] | dict[str, Any] | None
 
 
 class ScoreRequest(_LongInputFields):
@@ -161,11 +166,11 @@ class ScoreRequest(_LongInputFields):
     instruction: StrictStr | None = None
 
     @property
-    def left(self) -> str | list[Document]:
+    def left(self) -> str | list[Document] | dict[str, Any]:
         return next(v for v in (self.queries, self.text_1, self.data_1) if v is not None)
 
     @property
-    def right(self) -> str | list[Document]:
+    def right(self) -> str | list[Document] | dict[str, Any]:
         sides = (self.documents, self.items, self.text_2, self.data_2)
         return next(v for v in sides if v is not None)
 

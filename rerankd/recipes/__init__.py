@@ -19,6 +19,7 @@ from rerankd.recipes.colbert import ColbertReranker, colbert_info
 from rerankd.recipes.cross_encoder import CrossEncoder
 from rerankd.recipes.mxbai import MxbaiRerankV2, is_mxbai_v2_download
 from rerankd.recipes.qwen3 import Qwen3Reranker, Qwen3SeqCls
+from rerankd.recipes.qwen3_vl import Qwen3VLReranker
 from rerankd.recipes.st_causal import StCausalReranker, st_causal_info
 
 RECIPES: dict[str, type[Recipe]] = {
@@ -33,6 +34,7 @@ RECIPES: dict[str, type[Recipe]] = {
         MxbaiRerankV2,
         StCausalReranker,
         ColbertReranker,
+        Qwen3VLReranker,
     )
 }
 #: recipes that read their checkpoint's own files besides config and tokenizer
@@ -75,7 +77,8 @@ def detect_recipe(config: Any, model_dir: Path | str | None = None) -> type[Reci
     raise ModelLoadError(
         f"no scoring recipe fits this checkpoint (architectures: {architectures or 'none'}, "
         f"num_labels: {getattr(config, 'num_labels', '?')}).{why} Supported: Qwen3ForCausalLM "
-        "(qwen3-reranker), Qwen3ForSequenceClassification (qwen3-seq-cls), GemmaForCausalLM "
+        "(qwen3-reranker), Qwen3VLForConditionalGeneration (qwen3-vl-reranker), "
+        "Qwen3ForSequenceClassification (qwen3-seq-cls), GemmaForCausalLM "
         "(bge-gemma), LayerWiseMiniCPMForCausalLM (bge-layerwise), any one-label "
         "*ForSequenceClassification (cross-encoder), a "
         "sentence-transformers encoder with mean pooling (bi-encoder), a sentence-transformers "
@@ -93,14 +96,20 @@ def build_recipe(
     config: Any,
     max_model_len: int | None,
     model_dir: Path | str | None = None,
+    image_pixel_budget: int | None = None,
 ) -> Recipe:
-    """Instantiate the named recipe, or the detected one when `name` is None/"auto"."""
+    """Instantiate the named recipe, or the detected one when `name` is None/"auto";
+    `image_pixel_budget`: the most pixels a multimodal recipe resizes an image to."""
     if name in (None, "", "auto"):
         cls = detect_recipe(config, model_dir)
     elif name in RECIPES:
         cls = RECIPES[name]
     else:
         raise ModelLoadError(f"unknown recipe {name!r}; choose one of: {', '.join(RECIPES)}")
+    if cls is Qwen3VLReranker:  # reads its image processor from the checkpoint
+        model_dir = model_dir if model_dir is not None else checkpoint_dir(config)
+        budget = {"max_pixels": image_pixel_budget} if image_pixel_budget else {}
+        return cls(tokenizer, config, max_model_len, model_dir=model_dir, **budget)
     if cls in _READS_MODEL_DIR:  # reads its checkpoint's sentence-transformers files
         model_dir = model_dir if model_dir is not None else checkpoint_dir(config)
         return cls(tokenizer, config, max_model_len, model_dir=model_dir)
