@@ -57,23 +57,24 @@ inline __m512bh pair(const BFloat16* p) {
 
 // --- micro-kernels ------------------------------------------------------------------------
 
-// s[r][0:64] = q[r] . keys of one panel, for M rows: q rows D apart, panel [D/2][64][2]
-template <int M>
+// s[r][0:16 N] = q[r] . the first 16 N keys of one panel, for M rows: q rows D apart, panel
+// [D/2][64][2] (N < 4: the keys past a causal limit are not computed)
+template <int M, int N>
 void qk_tile(const BFloat16* q, const BFloat16* panel, float* s, int64_t D) {
-  __m512 acc[M][4];
+  __m512 acc[M][N];
   for (int r = 0; r < M; ++r)
-    for (int n = 0; n < 4; ++n) acc[r][n] = _mm512_setzero_ps();
+    for (int n = 0; n < N; ++n) acc[r][n] = _mm512_setzero_ps();
   for (int64_t p = 0; p < D / 2; ++p) {
     const BFloat16* keys = panel + p * 2 * kKeyBlock;
-    __m512bh b[4];
-    for (int n = 0; n < 4; ++n) b[n] = (__m512bh)_mm512_loadu_si512(keys + 32 * n);
+    __m512bh b[N];
+    for (int n = 0; n < N; ++n) b[n] = (__m512bh)_mm512_loadu_si512(keys + 32 * n);
     for (int r = 0; r < M; ++r) {
       const __m512bh a = pair(q + r * D + 2 * p);
-      for (int n = 0; n < 4; ++n) acc[r][n] = _mm512_dpbf16_ps(acc[r][n], a, b[n]);
+      for (int n = 0; n < N; ++n) acc[r][n] = _mm512_dpbf16_ps(acc[r][n], a, b[n]);
     }
   }
   for (int r = 0; r < M; ++r)
-    for (int n = 0; n < 4; ++n) _mm512_storeu_ps(s + r * kKeyBlock + 16 * n, acc[r][n]);
+    for (int n = 0; n < N; ++n) _mm512_storeu_ps(s + r * kKeyBlock + 16 * n, acc[r][n]);
 }
 
 // o[r][0:16 N] = o[r] * alpha[r] + probs[r][0:2 pairs] . values, for M rows: o rows D apart,
@@ -99,11 +100,13 @@ void pv_tile(const BFloat16* probs, const BFloat16* values, float* o, const floa
     for (int n = 0; n < N; ++n) _mm512_storeu_ps(o + r * D + 16 * n, acc[r][n]);
 }
 
-// the tiles of 1..kTile rows, looked up by row count
+// the tiles of 1..kTile rows (and 1..4 vectors of keys), looked up by row (vector) count
 using QkTile = void (*)(const BFloat16*, const BFloat16*, float*, int64_t);
 using PvTile = void (*)(const BFloat16*, const BFloat16*, float*, const float*, int64_t, int64_t);
-constexpr QkTile kQk[kTile + 1] = {nullptr,  qk_tile<1>, qk_tile<2>, qk_tile<3>,
-                                   qk_tile<4>, qk_tile<5>, qk_tile<6>};
+template <int N>
+constexpr QkTile kQkRows[kTile + 1] = {nullptr,       qk_tile<1, N>, qk_tile<2, N>, qk_tile<3, N>,
+                                       qk_tile<4, N>, qk_tile<5, N>, qk_tile<6, N>};
+constexpr const QkTile* kQk[5] = {nullptr, kQkRows<1>, kQkRows<2>, kQkRows<3>, kQkRows<4>};
 template <int N>
 constexpr PvTile kPv[kTile + 1] = {nullptr,      pv_tile<1, N>, pv_tile<2, N>, pv_tile<3, N>,
                                    pv_tile<4, N>, pv_tile<5, N>, pv_tile<6, N>};
@@ -196,6 +199,10 @@ float softmax_step(const float* s, BFloat16* probs, int64_t n, float scale, floa
   const __m512bh ones = (__m512bh)_mm512_set1_epi16(0x3f80);  // bf16 1.0
   __m512 sum = _mm512_setzero_ps();
   for (int64_t i = 0; i < kKeyBlock; i += 32) {
+    if (i >= n) {  // past the row's last key (its scores may not even be computed)
+      _mm512_storeu_si512(probs + i, _mm512_setzero_si512());
+      continue;
+    }
     const __mmask16 lo = lanes(n - i), hi = lanes(n - i - 16);
     const __m512 x0 = _mm512_fmsub_ps(_mm512_loadu_ps(s + i), vs, vm);
     const __m512 x1 = _mm512_fmsub_ps(_mm512_loadu_ps(s + i + 16), vs, vm);
@@ -247,26 +254,27 @@ struct Worker {
     std::fill(sum.begin(), sum.begin() + rows, 0.f);
     const int64_t cols = D % 64 == 0 ? 64 : D % 32 == 0 ? 32 : 16;  // output columns per tile
     const PvTile* pv = cols == 64 ? kPv<4> : cols == 32 ? kPv<2> : kPv<1>;
+    auto limit = [&](int64_t r) {  // keys row r sees
+      return causal ? p_len + q0 + r % m + 1 : n_keys;
+    };
     for (int64_t k0 = 0; k0 < visible; k0 += kKeyBlock) {
       const BFloat16* panel = keys + k0 * D;
-      for (int64_t r = 0; r < rows; r += kTile) {
-        const int64_t t = std::min<int64_t>(kTile, rows - r);
-        kQk[t](queries.data() + r * D, panel, scores.data() + r * kKeyBlock, D);
-      }
-      for (int64_t r = 0; r < rows; ++r) {
-        const int64_t i = r % m;
-        const int64_t limit = causal ? p_len + q0 + i + 1 : n_keys;  // keys row r sees
-        alpha[r] = softmax_step(scores.data() + r * kKeyBlock, probs.data() + r * kKeyBlock,
-                                std::min(limit - k0, kKeyBlock), scale, max[r], sum[r]);
-      }
-      // pairs of keys that any row sees in this block (past them every probability is 0)
-      const int64_t pairs = (std::min(visible - k0, kKeyBlock) + 1) / 2;
       const BFloat16* value_rows = values + k0 * D;
       for (int64_t r = 0; r < rows; r += kTile) {
         const int64_t t = std::min<int64_t>(kTile, rows - r);
-        for (int64_t c = 0; c < D; c += cols)
+        // keys of this block that some row of the tile sees: causal rows skip the rest
+        int64_t seen = 0;
+        for (int64_t x = r; x < r + t; ++x) seen = std::max(seen, limit(x) - k0);
+        seen = std::min(seen, kKeyBlock);
+        if (seen > 0) kQk[(seen + 15) / 16][t](queries.data() + r * D, panel,
+                                                scores.data() + r * kKeyBlock, D);
+        for (int64_t x = r; x < r + t; ++x)
+          alpha[x] = softmax_step(scores.data() + x * kKeyBlock, probs.data() + x * kKeyBlock,
+                                  std::min(limit(x) - k0, kKeyBlock), scale, max[x], sum[x]);
+        if (seen <= 0) continue;  // no row of the tile sees a key here: nothing to add
+        for (int64_t c = 0; c < D; c += cols)  // pairs of keys past `seen` have probability 0
           pv[t](probs.data() + r * kKeyBlock, value_rows + 2 * c, acc.data() + r * D + c,
-                alpha.data() + r, pairs, D);
+                alpha.data() + r, (seen + 1) / 2, D);
       }
     }
     for (int64_t r = 0; r < rows; ++r) {
