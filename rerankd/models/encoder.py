@@ -1,12 +1,19 @@
 """A compact BERT / XLM-RoBERTa cross-encoder that runs packed batches.
 
-Config at the top, then Model → Block → Attention → MLP, the classification heads, and the
-checkpoint mapping at the bottom. Bidirectional attention means no prefix can be shared;
-packing still means no padding token is ever computed.
+Config at the top, then Model → Block → Attention → MLP, the classification heads, the
+per-token kernels, and the checkpoint mapping at the bottom. Bidirectional attention means no
+prefix can be shared; packing still means no padding token is ever computed.
+
+The per-token work around attention (projections, residuals, norms, GELU) runs eager, or
+compiled when the engine asks (`set_kernels`). With int8 linears the eager activation
+quantization took ~75 % of a forward; compiled, it fuses into the norm or GELU before each
+GEMM (W-ENC request, 6-layer XLM-R large shape, 2-core Xeon with AMX: 5.2 s -> 1.7 s). In
+bf16 compiled and eager measured the same there (1.70 vs 1.71 s on 8 documents).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +25,7 @@ from rerankd.models.hf_config import UnsupportedCheckpoint
 from rerankd.models.weights import Checkpoint
 from rerankd.ops.attention import ATTENTION
 from rerankd.ops.batch import PackedBatch
+from rerankd.ops.prepack import residual_linear
 
 #: position ids of RoBERTa-family models start after the padding index
 _ROBERTA_TYPES = {"xlm-roberta": "roberta", "roberta": "roberta", "camembert": "roberta"}
@@ -83,11 +91,20 @@ class Encoder(nn.Module):
         # BERT: pooler (dense + tanh) then classifier; RoBERTa: dense + tanh then out_proj
         self.head_dense = nn.Linear(c.hidden_size, c.hidden_size)
         self.head_out = nn.Linear(c.hidden_size, 1)
+        self.kernels = EAGER
 
     def set_attention(self, backend: str) -> None:
         """Choose the attention implementation (`sdpa` everywhere, `varlen` on CUDA)."""
         for layer in self.layers:
             layer.attention.attend = ATTENTION[backend]
+
+    def set_kernels(self, kernels: Any) -> None:
+        """Eager or compiled per-token kernels. The engine hands every packed model the
+        decoder's `EAGER` or `compiled_kernels()`; the encoder reads only which of the two
+        (its own functions differ) and compiles its own on first use."""
+        from rerankd.models.decoder import EAGER as DECODER_EAGER
+
+        self.kernels = EAGER if kernels is DECODER_EAGER else compiled_kernels()
 
     def forward(self, batch: PackedBatch) -> Tensor:
         c = self.config
@@ -103,7 +120,7 @@ class Encoder(nn.Module):
         )
         x = self.embed_norm(x)
         for layer in self.layers:
-            x = layer(x, batch)
+            x = layer(x, batch, self.kernels)
         first = x[torch.tensor(batch.starts, device=x.device)]  # (N, hidden): [CLS] / <s>
         pooled = torch.tanh(self.head_dense(first))
         return self.head_out(pooled)[:, 0].float()
@@ -119,27 +136,27 @@ class Block(nn.Module):
         self.mlp = MLP(config)
         self.mlp_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
-    def forward(self, x: Tensor, batch: PackedBatch) -> Tensor:
-        x = self.attention_norm(x + self.attention(x, batch))
-        return self.mlp_norm(x + self.mlp(x))
+    def forward(
+        self, x: Tensor, batch: PackedBatch, kernels: EncoderKernels | None = None
+    ) -> Tensor:
+        kernels = kernels or EAGER
+        c = self.attention.config
+        seqlen = x.shape[0]
+        # (T, 3 * hidden) -> (T, 3, H, D) -> q, k, v (T, H, D) each
+        q, k, v = kernels.project(self, x).view(seqlen, 3, c.num_heads, c.head_dim).unbind(dim=1)
+        y = self.attention.attend(q, k, v, batch, None, causal=False, scale=c.head_dim**-0.5)
+        return kernels.finish(self, x, y.reshape(seqlen, c.hidden_size))
 
 
 class Attention(nn.Module):
+    """The fused q ‖ k ‖ v and output projections; `Block` runs them around `attend`."""
+
     def __init__(self, config: EncoderConfig) -> None:
         super().__init__()
         self.config = config
         self.wqkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)  # fused q ‖ k ‖ v
         self.wo = nn.Linear(config.hidden_size, config.hidden_size)
         self.attend = ATTENTION["sdpa"]
-
-    def forward(self, x: Tensor, batch: PackedBatch) -> Tensor:
-        c = self.config
-        seqlen = x.shape[0]
-        q, k, v = (
-            self.wqkv(x).view(seqlen, 3, c.num_heads, c.head_dim).unbind(dim=1)
-        )  # (T, H, D) each
-        y = self.attend(q, k, v, batch, None, causal=False, scale=c.head_dim**-0.5)
-        return self.wo(y.reshape(seqlen, c.hidden_size))
 
 
 class MLP(nn.Module):
@@ -150,6 +167,44 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.w2(F.gelu(self.w1(x)))
+
+
+# --- per-token kernels --------------------------------------------------------------------
+
+
+def project_tokens(block: Block, x: Tensor) -> Tensor:
+    """q ‖ k ‖ v of a chunk of tokens: (T, hidden) -> (T, 3 * hidden)."""
+    return block.attention.wqkv(x)
+
+
+def finish_tokens(block: Block, x: Tensor, y: Tensor) -> Tensor:
+    """Output projection, residual, norm, MLP, residual, norm (post-norm, BERT order):
+    x (T, hidden) the block's input, y (T, hidden) the attention output. The residual adds
+    ride the GEMM epilogue where the linear has one (prepacked / int8: `plus`)."""
+    x = block.attention_norm(residual_linear(x, block.attention.wo, y))
+    mlp = block.mlp
+    return block.mlp_norm(residual_linear(x, mlp.w2, F.gelu(mlp.w1(x))))
+
+
+@dataclass(frozen=True)
+class EncoderKernels:
+    """The per-token functions a block calls: eager, or compiled by `compiled_kernels`."""
+
+    project: Callable
+    finish: Callable
+
+
+EAGER = EncoderKernels(project_tokens, finish_tokens)
+
+
+def compiled_kernels() -> EncoderKernels:
+    """`torch.compile`d per-token functions (dynamic shapes: one compile serves every token
+    count; parameters are graph inputs, so all layers share one graph). Int8 GEMMs are
+    custom ops inside the graph (`onednn_ops`), so each input quantization fuses with the
+    norm or GELU that produces it."""
+    return EncoderKernels(
+        torch.compile(project_tokens, dynamic=True), torch.compile(finish_tokens, dynamic=True)
+    )
 
 
 # --- checkpoint mapping -----------------------------------------------------------------------
