@@ -196,3 +196,186 @@ def test_remote_images_only_when_allowed_then_bounded(image_server):
         load_image(f"{image_server}/slow.png", allowed)
     with pytest.raises(MediaError, match="could not be fetched"):
         load_image(f"{image_server}/missing.png", allowed)
+
+
+# --- over HTTP, on the fake engine ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def vl_recipe():
+    from rerankd.runtime import load_recipe
+    from rerankd.settings import Settings
+    from tests.fixtures.qwen3_vl import qwen3_vl_dir
+
+    return load_recipe(Settings(model=str(qwen3_vl_dir())))[2]
+
+
+@pytest.fixture(scope="module")
+def make_vl_client(vl_recipe):
+    """`with make_vl_client(media=MediaPolicy(...)) as client:` the app over a fake engine
+    with the tiny Qwen3-VL-Reranker's recipe (real tokenizer and image processor)."""
+    from contextlib import contextmanager
+
+    from starlette.testclient import TestClient
+
+    from rerankd.api import create_app
+    from rerankd.metrics import Metrics
+    from rerankd.scheduler import Scheduler
+    from rerankd.service import Limits, RerankService, ServedModel
+    from tests.api.conftest import FakeEngine
+
+    @contextmanager
+    def make(media: MediaPolicy | None = None):
+        metrics = Metrics()
+        engine = FakeEngine()
+        model = ServedModel("tiny-vl", vl_recipe, Scheduler(engine, metrics, "tiny-vl"))
+        service = RerankService([model], metrics, Limits(media=media or MediaPolicy()))
+        with TestClient(create_app(service), raise_server_exceptions=False) as client:
+            client.engine = engine  # type: ignore[attr-defined]
+            yield client
+
+    return make
+
+
+@pytest.fixture()
+def vl_client(make_vl_client):
+    with make_vl_client() as client:
+        yield client
+
+
+def _scores(response) -> dict[int, float]:
+    assert response.status_code == 200, response.text
+    return {r["index"]: r["relevance_score"] for r in response.json()["results"]}
+
+
+def test_a_text_only_model_refuses_an_image_document_naming_it(client):
+    body = {"query": "q", "documents": ["a", {"image": PNG}]}
+    response = client.post("/v1/rerank", json=body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == "documents[1]" and "reads text only" in error["message"]
+    body = {"queries": {"content": [_image_part(PNG)]}, "documents": ["a"]}
+    response = client.post("/v1/score", json=body)
+    assert response.status_code == 400 and response.json()["error"]["param"] == "query"
+    # text parts alone are text, for every model
+    text_parts = {"content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}
+    same = client.post("/v1/rerank", json={"query": "q", "documents": [text_parts, "ab"]})
+    scores = _scores(same)
+    assert scores[0] == scores[1]
+
+
+def test_every_image_form_scores_the_same_document(vl_client):
+    forms = [
+        {"documents": {"content": [_image_part(PNG), {"type": "text", "text": "t"}]}},
+        {"documents": [{"content": [_image_part(PNG)]}, "t"]},
+        {"documents": [{"image": PNG}, {"text": "t"}]},
+    ]
+    answers = [_scores(vl_client.post("/v1/rerank", json={"query": "q", **f})) for f in forms]
+    assert answers[0] == answers[1] == answers[2]
+    results = vl_client.post("/v1/rerank", json={"query": "q", **forms[0]}).json()["results"]
+    echoed = {r["index"]: r["document"] for r in results}
+    assert echoed == {0: _image_part(PNG), 1: {"type": "text", "text": "t"}}
+    batch = vl_client.engine.batches[-1]
+    with_images = [p for p in batch.pairs if p.images]
+    assert len(with_images) == 1 and with_images[0].images[0][1] == (1, 4, 6)  # 40x30 -> 96x64
+
+
+def test_a_mixed_list_and_an_image_query(vl_client):
+    documents = [
+        "plain",
+        {"text": "an object", "id": 7},
+        {"content": [{"type": "text", "text": "t"}, _image_part(PNG)]},
+        {"image": PNG2},
+        {"text": "both", "image": PNG2},
+    ]
+    for query in ("q", {"content": [_image_part(PNG2)]}, {"image": PNG, "text": "q"}):
+        response = vl_client.post("/v1/rerank", json={"query": query, "documents": documents})
+        assert len(_scores(response)) == 5
+        assert {r["index"]: r["document"] for r in response.json()["results"]}[1] == documents[1]
+    image_query = vl_client.engine.batches[-1].pairs
+    assert all(len(pair.images) >= 1 for pair in image_query)
+
+
+def test_score_takes_the_same_forms(vl_client):
+    pairs = {
+        "queries": [{"image": PNG}, "text query"],
+        "documents": [{"content": [_image_part(PNG2)]}, {"image": PNG, "text": "t"}],
+    }
+    response = vl_client.post("/v1/score", json=pairs)
+    assert response.status_code == 200, response.text
+    assert len(response.json()["data"]) == 2
+    one_to_many = {
+        "queries": {"content": [_image_part(PNG)]},
+        "documents": {"content": [_image_part(PNG2), {"type": "text", "text": "t"}]},
+    }
+    response = vl_client.post("/v1/score", json=one_to_many)
+    assert response.status_code == 200 and len(response.json()["data"]) == 2
+    rerank = vl_client.post(
+        "/v1/rerank", json={"query": one_to_many["queries"], "documents": one_to_many["documents"]}
+    )
+    by_index = _scores(rerank)
+    assert [d["score"] for d in response.json()["data"]] == [by_index[0], by_index[1]]
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("https://example.com/a.png", "--allow-remote-media"),
+        (_uri(_bomb_png(100_000, 100_000)), "pixels"),
+        (_uri(_png_bytes(PNG)[:60]), "decoded"),
+        ("data:image/png;base64,%%%", "base64"),
+        (_uri(b"%PDF-1.4", "application/pdf"), "not an image"),
+        (png_data_uri(600, 2, seed=3), "aspect ratio"),
+    ],
+)
+def test_a_bad_image_is_a_400_naming_its_document(vl_client, url, message):
+    documents = ["fine", {"image": PNG}, {"content": [_image_part(url)]}]
+    response = vl_client.post("/v1/rerank", json={"query": "q", "documents": documents})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == "documents[2]" and message in error["message"], error
+    response = vl_client.post("/v1/rerank", json={"query": {"image": url}, "documents": ["d"]})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "query"
+
+
+def test_the_byte_and_pixel_caps_apply_per_server(make_vl_client):
+    with make_vl_client(MediaPolicy(max_bytes=5000, max_pixels=30 * 30)) as client:
+        for document, message in (({"image": PNG2}, "bytes"), ({"image": PNG}, "pixels")):
+            response = client.post("/v1/rerank", json={"query": "q", "documents": [document]})
+            assert response.status_code == 400 and message in response.json()["error"]["message"]
+
+
+def test_oversized_content_lists_are_refused(vl_client):
+    documents = [{"content": [_image_part(PNG)] * 17}]
+    response = vl_client.post("/v1/rerank", json={"query": "q", "documents": documents})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "documents[0]"
+
+
+def test_remote_images_with_the_flag(make_vl_client, image_server):
+    allowed = MediaPolicy(allow_remote=True, timeout=0.5)
+    with make_vl_client(allowed) as client:
+        documents = [{"image": f"{image_server}/a.png"}, {"image": PNG}]
+        scores = _scores(client.post("/v1/rerank", json={"query": "q", "documents": documents}))
+        assert scores[0] == scores[1]  # the same PNG, fetched or inline
+        documents = ["d", {"image": f"{image_server}/page.html"}]
+        response = client.post("/v1/rerank", json={"query": "q", "documents": documents})
+        assert response.status_code == 400 and response.json()["error"]["param"] == "documents[1]"
+
+
+def test_images_are_decoded_off_the_event_loop(vl_client, monkeypatch):
+    import rerankd.service
+
+    threads = []
+    real = rerankd.service.load_image
+
+    def recording(url, policy):
+        threads.append(threading.current_thread().name)
+        return real(url, policy)
+
+    monkeypatch.setattr(rerankd.service, "load_image", recording)
+    documents = [{"image": PNG}, {"image": PNG}, {"image": PNG2}]
+    assert (
+        len(_scores(vl_client.post("/v1/rerank", json={"query": "q", "documents": documents}))) == 3
+    )
+    assert len(threads) == 2  # one decode per distinct image in a request
+    assert all(name.startswith("rerankd-tok") for name in threads), threads
