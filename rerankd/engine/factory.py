@@ -76,7 +76,13 @@ def build_packed_engine(
         share_prefix = False
     elif model_type == "modernbert" and head.kind == "classifier":
         config = ModernBertConfig.from_hf_config(hf_config)
-        load = lambda ckpt: load_modernbert(ckpt, config, dtype, device)  # noqa: E731
+
+        def load(ckpt):
+            model = load_modernbert(ckpt, config, dtype, device)
+            if quantize == "none":  # bf16 CPU: oneDNN-prepacked linears, 1.3-2x per request
+                prepack_linears(model, device, dtype)  # (base shape, W-CPU); a no-op elsewhere
+            return model
+
         share_prefix = False  # bidirectional, as the encoders above
     else:
         raise UnsupportedCheckpoint(f"no packed implementation for model_type {model_type!r}")
