@@ -178,3 +178,64 @@ def test_bfloat16_matches_the_reference_in_bfloat16(model_dir, recipe, images):
     got = engine.score(Batch(pairs))
     want = [raw for raw, _ in reference.process({"text": QUERY}, documents)]
     assert max(abs(a - b) for a, b in zip(got, want, strict=True)) <= 2e-2
+
+
+# --- served: detection, the engine choice, and the HTTP path end to end ---------------------
+
+
+def test_detected_and_served_on_the_vision_language_engine(model_dir):
+    from rerankd.errors import ModelLoadError
+    from rerankd.recipes import detect_recipe
+    from rerankd.runtime import build_engine, load_recipe
+    from rerankd.settings import Settings
+
+    settings = Settings(model=str(model_dir), dtype="float32")
+    _, config, recipe = load_recipe(settings)
+    assert (
+        detect_recipe(config, model_dir) is Qwen3VLReranker and recipe.name == "qwen3-vl-reranker"
+    )
+    with pytest.raises(ModelLoadError, match="vision-language engine"):
+        build_engine(
+            "packed", model_dir, config, recipe, torch.device("cpu"), torch.float32, settings
+        )
+
+
+def test_a_request_scores_as_the_official_code(model_dir, reference):
+    """Through the app (routes → service → image decoding → recipe → engine): a data: URI
+    image document and an image query score as the official code scores the decoded PNGs."""
+    from starlette.testclient import TestClient
+
+    from rerankd.api import create_app
+    from rerankd.runtime import build_service
+    from rerankd.settings import Settings
+
+    png, png2 = png_data_uri(64, 96, 1), png_data_uri(50, 40, 2, "RGBA")
+    decoded = [Image.open(io.BytesIO(base64.b64decode(u.split(",", 1)[1]))) for u in (png, png2)]
+    service = build_service(Settings(model=str(model_dir), dtype="float32"))
+    with TestClient(create_app(service)) as client:
+        body = {
+            "query": QUERY,
+            "documents": [TEXTS[0], {"image": png}, {"text": "a caption", "image": png2}],
+            "use_activation": False,
+        }
+        got = _scores(client.post("/v1/rerank", json=body))
+        image_query = {"query": {"content": [_image_part(png)]}, "documents": [TEXTS[1]]}
+        got_image_query = _scores(
+            client.post("/v1/rerank", json={**image_query, "use_activation": False})
+        )
+    want = reference.process(
+        {"text": QUERY},
+        [{"text": TEXTS[0]}, {"image": decoded[0]}, {"text": "a caption", "image": decoded[1]}],
+    )
+    assert max(abs(got[i] - raw) for i, (raw, _) in enumerate(want)) <= TOLERANCE
+    ((raw, _),) = reference.process({"image": decoded[0]}, [{"text": TEXTS[1]}])
+    assert abs(got_image_query[0] - raw) <= TOLERANCE
+
+
+def _image_part(url: str) -> dict:
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+def _scores(response) -> dict[int, float]:
+    assert response.status_code == 200, response.text
+    return {r["index"]: r["relevance_score"] for r in response.json()["results"]}
