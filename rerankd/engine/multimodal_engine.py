@@ -5,8 +5,15 @@ runs here: `AutoModelForImageTextToText` (transformers' `Qwen3VLForConditionalGe
 never checkpoint code) with its base model scored at the last real token through the two
 LM-head rows the recipe names, h · (W[yes] − W[no]). Pairs are padded on the right in
 length-sorted sub-batches (as the transformers engine does); a sub-batch's images go through
-the vision tower together. The cost against the packed engine: padding is computed, and the
-shared query prefix of a request is computed once per document, not once per request.
+the vision tower together.
+
+Shared prefix: the pairs of a sub-batch start with the same tokens (template, instruction,
+query, and the query's image when it is the same image). That prefix runs once, its K/V
+cache is repeated across the sub-batch, and only each pair's rest runs on top of it, with
+the multimodal positions of the whole sequence. A prefix never ends inside an image, and an
+image is shared only when it is the same pixel array in every pair (the recipe processes a
+request's query image once). The cost against the packed engine: padding is computed, and
+the K/V cache is copied per pair.
 
 Pairs carry their images as `EncodedVisionPair.images` (recipes/qwen3_vl.py): pixel patches
 and grids, which this engine concatenates in pair order, as the model expects.
@@ -25,6 +32,9 @@ from rerankd.types import Batch, EncodedPair, ScoreHead
 
 log = logging.getLogger(__name__)
 
+#: a shared prefix shorter than this is not worth its extra forward and cache copies
+MIN_SHARED_PREFIX = 16
+
 
 class VisionLanguageEngine:
     """Scores text-and-image pairs with a transformers vision-language model."""
@@ -36,6 +46,7 @@ class VisionLanguageEngine:
         device: torch.device,
         dtype: torch.dtype,
         max_batch_tokens: int | None = None,
+        share_prefix: bool = True,
     ) -> None:
         from transformers import AutoModelForImageTextToText
 
@@ -47,6 +58,7 @@ class VisionLanguageEngine:
         self._device, self._dtype = device, dtype
         self.default_batch_tokens = default_batch_tokens(device, padded=True)
         self.max_padded_tokens = max_batch_tokens or self.default_batch_tokens
+        self.share_prefix = share_prefix
         model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=dtype)
         config = model.config
         self.image_token_id = config.image_token_id
@@ -73,24 +85,120 @@ class VisionLanguageEngine:
 
     @torch.inference_mode()
     def forward(self, pairs: list[EncodedPair], groups: list[int] | None = None) -> list[float]:
-        """Raw scores of one padded sub-batch (the seam `split_on_oom` wraps)."""
+        """Raw scores of one padded sub-batch (the seam `split_on_oom` wraps); its shared
+        token prefix, if long enough, computed once."""
+        prefix, shared_images = self.shared_prefix(pairs) if self.share_prefix else (0, 0)
+        if prefix >= MIN_SHARED_PREFIX:
+            return self._forward_shared(pairs, prefix, shared_images)
+        return self._forward_padded(pairs)
+
+    def shared_prefix(self, pairs: list[EncodedPair]) -> tuple[int, int]:
+        """(tokens, images) every pair starts with: the longest common token prefix that
+        leaves each pair a token of its own, cut back to before an image it would split or
+        an image whose pixels differ between pairs."""
+        if len(pairs) < 2:
+            return 0, 0
+        shortest = min(len(p) for p in pairs) - 1
+        ids = np.array([p.input_ids[:shortest] for p in pairs])  # (B, shortest)
+        differs = (ids != ids[:1]).any(axis=0)
+        prefix = int(differs.argmax()) if differs.any() else shortest
+        first = pairs[0]
+        for k, (start, end) in enumerate(self._image_runs(first.input_ids)):
+            if start > prefix:
+                return prefix, k
+            if prefix < end or any(
+                getattr(p, "images", ())[k][0] is not first.images[k][0] for p in pairs[1:]
+            ):
+                return start - 1, k  # before its <|vision_start|>
+        return prefix, len(getattr(first, "images", ()))
+
+    def _image_runs(self, ids: tuple[int, ...]) -> list[tuple[int, int]]:
+        """[start, end) of each run of image placeholder tokens, in order."""
+        runs, start = [], None
+        for i, token in enumerate(ids):
+            if token == self.image_token_id and start is None:
+                start = i
+            elif token != self.image_token_id and start is not None:
+                runs.append((start, i))
+                start = None
+        if start is not None:
+            runs.append((start, len(ids)))
+        return runs
+
+    def _vision_inputs(self, images: list, ids: torch.Tensor) -> dict:
+        """pixel_values, image_grid_thw and mm_token_type_ids for `images` in order."""
+        if not images:
+            return {}
+        pixels = np.concatenate([patches for patches, _ in images])  # (sum patches, 1536)
+        # text 0, image 1, video 2: transformers builds the multimodal positions from these
+        types = (ids == self.image_token_id).int()
+        if self.video_token_id is not None:
+            types += 2 * (ids == self.video_token_id).int()
+        return {
+            "pixel_values": torch.from_numpy(pixels).to(self._device, self._dtype),
+            "image_grid_thw": torch.tensor([grid for _, grid in images]).to(self._device),
+            "mm_token_type_ids": types.to(self._device),
+        }
+
+    def _forward_shared(self, pairs: list[EncodedPair], prefix: int, shared: int) -> list[float]:
+        """The prefix once (batch 1, its K/V cached), then each pair's rest on its repeated
+        cache; positions from the whole padded sequences, as the unshared forward has them."""
+        from transformers import DynamicCache
+
+        bsz, width = len(pairs), max(len(p) for p in pairs)
+        first = pairs[0]
+        head = torch.tensor([first.input_ids[:prefix]])
+        cache = DynamicCache()
+        self._base(
+            input_ids=head.to(self._device),
+            attention_mask=torch.ones_like(head).to(self._device),
+            cache=cache,
+            use_cache=True,
+            **self._vision_inputs(list(getattr(first, "images", ())[:shared]), head),
+        )
+        cache.batch_repeat_interleave(bsz)
+        ids = torch.zeros((bsz, width), dtype=torch.long)
+        mask = torch.zeros((bsz, width), dtype=torch.long)
+        for row, pair in enumerate(pairs):
+            ids[row, : len(pair)] = torch.tensor(pair.input_ids)
+            mask[row, : len(pair)] = 1
+        all_images = [image for pair in pairs for image in getattr(pair, "images", ())]
+        rest_images = [image for pair in pairs for image in getattr(pair, "images", ())[shared:]]
+        position_ids = None  # text only: the text model counts on from the cache's length
+        if all_images:
+            vision = self._vision_inputs(all_images, ids)
+            position_ids, _ = self._base.get_rope_index(
+                ids.to(self._device),
+                mm_token_type_ids=vision["mm_token_type_ids"],
+                image_grid_thw=vision["image_grid_thw"],
+                attention_mask=mask.to(self._device),
+            )
+            position_ids = position_ids[:, :, prefix:]  # (3, B, width - prefix)
+        rest = ids[:, prefix:]
+        kwargs = self._vision_inputs(rest_images, rest)
+        kwargs.pop("mm_token_type_ids", None)  # positions are given
+        hidden = self._base(
+            input_ids=rest.to(self._device),
+            attention_mask=mask.to(self._device),  # (B, width): the prefix and each rest
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=True,
+            **kwargs,
+        ).last_hidden_state
+        last = mask[:, prefix:].sum(dim=1).to(self._device) - 1
+        h = hidden[torch.arange(bsz, device=self._device), last].float()  # (B, hidden)
+        return (h @ self._head_weight.T)[:, 0].tolist()  # (B, hidden) x (hidden, 1)
+
+    def _forward_padded(self, pairs: list[EncodedPair]) -> list[float]:
+        """Every pair whole, padded on the right."""
         width = max(len(p) for p in pairs)
         ids = torch.zeros((len(pairs), width), dtype=torch.long)
         mask = torch.zeros((len(pairs), width), dtype=torch.long)
         for row, pair in enumerate(pairs):
             ids[row, : len(pair)] = torch.tensor(pair.input_ids)
             mask[row, : len(pair)] = 1
-        kwargs = {}
         images = [image for pair in pairs for image in getattr(pair, "images", ())]
-        if images:
-            pixels = np.concatenate([patches for patches, _ in images])  # (sum patches, 1536)
-            kwargs["pixel_values"] = torch.from_numpy(pixels).to(self._device, self._dtype)
-            kwargs["image_grid_thw"] = torch.tensor([grid for _, grid in images]).to(self._device)
-            # text 0, image 1, video 2: transformers builds the multimodal positions from these
-            types = (ids == self.image_token_id).int()
-            if self.video_token_id is not None:
-                types += 2 * (ids == self.video_token_id).int()
-            kwargs["mm_token_type_ids"] = types.to(self._device)
+        kwargs = self._vision_inputs(images, ids)
         ids, mask = ids.to(self._device), mask.to(self._device)
         hidden = self._base(input_ids=ids, attention_mask=mask, use_cache=False, **kwargs)
         hidden = hidden.last_hidden_state

@@ -239,3 +239,32 @@ def _image_part(url: str) -> dict:
 def _scores(response) -> dict[int, float]:
     assert response.status_code == 200, response.text
     return {r["index"]: r["relevance_score"] for r in response.json()["results"]}
+
+
+# --- the shared prefix ---------------------------------------------------------------------
+
+
+def test_the_shared_prefix_runs_once_and_changes_no_score(model_dir, recipe, engine, images):
+    """The engine shares the pairs' common prefix (with the query's image when every pair has
+    the same one) and scores exactly as without sharing."""
+    plain = VisionLanguageEngine(
+        model_dir, recipe.head, torch.device("cpu"), torch.float32, share_prefix=False
+    )
+    documents = [TEXTS[0], (("image", images[0]),), (("image", images[1]), ("text", "c")), ""]
+    image_query = (("image", images[2]), ("text", "q"))
+    cases = {
+        "text query": (recipe.encode([QUERY] * 4, documents), 0),
+        "image query": (recipe.encode([image_query] * 4, documents), 1),
+        # two requests' pairs in one batch: their images differ, the prefix stops before them
+        "two image queries": (
+            recipe.encode([image_query] * 2 + [(("image", images[0]),)] * 2, documents),
+            0,
+        ),
+    }
+    for name, (pairs, shared_images) in cases.items():
+        prefix, images_in_prefix = engine.shared_prefix(pairs)
+        assert prefix >= 40 and images_in_prefix == shared_images, name
+        first = pairs[0].input_ids
+        assert all(p.input_ids[:prefix] == first[:prefix] for p in pairs), name
+        got, want = engine.score(Batch(pairs)), plain.score(Batch(pairs))
+        assert max(abs(a - b) for a, b in zip(got, want, strict=True)) <= 1e-5, name
