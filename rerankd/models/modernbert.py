@@ -329,11 +329,21 @@ def local_attention(backend: str) -> LocalAttention:
     """The windowed kernel that goes with a global `backend`: torch's varlen kernel with
     `window_size` where the engine runs `varlen` and this torch's kernel takes it (CUDA),
     else per-sequence SDPA with a band mask (`band_sdpa_attention`; the AMX kernel and the
-    other CUDA backends have no window)."""
+    other CUDA backends have no window) — except for a batch whose sequences all fit in one
+    window, which the global kernel attends exactly (short documents: rerankd's AMX kernel
+    instead of SDPA in every layer)."""
     kernel = torch_varlen_kernel()
     if backend == "varlen" and kernel is not None and takes(kernel, "window_size"):
         return functools.partial(windowed_varlen_attention, kernel=kernel)
-    return band_sdpa_attention
+    if backend == "sdpa":  # the band path is the same SDPA, unmasked on such batches
+        return band_sdpa_attention
+    return functools.partial(_short_or_band, attend=ATTENTION[backend])
+
+
+def _short_or_band(q, k, v, batch: PackedBatch, window: int, scale: float, attend) -> Tensor:
+    if max(batch.lengths) <= window + 1:  # every pair within the window: full attention
+        return attend(q, k, v, batch, None, causal=False, scale=scale)
+    return band_sdpa_attention(q, k, v, batch, window, scale)
 
 
 #: a local layer attends a sequence longer than this (or 4 windows) in query chunks, each

@@ -22,6 +22,7 @@ from transformers import AutoConfig
 from transformers import ModernBertConfig as HFModernBertConfig
 
 from rerankd.metrics import Metrics
+from rerankd.models import modernbert
 from rerankd.models.modernbert import (
     CHUNK_SPAN,
     ModernBertConfig,
@@ -30,7 +31,9 @@ from rerankd.models.modernbert import (
     windowed_varlen_attention,
 )
 from rerankd.models.weights import open_checkpoint
+from rerankd.ops.amx_kernel import load_kernel
 from rerankd.ops.batch import pack
+from rerankd.ops.prepack import PrepackedLinear, prepack_supported
 from rerankd.recipes import sigmoid
 from rerankd.runtime import load_model
 from rerankd.settings import Settings
@@ -216,10 +219,43 @@ def test_local_windows_matter_on_the_fixture():
 @pytest.mark.parametrize("engine", ["packed", "packed-sdpa", "transformers"])
 def test_bf16_scores_within_tolerance_and_ranked_on_clear_gaps(engine):
     """`packed`: the engine's pick for bf16 (the AMX kernel for global layers on CPUs with
-    AMX); `packed-sdpa`: SDPA everywhere. Local layers run the band SDPA in both."""
-    _, raw = _score(_model(engine=engine, dtype="bfloat16"))
+    AMX, oneDNN-prepacked linears); `packed-sdpa`: SDPA everywhere. Local layers run the
+    band SDPA in both."""
+    model = _model(engine=engine, dtype="bfloat16")
+    _, raw = _score(model)
+    _check_bf16(raw, [x for _, x in _reference()])
+    if engine.startswith("packed"):
+        amx = engine == "packed" and load_kernel() is not None
+        assert model.scheduler.engine.attention == ("amx" if amx else "sdpa")
+        prepacked = any(
+            isinstance(m, PrepackedLinear) for m in model.scheduler.engine.model.modules()
+        )
+        assert prepacked == prepack_supported(torch.device("cpu"), torch.bfloat16)
+
+
+#: pairs that all fit in one local window (≤ 9 tokens): local layers take the global kernel
+SHORT_QUERY = "city"
+SHORT_DOCUMENTS = ["river", "", "music", "old", "new", "stone"]
+
+
+@pytest.mark.parametrize("engine", ["packed", "packed-sdpa"])
+def test_bf16_batches_within_one_window(engine, monkeypatch):
+    model = _model(engine=engine, dtype="bfloat16")
+    if model.scheduler.engine.attention != "sdpa":  # the global kernel, never the band path
+
+        def band(*args):
+            raise AssertionError("band SDPA ran on a batch within one window")
+
+        monkeypatch.setattr(modernbert, "band_sdpa_attention", band)
+    pairs, raw = _score(model, SHORT_DOCUMENTS, SHORT_QUERY)
+    assert max(len(p) for p in pairs) <= 9, [len(p) for p in pairs]
+    expected = reference.cross_encoder_reference(_dir(), SHORT_QUERY, SHORT_DOCUMENTS, 128)
+    _check_bf16(raw, [x for _, x in expected])
+
+
+def _check_bf16(raw: list[float], expected_raw: list[float]) -> None:
     scores = [sigmoid(x) for x in raw]
-    expected = [sigmoid(x) for _, x in _reference()]
+    expected = [sigmoid(x) for x in expected_raw]
     assert scores == pytest.approx(expected, abs=TOLERANCE_BF16)
     for i in range(len(expected)):
         for j in range(len(expected)):
