@@ -208,6 +208,7 @@ def limits_of(settings: Settings) -> Limits:
             timeout=settings.media_timeout,
             max_bytes=settings.max_image_bytes,
             max_pixels=settings.max_image_pixels,
+            max_request_pixels=settings.max_request_image_pixels,
         ),
     )
 

@@ -442,6 +442,7 @@ class RerankService:
         if not any(map(_has_image, queries)) and not any(map(_has_image, documents)):
             return list(queries), list(documents)
         decoded: dict[str, DecodedImage] = {}
+        policy = self.limits.media
 
         def load(item, param: str):
             if isinstance(item, str):
@@ -450,8 +451,11 @@ class RerankService:
             for kind, value in item:
                 if kind == "image" and isinstance(value, str):
                     if value not in decoded:
+                        left = policy.max_request_pixels - sum(
+                            d.image.width * d.image.height for d in decoded.values()
+                        )
                         try:
-                            decoded[value] = DecodedImage(load_image(value, self.limits.media))
+                            decoded[value] = DecodedImage(load_image(value, policy, left))
                         except MediaError as exc:
                             raise InvalidRequest(f"{param}: {exc}", param=param) from exc
                     value = decoded[value]

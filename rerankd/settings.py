@@ -155,6 +155,11 @@ class Settings:
         "of PNG can claim gigapixels); 400 beyond. Accepted images are then resized to "
         "--image-pixel-budget.",
     )
+    max_request_image_pixels: int = _opt(
+        400_000_000,
+        "Most pixels of all the distinct images of one request together (each is held "
+        "decoded, ~3 bytes a pixel, until the request is encoded); 400 beyond.",
+    )
     image_pixel_budget: int | None = _opt(
         None,
         "Multimodal rerankers: most pixels an image is resized to before the vision tower "

@@ -476,6 +476,9 @@ async def models(request: Request) -> JSONResponse:
             "max_model_len": m.max_length,
             "recipe": m.recipe.name,
             "supports_instruction": m.recipe.supports_instruction,
+            "input_modalities": ["text", "image"]
+            if getattr(m.recipe, "supports_images", False)
+            else ["text"],
             "attention": m.attention,
         }
         for m in _service(request).models

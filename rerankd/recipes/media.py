@@ -52,6 +52,10 @@ class MediaPolicy:
     #: most pixels of one image, checked from its header before decoding (decompression
     #: bombs: a few KB of PNG can claim gigapixels)
     max_pixels: int = 40_000_000
+    #: most pixels of all the distinct images of one request together (each is held decoded
+    #: until the request is encoded: many small, highly compressible PNGs must not add up to
+    #: gigabytes)
+    max_request_pixels: int = 400_000_000
 
 
 class DecodedImage:
@@ -67,20 +71,21 @@ class DecodedImage:
         return f"DecodedImage({self.image.width}x{self.image.height})"
 
 
-def load_image(url: str, policy: MediaPolicy) -> Any:
-    """The decoded PIL image that `url` (a data: URI or, when allowed, an http(s) URL) holds."""
+def load_image(url: str, policy: MediaPolicy, pixels_left: int | None = None) -> Any:
+    """The decoded PIL image that `url` (a data: URI or, when allowed, an http(s) URL) holds;
+    `pixels_left`: what the request's other images left of `max_request_pixels`."""
     if not isinstance(url, str) or not url:
         raise MediaError("an image must be given as a data: URI or an http(s) URL string")
     scheme = url.split(":", 1)[0].lower() if ":" in url else ""
     if scheme == "data":
-        return decode_image(_data_uri_bytes(url, policy.max_bytes), policy)
+        return decode_image(_data_uri_bytes(url, policy.max_bytes), policy, pixels_left)
     if scheme in ("http", "https"):
         if not policy.allow_remote:
             raise MediaError(
                 "remote image URLs are not fetched by this server (start it with "
                 "--allow-remote-media to allow them); send the image as a data: URI"
             )
-        return decode_image(_download(url, policy), policy)
+        return decode_image(_download(url, policy), policy, pixels_left)
     raise MediaError(
         f"unsupported image URL scheme {scheme or url[:16]!r}: send a data: URI "
         "(data:image/png;base64,...) or an http(s) URL"
@@ -127,9 +132,9 @@ def _download(url: str, policy: MediaPolicy) -> bytes:
     return data
 
 
-def decode_image(data: bytes, policy: MediaPolicy) -> Any:
-    """Decode `data`, refusing an image whose header claims more than `max_pixels` before its
-    pixels are decoded, and a truncated or corrupt one."""
+def decode_image(data: bytes, policy: MediaPolicy, pixels_left: int | None = None) -> Any:
+    """Decode `data`, refusing an image whose header claims more than `max_pixels` (or more
+    than `pixels_left`) before its pixels are decoded, and a truncated or corrupt one."""
     from PIL import Image
 
     if len(data) > policy.max_bytes:
@@ -147,6 +152,11 @@ def decode_image(data: bytes, policy: MediaPolicy) -> Any:
         raise MediaError(
             f"the image is {width}x{height} pixels, more than {policy.max_pixels} "
             "(--max-image-pixels)"
+        )
+    if pixels_left is not None and width * height > pixels_left:
+        raise MediaError(
+            f"the request's images together have more than {policy.max_request_pixels} pixels "
+            "(--max-request-image-pixels); send fewer or smaller images per request"
         )
     try:
         image.load()  # reads every pixel: a truncated file fails here

@@ -345,6 +345,29 @@ def test_the_byte_and_pixel_caps_apply_per_server(make_vl_client):
             assert response.status_code == 400 and message in response.json()["error"]["message"]
 
 
+def test_a_request_s_images_have_a_pixel_total(make_vl_client):
+    # PNG is 40x30 (1,200 pixels): two distinct ones fit 2,500, a third does not; a repeat
+    # of one is decoded once and costs nothing more
+    with make_vl_client(MediaPolicy(max_request_pixels=2500)) as client:
+        third = png_data_uri(40, 30, seed=9)
+        documents = [{"image": PNG}, {"image": PNG}, {"image": png_data_uri(40, 30, seed=8)}]
+        assert (
+            len(_scores(client.post("/v1/rerank", json={"query": "q", "documents": documents})))
+            == 3
+        )
+        response = client.post(
+            "/v1/rerank", json={"query": "q", "documents": [*documents, {"image": third}]}
+        )
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert error["param"] == "documents[3]" and "--max-request-image-pixels" in error["message"]
+
+
+def test_models_say_which_inputs_they_read(vl_client, client):
+    assert vl_client.get("/v1/models").json()["data"][0]["input_modalities"] == ["text", "image"]
+    assert client.get("/v1/models").json()["data"][0]["input_modalities"] == ["text"]
+
+
 def test_oversized_content_lists_are_refused(vl_client):
     documents = [{"content": [_image_part(PNG)] * 17}]
     response = vl_client.post("/v1/rerank", json={"query": "q", "documents": documents})
@@ -368,9 +391,9 @@ def test_images_are_decoded_off_the_event_loop(vl_client, monkeypatch):
     threads = []
     real = rerankd.service.load_image
 
-    def recording(url, policy):
+    def recording(url, policy, *rest):
         threads.append(threading.current_thread().name)
-        return real(url, policy)
+        return real(url, policy, *rest)
 
     monkeypatch.setattr(rerankd.service, "load_image", recording)
     documents = [{"image": PNG}, {"image": PNG}, {"image": PNG2}]
