@@ -19,7 +19,9 @@ CPU_FLAGS_ENV = "RERANKD_CPU_FLAGS"
 #: tell: an emulation of the class's instruction sets, not of its chips (caches, clocks and
 #: port counts stay the Xeon's). Used by tests/test_cpu_classes.py and docs/benchmarks.md.
 CPU_CLASSES: dict[str, dict[str, str]] = {
-    "amx": {},  # the machine itself (an AMX Xeon where this table was measured)
+    # the machine itself (an AMX Xeon where this table was measured), even in a process
+    # whose own environment overrides the flags (empty: /proc/cpuinfo)
+    "amx": {CPU_FLAGS_ENV: ""},
     "zen4": {  # AMD EPYC Zen 4/5, Intel Cooper Lake: AVX512-BF16 and VNNI, no AMX
         "ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16",
         "FBGEMM_ENABLE_INSTRUCTIONS": "AVX512_E1",
