@@ -152,7 +152,7 @@ class ModernBert(nn.Module):
         rope = {
             True: rotary(batch.positions, self.global_inv_freq, x.dtype),
             False: rotary(batch.positions, self.local_inv_freq, x.dtype),
-        }  # is_global → (cos, sin), each (T, head_dim)
+        }  # is_global → (cos, sin), each (T, head_dim / 2)
         for layer in self.layers:
             x = layer(x, batch, rope[layer.attention.is_global])
         if c.pooling == "cls":

@@ -171,18 +171,22 @@ def test_long_documents_match_transformers():
 
 
 def test_float32_scores_match_sentence_transformers_cross_encoder():
-    """`CrossEncoder.predict` (batched and padded, no activation) on the same pairs; nothing
-    is cut at the model's 8192 tokens, where its truncation and ours agree."""
+    """`CrossEncoder.predict` (batched and padded, no activation) on the same pairs, whose
+    ids are its own `preprocess`'s; nothing is cut at the model's 8192 tokens, where its
+    truncation and ours agree."""
     from sentence_transformers import CrossEncoder
 
-    _, scores = _score(_model(max_len=None))
-    cross_encoder = CrossEncoder(_dir(), device="cpu")
-    expected = cross_encoder.predict(
-        [(QUERY, d) for d in DOCUMENTS], activation_fn=torch.nn.Identity(), batch_size=4
-    ).tolist()
-    assert scores == pytest.approx(expected, abs=TOLERANCE_FP32)
-    activated = cross_encoder.predict([(QUERY, d) for d in DOCUMENTS])  # its default: sigmoid
     model = _model(max_len=None)
+    pairs, scores = _score(model)
+    cross_encoder = CrossEncoder(_dir(), device="cpu")
+    for pair, document in zip(pairs, DOCUMENTS, strict=True):
+        features = cross_encoder.preprocess([(QUERY, document)])
+        assert features["input_ids"][0].tolist() == list(pair.input_ids)
+        assert "token_type_ids" not in features
+    inputs = [(QUERY, d) for d in DOCUMENTS]
+    expected = cross_encoder.predict(inputs, activation_fn=torch.nn.Identity(), batch_size=4)
+    assert scores == pytest.approx(expected.tolist(), abs=TOLERANCE_FP32)
+    activated = cross_encoder.predict(inputs)  # its default activation: sigmoid
     assert [model.recipe.activate(s) for s in scores] == pytest.approx(activated, abs=1e-5)
 
 
