@@ -28,7 +28,18 @@ needs_kernel = pytest.mark.skipif(
 @needs_kernel
 @pytest.mark.parametrize(
     ("heads", "kv_heads", "dim"),
-    [(16, 8, 128), (8, 2, 64), (4, 2, 16), (4, 1, 16), (2, 2, 32), (3, 3, 64), (4, 4, 128)],
+    # (32, 2, 128): 16 heads per kv head, 4 queries per task; (8, 4, 256): Gemma's head dim
+    [
+        (16, 8, 128),
+        (8, 2, 64),
+        (4, 2, 16),
+        (4, 1, 16),
+        (2, 2, 32),
+        (3, 3, 64),
+        (4, 4, 128),
+        (32, 2, 128),
+        (8, 4, 256),
+    ],
 )
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("prefix_len", [40, 9])
