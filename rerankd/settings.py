@@ -43,8 +43,8 @@ class Settings:
     recipe: str = _opt(
         "auto",
         "Scoring recipe: auto (from the checkpoint's architecture), qwen3-reranker, "
-        "qwen3-seq-cls, bge-gemma, bge-layerwise, cross-encoder, bi-encoder, mxbai-rerank-v2, "
-        "st-causal-lm.",
+        "qwen3-seq-cls, qwen3-vl-reranker (text and images), bge-gemma, bge-layerwise, "
+        "cross-encoder, bi-encoder, mxbai-rerank-v2, st-causal-lm.",
     )
     max_model_len: int | None = _opt(
         None,
