@@ -175,9 +175,12 @@ def document_inputs(
     return [document_input(d, i, rank_fields) for i, d in enumerate(documents)], list(documents)
 
 
-def query_input(query: str | dict[str, Any], param: str = "query") -> str | Parts:
+def query_input(
+    query: str | dict[str, Any], param: str = "query", text_object: bool = False
+) -> str | Parts:
     """A query: a string, vLLM's {"content": [...]} (all parts one query), or Jina's
-    {"image": ...} / {"text": ..., "image": ...}; {"text": ...} alone is its text."""
+    {"image": ...} / {"text": ..., "image": ...}; with `text_object` (/v1/score's query lists)
+    also a {"text": ...} object."""
     if isinstance(query, str):
         return query
     if isinstance(query.get("content"), list):
@@ -185,9 +188,11 @@ def query_input(query: str | dict[str, Any], param: str = "query") -> str | Part
     if "image" in query:
         return _jina_parts(query, param)
     text = query.get("text")
-    if not isinstance(text, str):
+    if not text_object or not isinstance(text, str):
         raise InvalidRequest(
-            f'{param} must be a string, {{"text": ...}}, {{"image": ...}} or {{"content": [...]}}',
+            f"{param} must be a string"
+            + (', {"text": ...}' if text_object else "")
+            + ', or for a multimodal model {"content": [...]} or {"image": ...}',
             param=param,
         )
     return text

@@ -391,7 +391,7 @@ def _query_inputs(side: Any) -> list:
     if isinstance(side, dict):
         return [query_input(side, "queries")]
     items = _as_list(side)
-    return [query_input(item, f"queries[{i}]") for i, item in enumerate(items)]
+    return [query_input(item, f"queries[{i}]", text_object=True) for i, item in enumerate(items)]
 
 
 async def _score(request: Request) -> JSONResponse:

@@ -91,7 +91,9 @@ def test_a_list_mixes_strings_text_objects_content_items_and_jina_forms():
 
 def test_queries_take_the_same_forms():
     assert query_input("q") == "q"
-    assert query_input({"text": "q"}) == "q"
+    assert query_input({"text": "q"}, text_object=True) == "q"  # /v1/score's query lists
+    with pytest.raises(InvalidRequest, match="query must be a string"):
+        query_input({"text": "q"})  # a rerank query object without an image stays a 400
     assert query_input({"content": [_image_part(PNG)]}) == (("image", PNG),)
     assert query_input({"image": PNG, "text": "q"}) == (("image", PNG), ("text", "q"))
 
