@@ -443,21 +443,22 @@ class RerankService:
             return list(queries), list(documents)
         decoded: dict[str, DecodedImage] = {}
         policy = self.limits.media
+        pixels_left = policy.max_request_pixels
 
         def load(item, param: str):
+            nonlocal pixels_left
             if isinstance(item, str):
                 return item
             parts = []
             for kind, value in item:
                 if kind == "image" and isinstance(value, str):
                     if value not in decoded:
-                        left = policy.max_request_pixels - sum(
-                            d.image.width * d.image.height for d in decoded.values()
-                        )
                         try:
-                            decoded[value] = DecodedImage(load_image(value, policy, left))
+                            image = load_image(value, policy, pixels_left)
                         except MediaError as exc:
                             raise InvalidRequest(f"{param}: {exc}", param=param) from exc
+                        pixels_left -= image.width * image.height
+                        decoded[value] = DecodedImage(image)
                     value = decoded[value]
                 parts.append((kind, value))
             return tuple(parts)
