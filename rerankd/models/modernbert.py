@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from rerankd.models.hf_config import UnsupportedCheckpoint
 from rerankd.models.weights import Checkpoint
-from rerankd.ops.attention import ATTENTION, takes, torch_varlen_kernel
+from rerankd.ops.attention import ATTENTION, PADDED_BUCKET_TOKENS, takes, torch_varlen_kernel
 from rerankd.ops.batch import PackedBatch
 from rerankd.ops.prepack import residual_linear
 
@@ -328,14 +328,14 @@ LocalAttention = Callable[[Tensor, Tensor, Tensor, PackedBatch, int, float], Ten
 def local_attention(backend: str) -> LocalAttention:
     """The windowed kernel that goes with a global `backend`: torch's varlen kernel with
     `window_size` where the engine runs `varlen` and this torch's kernel takes it (CUDA),
-    else per-sequence SDPA with a band mask (`band_sdpa_attention`; the AMX kernel and the
-    other CUDA backends have no window) — except for a batch whose sequences all fit in one
+    else SDPA with a band mask (`band_sdpa_attention`; the AMX kernel and the other CUDA
+    backends have no window) — except for a batch whose sequences all fit in one
     window, which the global kernel attends exactly (short documents: rerankd's AMX kernel
     instead of SDPA in every layer)."""
     kernel = torch_varlen_kernel()
     if backend == "varlen" and kernel is not None and takes(kernel, "window_size"):
         return functools.partial(windowed_varlen_attention, kernel=kernel)
-    if backend == "sdpa":  # the band path is the same SDPA, unmasked on such batches
+    if backend == "sdpa":  # the band path is SDPA too, one call per bucket
         return band_sdpa_attention
     return functools.partial(_short_or_band, attend=ATTENTION[backend])
 
@@ -356,27 +356,63 @@ def band_sdpa_attention(
     q: Tensor, k: Tensor, v: Tensor, batch: PackedBatch, window: int, scale: float
 ) -> Tensor:
     """q/k/v: (T, H, D) → (T, H, D); query i of a sequence sees its keys j with
-    |i − j| ≤ window. SDPA per sequence: unmasked when it has at most window + 1 tokens
-    (every pair is within the window), with a band mask up to `CHUNK_SPAN` tokens, in query
-    chunks beyond."""
+    |i − j| ≤ window. Sequences up to `CHUNK_SPAN` tokens: one SDPA call per bucket of them
+    padded to a rectangle (`_band_buckets`): per-sequence calls cost 3x more per layer on the
+    W-CPU batches (SDPA's CPU kernel pays its setup per call; transformers' padded call per
+    layer beat them). Longer ones: per sequence, in query chunks."""
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     span = max(CHUNK_SPAN, 4 * window)
     chunk = span - 2 * window  # queries per chunk: their keys fit in `span`
+    for rows, real, mask in _band_buckets(batch, span, window, q.dtype):
+        qb, kb, vb = (t[rows].transpose(1, 2) for t in (q, k, v))  # (B, H, L, D)
+        ob = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale)
+        out[rows[real]] = ob.transpose(1, 2)[real]  # the real rows of (B, L, H, D)
     for start, length in zip(batch.starts, batch.lengths, strict=True):
-        if length <= window + 1:
-            _attend(q, k, v, out, (start, start + length), (start, start + length), None, scale)
-            continue
-        band = band_mask(batch, min(span, max(batch.lengths)), window, q.dtype)
         if length <= span:
-            whole = (start, start + length)
-            _attend(q, k, v, out, whole, whole, band[:length, :length], scale)
             continue
+        band = band_mask(batch, span, window, q.dtype)
         for a in range(0, length, chunk):
             b = min(a + chunk, length)
             ks, ke = max(0, a - window), min(length, b + window)
             mask = band[a - ks : b - ks, : ke - ks]  # Toeplitz: the band shifted by a - ks
             _attend(q, k, v, out, (start + a, start + b), (start + ks, start + ke), mask, scale)
     return out
+
+
+def _band_buckets(batch: PackedBatch, span: int, window: int, dtype: torch.dtype) -> list:
+    """The sequences of at most `span` tokens, longest first, in buckets of at most
+    `PADDED_BUCKET_TOKENS` padded tokens. Per bucket: rows (B, L) into the stream (padding
+    repeats the sequence's first row), real (B, L) bool, and an additive mask (B, 1, L, L)
+    that shows query i key j when j is real and |i − j| ≤ window (padded queries see the real
+    keys: no empty row, no NaN; their outputs are dropped). Cached on the batch for every
+    local layer."""
+    cache = batch.__dict__.setdefault("_band_buckets", {})
+    key = (span, window, dtype)
+    if key in cache:
+        return cache[key]
+    device = batch.input_ids.device
+    order = sorted(
+        (i for i, n in enumerate(batch.lengths) if n <= span), key=lambda i: -batch.lengths[i]
+    )
+    groups: list[list[int]] = []
+    for i in order:  # the first of a group is its longest
+        if groups and (len(groups[-1]) + 1) * batch.lengths[groups[-1][0]] <= PADDED_BUCKET_TOKENS:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    buckets = []
+    for group in groups:
+        lengths = torch.tensor([batch.lengths[i] for i in group], device=device)[:, None]
+        starts = torch.tensor([batch.starts[i] for i in group], device=device)[:, None]
+        index = torch.arange(batch.lengths[group[0]], device=device)
+        real = index[None, :] < lengths  # (B, L)
+        near = (index[:, None] - index[None, :]).abs() <= window  # (L, L)
+        visible = real[:, None, :] & (near[None] | ~real[:, :, None])  # (B, L, L)
+        mask = torch.zeros(visible.shape, dtype=dtype, device=device)
+        mask.masked_fill_(~visible, float("-inf"))
+        buckets.append((starts + torch.where(real, index[None, :], 0), real, mask[:, None]))
+    cache[key] = buckets
+    return buckets
 
 
 def _attend(q, k, v, out, rows: tuple[int, int], keys: tuple[int, int], mask, scale) -> None:

@@ -283,8 +283,12 @@ def _band_reference(q, k, v, lengths, window, scale):
     return torch.cat(out)
 
 
-def test_band_sdpa_attention_is_the_banded_math():
-    """Short sequences (no mask), banded ones, and long ones in query chunks."""
+@pytest.mark.parametrize("bucket_tokens", [None, 50], ids=["one-bucket", "buckets"])
+def test_band_sdpa_attention_is_the_banded_math(bucket_tokens, monkeypatch):
+    """Sequences within one window, banded ones (padded buckets), and long ones in query
+    chunks."""
+    if bucket_tokens:
+        monkeypatch.setattr(modernbert, "PADDED_BUCKET_TOKENS", bucket_tokens)
     gen = torch.Generator().manual_seed(0)
     # around window + 1 = 9 on both sides, and past CHUNK_SPAN (query chunks)
     lengths = [3, 9, 10, 40, 1, 25, CHUNK_SPAN + 1, 3 * CHUNK_SPAN - 7]
