@@ -168,7 +168,11 @@ class Qwen3VLReranker(Recipe):
             )
         if not documents:
             return []
-        queries = [self._precut(q) for q in queries]
+        cut_queries: dict[int, Any] = {}  # a request's one query: cut once, one object
+        for query in queries:
+            if id(query) not in cut_queries:
+                cut_queries[id(query)] = self._precut(query)
+        queries = [cut_queries[id(q)] for q in queries]
         documents = [self._precut(d) for d in documents]
         capped = [0] * len(documents)
         if max_document_tokens is not None:

@@ -166,6 +166,10 @@ def test_vision_markup_in_text_is_refused(recipe):
 def test_an_extreme_aspect_ratio_is_a_400_naming_the_document(recipe):
     with pytest.raises(InvalidRequest, match=r"documents\[0\].*aspect ratio"):
         recipe.encode([QUERY], [(("image", _image(600, 2, 4)),)])
+    query = (("image", _image(600, 2, 4)),)
+    with pytest.raises(InvalidRequest, match="aspect ratio") as caught:
+        recipe.encode([query] * 2, ["a", "b"])  # one query object: named `query`
+    assert caught.value.param == "query"
 
 
 def test_bfloat16_matches_the_reference_in_bfloat16(model_dir, recipe, images):
