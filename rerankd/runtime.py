@@ -194,6 +194,8 @@ def warm_up(recipe, engine) -> None:
     """Run one tiny batch so the first request does not pay for lazy initialization."""
     pairs = recipe.encode([PROBE_QUERY], [PROBE_DOCUMENT])
     engine.score(Batch(pairs))
+    if getattr(recipe, "supports_images", False):  # the vision tower too
+        engine.score(Batch(recipe.encode([PROBE_QUERY] * 2, recipe.warm_up_documents())))
 
 
 def limits_of(settings: Settings) -> Limits:

@@ -139,6 +139,14 @@ class Qwen3VLReranker(Recipe):
             kind="lm_rows", positive_token_id=vocab["yes"], negative_token_id=vocab["no"]
         )
 
+    def warm_up_documents(self) -> list[Any]:
+        """Two small image documents (a grey 64x64 image, with and without a caption), for
+        the start-up warm-up to run the vision tower and the shared-prefix path once."""
+        from PIL import Image
+
+        image = Image.new("RGB", (64, 64), (128, 128, 128))
+        return [(("image", image),), (("image", image), ("text", "warm-up document"))]
+
     def _max_length(self, max_model_len: int | None) -> int:
         text = getattr(self.config, "text_config", self.config)
         context = getattr(text, "max_position_embeddings", None) or CARD_MAX_LENGTH + SUFFIX_TOKENS
