@@ -110,10 +110,22 @@ def _data_uri_bytes(url: str, max_bytes: int) -> bytes:
         raise MediaError(f"the data: URI is not valid base64 ({exc})") from exc
 
 
+class _HttpRedirectsOnly(urllib.request.HTTPRedirectHandler):
+    """Follow redirects to http(s) URLs only (urllib's own handler also follows ftp://)."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        if not newurl.lower().startswith(("http://", "https://")):
+            raise MediaError(f"the URL redirected to a non-http(s) URL ({newurl[:64]!r})")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+_OPENER = urllib.request.build_opener(_HttpRedirectsOnly)
+
+
 def _download(url: str, policy: MediaPolicy) -> bytes:
     request = urllib.request.Request(url, headers={"User-Agent": "rerankd"})
     try:
-        with urllib.request.urlopen(request, timeout=policy.timeout) as response:  # noqa: S310
+        with _OPENER.open(request, timeout=policy.timeout) as response:
             kind = (response.headers.get_content_type() or "").lower()
             if kind not in ALLOWED_CONTENT_TYPES:
                 raise MediaError(f"the URL answered with content type {kind!r}, not an image")

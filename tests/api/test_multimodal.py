@@ -154,6 +154,12 @@ class _ImageServer(http.server.BaseHTTPRequestHandler):
     routes: dict[str, tuple[str, bytes, float]] = {}
 
     def do_GET(self):  # noqa: N802
+        if self.path.startswith("/redirect?"):
+            self.send_response(302)
+            self.send_header("Location", self.path.split("?", 1)[1])
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         kind, body, delay = self.routes.get(self.path, ("text/plain", b"missing", 0.0))
         if delay:
             threading.Event().wait(delay)
@@ -198,6 +204,12 @@ def test_remote_images_only_when_allowed_then_bounded(image_server):
         load_image(f"{image_server}/slow.png", allowed)
     with pytest.raises(MediaError, match="could not be fetched"):
         load_image(f"{image_server}/missing.png", allowed)
+    redirect = f"{image_server}/redirect?"
+    assert load_image(f"{redirect}{image_server}/a.png", allowed).size == (40, 30)
+    with pytest.raises(MediaError, match="non-http"):
+        load_image(f"{redirect}ftp://127.0.0.1/a.png", allowed)
+    with pytest.raises(MediaError, match="not allowed"):  # urllib's own check, first
+        load_image(f"{redirect}file:///etc/hostname", allowed)
 
 
 # --- over HTTP, on the fake engine ---------------------------------------------------------
