@@ -272,3 +272,20 @@ def test_the_shared_prefix_runs_once_and_changes_no_score(model_dir, recipe, eng
         assert all(p.input_ids[:prefix] == first[:prefix] for p in pairs), name
         got, want = engine.score(Batch(pairs)), plain.score(Batch(pairs))
         assert max(abs(a - b) for a, b in zip(got, want, strict=True)) <= 1e-5, name
+
+
+def test_the_pixel_budget_is_configurable(model_dir, engine):
+    """--image-pixel-budget: images resized to at most that many pixels, as the official
+    code's `max_pixels` does (parity with the reference at the same budget)."""
+    from rerankd.runtime import load_recipe
+    from rerankd.settings import Settings
+
+    budget = 64 * 64
+    recipe = load_recipe(Settings(model=str(model_dir), image_pixel_budget=budget))[2]
+    reference = ReferenceQwen3VLReranker(model_dir, max_pixels=budget)
+    image = _image(200, 160, 5)
+    (pair,) = recipe.encode([QUERY], [(("image", image),)])
+    assert pair.images[0][1] == (1, 2, 4)  # 200x160 -> 64x32 (smart_resize floors to fit)
+    assert list(pair.input_ids) == reference.token_ids({"text": QUERY}, {"image": image})
+    ((want, _),) = reference.process({"text": QUERY}, [{"image": image}])
+    assert abs(engine.score(Batch([pair]))[0] - want) <= TOLERANCE
