@@ -284,6 +284,7 @@ class Qwen3VLReranker(Recipe):
             kept = self._truncate(ids[:-SUFFIX_TOKENS]) + ids[-SUFFIX_TOKENS:]
             cut = len(ids) - len(kept)
             if cut:
+                self._check_images_fit(kept, index)
                 self._check_query_fits(texts[index], index)
             pairs.append(EncodedVisionPair(tuple(kept), None, cut, images=tuple(images[index])))
         return pairs
@@ -314,6 +315,18 @@ class Qwen3VLReranker(Recipe):
                 out.append(token)
                 kept += 1
         return out
+
+    def _check_images_fit(self, ids: list[int], index: int) -> None:
+        """Special tokens (image placeholders among them) are never cut: when they alone
+        fill the limit, no text is left, which is a 400, not a score."""
+        special = sum(1 for t in ids if t in self.special_ids)
+        if special >= self.front_budget:
+            raise InvalidRequest(
+                f"document {index}: its images and the query's take {special} tokens, more "
+                f"than this model's limit of {self.max_length} tokens leaves room for; send "
+                "fewer or smaller images, or serve with a lower --image-pixel-budget",
+                param=f"documents[{index}]",
+            )
 
     def _check_query_fits(self, text: str, index: int) -> None:
         """A cut that reaches into the prompt or the query (not just the document) is a 400."""

@@ -158,6 +158,15 @@ def test_truncation_keeps_special_tokens_and_the_prompt_end(model_dir, engine, i
         recipe.encode([QUERY], [long_text], truncate=False)
 
 
+def test_images_that_fill_the_limit_are_a_400_naming_the_document(model_dir, images):
+    config, tokenizer = load_config_and_tokenizer(model_dir)
+    recipe = Qwen3VLReranker(tokenizer, config, 50, model_dir=model_dir)
+    many = tuple(("image", image) for image in images * 2)  # 49 special tokens with them
+    with pytest.raises(InvalidRequest, match="images") as caught:
+        recipe.encode([QUERY] * 2, ["fits", many])
+    assert caught.value.param == "documents[1]"
+
+
 def test_vision_markup_in_text_is_refused(recipe):
     with pytest.raises(InvalidRequest, match=r"documents\[1\]"):
         recipe.encode([QUERY] * 2, ["fine", "a <|image_pad|> smuggled"])
