@@ -163,8 +163,8 @@ def test_images_that_fill_the_limit_are_a_400_naming_the_document(model_dir, ima
     recipe = Qwen3VLReranker(tokenizer, config, 50, model_dir=model_dir)
     many = tuple(("image", image) for image in images * 2)  # 49 special tokens with them
     with pytest.raises(InvalidRequest, match="images") as caught:
-        recipe.encode([QUERY] * 2, ["fits", many])
-    assert caught.value.param == "documents[1]"
+        recipe.encode([QUERY], [many])
+    assert caught.value.param == "documents[0]"
 
 
 def test_vision_markup_in_text_is_refused(recipe):
