@@ -363,10 +363,14 @@ def band_sdpa_attention(
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     span = max(CHUNK_SPAN, 4 * window)
     chunk = span - 2 * window  # queries per chunk: their keys fit in `span`
-    for rows, real, mask in _band_buckets(batch, span, window, q.dtype):
-        qb, kb, vb = (t[rows].transpose(1, 2) for t in (q, k, v))  # (B, H, L, D)
+    for rows, real, targets, mask in _band_buckets(batch, span, window, q.dtype):
+        bsz, width = mask.shape[0], mask.shape[-1]
+        # (B·L, H, D) gathered -> (B, H, L, D)
+        qb, kb, vb = (
+            t.index_select(0, rows).unflatten(0, (bsz, width)).transpose(1, 2) for t in (q, k, v)
+        )
         ob = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale)
-        out[rows[real]] = ob.transpose(1, 2)[real]  # the real rows of (B, L, H, D)
+        out[targets] = ob.transpose(1, 2).flatten(0, 1).index_select(0, real)
     for start, length in zip(batch.starts, batch.lengths, strict=True):
         if length <= span:
             continue
@@ -381,8 +385,9 @@ def band_sdpa_attention(
 
 def _band_buckets(batch: PackedBatch, span: int, window: int, dtype: torch.dtype) -> list:
     """The sequences of at most `span` tokens, longest first, in buckets of at most
-    `PADDED_BUCKET_TOKENS` padded tokens. Per bucket: rows (B, L) into the stream (padding
-    repeats the sequence's first row), real (B, L) bool, and an additive mask (B, 1, L, L)
+    `PADDED_BUCKET_TOKENS` padded tokens. Per bucket: rows (B·L,) into the stream (padding
+    repeats the sequence's first row), the indices of the real ones among them and their
+    rows in the stream (where their outputs go), and an additive mask (B, 1, L, L)
     that shows query i key j when j is real and |i − j| ≤ window (padded queries see the real
     keys: no empty row, no NaN; their outputs are dropped). Cached on the batch for every
     local layer."""
@@ -410,7 +415,9 @@ def _band_buckets(batch: PackedBatch, span: int, window: int, dtype: torch.dtype
         visible = real[:, None, :] & (near[None] | ~real[:, :, None])  # (B, L, L)
         mask = torch.zeros(visible.shape, dtype=dtype, device=device)
         mask.masked_fill_(~visible, float("-inf"))
-        buckets.append((starts + torch.where(real, index[None, :], 0), real, mask[:, None]))
+        rows = (starts + torch.where(real, index[None, :], 0)).flatten()  # (B·L,)
+        flat_real = real.flatten().nonzero()[:, 0]  # real positions of the (B·L) rows
+        buckets.append((rows, flat_real, rows[flat_real], mask[:, None]))
     cache[key] = buckets
     return buckets
 
