@@ -20,12 +20,15 @@ the scores (tokenization included):
   sentence-transformers, and its dynamic int8 model from
   `sentence_transformers.backend.export_dynamic_quantized_onnx_model(…, "avx512_vnni")`;
 - ``st-openvino``: the OpenVINO backend with its default configuration (the plugin picks
-  the inference precision: bf16 on CPUs with AMX/AVX512-BF16; the worker reports it).
+  the inference precision: bf16 on CPUs with AMX/AVX512-BF16; the worker reports it);
+- ``infinity``: infinity-emb's `AsyncEmbeddingEngine` (torch engine, default dtype: float32
+  on CPU, batch size 32), its `rerank` with raw scores.
 
 The peers run from venvs outside the repository (`benchmarks/peers/setup_encoder_peers.sh`):
 sentence-transformers' `[onnx]` and `[openvino]` extras cannot share one environment (nor
-this one: they pin other transformers/torch versions), so each has its own; an engine whose
-venv is missing is reported as skipped.
+this one: they pin other transformers/torch versions), and infinity-emb pins
+sentence-transformers 3, so each has its own; an engine whose venv is missing is reported as
+skipped.
 
 Interleaving: all workers are loaded first and stay up; every worker but the one measured is
 frozen (SIGSTOP: no CPU, spinning thread pools included, warm state kept). Each round gives one
@@ -69,10 +72,12 @@ ENGINES: dict[str, tuple[str, str]] = {
     "st-onnx-fp32": ("onnx", "fp32"),
     "st-onnx-int8": ("onnx", "int8"),
     "st-openvino": ("openvino", "plugin default"),
+    "infinity": ("infinity", "fp32"),
 }
 DEFAULT_VENVS = {
     "onnx": "~/.cache/rerankd-bench/enc-peers-onnx",
     "openvino": "~/.cache/rerankd-bench/enc-peers-ov",
+    "infinity": "~/.cache/rerankd-bench/enc-peers-infinity",
 }
 
 
@@ -187,6 +192,41 @@ class _SentenceTransformers(_Scorer):
         return [float(s) for s in scores]
 
 
+class _Infinity(_Scorer):
+    """infinity-emb's Python engine (`AsyncEmbeddingEngine`, torch backend, its default
+    dtype: float32 on CPU), scored through its `rerank`, as its server's /rerank does."""
+
+    def __init__(self, model: str) -> None:
+        import asyncio
+
+        import infinity_emb
+        from infinity_emb import AsyncEmbeddingEngine, EngineArgs
+
+        self.loop = asyncio.new_event_loop()
+        args = EngineArgs(
+            model_name_or_path=model,
+            engine="torch",
+            device="cpu",
+            batch_size=DOCS_PER_REQUEST,
+            model_warmup=False,  # its own warm-up runs 2,048-token batches (minutes here)
+        )
+        self.engine = AsyncEmbeddingEngine.from_args(args)
+        self.loop.run_until_complete(self.engine.astart())
+        self.info = {"infinity_emb": infinity_emb.__version__, "dtype": str(args.dtype)}
+
+    def raw(self, query, documents):
+        results, _ = self.loop.run_until_complete(
+            self.engine.rerank(query=query, docs=documents, raw_scores=True)
+        )
+        raw = [0.0] * len(documents)
+        for r in results:  # sorted by score: back to document order
+            raw[r.index] = float(r.relevance_score)
+        return raw
+
+    def close(self) -> None:
+        self.loop.run_until_complete(self.engine.astop())
+
+
 def _openvino_precision(ce) -> str:
     """INFERENCE_PRECISION_HINT of the compiled OpenVINO model inside `ce` (optimum-intel
     keeps it as the model's `request`, an `openvino.CompiledModel`)."""
@@ -209,6 +249,8 @@ def worker(name: str, model: str, cache: str) -> None:
     started = time.perf_counter()
     if name.startswith("rerankd-"):
         scorer: _Scorer = _Rerankd(model, "int8" if name.endswith("int8") else "none")
+    elif name == "infinity":
+        scorer = _Infinity(model)
     else:
         _, backend, *variant = name.split("-", 2)  # st-openvino has no variant
         variant = variant[0] if variant else "default"
@@ -237,6 +279,7 @@ class Worker:
     def __init__(self, name: str, python: str, model: Path, cache: Path):
         self.name = name
         env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)}
+        env["INFINITY_ANONYMOUS_USAGE_STATS"] = "0"  # infinity-emb's telemetry
         cmd = [python, str(Path(__file__).resolve()), "--worker", name, "--model", str(model)]
         cmd += ["--cache", str(cache)]
         self.proc = subprocess.Popen(
@@ -521,6 +564,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--engines", default=",".join(ENGINES), help="comma-separated engine names")
     p.add_argument("--onnx-venv", help=f"default {DEFAULT_VENVS['onnx']}")
     p.add_argument("--openvino-venv", help=f"default {DEFAULT_VENVS['openvino']}")
+    p.add_argument("--infinity-venv", help=f"default {DEFAULT_VENVS['infinity']}")
     p.add_argument("--json", help="write the results here")
     # internal: a worker process
     p.add_argument("--worker", help=argparse.SUPPRESS)

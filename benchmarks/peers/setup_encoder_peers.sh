@@ -2,7 +2,7 @@
 # Build the W-ENC peers' virtual environments (benchmarks/bench_encoders.py), outside the
 # repository. Usage:
 #   bash benchmarks/peers/setup_encoder_peers.sh [ROOT]     (default ~/.cache/rerankd-bench)
-# Creates ROOT/enc-peers-onnx and ROOT/enc-peers-ov. Environment: PYTHON (default python3),
+# Creates ROOT/enc-peers-onnx, ROOT/enc-peers-ov and ROOT/enc-peers-infinity. Environment: PYTHON (default python3),
 # TORCH_VERSION (default 2.13.0, the main venv's).
 #
 # Why two venvs, neither of them rerankd's: sentence-transformers 6.3's [openvino] extra pulls
@@ -10,7 +10,8 @@
 # [onnx] extra cannot be installed at all (optimum-onnx 0.1.0 requires transformers < 4.58,
 # ST 6 requires >= 5), so the ONNX peer runs sentence-transformers 5.1.2 with transformers
 # 4.57. Torch is installed first and pinned in every step, so pip never replaces it.
-# Infinity (infinity-emb) is not installed: not attempted in the session that wrote this.
+# infinity-emb 0.0.78 (the newest) resolves to sentence-transformers 3.4.1 and transformers
+# 4.57: a third venv.
 set -euo pipefail
 
 ROOT="${1:-${RERANKD_BENCH_CACHE:-$HOME/.cache/rerankd-bench}}"
@@ -39,14 +40,19 @@ venv "$ONNX"
 "$ONNX/bin/pip" install -q "$TORCH" "sentence-transformers[onnx]==5.1.2" \
   "optimum-onnx[onnxruntime]==0.1.0" "transformers<4.58"
 
-for v in "$OV" "$ONNX"; do
+# Infinity: infinity-emb[torch] 0.0.78 (its Python engine; the benchmark needs no server)
+INF="$ROOT/enc-peers-infinity"
+venv "$INF"
+"$INF/bin/pip" install -q "$TORCH" "infinity-emb[torch]==0.0.78"
+
+for v in "$OV" "$ONNX" "$INF"; do
   "$v/bin/python" - <<'PY'
 import sys
 
 import sentence_transformers, torch, transformers
 
 extra = []
-for name in ("onnxruntime", "openvino"):
+for name in ("onnxruntime", "openvino", "infinity_emb"):
     try:
         extra.append(f"{name} {__import__(name).__version__}")
     except ImportError:
