@@ -75,7 +75,11 @@ class Settings:
         "none",
         "none, or int8: int8 linear layers on CPU, activations quantized on the fly, the "
         "rest of the model in --dtype (faster; scores move slightly, see "
-        "docs/benchmarks.md for the measured fidelity). Needs --engine packed/auto.",
+        "docs/benchmarks.md for the measured fidelity); or fp8: float8 e4m3 linear layers "
+        "on CUDA GPUs of compute capability 8.9+ (Ada, Hopper; weights per output channel, "
+        "activations per token; fewer bytes and fp8 tensor cores, scores move slightly: "
+        "benchmarks/bench_gpu.py --quantize fp8 prints max |delta| and ranking agreement vs "
+        "bf16; refused on CPU and older GPUs). Needs --engine packed/auto.",
     )
     compile: str = _opt(
         "auto",

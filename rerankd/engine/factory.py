@@ -19,6 +19,7 @@ from rerankd.models.modernbert import ModernBertConfig, load_modernbert
 from rerankd.models.qwen2 import qwen2_config
 from rerankd.models.qwen3 import qwen3_config
 from rerankd.models.weights import open_checkpoint
+from rerankd.ops.fp8 import fp8_refusal, probe_fp8, quantize_fp8
 from rerankd.ops.prepack import prepack_linears
 from rerankd.ops.quantize import choose_int8, quantize_int8
 from rerankd.recipes import ScoreHead
@@ -57,6 +58,13 @@ def build_packed_engine(
             quantize = "none"
         elif not w8a8:
             dtype = torch.float32  # the torch.ao fallback's int8 linears take float32
+    if quantize == "fp8":  # refused before loading: CUDA 8.9+ and bf16 activations only
+        refusal = fp8_refusal(device)
+        if refusal is not None:
+            raise ValueError(f"--quantize fp8: {refusal}")
+        if dtype != torch.bfloat16:  # the row-wise scaled GEMM writes bf16 only on CUDA
+            raise ValueError(f"--quantize fp8 runs bf16 activations; got --dtype {dtype}")
+        fuse_bias, _ = probe_fp8(device, dtype)  # RuntimeError: the kernel is broken here
     model_type = getattr(hf_config, "model_type", None)
     if model_type in DECODERS:
         config = DECODERS[model_type](hf_config)
@@ -98,6 +106,8 @@ def build_packed_engine(
     if quantize == "int8":
         model, dtype = quantize_int8(model, dtype, choice)
         onednn = w8a8
+    if quantize == "fp8":
+        quantize_fp8(model, fuse_bias)
     if onednn and decoder:
         model.decoder.set_row_multiple(ONEDNN_ROW_MULTIPLE)
     engine = (LayerwiseEngine if model_type in LAYERWISE else PackedEngine)(
@@ -112,4 +122,6 @@ def build_packed_engine(
     )
     if quantize == "int8":
         engine.dtype = f"int8-dynamic ({engine.dtype} activations)"
+    elif quantize == "fp8":
+        engine.dtype = f"fp8-e4m3 ({engine.dtype} activations)"
     return engine

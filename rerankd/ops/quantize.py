@@ -51,7 +51,8 @@ from rerankd.ops.prepack import (
 
 log = logging.getLogger(__name__)
 
-QUANTIZE_MODES = ("none", "int8")
+#: int8: CPU (this module); fp8: CUDA 8.9+ (rerankd/ops/fp8.py)
+QUANTIZE_MODES = ("none", "int8", "fp8")
 
 #: int8 grid of the symmetric quantizers (-127..127: no -128, so negation is exact)
 _QMAX = 127.0
