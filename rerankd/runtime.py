@@ -152,7 +152,12 @@ def build_engine(kind: str, model_dir, config, recipe, device, dtype, settings: 
                 "model, padded) only; drop --engine packed and --quantize"
             )
         return VisionLanguageEngine(
-            model_dir, recipe.head, device, dtype, settings.max_batch_tokens
+            model_dir,
+            recipe.head,
+            device,
+            dtype,
+            settings.max_batch_tokens,
+            score_offset=getattr(recipe, "score_offset", 0.0),
         )
     if recipe.head.kind == "maxsim":  # late interaction: per-token embeddings, MaxSim
         from rerankd.engine.late_interaction import LateInteractionEngine

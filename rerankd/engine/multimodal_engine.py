@@ -47,11 +47,14 @@ class VisionLanguageEngine:
         dtype: torch.dtype,
         max_batch_tokens: int | None = None,
         share_prefix: bool = True,
+        score_offset: float = 0.0,
     ) -> None:
         from transformers import AutoModelForImageTextToText
 
-        if head.kind != "lm_rows":
-            raise ValueError(f"the vision-language engine scores LM-head rows, not {head.kind!r}")
+        if head.kind not in ("lm_rows", "classifier"):
+            raise ValueError(
+                f"the vision-language engine scores LM-head rows or a score MLP, not {head.kind!r}"
+            )
         self.name = "transformers-vl"
         self.device = str(device)
         self.dtype = str(dtype).removeprefix("torch.")
@@ -63,12 +66,18 @@ class VisionLanguageEngine:
         config = model.config
         self.image_token_id = config.image_token_id
         self.video_token_id = getattr(config, "video_token_id", None)
-        weight = model.get_output_embeddings().weight
-        direction = weight[head.positive_token_id].float()
-        if head.negative_token_id is not None:
-            direction = direction - weight[head.negative_token_id].float()
-        # (1, hidden): the score head reduced to the rows the recipe needs, in float32
-        self._head_weight = direction[None, :].to(device)
+        self._score_mlp = None
+        if head.kind == "classifier":  # the checkpoint's score MLP (jina-reranker-m0), float32
+            from rerankd.models.jina_vl import load_score_mlp
+
+            self._score_mlp = load_score_mlp(model_dir, score_offset).to(device)
+        else:
+            weight = model.get_output_embeddings().weight
+            direction = weight[head.positive_token_id].float()
+            if head.negative_token_id is not None:
+                direction = direction - weight[head.negative_token_id].float()
+            # (1, hidden): the score head reduced to the rows the recipe needs, in float32
+            self._head_weight = direction[None, :].to(device)
         self._base = model.model
         del model  # the full LM head is not needed (tied or not)
         self._base.to(device).eval()
@@ -187,7 +196,7 @@ class VisionLanguageEngine:
         ).last_hidden_state
         last = mask[:, prefix:].sum(dim=1).to(self._device) - 1
         h = hidden[torch.arange(bsz, device=self._device), last].float()  # (B, hidden)
-        return (h @ self._head_weight.T)[:, 0].tolist()  # (B, hidden) x (hidden, 1)
+        return self._score(h)
 
     def _forward_padded(self, pairs: list[EncodedPair]) -> list[float]:
         """Every pair whole, padded on the right."""
@@ -204,4 +213,10 @@ class VisionLanguageEngine:
         hidden = hidden.last_hidden_state
         last = mask.sum(dim=1) - 1
         h = hidden[torch.arange(len(pairs), device=self._device), last].float()  # (B, hidden)
+        return self._score(h)
+
+    def _score(self, h: torch.Tensor) -> list[float]:
+        """Raw scores of last-position hidden states h, (B, hidden) float32."""
+        if self._score_mlp is not None:
+            return self._score_mlp(h).tolist()
         return (h @ self._head_weight.T)[:, 0].tolist()  # (B, hidden) x (hidden, 1)

@@ -17,6 +17,7 @@ from rerankd.recipes.bi_encoder import (
 )
 from rerankd.recipes.colbert import ColbertReranker, colbert_info
 from rerankd.recipes.cross_encoder import CrossEncoder
+from rerankd.recipes.jina_m0 import JinaM0Reranker
 from rerankd.recipes.mxbai import MxbaiRerankV2, is_mxbai_v2_download
 from rerankd.recipes.qwen3 import Qwen3Reranker, Qwen3SeqCls
 from rerankd.recipes.qwen3_vl import Qwen3VLReranker
@@ -35,6 +36,7 @@ RECIPES: dict[str, type[Recipe]] = {
         StCausalReranker,
         ColbertReranker,
         Qwen3VLReranker,
+        JinaM0Reranker,
     )
 }
 #: recipes that read their checkpoint's own files besides config and tokenizer
@@ -78,6 +80,7 @@ def detect_recipe(config: Any, model_dir: Path | str | None = None) -> type[Reci
         f"no scoring recipe fits this checkpoint (architectures: {architectures or 'none'}, "
         f"num_labels: {getattr(config, 'num_labels', '?')}).{why} Supported: Qwen3ForCausalLM "
         "(qwen3-reranker), Qwen3VLForConditionalGeneration (qwen3-vl-reranker), "
+        "JinaVLForRanking (jina-reranker-m0), "
         "Qwen3ForSequenceClassification (qwen3-seq-cls), GemmaForCausalLM "
         "(bge-gemma), LayerWiseMiniCPMForCausalLM (bge-layerwise), any one-label "
         "*ForSequenceClassification (cross-encoder), a "
@@ -106,7 +109,7 @@ def build_recipe(
         cls = RECIPES[name]
     else:
         raise ModelLoadError(f"unknown recipe {name!r}; choose one of: {', '.join(RECIPES)}")
-    if cls is Qwen3VLReranker:  # reads its image processor from the checkpoint
+    if cls in (Qwen3VLReranker, JinaM0Reranker):  # read their image processor from the checkpoint
         model_dir = model_dir if model_dir is not None else checkpoint_dir(config)
         budget = {"max_pixels": image_pixel_budget} if image_pixel_budget else {}
         return cls(tokenizer, config, max_model_len, model_dir=model_dir, **budget)
