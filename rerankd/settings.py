@@ -59,6 +59,19 @@ class Settings:
         "FlagEmbedding). An earlier layer is faster (no layer past it runs) but its head sits on "
         "a shallower model; the model card's example uses 28 of 40. Ignored by other models.",
     )
+    compress_ratio: int | None = _opt(
+        None,
+        "Token-compressing rerankers (bge-reranker-v2.5-gemma2-lightweight): passage tokens "
+        "pooled into one for requests that do not send `compress_ratio` (default: the model "
+        "card's 2; 1: no compression, slower, scores as the uncompressed model). Ignored by "
+        "other models.",
+    )
+    compress_layers: list[str] = _opt(
+        [],
+        "Token-compressing rerankers: the layers before which the passage is pooled, for "
+        "requests that do not send `compress_layers` (repeatable or comma-separated; "
+        "default: the model card's 24,40). Ignored by other models.",
+    )
     # --- engine --------------------------------------------------------------------------
     engine: str = _opt(
         "auto",
@@ -93,8 +106,10 @@ class Settings:
     attention: str = _opt(
         "auto",
         "auto (the fastest attention kernel that agrees with per-sequence SDPA on a probe "
-        "batch at start-up: varlen flash attention on CUDA, rerankd's own AMX kernel for "
-        "bf16 on CPUs with AMX, compiled once on first use; SDPA elsewhere) or sdpa.",
+        "batch at start-up: varlen flash attention on CUDA; for bf16 on CPU rerankd's own "
+        "AMX kernel, else its AVX512-BF16 one, each kept only if also timed faster than "
+        "SDPA on the model's shape (~0.2 s at start-up); SDPA elsewhere), sdpa, or amx / "
+        "avx512 (that kernel whatever its speed, if it loads and agrees; SDPA otherwise).",
     )
     max_batch_tokens: int | None = _opt(
         None,

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from rerankd.metrics import Metrics
+from rerankd.ops import avx512_kernel
 from rerankd.ops.amx_kernel import load_kernel
 from rerankd.recipes import sigmoid
 from rerankd.runtime import load_model
@@ -52,14 +53,26 @@ ENGINES = {
     "bert": ("packed", "transformers"),
 }
 CASES = [(family, engine) for family, engines in ENGINES.items() for engine in engines]
-#: bf16 also through SDPA ("packed-sdpa": `--attention sdpa`), since `auto` picks rerankd's AMX
-#: attention kernel on CPUs with AMX
-BF16_CASES = CASES + [(family, "packed-sdpa") for family in ("qwen3", "gemma", "xlmr", "bert")]
+#: bf16 also through each attention kernel forced ("packed-sdpa": `--attention sdpa`, ...):
+#: `auto` keeps rerankd's CPU kernels only where they are timed faster than SDPA, so it may
+#: pick any of them on a given machine
+FORCED_ATTENTION = ("sdpa", "amx", "avx512")
+BF16_CASES = CASES + [
+    (family, f"packed-{kernel}")
+    for kernel in FORCED_ATTENTION
+    for family in ("qwen3", "gemma", "xlmr", "bert")
+]
+#: rerankd's CPU kernels that load on this machine (the AVX512-BF16 one also runs on AMX CPUs)
+CPU_KERNELS = {"amx": load_kernel, "avx512": avx512_kernel.load_kernel}
 
 
 @cache
 def _model(name: str, dtype: str, max_len: int, engine: str = "auto"):
     compiled = engine == "packed-compiled"
+    forced = engine.removeprefix("packed-") if engine.startswith("packed-") else None
+    forced = forced if forced in FORCED_ATTENTION else None
+    if forced in CPU_KERNELS and (dtype != "bfloat16" or CPU_KERNELS[forced]() is None):
+        pytest.skip(f"rerankd's {forced} attention kernel does not run here")
     settings = Settings(
         model=str(fixture_dir(name)),
         dtype=dtype,
@@ -67,16 +80,17 @@ def _model(name: str, dtype: str, max_len: int, engine: str = "auto"):
         device="cpu",
         engine=engine.split("-")[0],
         compile="on" if compiled else "off",
-        attention="sdpa" if engine == "packed-sdpa" else "auto",
+        attention=forced or "auto",
     )
     model = load_model(settings, Metrics())
     # the compiled path must really run: a silent fallback to eager would test nothing
     engine_ = model.scheduler.engine
     assert getattr(engine_, "compiled", False) == compiled
-    # the same for the AMX attention kernel wherever it can run
+    # the same for a forced attention kernel; `auto` may keep one of the CPU kernels in bf16
     if engine_.name == "packed":
-        amx = dtype == "bfloat16" and engine != "packed-sdpa" and load_kernel() is not None
-        assert engine_.attention == ("amx" if amx else "sdpa")
+        kernels = [name for name, load in CPU_KERNELS.items() if load() is not None]
+        allowed = kernels + ["sdpa"] if dtype == "bfloat16" else ["sdpa"]
+        assert (engine_.attention == forced) if forced else (engine_.attention in allowed)
     return model
 
 

@@ -3,8 +3,9 @@
 Same contract as every engine (`score(batch) -> raw scores`). Pairs of one request share
 their common token prefix, computed once per batch; no padding is ever computed; only the
 last token of each sequence reaches the final norm and score head. Attention: on CUDA the
-varlen flash-attention kernel, on CPUs with AMX rerankd's AMX kernel for bf16, each used only
-when it agrees with per-sequence SDPA on this device; SDPA otherwise.
+varlen flash-attention kernel, on CPUs rerankd's AMX or AVX512-BF16 kernel for bf16, each
+used only when it agrees with per-sequence SDPA on this device (and, on CPU, is measured
+faster than it); SDPA otherwise.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ import torch
 from torch import nn
 
 from rerankd.engine.base import default_batch_tokens, split_on_oom
-from rerankd.ops.amx_kernel import load_kernel
-from rerankd.ops.attention import cuda_backends, describe
+from rerankd.ops.attention import cpu_backends, cuda_backends, describe
+from rerankd.ops.attention_speed import speedup_over_sdpa
 from rerankd.ops.batch import pack
 from rerankd.ops.cpu import cpu_has_amx
 from rerankd.ops.quantize import QUANTIZE_MODES
@@ -35,7 +36,7 @@ _BACKEND_TOLERANCE = 0.1
 _INT8_BACKEND_TOLERANCE = 0.25
 
 COMPILE_MODES = ("auto", "on", "off")
-ATTENTION_MODES = ("auto", "sdpa")
+ATTENTION_MODES = ("auto", "sdpa", "amx", "avx512")
 
 
 def check_mode(flag: str, mode: str, modes: tuple[str, ...]) -> None:
@@ -168,18 +169,51 @@ class PackedEngine:
         return True
 
     def _pick_attention(self, mode: str, device: torch.device, dtype: torch.dtype) -> str:
-        """`auto`: the fastest kernel for this device that agrees with SDPA on a probe batch
-        (varlen flash attention on CUDA; the AMX kernel for bf16 on CPUs with AMX, 2.2-2.9x
-        faster than SDPA per layer on the 0.6B shapes, docs/benchmarks.md); `sdpa`: SDPA."""
+        """`auto`: the first kernel for this device that agrees with SDPA on a probe batch
+        (CUDA: fused kernels fastest first, `attention.cuda_backends`) and, on CPU, is also
+        measured faster than SDPA here on the model's attention shape (bf16: rerankd's AMX
+        kernel, then its AVX512-BF16 one, `attention.cpu_backends`; the AMX kernel was
+        2.2-2.9x SDPA per layer on the 0.6B shapes, docs/benchmarks.md). `amx`/`avx512`:
+        that kernel whatever its speed, if it loads and agrees. `sdpa`: SDPA."""
         check_mode("attention", mode, ATTENTION_MODES)
+        if mode == "sdpa":
+            return "sdpa"
+        if device.type == "cuda":  # fused kernels only: see `attention.cuda_backends`
+            return next(filter(self._attention_agrees, cuda_backends()), "sdpa")
+        cpu_bf16 = device.type == "cpu" and dtype == torch.bfloat16
         if mode == "auto":
-            if device.type == "cuda":  # fused kernels only: see `attention.cuda_backends`
-                return next(filter(self._attention_agrees, cuda_backends()), "sdpa")
-            # load_kernel is None without AMX-BF16 and AVX512-BF16 or a working build
-            amx = device.type == "cpu" and dtype == torch.bfloat16 and load_kernel() is not None
-            if amx and self._attention_agrees("amx"):
-                return "amx"
+            candidates = cpu_backends() if cpu_bf16 else iter(())
+            return next((b for b in candidates if self._attention_pays(b)), "sdpa")
+        if cpu_bf16 and mode in cpu_backends() and self._attention_agrees(mode):
+            return mode
+        log.warning(
+            "--attention %s: the kernel runs bf16 on CPUs with its instructions only, and "
+            "must load and agree with SDPA (this engine: %s on %s); using SDPA",
+            mode,
+            str(dtype).removeprefix("torch."),
+            device.type,
+        )
         return "sdpa"
+
+    def _attention_pays(self, backend: str) -> bool:
+        """Whether `backend` agrees with SDPA and is faster than it on this CPU, timed on the
+        model's attention shape (`ops.attention_speed`)."""
+        if not self._attention_agrees(backend):
+            return False
+        shape = getattr(self.model, "attention_shape", None)
+        if shape is None:  # a model that does not say its shape: agreement alone decides
+            return True
+        speedup = speedup_over_sdpa(backend, shape, torch.bfloat16)
+        if speedup < 1.0:
+            log.warning(
+                "%s attention agrees with SDPA but runs at %.2fx its speed on this CPU; "
+                "not using it",
+                backend,
+                speedup,
+            )
+            return False
+        log.info("%s attention: %.2fx SDPA's speed on this CPU; using it", backend, speedup)
+        return True
 
     def _attention_agrees(self, backend: str) -> bool:
         """Run the probe batch through SDPA and `backend`; True if the scores agree."""

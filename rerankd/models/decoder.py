@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rerankd.ops.attention import ATTENTION, PrefixKV
+from rerankd.ops.attention_speed import AttentionShape
 from rerankd.ops.batch import PackedBatch
 from rerankd.ops.prepack import residual_linear
 
@@ -69,6 +70,12 @@ class Decoder(nn.Module):
         """Choose the attention implementation (`sdpa` everywhere, `varlen` on CUDA)."""
         for layer in self.layers:
             layer.self_attn.attend = ATTENTION[backend]
+
+    @property
+    def attention_shape(self) -> AttentionShape:
+        """What the engine times candidate attention kernels on."""
+        c = self.config
+        return AttentionShape(c.num_heads, c.num_kv_heads, c.head_dim, causal=True)
 
     def prefix_stream(self, batch: PackedBatch) -> PackedBatch:
         """The batch's shared prefixes as their own packed stream (positions from 0)."""
@@ -268,6 +275,10 @@ class DecoderReranker(nn.Module):
 
     def set_attention(self, backend: str) -> None:
         self.decoder.set_attention(backend)
+
+    @property
+    def attention_shape(self) -> AttentionShape:
+        return self.decoder.attention_shape
 
     def set_kernels(self, kernels: TokenKernels) -> None:
         self.decoder.kernels = kernels

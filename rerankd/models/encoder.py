@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from rerankd.models.hf_config import UnsupportedCheckpoint
 from rerankd.models.weights import Checkpoint
 from rerankd.ops.attention import ATTENTION
+from rerankd.ops.attention_speed import AttentionShape
 from rerankd.ops.batch import PackedBatch
 from rerankd.ops.prepack import residual_linear
 
@@ -97,6 +98,12 @@ class Encoder(nn.Module):
         """Choose the attention implementation (`sdpa` everywhere, `varlen` on CUDA)."""
         for layer in self.layers:
             layer.attention.attend = ATTENTION[backend]
+
+    @property
+    def attention_shape(self) -> AttentionShape:
+        """What the engine times candidate attention kernels on."""
+        c = self.config
+        return AttentionShape(c.num_heads, c.num_heads, c.head_dim, causal=False)
 
     def set_kernels(self, kernels: Any) -> None:
         """Eager or compiled per-token kernels. The engine hands every packed model the

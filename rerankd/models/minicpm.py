@@ -32,6 +32,7 @@ from rerankd.models.decoder import Decoder, DecoderConfig, TokenKernels, rotary
 from rerankd.models.decoder_weights import load_decoder
 from rerankd.models.hf_config import UnsupportedCheckpoint, decoder_config
 from rerankd.models.weights import Checkpoint
+from rerankd.ops.attention_speed import AttentionShape
 from rerankd.ops.batch import PackedBatch
 
 
@@ -102,6 +103,10 @@ class LayerwiseReranker(nn.Module):
 
     def set_attention(self, backend: str) -> None:
         self.decoder.set_attention(backend)
+
+    @property
+    def attention_shape(self) -> AttentionShape:
+        return self.decoder.attention_shape
 
     def set_kernels(self, kernels: TokenKernels) -> None:
         self.decoder.kernels = kernels

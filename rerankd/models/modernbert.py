@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from rerankd.models.hf_config import UnsupportedCheckpoint
 from rerankd.models.weights import Checkpoint
 from rerankd.ops.attention import ATTENTION, PADDED_BUCKET_TOKENS, takes, torch_varlen_kernel
+from rerankd.ops.attention_speed import AttentionShape
 from rerankd.ops.batch import PackedBatch
 from rerankd.ops.prepack import residual_linear
 
@@ -145,6 +146,12 @@ class ModernBert(nn.Module):
             attention.attend = (
                 ATTENTION[backend] if attention.is_global else local_attention(backend)
             )
+
+    @property
+    def attention_shape(self) -> AttentionShape:
+        """What the engine times candidate attention kernels on (the global layers' form)."""
+        c = self.config
+        return AttentionShape(c.num_heads, c.num_heads, c.head_dim, causal=False)
 
     def forward(self, batch: PackedBatch) -> Tensor:
         c = self.config

@@ -24,11 +24,14 @@ CPU_CLASSES: dict[str, dict[str, str]] = {
     "amx": {CPU_FLAGS_ENV: ""},
     "zen4": {  # AMD EPYC Zen 4/5, Intel Cooper Lake: AVX512-BF16 and VNNI, no AMX
         "ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16",
+        # MKL's own dispatch (SDPA's GEMMs) otherwise still runs AMX code on the Xeon
+        "MKL_ENABLE_INSTRUCTIONS": "AVX512_E3",
         "FBGEMM_ENABLE_INSTRUCTIONS": "AVX512_E1",
         CPU_FLAGS_ENV: "avx2 fma avx512f avx512bw avx512vl avx512dq avx512_vnni avx512_bf16",
     },
     "avx512-vnni": {  # Intel Cascade Lake / Ice Lake server: VNNI, no BF16
         "ONEDNN_MAX_CPU_ISA": "AVX512_CORE_VNNI",
+        "MKL_ENABLE_INSTRUCTIONS": "AVX512_E1",
         "FBGEMM_ENABLE_INSTRUCTIONS": "AVX512_E1",
         CPU_FLAGS_ENV: "avx2 fma avx512f avx512bw avx512vl avx512dq avx512_vnni",
     },
