@@ -159,6 +159,15 @@ def build_engine(kind: str, model_dir, config, recipe, device, dtype, settings: 
             settings.max_batch_tokens,
             score_offset=getattr(recipe, "score_offset", 0.0),
         )
+    if recipe.head.kind == "listwise":  # jina-reranker-v3: documents ranked in window prompts
+        from rerankd.engine.listwise import ListwiseEngine
+
+        if kind == "transformers" or settings.quantize != "none":
+            raise ModelLoadError(
+                f"the {recipe.name} recipe runs on its listwise engine (our Qwen3 decoder) "
+                "only; drop --engine transformers and --quantize"
+            )
+        return ListwiseEngine(model_dir, config, device, dtype, settings.max_batch_tokens)
     if recipe.head.kind == "maxsim":  # late interaction: per-token embeddings, MaxSim
         from rerankd.engine.late_interaction import LateInteractionEngine
 

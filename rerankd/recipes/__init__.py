@@ -18,6 +18,7 @@ from rerankd.recipes.bi_encoder import (
 from rerankd.recipes.colbert import ColbertReranker, colbert_info
 from rerankd.recipes.cross_encoder import CrossEncoder
 from rerankd.recipes.jina_m0 import JinaM0Reranker
+from rerankd.recipes.jina_v3 import JinaV3Reranker
 from rerankd.recipes.mxbai import MxbaiRerankV2, is_mxbai_v2_download
 from rerankd.recipes.qwen3 import Qwen3Reranker, Qwen3SeqCls
 from rerankd.recipes.qwen3_vl import Qwen3VLReranker
@@ -37,6 +38,7 @@ RECIPES: dict[str, type[Recipe]] = {
         ColbertReranker,
         Qwen3VLReranker,
         JinaM0Reranker,
+        JinaV3Reranker,
     )
 }
 #: recipes that read their checkpoint's own files besides config and tokenizer
@@ -82,7 +84,8 @@ def detect_recipe(config: Any, model_dir: Path | str | None = None) -> type[Reci
         "(qwen3-reranker), Qwen3VLForConditionalGeneration (qwen3-vl-reranker), "
         "JinaVLForRanking (jina-reranker-m0), "
         "Qwen3ForSequenceClassification (qwen3-seq-cls), GemmaForCausalLM "
-        "(bge-gemma), LayerWiseMiniCPMForCausalLM (bge-layerwise), any one-label "
+        "(bge-gemma), LayerWiseMiniCPMForCausalLM (bge-layerwise), JinaForRanking "
+        "(jina-reranker-v3), any one-label "
         "*ForSequenceClassification (cross-encoder), a "
         "sentence-transformers encoder with mean pooling (bi-encoder), a sentence-transformers "
         "causal-LM cross-encoder with a LogitScore module (st-causal-lm), a ColBERT "
