@@ -97,6 +97,10 @@ class VisionLanguageEngine:
         """Raw scores of one padded sub-batch (the seam `split_on_oom` wraps); its shared
         token prefix, if long enough, computed once."""
         prefix, shared_images = self.shared_prefix(pairs) if self.share_prefix else (0, 0)
+        # transformers keeps the last image batch's M-RoPE offsets for generation and applies
+        # them to any later call with a cache (the shared path's second call): a text-only
+        # batch after an image batch then got shifted positions, or a shape error
+        self._base.rope_deltas = None
         if prefix >= MIN_SHARED_PREFIX:
             return self._forward_shared(pairs, prefix, shared_images)
         return self._forward_padded(pairs)

@@ -172,6 +172,27 @@ def test_a_long_document_is_cut_as_the_official_code_cuts_it(model_dir, engine):
     assert caught.value.param == "query"
 
 
+def test_a_shared_prefix_after_an_image_batch_changes_no_score(model_dir, recipe, engine):
+    """Documents that start alike share their prefix (the query comes last, so only then);
+    an image batch before must not leave its M-RoPE offsets to the next batch (it did:
+    transformers keeps them for generation, and the shared path's cached call read them)."""
+    plain = VisionLanguageEngine(
+        model_dir,
+        recipe.head,
+        torch.device("cpu"),
+        torch.float32,
+        share_prefix=False,
+        score_offset=-2.65,
+    )
+    common = "The annual report of the regional water authority for the year states that "
+    documents = [common + "rainfall was low.", common + "the river flooded.", common + "x"]
+    pairs = recipe.encode([QUERY] * 3, documents)
+    assert engine.shared_prefix(pairs)[0] >= 16
+    want = plain.score(Batch(pairs))
+    engine.score(Batch(recipe.encode([QUERY] * 2, [_image_doc(u) for u in URIS[:2]])))
+    assert _diff(engine.score(Batch(pairs)), want) <= 1e-5
+
+
 # --- served: detection, the engine choice, and the HTTP path end to end ---------------------
 
 
