@@ -82,6 +82,15 @@ def load_recipe(settings: Settings) -> tuple[Path, Any, Recipe]:
             recipe.set_default_layer(settings.cutoff_layers)
         except InvalidRequest as exc:
             raise ModelLoadError(exc.message) from exc
+    compression = settings.compress_ratio is not None or settings.compress_layers
+    if compression and hasattr(recipe, "set_default_compression"):
+        try:  # a token-compressing model's defaults; other models ignore the flags
+            layers = [int(v) for item in settings.compress_layers for v in item.split(",") if v]
+            recipe.set_default_compression(settings.compress_ratio, layers or None)
+        except ValueError as exc:
+            raise ModelLoadError(f"--compress-layers: {exc}") from exc
+        except InvalidRequest as exc:
+            raise ModelLoadError(exc.message) from exc
     return model_dir, config, recipe
 
 

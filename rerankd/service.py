@@ -59,7 +59,8 @@ class _LongInputs:
     max_chunks_per_doc: int | None = None
     max_tokens_per_query: int | None = None
     max_prompt_tokens: int | None = None
-    #: the layer a layerwise model scores after (the request's `cutoff_layers`; None: default)
+    #: the layer a layerwise model scores after (the request's `cutoff_layers`; None: default),
+    #: or a lightweight model's `Compression` (layer, head and compression; recipe-made)
     layer: int | None = None
 
     def encode(self, recipe: Recipe, queries, documents, instruction) -> list[list[EncodedPair]]:
@@ -273,6 +274,8 @@ class RerankService:
         max_tokens_per_query: int | None = None,
         max_prompt_tokens: int | None = None,
         cutoff_layers: int | Sequence[int] | None = None,
+        compress_ratio: int | None = None,
+        compress_layers: Sequence[int] | None = None,
     ) -> ScoredPairs:
         """Score aligned pairs; raw scores and activated scores in input order.
 
@@ -283,11 +286,13 @@ class RerankService:
         `max_tokens_per_query` cuts the query, `max_prompt_tokens` each pair (vLLM's
         `truncate_prompt_tokens`: by cutting the document). `cutoff_layers`: the layer a
         layerwise model scores after (see recipes/bge_layerwise.py); a 400 for other models.
+        `compress_ratio`/`compress_layers`: a token-compressing model's passage compression
+        (recipes/bge_lightweight.py); a 400 for other models.
 
         Admission comes before any work: the request's tokens are estimated from its length
         and it gets a 429 at once when the estimate does not fit beside what is admitted.
         """
-        layer = _score_layer(model.recipe, cutoff_layers)
+        layer = _score_layer(model.recipe, cutoff_layers, compress_ratio, compress_layers)
         queries, documents = _check_images(model, queries, documents, max_chunks_per_doc)
         estimate = self._estimate_tokens(model, queries, documents, instruction)
         self._admit(model, len(documents), estimate)
@@ -541,10 +546,32 @@ class RerankService:
         self._tokenizers.shutdown(wait=False, cancel_futures=True)
 
 
-def _score_layer(recipe: Recipe, cutoff_layers: int | Sequence[int] | None) -> int | None:
+def _score_layer(
+    recipe: Recipe,
+    cutoff_layers: int | Sequence[int] | None,
+    compress_ratio: int | None = None,
+    compress_layers: Sequence[int] | None = None,
+):
     """The layer a request's `cutoff_layers` asks a layerwise model to score after (None: the
-    recipe's default); a 400 naming the field when it is invalid or the model has no
-    per-layer heads."""
+    recipe's default), with compression options the recipe's options object; a 400 naming
+    the field when it is invalid or the model has no per-layer heads or no compression."""
+    compression = {
+        name: value
+        for name, value in (
+            ("compress_ratio", compress_ratio),
+            ("compress_layers", compress_layers),
+        )
+        if value is not None
+    }
+    if compression and not getattr(recipe, "compresses", False):
+        name = next(iter(compression))
+        raise InvalidRequest(
+            f"{name} applies to token-compressing rerankers "
+            "(bge-reranker-v2.5-gemma2-lightweight); this model does not compress",
+            param=name,
+        )
+    if compression:
+        return recipe.layer_of(cutoff_layers, **compression)
     if cutoff_layers is None:
         return None
     layer_of = getattr(recipe, "layer_of", None)

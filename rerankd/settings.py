@@ -72,6 +72,19 @@ class Settings:
         "requests that do not send `compress_layers` (repeatable or comma-separated; "
         "default: the model card's 24,40). Ignored by other models.",
     )
+    compress_ratio: int | None = _opt(
+        None,
+        "Token-compressing rerankers (bge-reranker-v2.5-gemma2-lightweight): passage tokens "
+        "pooled into one for requests that do not send `compress_ratio` (default: the model "
+        "card's 2; 1: no compression, slower, scores as the uncompressed model). Ignored by "
+        "other models.",
+    )
+    compress_layers: list[str] = _opt(
+        [],
+        "Token-compressing rerankers: the layers before which the passage is pooled, for "
+        "requests that do not send `compress_layers` (repeatable or comma-separated; "
+        "default: the model card's 24,40). Ignored by other models.",
+    )
     # --- engine --------------------------------------------------------------------------
     engine: str = _opt(
         "auto",

@@ -62,6 +62,18 @@ class _LongInputFields(_Request):
         "--cutoff-layers, else the last layer. A layer without a head is a 400; other models "
         "refuse the field.",
     )
+    compress_ratio: StrictInt | None = Field(
+        None,
+        description="Token-compressing rerankers (bge-reranker-v2.5-gemma2-lightweight; "
+        "FlagEmbedding's `compress_ratio`): passage tokens pooled into one (1: none). "
+        "Default: --compress-ratio, else the model card's 2. Other models refuse it.",
+    )
+    compress_layers: list[StrictInt] | None = Field(
+        None,
+        description="Token-compressing rerankers: the layers before which the passage is "
+        "pooled (FlagEmbedding's `compress_layers`). Default: --compress-layers, else the "
+        "model card's [24, 40]. Other models refuse it.",
+    )
 
     def long_inputs(self) -> dict[str, Any]:
         """The service's keyword arguments for long inputs (0 and -1 mean "no cap", as vLLM
@@ -76,6 +88,14 @@ class _LongInputFields(_Request):
             "max_tokens_per_query": self.max_tokens_per_query or None,
             "max_prompt_tokens": prompt if prompt is not None and prompt > 0 else None,
             "cutoff_layers": self.cutoff_layers,
+            **{
+                name: value
+                for name, value in (
+                    ("compress_ratio", self.compress_ratio),
+                    ("compress_layers", self.compress_layers),
+                )
+                if value is not None
+            },
         }
 
 

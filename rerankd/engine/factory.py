@@ -9,10 +9,12 @@ from typing import Any
 import torch
 
 from rerankd.engine.layerwise import LayerwiseEngine
+from rerankd.engine.lightweight import LightweightEngine
 from rerankd.engine.packed_engine import PackedEngine
 from rerankd.models.decoder_weights import load_decoder_reranker
 from rerankd.models.encoder import EncoderConfig, load_encoder
 from rerankd.models.gemma import gemma_config
+from rerankd.models.gemma2_lightweight import LightweightConfig, load_lightweight
 from rerankd.models.hf_config import UnsupportedCheckpoint
 from rerankd.models.minicpm import LayerwiseConfig, load_layerwise
 from rerankd.models.modernbert import ModernBertConfig, load_modernbert
@@ -28,6 +30,8 @@ DECODERS = {"qwen3": qwen3_config, "qwen2": qwen2_config, "gemma": gemma_config}
 ENCODERS = ("bert", "xlm-roberta", "roberta", "camembert")
 #: decoders with one score head per layer (bge-reranker-v2-minicpm-layerwise)
 LAYERWISE = ("minicpm",)
+#: Gemma2 with token compression and per-layer heads (bge-reranker-v2.5-gemma2-lightweight)
+LIGHTWEIGHT = ("cost_wise_gemma",)
 
 __all__ = ["UnsupportedCheckpoint", "build_packed_engine"]
 
@@ -70,6 +74,15 @@ def build_packed_engine(
         config = DECODERS[model_type](hf_config)
         load = lambda ckpt: load_decoder_reranker(ckpt, config, head, dtype, device)  # noqa: E731
         share_prefix = True
+    elif model_type in LIGHTWEIGHT and head.kind == "layers":
+        if quantize != "none":
+            raise ValueError("gemma2-lightweight: --quantize is not implemented; drop it")
+        try:
+            config = LightweightConfig.from_hf_config(hf_config)
+        except UnsupportedCheckpoint as exc:  # no other engine runs it: say so, no fallback
+            raise ValueError(f"cannot serve this lightweight checkpoint: {exc}") from exc
+        load = lambda ckpt: load_lightweight(ckpt, config, dtype, device)  # noqa: E731
+        share_prefix = False  # compression renumbers positions (engine/lightweight.py)
     elif model_type in LAYERWISE and head.kind == "layers":
         try:
             config = LayerwiseConfig.from_hf_config(hf_config)
@@ -110,7 +123,10 @@ def build_packed_engine(
         quantize_fp8(model, fuse_bias)
     if onednn and decoder:
         model.decoder.set_row_multiple(ONEDNN_ROW_MULTIPLE)
-    engine = (LayerwiseEngine if model_type in LAYERWISE else PackedEngine)(
+    engine_class = LayerwiseEngine if model_type in LAYERWISE else PackedEngine
+    if model_type in LIGHTWEIGHT:
+        engine_class = LightweightEngine
+    engine = engine_class(
         model,
         device,
         dtype,

@@ -9,6 +9,7 @@ from rerankd.errors import ModelLoadError
 from rerankd.recipes.base import Recipe, ScoreHead, sigmoid
 from rerankd.recipes.bge_gemma import BgeGemmaReranker
 from rerankd.recipes.bge_layerwise import BgeLayerwiseReranker
+from rerankd.recipes.bge_lightweight import BgeLightweightReranker
 from rerankd.recipes.bi_encoder import (
     BiEncoder,
     checkpoint_dir,
@@ -31,6 +32,7 @@ RECIPES: dict[str, type[Recipe]] = {
         Qwen3SeqCls,
         BgeGemmaReranker,
         BgeLayerwiseReranker,
+        BgeLightweightReranker,
         CrossEncoder,
         BiEncoder,
         MxbaiRerankV2,
@@ -84,7 +86,8 @@ def detect_recipe(config: Any, model_dir: Path | str | None = None) -> type[Reci
         "(qwen3-reranker), Qwen3VLForConditionalGeneration (qwen3-vl-reranker), "
         "JinaVLForRanking (jina-reranker-m0), "
         "Qwen3ForSequenceClassification (qwen3-seq-cls), GemmaForCausalLM "
-        "(bge-gemma), LayerWiseMiniCPMForCausalLM (bge-layerwise), JinaForRanking "
+        "(bge-gemma), LayerWiseMiniCPMForCausalLM (bge-layerwise), "
+        "CostWiseGemmaForCausalLM (bge-lightweight), JinaForRanking "
         "(jina-reranker-v3), any one-label "
         "*ForSequenceClassification (cross-encoder), a "
         "sentence-transformers encoder with mean pooling (bi-encoder), a sentence-transformers "
