@@ -10,8 +10,18 @@ Engines, same seeded token ids, one run:
 Prints docs/s per engine and rerankd's ratio to each. Runs on CPU too (`--device cpu`),
 which is only a smoke test of the script.
 
+`--quantize fp8` adds rerankd `--quantize fp8` to the same run: its docs/s, its ratio to
+rerankd bf16, and its fidelity against bf16 on the W-GPU request's documents (max |Δ| of raw
+scores and probabilities, the share of document pairs ordered the same way, same top
+document), as bench_cpu.py prints for int8. On CPU the server refuses fp8; the smoke test
+then loads the engine in float32, takes its scores, and quantizes its linears in place
+(`quantize_fp8`, torch's reference `_scaled_mm` on CPU): fidelity against that float32
+engine, speed of a reference kernel. It checks the script and the arithmetic, not a serving
+path, and says so in its output (`fp8.path`).
+
     python -m benchmarks.bench_gpu --size 0.6b            # needs a CUDA device
     python -m benchmarks.bench_gpu --size 4b
+    python -m benchmarks.bench_gpu --size 0.6b --quantize fp8   # + fp8 speed and fidelity
     python -m benchmarks.bench_gpu --device cpu --model DIR --docs 8   # a smoke test
 
 `--json` writes what was measured (docs/s, ratios, p50 of a 1 x 16 request, the attention
@@ -32,12 +42,16 @@ import torch
 
 from benchmarks.make_model import ensure_model
 from rerankd.metrics import Metrics
+from rerankd.ops.fp8 import fp8_refusal, quantize_fp8
+from rerankd.recipes import sigmoid
 from rerankd.runtime import load_model
 from rerankd.scheduler import Scheduler
 from rerankd.settings import Settings
-from rerankd.types import EncodedPair
+from rerankd.types import Batch, EncodedPair
 
 PREFIX_TOKENS = 80
+#: the fp8 engine's row in `docs_per_s` (`--quantize fp8`)
+FP8_NAME = "rerankd fp8"
 
 
 def workload(
@@ -71,16 +85,26 @@ def timed(fn, device: torch.device, repeats: int) -> list[float]:
 
 
 def run_rerankd(
-    model_dir: Path, pairs, device: torch.device, batch_tokens: int | None, compile: str = "auto"
+    model_dir: Path,
+    pairs,
+    device: torch.device,
+    batch_tokens: int | None,
+    compile: str = "auto",
+    quantize: str = "none",
 ):
-    """(one W-GPU request through a fresh scheduler, one 1 x 16 request, the engine)."""
+    """(one W-GPU request through a fresh scheduler, one 1 x 16 request, the engine).
+
+    `quantize="fp8"` where the server refuses it (CPU, GPUs below 8.9): see `fp8_stand_in`."""
     settings = Settings(
         model=str(model_dir),
         dtype="bfloat16",
         device=str(device),
         max_batch_tokens=batch_tokens,
         compile=compile,
+        quantize=quantize,
     )
+    if quantize == "fp8" and fp8_refusal(device) is not None:
+        settings.dtype, settings.quantize = "float32", "none"
     served = load_model(settings, Metrics())
     engine = served.scheduler.engine
 
@@ -99,6 +123,53 @@ def run_rerankd(
 
     everything = [EncodedPair(p) for p in pairs]
     return (lambda: request(everything)), (lambda: request(everything[:16])), engine
+
+
+def fp8_stand_in(engine, pairs) -> list[float]:
+    """Where the server refuses fp8 (the CPU smoke test): `engine` was loaded in float32 (no
+    oneDNN-prepacked linears, which `quantize_fp8` cannot swap); its scores are taken, then
+    its linears quantized in place on torch's reference `_scaled_mm`. Returns the scores
+    before: the fidelity reference of this path (float32, the same engine)."""
+    before = raw_scores(engine, pairs)
+    if quantize_fp8(engine.model) == 0:
+        raise RuntimeError("quantize_fp8 swapped no linear: the fp8 stand-in would be bf16")
+    engine.dtype = "fp8-e4m3 (float32 activations; torch's reference kernel, not served)"
+    return before
+
+
+def fp8_path(device: torch.device) -> str:
+    """How the fp8 engine of this run was built: served, or the smoke test's stand-in."""
+    refusal = fp8_refusal(device)
+    if refusal is None:
+        return "served (--quantize fp8), fidelity vs rerankd bf16"
+    return f"stand-in, not served ({refusal}); fidelity vs the same engine in float32"
+
+
+def raw_scores(engine, pairs) -> list[float]:
+    """Raw scores of the W-GPU request's pairs in one engine call (one group: shared prefix)."""
+    return engine.score(Batch([EncodedPair(p) for p in pairs], [0] * len(pairs)))
+
+
+def fidelity(reference: list[float], other: list[float]) -> dict:
+    """What a quantized engine costs in scores against `reference` (bf16), on one request:
+    max |Δ| of raw scores and of probabilities, the share of document pairs ordered the same
+    way (pairs tied in the reference left out), and whether the top document is the same."""
+    same, pairs = 0, 0
+    for i in range(len(reference)):
+        for j in range(i + 1, len(reference)):
+            if reference[i] != reference[j]:
+                pairs += 1
+                same += (reference[i] > reference[j]) == (other[i] > other[j])
+    top = max(range(len(reference)), key=reference.__getitem__)
+    return {
+        "max_abs_raw_diff": max(abs(a - b) for a, b in zip(reference, other, strict=True)),
+        "max_abs_probability_diff": max(
+            abs(sigmoid(a) - sigmoid(b)) for a, b in zip(reference, other, strict=True)
+        ),
+        "pairwise_order_agreement": same / max(pairs, 1),
+        "same_top1": max(range(len(other)), key=other.__getitem__) == top,
+        "documents": len(reference),
+    }
 
 
 def run_transformers(model_dir: Path, pairs, device: torch.device, batch: int, best_effort: bool):
@@ -152,6 +223,12 @@ def main() -> None:
     )
     parser.add_argument("--compile", default="auto", choices=["auto", "on", "off"])
     parser.add_argument("--latency-repeats", type=int, default=20, help="1 x 16 requests timed")
+    parser.add_argument(
+        "--quantize",
+        default="none",
+        choices=["none", "fp8"],
+        help="fp8: also run rerankd --quantize fp8 (speed and fidelity vs bf16)",
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
     model_dir = args.model or ensure_model(args.size)
@@ -174,6 +251,28 @@ def main() -> None:
     # twice the memory for nothing
     engines = {
         f"rerankd (packed, {kernel})": lambda: rerankd_run,
+    }
+    fp8 = {}
+    if args.quantize == "fp8":
+        fp8_run, _, fp8_engine = run_rerankd(
+            model_dir, pairs, device, args.max_batch_tokens, args.compile, "fp8"
+        )
+        fp8["path"] = fp8_path(device)
+        if fp8_refusal(device) is None:
+            reference = raw_scores(engine, pairs)
+        else:
+            reference = fp8_stand_in(fp8_engine, pairs)
+        fp8["dtype"] = fp8_engine.dtype
+        fp8["fidelity"] = fidelity(reference, raw_scores(fp8_engine, pairs))
+        f = fp8["fidelity"]
+        print(
+            f"fp8 fidelity ({f['documents']} documents; {fp8['path']}): "
+            f"max |Δ raw| {f['max_abs_raw_diff']:.4f}, max |Δ probability| "
+            f"{f['max_abs_probability_diff']:.4f}, document pairs in the same order "
+            f"{f['pairwise_order_agreement']:.1%}, same top document {f['same_top1']}"
+        )
+        engines[FP8_NAME] = lambda: fp8_run
+    engines |= {
         "transformers model-card": lambda: run_transformers(
             model_dir, pairs, device, args.batch, False
         ),
@@ -198,6 +297,9 @@ def main() -> None:
     ratios = {name: ours / value for name, value in results.items() if name.startswith("trans")}
     for name, ratio in ratios.items():
         print(f"rerankd / {name}: {ratio:.2f}x")
+    if fp8:
+        fp8["over_bf16"] = results[FP8_NAME] / ours
+        print(f"rerankd fp8 / rerankd bf16: {fp8['over_bf16']:.2f}x ({fp8['path']})")
     if args.json:
         summary = {
             "size": args.size,
@@ -216,6 +318,7 @@ def main() -> None:
             "seconds": seconds,
             "p50_ms_1x16": p50_ms,
             "peak_cuda_bytes": peak_bytes,
+            "fp8": fp8,
         }
         args.json.write_text(json.dumps(summary, indent=2))
 

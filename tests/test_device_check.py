@@ -45,13 +45,21 @@ def test_device_check_dry_run_writes_sane_results(tmp_path, qwen3_dir):
         result = json.loads((tmp_path / f"w-gpu-{size}.json").read_text())
         assert result == summary["w_gpu"][size]
         assert result["device"] == "cpu" and result["docs"] == 8 and result["tokens"] > 8 * 16
-        assert len(result["docs_per_s"]) == 3
+        # the 0.6B step runs rerankd --quantize fp8 too (on CPU: the benchmark's stand-in)
+        assert len(result["docs_per_s"]) == (4 if size == "0.6b" else 3)
         assert all(0 < v < 1e6 for v in result["docs_per_s"].values())
+        assert bool(result["fp8"]) == (size == "0.6b")
         assert set(result["rerankd_over"]) == {
             "transformers model-card",
             "transformers best-effort",
         }
         assert result["p50_ms_1x16"] > 0 and result["kernel"]
+    fp8 = summary["w_gpu"]["0.6b"]["fp8"]
+    assert fp8["path"].startswith("stand-in, not served") and fp8["over_bf16"] > 0
+    assert "fp8-e4m3" in fp8["dtype"] and fp8["fidelity"]["documents"] == 8
+    # the fp8 linears really ran (scores moved), and kept the order of most document pairs
+    assert 0 < fp8["fidelity"]["max_abs_raw_diff"] < 5
+    assert fp8["fidelity"]["pairwise_order_agreement"] >= 0.75
     assert (tmp_path / "device_check.log").read_text().count("rc 0") >= 4
 
 
