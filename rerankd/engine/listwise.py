@@ -19,8 +19,9 @@ special tokens projected (models/jina_v3.py), then Jina's `rerank` over the wind
 with one window, score_i = cos(d_i, q_w). The engine knows nothing of text: the listing
 carries token ids and positions (read by attribute: engine/ imports no recipe).
 
-Cost against the generic path: none of the packed engine's extras (shared prefixes, AMX or
-varlen attention, compile, int8) — SDPA per window, eager.
+What it lacks of the packed engine: shared prefixes (each window is its own prompt), the AMX
+and varlen attention kernels (SDPA per window), compile and int8; it has its prepacked bf16
+linears on CPU.
 """
 
 from __future__ import annotations
@@ -33,9 +34,11 @@ from typing import Any, Protocol
 import torch
 
 from rerankd.engine.base import default_batch_tokens, split_on_oom
+from rerankd.engine.factory import ONEDNN_ROW_MULTIPLE
 from rerankd.models.jina_v3 import load_jina_v3
 from rerankd.models.weights import open_checkpoint
 from rerankd.ops.batch import pack
+from rerankd.ops.prepack import prepack_linears
 from rerankd.types import Batch, EncodedPair
 
 #: guards the cosine's denominator (torch.nn.functional.cosine_similarity's eps)
@@ -62,6 +65,10 @@ class ListwiseEngine:
         with open_checkpoint(Path(model_dir)) as checkpoint:
             self.model = load_jina_v3(checkpoint, hf_config, dtype, device)
         self.model.set_attention("sdpa")
+        # bf16 on CPU: oneDNN-prepacked linears (exactly F.linear's output, checked by a probe),
+        # the token stream padded to recurring row counts, as the packed engine does
+        if prepack_linears(self.model.decoder, device, dtype) > 0:
+            self.model.decoder.set_row_multiple(ONEDNN_ROW_MULTIPLE)
         self.name = "listwise"
         self.device = str(device)
         self.dtype = str(dtype).removeprefix("torch.")

@@ -197,8 +197,8 @@ class JinaV3Reranker(Recipe):
         self, query: str, documents: Sequence[str], instruction: str | None, side: str = "right"
     ) -> list[ListwisePair]:
         """The documents' pairs in one listing: texts cut, windows formed, prompts tokenized."""
-        query, query_tokens, _ = self.truncate_text(query, MAX_QUERY_TOKENS, "right")
-        cut = [self.truncate_text(d, self.max_length, side) for d in documents]
+        ((query, query_tokens, _),) = self.truncate_texts([query], MAX_QUERY_TOKENS, "right")
+        cut = self.truncate_texts(documents, self.max_length, side)
         spans = self.windows([length for _, length, _ in cut], query_tokens)
         windows, shares = [], []
         for span in spans:
@@ -214,15 +214,21 @@ class JinaV3Reranker(Recipe):
             for i, (ids, (_, _, dropped)) in enumerate(zip(shares, cut, strict=True))
         ]
 
-    def truncate_text(self, text: str, limit: int, side: str) -> tuple[str, int, int]:
-        """(text, its kept token count, tokens cut) as `_truncate_texts` cuts it: tokenized with
-        the tokenizer's defaults, and at `limit` tokens or more replaced by the kept tokens'
-        decoding (`side="left"` keeps the end instead)."""
-        ids = list(self.tokenizer(text)["input_ids"])
-        kept = ids[:limit] if side == "right" else ids[-limit:]
-        if len(ids) >= limit:
-            text = self.tokenizer.decode(kept)
-        return text, len(kept), len(ids) - len(kept)
+    def truncate_texts(
+        self, texts: Sequence[str], limit: int, side: str
+    ) -> list[tuple[str, int, int]]:
+        """(text, its kept token count, tokens cut) of each text as `_truncate_texts` cuts it:
+        tokenized alone with the tokenizer's defaults, and at `limit` tokens or more replaced
+        by the kept tokens' decoding (`side="left"` keeps the end instead)."""
+        out: list[tuple[str, int, int]] = []
+        if not texts:
+            return out
+        for text, ids in zip(texts, self.tokenizer(list(texts))["input_ids"], strict=True):
+            kept = ids[:limit] if side == "right" else ids[-limit:]
+            if len(ids) >= limit:
+                text = self.tokenizer.decode(kept)
+            out.append((text, len(kept), len(ids) - len(kept)))
+        return out
 
     def windows(self, lengths: Sequence[int], query_tokens: int) -> list[range]:
         """Documents (by index) in each window, given their token counts (see the docstring)."""

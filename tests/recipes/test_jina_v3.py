@@ -15,6 +15,7 @@ pairs land in one scheduler batch or many; clean answers to hostile inputs.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -307,6 +308,15 @@ def test_a_huge_document_list_is_answered(client):
     results = response.json()["results"]
     assert sorted(r["index"] for r in results) == list(range(2000))
     assert all(-1.0 <= r["relevance_score"] <= 1.0 for r in results)
+
+
+def test_a_huge_document_is_cut_with_bounded_work(client):
+    huge = "bamboo forest panda " * 200_000  # 4 MB, ~600k tokens
+    started = time.perf_counter()
+    response = client.post("/v1/rerank", json={"query": QUERY, "documents": ["hi", huge]})
+    assert response.status_code == 200, response.text
+    assert response.json()["usage"]["truncated_documents"] == 1
+    assert time.perf_counter() - started < 30
 
 
 def test_too_many_documents_is_a_400(client):
