@@ -195,9 +195,9 @@ class Settings:
     image_pixel_budget: int | None = _opt(
         None,
         "Multimodal rerankers: most pixels an image is resized to before the vision tower "
-        "(default: the model's own, 1800 x 32 x 32 for Qwen3-VL-Reranker; each 32x32 block "
-        "is one token). Lower is faster and sees less detail; scores then differ from the "
-        "official code's.",
+        "(default: the official code's, 1800 x 32 x 32 for Qwen3-VL-Reranker, each 32x32 "
+        "block one token; 768 x 28 x 28 for jina-reranker-m0, each 28x28 block one token). "
+        "Lower is faster and sees less detail; scores then differ from the official code's.",
     )
     fault_injection: str | None = _opt(
         None, "Testing only: inject engine faults (raise-on:TEXT, oom-above:N, delay:SECONDS)."
