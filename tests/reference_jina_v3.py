@@ -1,23 +1,24 @@
 """An independent jina-reranker-v3 reference on transformers, for the parity tests.
 
 It follows Jina's `modeling.py` on the hub (jinaai/jina-reranker-v3, the file its `auto_map`
-names; vLLM's `JinaForRanking` is adapted from it) step by step, written here so that no
-checkpoint code runs: `JinaForRanking` is transformers' `Qwen3ForCausalLM` with
-`lm_head = Identity` and the projector Linear(hidden, hidden/2) → ReLU → Linear(hidden/2, 512),
-no biases; its forward reads `hidden_states[-1]` at the tokens equal to the document and
-query token ids and returns per-prompt cosines; `rerank` truncates the query (512 tokens) and
-the documents (2048) by tokenizing and decoding, walks the documents into blocks (125 of
-them, or until the capacity `model_max_length - 2·query_length` falls to 2048 or below),
-runs one prompt per block, averages the blocks' query embeddings weighted by each block's
-best (1 + score)/2, and scores every document by its cosine with that average (numpy,
-float32).
+names, at its "max_query/doc_length parametrization" revision, 10.4 kB; vLLM's
+`vllm/model_executor/models/jina.py` is adapted from it) step by step, written here so that no
+checkpoint code runs: `JinaForRanking` is transformers' `Qwen3ForCausalLM` with the projector
+Linear(hidden, hidden/2) → ReLU → Linear(hidden/2, 512), no biases; its forward reads
+`hidden_states[-1]` at the tokens equal to the document and query token ids and returns the
+documents' cosines with the query; `rerank` truncates the query (512 tokens) and the documents
+(2048) by tokenizing and decoding, walks the documents into blocks (125 of them, or until the
+capacity `model_max_length - 2·query_length` falls to 2048 or below), runs one prompt per
+block, averages the blocks' query embeddings weighted by each block's best (1 + score)/2, and
+scores every document by its cosine with that average (numpy, float32).
 
 Three differences, none in what the scores depend on: the special tokens' ids are looked
 up in the tokenizer (the hub code hard-codes 151670 and 151671, ids of the real vocabulary;
-the tiny fixture's differ); the tokenizer is loaded without `fix_mistral_regex` (a
-Mistral-only fix; the Qwen tokenizer's regex is untouched by it); and the LM head stays
-transformers' tied Linear instead of `nn.Identity()` (transformers 5 ties weights into it
-on load and fails on an Identity; the logits are never read).
+the tiny fixture's differ); the tokenizer is loaded without `trust_remote_code` (it is
+transformers' own Qwen2 tokenizer class); and the LM head stays transformers' tied Linear
+instead of `nn.Identity()` (transformers 5 ties weights into it on load and fails on an
+Identity; the logits are never read). `rerank` also passes an `instruction` through to the
+prompt function, which takes one (the hub's `rerank` always passes None).
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ class JinaForRanking(Qwen3ForCausalLM):
         self.post_init()
 
     def rank_forward(self, input_ids, attention_mask):
-        """modeling.py's `forward`: (scores, query embeddings, document embeddings) per row."""
+        """modeling.py's `forward`: (scores, query embeddings, document embeddings)."""
         outputs = Qwen3ForCausalLM.forward(
             self,
             input_ids=input_ids,
@@ -86,17 +87,18 @@ class JinaForRanking(Qwen3ForCausalLM):
             output_hidden_states=True,
         )
         hidden_states = outputs.hidden_states[-1]
-        scores, queries, docs = [], [], []
-        for i in range(hidden_states.shape[0]):
-            doc_embeds = hidden_states[i][input_ids[i] == self.doc_embed_token_id]
-            query_embeds = hidden_states[i][input_ids[i] == self.query_embed_token_id]
-            if query_embeds.size(0) != 1:
-                raise RuntimeError(f"expected exactly 1 query embed token, got {query_embeds}")
-            d, q = self.projector(doc_embeds), self.projector(query_embeds)
-            scores.append(torch.nn.functional.cosine_similarity(d, q.expand_as(d), dim=-1))
-            queries.append(q)
-            docs.append(d)
-        return scores, queries, docs
+        batch_size, _, dim = hidden_states.shape
+        query_embed_token_indexes = torch.eq(input_ids, self.query_embed_token_id)
+        doc_embed_token_indexes = torch.eq(input_ids, self.doc_embed_token_id)
+        doc_embeds = hidden_states[doc_embed_token_indexes].view(batch_size, -1, dim)
+        query_embeds = hidden_states[query_embed_token_indexes].unsqueeze(1)
+        doc_embeds = self.projector(doc_embeds)
+        query_embeds = self.projector(query_embeds)
+        query_embeds_expanded = query_embeds.expand_as(doc_embeds)
+        scores = torch.nn.functional.cosine_similarity(
+            doc_embeds, query_embeds_expanded, dim=-1
+        ).squeeze(-1)
+        return scores, query_embeds, doc_embeds
 
 
 class Reference:
@@ -151,8 +153,8 @@ class Reference:
         def run(block):
             scores, queries, docs_ = self._compute_single_batch(query, block, instruction)
             doc_embeddings.extend(docs_[0].cpu().float().numpy())
-            query_embeddings.append(queries[0][0].cpu().float().numpy())
-            block_weights.append(((1.0 + scores[0].view(-1).cpu().float().numpy()) / 2.0).max())
+            query_embeddings.append(queries[0].cpu().float().numpy())
+            block_weights.append(((1.0 + scores.view(-1).cpu().float().numpy()) / 2.0).max())
 
         for length, doc in zip(doc_lengths, docs, strict=True):
             block_docs.append(doc)
@@ -168,4 +170,4 @@ class Reference:
         scores = np.dot(query_embedding, doc_embeddings.T) / (
             np.linalg.norm(query_embedding) * np.linalg.norm(doc_embeddings, axis=1)
         )
-        return [float(s) for s in scores]
+        return [float(s) for s in scores[0]]

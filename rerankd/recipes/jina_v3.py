@@ -3,13 +3,16 @@
 Reproduces Jina's `modeling.py` on the hub (jinaai/jina-reranker-v3, `JinaForRanking`, a
 Qwen3-0.6B backbone; vLLM's `JinaForRanking` reads the same token positions):
 
-- the query is cut to 512 tokens and each document to 2048 (`_truncate_texts`): a text is
+- the query is cut to 512 tokens and each document to 2048 (`_truncate_texts` with `rerank`'s
+  defaults; a request's `max_tokens_per_doc` cuts documents first, as for every recipe): a text is
   tokenized alone, and one of at least that many tokens is replaced by the decoded kept tokens
   (the reference's `>=`: a text of exactly 2048 tokens is re-decoded too);
-- documents are grouped into windows (`rerank`'s loop, `_windows` here): with L the
-  tokenizer's `model_max_length` (131072 on the hub) and q the query's token count, a window
-  closes after its 125th document or as soon as the documents in it leave at most 2048 of the
-  L − 2q tokens; the rest forms a last window. Windows are scored one prompt each;
+- documents are grouped into windows (`rerank`'s loop, `windows` here): with L the
+  tokenizer's `model_max_length` (rerankd also caps it at the config's
+  `max_position_embeddings`, 131072 on the hub, and at `--max-model-len`) and q the query's
+  token count, a window closes after its 125th document or as soon as the documents in it
+  leave at most 2048 of the L − 2q tokens; the rest forms a last window. Windows are scored
+  one prompt each; as in the reference, the template (~12 tokens a document) comes on top;
 - a window's prompt (`format_docs_prompts_func`), tokenized whole by the tokenizer:
 
       <|im_start|>system\\n{SYSTEM}<|im_end|>\\n<|im_start|>user\\n
