@@ -21,9 +21,11 @@ Options (request fields; server flags set the defaults; the defaults are the mod
 - `compress_ratio` (int >= 1; default 2, `--compress-ratio`): passage tokens per pooled token
   (1: no compression; the reference documents 1, 2, 4, 8 and computes any positive ratio).
 - `compress_layers` (list; default [24, 40], `--compress-layers`): before which layers the
-  passage is pooled (again at each). Layers 1 to num_layers - 1: the reference skips 0 and
-  never reaches num_layers, so those are a 400 here rather than silently nothing. A layer at
-  or past the scoring layer does nothing (the score is read first), as in the reference.
+  passage is pooled (again at each). Compression runs before layers 1 to num_layers - 1; as
+  in the reference, 0 and num_layers are accepted and do nothing (it skips 0 and never
+  reaches num_layers), and so does a layer at or past the scoring layer (the score is read
+  first); a layer outside 0..num_layers, which the reference would ignore as silently, is a
+  400 here.
 Any other value is a 400 naming the field.
 """
 
@@ -120,10 +122,11 @@ class BgeLightweightReranker(BgeLayerwiseReranker):
         for value in layers:
             if isinstance(value, bool) or not isinstance(value, int):
                 raise InvalidRequest(f"{param} must be integers, got {value!r}", param=param)
-            if not 1 <= value < self.num_layers:
+            if not 0 <= value <= self.num_layers:
                 raise InvalidRequest(
-                    f"{param}: layer {value} cannot compress; compression happens before a "
-                    f"layer runs, layers 1 to {self.num_layers - 1}",
+                    f"{param}: layer {value} is not a layer of this model (0 to "
+                    f"{self.num_layers}; compression runs before layers 1 to "
+                    f"{self.num_layers - 1})",
                     param=param,
                 )
         return Compression(layer, head, ratio, tuple(sorted(set(layers))))
