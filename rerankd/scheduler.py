@@ -6,6 +6,15 @@ across waiting requests — longest first within each request — until the batc
 and concurrent requests share batches. The engine runs in one worker thread; results are
 resolved back on the event loop. Requests whose client went away are skipped before
 compute. A full queue refuses new work at once (`Overloaded`) instead of growing.
+
+One batch ahead (engines with `pipelined` true: the packed engine on CUDA): batch n is
+launched (`prepare`, `launch`: its kernels queued, nothing waited for), then batch n+1 is
+taken from the queue and packed and uploaded (`prepare`) while n runs on the device, and only
+then are n's scores read (`collect`, the batch's one host sync). At most one batch is
+prepared ahead, so the queue, and cancellations, still decide what runs next. A batch whose
+pipelined run fails is scored again through `engine.score` (OOM split and all) with the
+usual failure handling. Engines without `pipelined` (every CPU engine) run as before:
+`engine.score` per batch.
 """
 
 from __future__ import annotations
@@ -47,6 +56,20 @@ class _Entry:
     @property
     def pending_tokens(self) -> int:
         return sum(len(self.pairs[i]) for i in self.pending)
+
+
+@dataclass
+class _Flight:
+    """A batch taken from the queue, from the moment it is taken until it is resolved."""
+
+    taken: list[tuple[_Entry, int]]
+    batch: Batch
+    requests: int
+    #: pipelined engines: what `prepare` returned, then what `launch` returned; None once a
+    #: step failed (`error`), and the batch goes through `engine.score` instead
+    handle: object = None
+    error: Exception | None = None
+    started: float = 0.0
 
 
 class Scheduler:
@@ -152,39 +175,111 @@ class Scheduler:
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
+        if getattr(self.engine, "pipelined", False):
+            await self._run_pipelined(loop)
         while True:
             self._drop_cancelled()
             if not self._queue:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            taken = self._next_batch()
-            # pairs of one request form a group: the engine may share their token prefix
-            group_of: dict[int, int] = {}
-            for entry, _ in taken:
-                group_of.setdefault(id(entry), len(group_of))
-            batch = Batch(
-                [entry.pairs[i] for entry, i in taken], [group_of[id(e)] for e, _ in taken]
+            flight = self._take_flight()
+            await self._finish(loop, flight, None)
+
+    async def _run_pipelined(self, loop) -> None:
+        """The one-ahead loop (module docstring): launch n, prepare n+1, collect n, launch
+        n+1, prepare n+2, ... Never returns (cancelled by `stop`)."""
+        current: _Flight | None = None
+        while True:
+            if current is None:
+                self._drop_cancelled()
+                if not self._queue:
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+                    continue
+                current = self._take_flight()
+                await self._engine_step(loop, current, "prepare")
+                await self._engine_step(loop, current, "launch")
+            # batch n runs on the device: take and pack batch n+1 meanwhile (one ahead)
+            self._drop_cancelled()
+            following = self._take_flight() if self._queue else None
+            if following is not None:
+                await self._engine_step(loop, following, "prepare")
+            raw = await self._engine_step(loop, current, "collect")
+            await self._finish(loop, current, raw)
+            if following is not None:
+                await self._engine_step(loop, following, "launch")
+            current = following
+
+    async def _engine_step(self, loop, flight: _Flight, step: str) -> list[float] | None:
+        """Run `engine.<step>(flight's batch or handle)` on the engine thread; on failure keep
+        the error on the flight (`_finish` then scores it through `engine.score`). Returns
+        the scores for `collect` (None after a failure)."""
+        if flight.error is not None:
+            return None
+        if step == "launch":
+            flight.started = time.perf_counter()
+        argument = flight.batch if step == "prepare" else flight.handle
+        try:
+            result = await loop.run_in_executor(
+                self._executor, getattr(self.engine, step), argument
             )
-            self._record_batch_start(taken, batch)
-            started = time.perf_counter()
+        except Exception as exc:
+            log.warning(
+                "pipelined %s failed on a batch of %d pairs (%s: %s); scoring it again",
+                step,
+                len(flight.taken),
+                type(exc).__name__,
+                exc,
+            )
+            flight.error, flight.handle = exc, None
+            return None
+        if step != "collect":
+            flight.handle = result
+            return None
+        if len(result) != len(flight.taken):  # a bug: `engine.score` will say so, and fail it
+            log.warning("pipelined collect returned %d scores for %d pairs", len(result),
+                        len(flight.taken))  # fmt: skip
+            flight.error, flight.handle = RuntimeError("wrong number of scores"), None
+            return None
+        return result
+
+    def _take_flight(self) -> _Flight:
+        """The next batch from the queue, its requests' pairs grouped, its start recorded."""
+        taken = self._next_batch()
+        # pairs of one request form a group: the engine may share their token prefix
+        group_of: dict[int, int] = {}
+        for entry, _ in taken:
+            group_of.setdefault(id(entry), len(group_of))
+        batch = Batch([entry.pairs[i] for entry, i in taken], [group_of[id(e)] for e, _ in taken])
+        self._record_batch_start(taken, batch)
+        return _Flight(taken, batch, len(group_of), started=time.perf_counter())
+
+    async def _finish(self, loop, flight: _Flight, raw: list[float] | None) -> None:
+        """Resolve the flight's requests with `raw`; without scores (not pipelined, or its
+        pipelined run failed) score it through `engine.score` first. A failed batch fails its
+        requests, never the server."""
+        taken = flight.taken
+        if raw is None:
+            if flight.error is not None:
+                flight.started = time.perf_counter()
             try:
-                raw = await self._score(loop, batch, len(taken))
-            except Exception as exc:  # a failed batch fails its requests, never the server
+                raw = await self._score(loop, flight.batch, len(taken))
+            except Exception as exc:
                 log.exception("engine failed on a batch of %d pairs", len(taken))
-                if len(group_of) == 1:
+                if flight.requests == 1:
                     self.metrics.failures.labels("inference").inc()
                     self._fail(taken, exc)
-                    continue
+                    return
                 # several requests shared the batch: retry each alone, so only the request
                 # that really fails gets the error
                 raw = await self._score_requests_alone(loop, taken)
                 if raw is None:
-                    continue
-            self.metrics.inference_time.labels(self.model_name).observe(
-                time.perf_counter() - started
-            )
-            self._resolve(taken, raw)
+                    return
+        self.metrics.inference_time.labels(self.model_name).observe(
+            time.perf_counter() - flight.started
+        )
+        self._resolve(taken, raw)
 
     async def _score(self, loop, batch: Batch, expected: int) -> list[float]:
         raw = await loop.run_in_executor(self._executor, self.engine.score, batch)

@@ -33,7 +33,7 @@ def test_an_item_wider_than_the_budget_still_runs_alone():
 @pytest.mark.parametrize(
     ("modes", "message"),
     [
-        (("fp8", "off", "auto"), "unknown --quantize 'fp8'; use none or int8"),
+        (("fp4", "off", "auto"), "unknown --quantize 'fp4'; use none, int8 or fp8"),
         (("none", "maybe", "auto"), "unknown --compile 'maybe'; use auto, on or off"),
         (("none", "off", "flash"), "unknown --attention 'flash'; use auto or sdpa"),
     ],

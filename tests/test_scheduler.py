@@ -176,3 +176,136 @@ def test_stopped_scheduler_refuses_new_work():
             await scheduler.submit(pairs_of(1))
 
     run(main())
+
+
+# --- one batch ahead (pipelined engines: the packed engine on CUDA) ---------------------------
+
+
+class PipelinedEngine(FakeEngine):
+    """A fake device: `launch` returns at once, the scores appear when `collect` reads them.
+    Records every step, so the test sees what was packed before what was read."""
+
+    pipelined = True
+
+    def __init__(self, fail_step: str | None = None) -> None:
+        super().__init__()
+        self.steps: list[tuple[str, tuple[int, ...]]] = []
+        self.fail_step = fail_step
+        self.scored_alone: list[tuple[int, ...]] = []
+
+    def _step(self, name: str, batch: Batch) -> None:
+        first = batch.pairs[0].input_ids
+        self.steps.append((name, first))
+        if name == self.fail_step and first[0] == 2:  # the second request's batches fail
+            raise RuntimeError(f"injected {name} failure")
+
+    def prepare(self, batch: Batch) -> Batch:
+        self._step("prepare", batch)
+        return batch
+
+    def launch(self, batch: Batch) -> Batch:
+        self._step("launch", batch)
+        return batch
+
+    def collect(self, batch: Batch) -> list[float]:
+        self._step("collect", batch)
+        return [float(sum(p.input_ids)) for p in batch.pairs]
+
+    def score(self, batch: Batch) -> list[float]:
+        self.scored_alone.append(batch.pairs[0].input_ids)
+        return super().score(batch)
+
+
+def _pipelined_run(engine: FakeEngine, requests: list[list[EncodedPair]]) -> list[list[float]]:
+    async def main():
+        scheduler = Scheduler(engine, Metrics(), "fake", max_batch_tokens=10)
+        # every request queued before the loop starts, so the batches are known in advance
+        tasks = [asyncio.create_task(scheduler.submit(p)) for p in requests]
+        await asyncio.sleep(0)
+        scheduler.start()
+        results = await asyncio.gather(*tasks)
+        await scheduler.stop()
+        return results
+
+    return run(main())
+
+
+REQUESTS = [pairs_of(10, base=1), pairs_of(10, base=2), pairs_of(10, base=3)]
+
+
+def test_the_next_batch_is_packed_before_the_current_ones_scores_are_read():
+    engine = PipelinedEngine()
+    assert _pipelined_run(engine, REQUESTS) == [expected(p) for p in REQUESTS]
+    first, second, third = ((base,) * 10 for base in (1, 2, 3))
+    assert engine.steps == [
+        ("prepare", first),
+        ("launch", first),
+        ("prepare", second),  # batch n+1 packed while batch n runs ...
+        ("collect", first),  # ... before n's scores are read: one sync per batch, after
+        ("launch", second),
+        ("prepare", third),
+        ("collect", second),
+        ("launch", third),
+        ("collect", third),
+    ]
+    assert engine.scored_alone == []  # `score` never ran: every batch went through the pipeline
+
+
+def test_pipelined_and_plain_scores_are_identical():
+    plain, pipelined = FakeEngine(), PipelinedEngine()
+    requests = [pairs_of(3, 9, 1, 5), pairs_of(7, 7, base=4), pairs_of(12, 2, 6, base=9)]
+    assert _pipelined_run(pipelined, requests) == _pipelined_run(plain, requests)
+    assert len({step for step, _ in pipelined.steps}) == 3
+
+
+@pytest.mark.parametrize("step", ["prepare", "launch", "collect"])
+def test_a_failed_pipeline_step_scores_that_batch_through_score(step):
+    """The failed batch is scored again by `engine.score` (which splits on OOM); the batches
+    around it stay in the pipeline."""
+    engine = PipelinedEngine(fail_step=step)
+    assert _pipelined_run(engine, REQUESTS) == [expected(p) for p in REQUESTS]
+    assert engine.scored_alone == [(2,) * 10]
+    assert ("collect", (1,) * 10) in engine.steps and ("collect", (3,) * 10) in engine.steps
+
+
+def test_the_packed_engine_scores_bit_identically_through_the_pipeline(qwen3_dir, monkeypatch):
+    """The real packed engine on CPU, forced through prepare/launch/collect: the same floats
+    as its `score` (on CPU `pipelined` is off: checked first)."""
+    from rerankd.engine.packed_engine import PackedEngine
+    from rerankd.runtime import load_model
+    from rerankd.settings import Settings
+
+    settings = Settings(model=str(qwen3_dir), device="cpu", dtype="float32", compile="off")
+    served = load_model(settings, Metrics())
+    engine = served.scheduler.engine
+    assert isinstance(engine, PackedEngine) and not engine.pipelined
+    docs = ["Beijing is the capital of China.", "Gravity is a force.", "yes no", "北京", ""]
+    requests = [served.recipe.encode(["capital of china?"] * len(docs), docs) for _ in range(3)]
+    requests[1] = served.recipe.encode(["what is gravity?"] * 2, docs[:2])
+    plain = _pipelined_run(engine, requests)
+    steps: list[str] = []
+    for name in ("prepare", "launch", "collect"):
+        method = getattr(PackedEngine, name)
+        monkeypatch.setattr(
+            PackedEngine,
+            name,
+            lambda self, arg, _m=method, _n=name: steps.append(_n) or _m(self, arg),
+        )
+    monkeypatch.setattr(PackedEngine, "pipelined", property(lambda self: True))
+    assert _pipelined_run(engine, requests) == plain
+    assert steps.count("collect") == steps.count("launch") == steps.count("prepare") >= 3
+
+
+def test_engines_with_their_own_forward_are_not_pipelined(qwen3_dir):
+    from rerankd.engine.faults import FaultInjectingEngine, FaultPlan
+    from rerankd.engine.layerwise import LayerwiseEngine
+    from rerankd.engine.packed_engine import PackedEngine
+    from rerankd.runtime import load_model
+    from rerankd.settings import Settings
+
+    served = load_model(Settings(model=str(qwen3_dir), device="cpu", compile="off"), Metrics())
+    engine = served.scheduler.engine
+    assert type(engine) is PackedEngine and not engine.pipelined  # CPU
+    assert LayerwiseEngine.forward is not PackedEngine.forward  # its `pipelined` is False
+    wrapped = FaultInjectingEngine(engine, FaultPlan(raise_on=[], oom_above=2))
+    assert "forward" in vars(engine) and not getattr(wrapped, "pipelined", False)

@@ -1,4 +1,5 @@
-"""Device/dtype resolution and the split-on-OOM retry every engine shares.
+"""Device/dtype resolution, the split-on-OOM retry every engine shares, and the device side
+of the scheduler's one-ahead pipeline (`PendingScores`).
 
 The engine contract itself (`Engine`: `score(batch) -> raw scores`) lives in
 `rerankd.types`, torch-free, so that the scheduler and the HTTP layer import without torch.
@@ -61,6 +62,32 @@ def default_batch_tokens(device: torch.device, padded: bool = False) -> int:
     if device.type != "cuda":
         return CPU_BATCH_TOKENS
     return CUDA_PADDED_BATCH_TOKENS if padded else CUDA_BATCH_TOKENS
+
+
+class PendingScores:
+    """Scores of a launched batch, possibly still being computed on the device.
+
+    On CUDA the scores are copied without waiting into a page-locked host tensor and an
+    event is recorded after the copy; `result()` waits for that event and reads the host
+    copy: the one host sync of a pipelined batch (the packed engine's forward has no other:
+    its layout is plain Python lists, its uploads are non-blocking). Until then the engine
+    thread is free to pack the next batch. Elsewhere `result()` reads the tensor as `forward`
+    does (`.tolist()`), so CPU scores are the same floats."""
+
+    def __init__(self, scores: torch.Tensor) -> None:
+        self._event = None
+        self._scores = scores
+        if scores.device.type == "cuda":
+            host = torch.empty(scores.shape, dtype=scores.dtype, pin_memory=True)
+            host.copy_(scores, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+            self._scores = host
+
+    def result(self) -> list[float]:
+        if self._event is not None:
+            self._event.synchronize()  # the batch's single host sync
+        return self._scores.tolist()
 
 
 def padded_chunks(lengths: Sequence[int], max_padded_tokens: int) -> Iterator[list[int]]:

@@ -17,10 +17,10 @@ import time
 import torch
 from torch import nn
 
-from rerankd.engine.base import default_batch_tokens, split_on_oom
+from rerankd.engine.base import PendingScores, default_batch_tokens, split_on_oom
 from rerankd.ops.attention import cpu_backends, cuda_backends, describe
 from rerankd.ops.attention_speed import speedup_over_sdpa
-from rerankd.ops.batch import pack
+from rerankd.ops.batch import PackedBatch, pack
 from rerankd.ops.cpu import cpu_has_amx
 from rerankd.ops.quantize import QUANTIZE_MODES
 from rerankd.types import EncodedPair
@@ -95,6 +95,39 @@ class PackedEngine:
 
     def score(self, batch) -> list[float]:
         return split_on_oom(self.forward, batch.pairs, batch.groups, self._device)
+
+    # --- the scheduler's one-ahead pipeline (CUDA): prepare, launch, collect ---------------
+
+    @property
+    def pipelined(self) -> bool:
+        """Whether the scheduler may run this engine one batch ahead: on CUDA, where `launch`
+        returns while the kernels run, and only with this class's own `forward` (a subclass
+        with another forward, or a wrapped one, e.g. fault injection, scores through `score`)."""
+        return (
+            self._device.type == "cuda"
+            and type(self).forward is PackedEngine.forward
+            and "forward" not in vars(self)
+        )
+
+    @torch.inference_mode()
+    def prepare(self, batch) -> PackedBatch:
+        """Pack `batch` and start its upload (page-locked, non-blocking): `forward`'s first
+        half, run while the previous batch's kernels still run."""
+        packed = pack(batch.pairs, batch.groups, self._device, share_prefix=self.share_prefix)
+        if self.attention == "varlen":
+            packed.with_varlen_layout()
+        return packed
+
+    @torch.inference_mode()
+    def launch(self, packed: PackedBatch) -> PendingScores:
+        """Queue the model's kernels on `packed`; returns without waiting for them."""
+        return PendingScores(self.model(packed))
+
+    def collect(self, pending: PendingScores) -> list[float]:
+        """The raw scores of a launched batch (waits for them: the batch's one host sync).
+        Any failure of prepare/launch/collect makes the scheduler rerun the batch through
+        `score` (split on OOM and all)."""
+        return pending.result()
 
     @torch.inference_mode()
     def forward(self, pairs: list[EncodedPair], groups: list[int] | None) -> list[float]:

@@ -3,10 +3,17 @@
 No padding is ever computed. Pairs of the same request usually start with the same tokens
 (template + instruction + query); the longest common *token* prefix of each group of pairs
 is split off, run once, and every sequence of the group attends to its keys/values.
+
+Host to device: every integer tensor of a batch is built in one host buffer and sent in one
+copy (`_upload`); on CUDA that buffer is page-locked and the copy non-blocking (`pin`, on by
+default; `pin=False` copies from pageable memory, which waits for the stream: a host sync),
+so the engine thread goes on (packing the next batch) while the copy and the kernels queued
+after it run. On CPU `pin` changes nothing: the tensors are the same values either way.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -76,9 +83,10 @@ class PackedBatch:
             return None
         return self.prefix_starts[index], len(self.prefixes[index])
 
-    def with_varlen_layout(self) -> PackedBatch:
-        """Attach the cu_seqlens/gather layout that varlen attention kernels need."""
-        self.varlen = VarlenLayout.build(self)
+    def with_varlen_layout(self, pin: bool = True) -> PackedBatch:
+        """Attach the cu_seqlens/gather layout that varlen attention kernels need (`pin`: as
+        `pack`'s)."""
+        self.varlen = VarlenLayout.build(self, pin)
         return self
 
 
@@ -98,7 +106,7 @@ class VarlenLayout:
     gather: torch.Tensor  # (T_k,) long
 
     @classmethod
-    def build(cls, batch: PackedBatch) -> VarlenLayout:
+    def build(cls, batch: PackedBatch, pin: bool = True) -> VarlenLayout:
         device = batch.input_ids.device
         shared_total = sum(batch.prefix_lengths)
         index: list[int] = []
@@ -109,16 +117,16 @@ class VarlenLayout:
                 index.extend(range(span[0], span[0] + span[1]))
             index.extend(range(shared_total + start, shared_total + start + length))
             k_lengths.append(length + (span[1] if span else 0))
+        # each its own allocation: varlen kernels get cu_seqlens at an allocation's start
+        (cu_seq_q,) = _upload([_offsets(batch.lengths, total=True)], device, pin, torch.int32)
+        (cu_seq_k,) = _upload([_offsets(k_lengths, total=True)], device, pin, torch.int32)
+        (gather,) = _upload([index], device, pin)
         return cls(
-            cu_seq_q=torch.tensor(
-                _offsets(batch.lengths, total=True), dtype=torch.int32, device=device
-            ),
-            cu_seq_k=torch.tensor(
-                _offsets(k_lengths, total=True), dtype=torch.int32, device=device
-            ),
+            cu_seq_q=cu_seq_q,
+            cu_seq_k=cu_seq_k,
             max_q=max(batch.lengths),
             max_k=max(k_lengths),
-            gather=torch.tensor(index, dtype=torch.long, device=device),
+            gather=gather,
         )
 
 
@@ -131,16 +139,39 @@ def _offsets(lengths: Sequence[int], total: bool = False) -> list[int]:
     return [*out, position] if total else out
 
 
+def _upload(
+    parts: Sequence[Sequence[int]],
+    device: torch.device,
+    pin: bool = True,
+    dtype: torch.dtype = torch.long,
+) -> list[torch.Tensor]:
+    """`parts` as 1-D tensors on `device`, from one host buffer in one copy: views of one
+    device tensor, in order. `pin` on CUDA: the buffer is page-locked and the copy
+    non-blocking (the caching host allocator keeps the buffer alive until the copy is done);
+    elsewhere `pin` is ignored."""
+    sizes = [len(part) for part in parts]
+    host = torch.tensor(list(itertools.chain.from_iterable(parts)), dtype=dtype)
+    if device.type == "cuda":
+        if pin:
+            host = host.pin_memory()
+        flat = host.to(device, non_blocking=pin)
+    else:
+        flat = host.to(device)
+    return list(flat.split(sizes))
+
+
 def pack(
     pairs: Sequence[EncodedPair],
     groups: Sequence[int] | None,
     device: torch.device,
     share_prefix: bool = True,
+    pin: bool = True,
 ) -> PackedBatch:
-    """Pack pairs into one stream; pairs with the same group id may share a prefix."""
+    """Pack pairs into one stream; pairs with the same group id may share a prefix. `pin`:
+    send it through a page-locked buffer, without waiting (CUDA; ignored elsewhere)."""
     prefix_len = [0] * len(pairs)
     prefix_of = [-1] * len(pairs)
-    prefixes: list[torch.Tensor] = []
+    prefix_ids: list[Sequence[int]] = []
     if share_prefix and groups is not None:
         members: dict[int, list[int]] = {}
         for index, group in enumerate(groups):
@@ -155,8 +186,8 @@ def pack(
                 continue
             for i in indices:
                 prefix_len[i] = shared
-                prefix_of[i] = len(prefixes)
-            prefixes.append(torch.tensor(seqs[0][:shared], dtype=torch.long, device=device))
+                prefix_of[i] = len(prefix_ids)
+            prefix_ids.append(seqs[0][:shared])
     ids: list[int] = []
     positions: list[int] = []
     types: list[int] | None = [] if pairs and pairs[0].token_type_ids is not None else None
@@ -169,15 +200,18 @@ def pack(
             types.extend(pair.token_type_ids[skip:])
         lengths.append(len(pair) - skip)
         last.append(len(ids) - 1)
+    # one host buffer, one copy: ids, positions, last, the prefixes, the token types
+    tensors = _upload(
+        [ids, positions, last, *prefix_ids, *([types] if types is not None else [])], device, pin
+    )
+    input_ids, positions_t, last_t = tensors[:3]
     return PackedBatch(
-        input_ids=torch.tensor(ids, dtype=torch.long, device=device),
-        positions=torch.tensor(positions, dtype=torch.long, device=device),
+        input_ids=input_ids,
+        positions=positions_t,
         starts=starts,
         lengths=lengths,
-        last=torch.tensor(last, dtype=torch.long, device=device),
+        last=last_t,
         prefix_of=prefix_of,
-        prefixes=prefixes,
-        token_type_ids=None
-        if types is None
-        else torch.tensor(types, dtype=torch.long, device=device),
+        prefixes=tensors[3 : 3 + len(prefix_ids)],
+        token_type_ids=tensors[-1] if types is not None else None,
     )
