@@ -66,9 +66,9 @@ class _Flight:
     batch: Batch
     requests: int
     #: pipelined engines: what `prepare` returned, then what `launch` returned; None once a
-    #: step failed (`error`), and the batch goes through `engine.score` instead
+    #: step failed (`error`, its description), and the batch goes through `engine.score`
     handle: object = None
-    error: Exception | None = None
+    error: str | None = None
     started: float = 0.0
 
 
@@ -232,15 +232,18 @@ class Scheduler:
                 type(exc).__name__,
                 exc,
             )
-            flight.error, flight.handle = exc, None
+            # a description, not the exception: its traceback would keep the failed attempt's
+            # device memory alive through the retry (split_on_oom's reason, engine/base.py)
+            flight.error, flight.handle = f"{type(exc).__name__}: {exc}", None
             return None
         if step != "collect":
             flight.handle = result
             return None
         if len(result) != len(flight.taken):  # a bug: `engine.score` will say so, and fail it
-            log.warning("pipelined collect returned %d scores for %d pairs", len(result),
-                        len(flight.taken))  # fmt: skip
-            flight.error, flight.handle = RuntimeError("wrong number of scores"), None
+            log.warning(
+                "pipelined collect returned %d scores for %d pairs", len(result), len(flight.taken)
+            )
+            flight.error, flight.handle = "wrong number of scores", None
             return None
         return result
 
