@@ -169,9 +169,16 @@ def document_inputs(
                 'documents must be a list, or {"content": [...]} with one part per document',
                 param="documents",
             )
-        parts = content_parts(documents["content"], "documents")
-        inputs = [text if kind == "text" else ((kind, text),) for kind, text in parts]
-        return inputs, list(documents["content"])
+        content = documents["content"]
+        if not isinstance(content, list):
+            raise InvalidRequest(
+                "documents.content must be a list of content parts", param="documents"
+            )
+        # each part on its own (not `content_parts`: its per-input caps and the joining of
+        # text-only parts are for one input; the document count is --max-documents')
+        parts = [_content_part(part, f"documents.content[{i}]") for i, part in enumerate(content)]
+        inputs = [value if kind == "text" else ((kind, value),) for kind, value in parts]
+        return inputs, list(content)
     return [document_input(d, i, rank_fields) for i, d in enumerate(documents)], list(documents)
 
 

@@ -93,6 +93,15 @@ def nan_model_dir() -> Path:
     return target
 
 
+def qwen3_vl_model_dir() -> Path:
+    """The tiny seeded Qwen3-VL-Reranker checkpoint (built once per process)."""
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT))
+    from tests.fixtures.qwen3_vl import qwen3_vl_dir
+
+    return qwen3_vl_dir()
+
+
 def base_args(*extra: str) -> list[str]:
     """Serve the tiny Qwen3 fixture in float32 on the CPU, plus `extra` flags."""
     return ["--model", str(qwen3_model_dir()), "--dtype", "float32", "--device", "cpu", *extra]
@@ -369,6 +378,9 @@ SERVER_SPECS: dict[str, Any] = {
     "hostile": lambda: [],
     "flood": lambda: ["--max-queued-tokens", "50000"],
     "nan": lambda: ["--model", str(nan_model_dir())],
+    # test_hostile_images: the tiny Qwen3-VL-Reranker, every default (images as data: URIs
+    # only, the default byte and pixel caps)
+    "images": lambda: ["--model", str(qwen3_vl_model_dir())],
     # test_shutdown (each is used up by its test)
     "sigterm": lambda: SLOW_DRAIN,
     "sigint": lambda: SLOW_DRAIN,
