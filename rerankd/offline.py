@@ -1,6 +1,8 @@
 """Offline batch reranking: a JSONL file of queries in, a JSONL file of rankings out.
 
-Each input line is `{"query": str, "documents": [str | {"text": …}], "id": optional}`; each
+Each input line is `{"query", "documents", "id": optional}` with the query and documents in
+any form POST /v1/rerank takes (text, and for a multimodal model the image forms: vLLM's
+`{"content": [...]}`, Jina's `{"image": ...}`), parsed by the same code; each
 output line is `{"id", "model", "results", "usage"}` with `results` shaped exactly as
 POST /v1/rerank shapes them, or `{"id", "line", "error": {message, type, param}}` for a
 line that could not be served (the run goes on). Lines without an `id` get their 1-based
@@ -25,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from rerankd.api.documents import document_texts
+from rerankd.api.documents import document_inputs, input_text, query_input
 from rerankd.api.errors import error_type
 from rerankd.api.responses import rerank_results, usage
 from rerankd.errors import InvalidRequest, RerankdError
@@ -51,8 +53,8 @@ class Backend(Protocol):
 
     async def rerank(
         self,
-        query: str,
-        documents: list[str | dict[str, Any]],
+        query: str | dict[str, Any],
+        documents: list[str | dict[str, Any]] | dict[str, Any],
         top_n: int | None,
         instruction: str | None,
         return_documents: bool,
@@ -82,14 +84,15 @@ class LocalBackend:
         return cls(service)
 
     async def rerank(self, query, documents, top_n, instruction, return_documents):
-        try:
-            texts = document_texts(documents)
+        try:  # as POST /v1/rerank reads them (rerankd/api/routes.py)
+            inputs, sent = document_inputs(documents)
             ranking = await self._service.rank_documents(
-                None, query, texts, instruction, top_n=top_n
+                None, query_input(query), inputs, instruction, top_n=top_n
             )
         except RerankdError as exc:
             raise LineError(exc.message, error_type(exc), exc.param) from exc
-        results = rerank_results(ranking, documents, texts, return_documents)
+        texts = [input_text(item) for item in inputs]
+        results = rerank_results(ranking, sent, texts, return_documents)
         return {"model": ranking.model, "results": results, "usage": usage(ranking)}
 
     async def close(self) -> None:
@@ -125,9 +128,17 @@ class RemoteBackend:
     async def rerank(self, query, documents, top_n, instruction, return_documents):
         from rerankd import client as rc
 
+        # vLLM's documents object goes as it is (the client's `documents` is a list)
+        whole = {"documents": documents} if isinstance(documents, dict) else None
         try:
             got = await self._client.rerank(
-                query, documents, top_n, instruction, self.model or None, return_documents
+                query,
+                [] if whole else documents,
+                top_n,
+                instruction,
+                self.model or None,
+                return_documents,
+                extra=whole,
             )
         except (rc.AuthenticationError, rc.NotFoundError, rc.APIConnectionError) as exc:
             raise FatalError(str(exc)) from exc
@@ -149,14 +160,27 @@ class Job:
 
     line: int
     id: Any
-    query: str = ""
-    documents: list[Any] | None = None
+    query: str | dict[str, Any] = ""
+    #: as sent: a list, or vLLM's {"content": [...]} (one document per part)
+    documents: list[Any] | dict[str, Any] | None = None
     error: LineError | None = None
+
+    @property
+    def size(self) -> int:
+        """How many documents the line holds."""
+        if isinstance(self.documents, dict):
+            return len(self.documents.get("content") or ())
+        return len(self.documents or ())
 
 
 def _key(id_: Any) -> str:
     """Ids compare as JSON values: 3 and "3" are different ids."""
     return json.dumps(id_, sort_keys=True)
+
+
+_DOCUMENTS_FORM = (
+    '`documents` must be a list (or vLLM\'s {"content": [...]}, one part per document)'
+)
 
 
 def parse_line(text: str, line: int) -> Job:
@@ -172,12 +196,19 @@ def parse_line(text: str, line: int) -> Job:
     if not isinstance(id_, (str, int)) or isinstance(id_, bool):
         return Job(line, line, error=LineError("`id` must be a string or an integer", param="id"))
     query, documents = data.get("query"), data.get("documents")
-    if not isinstance(query, str):
-        return Job(line, id_, error=LineError("`query` must be a string", param="query"))
-    if not isinstance(documents, list):
-        return Job(line, id_, error=LineError("`documents` must be a list", param="documents"))
-    try:
-        document_texts(documents)  # same checks, and messages, as the server's
+    if not isinstance(query, (str, dict)):
+        return Job(
+            line,
+            id_,
+            error=LineError(
+                '`query` must be a string (or {"content": [...]} / {"image": ...})', param="query"
+            ),
+        )
+    if not isinstance(documents, (list, dict)):
+        return Job(line, id_, error=LineError(_DOCUMENTS_FORM, param="documents"))
+    try:  # same checks, and messages, as the server's (images are decoded when scored)
+        query_input(query)
+        document_inputs(documents)
     except InvalidRequest as exc:
         return Job(line, id_, error=LineError(exc.message, param=exc.param))
     return Job(line, id_, query, documents)
@@ -293,7 +324,7 @@ async def run(
             try:
                 record = await task
                 summary.scored += 1
-                summary.documents += len(job.documents or [])
+                summary.documents += job.size
             except LineError as exc:
                 record = _report(job, exc, input_path.name)
                 summary.failed += 1

@@ -145,3 +145,131 @@ def test_unreachable_server_or_unknown_model_stops_with_exit_code_2(tmp_path, qw
     code, _ = rerank(tmp_path, ["--url", "http://127.0.0.1:9", "--no-progress"])
     assert code == 2
     assert "cannot use the server" in capsys.readouterr().err
+
+
+# --- images (issue 19): the forms and checks of POST /v1/rerank ------------------------------
+
+
+def _image_part(url: str) -> dict:
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+@pytest.fixture(scope="module")
+def vl_lines() -> list:
+    """Lines in every image form /v1/rerank takes, and lines it refuses (one per kind)."""
+    from tests.fixtures.qwen3_vl import png_data_uri
+
+    png, other = png_data_uri(40, 30, seed=1), png_data_uri(32, 32, seed=2)
+    truncated = png[: len(png) // 2].rstrip("=")
+    truncated += "=" * (-len(truncated.split(",", 1)[1]) % 4)
+    return [
+        {"id": "mixed", "query": "a photo",
+         "documents": ["plain", {"text": "an object", "id": 7}, {"content": [_image_part(png)]},
+                       {"image": other}, {"text": "both", "image": png}]},
+        {"id": "object", "query": "a photo",
+         "documents": {"content": [_image_part(png), {"type": "text", "text": "plain"}]}},
+        {"id": "image-query", "query": {"content": [_image_part(png)]},
+         "documents": ["plain", {"image": other}]},
+        {"id": "truncated", "query": "q", "documents": ["ok", {"image": truncated}]},
+        {"id": "remote", "query": "q", "documents": [{"image": "http://127.0.0.1:9/a.png"}]},
+        {"id": "too-many-parts", "query": "q",
+         "documents": ["ok", "ok", {"content": [{"type": "text", "text": "x"}] * 65}]},
+        {"id": "bad-query", "query": {"image": 3}, "documents": ["ok"]},
+        {"id": "after", "query": "still scored", "documents": ["a", {"image": png}]},
+    ]  # fmt: skip
+
+
+def test_image_documents_take_the_server_s_forms_and_bad_ones_fail_their_line_only(
+    tmp_path, vl_lines, capsys
+):
+    from tests.fixtures.qwen3_vl import qwen3_vl_dir
+
+    args = ["--model", str(qwen3_vl_dir()), "--dtype", "float32", "--no-progress"]
+    code, out = rerank(tmp_path, args, vl_lines)
+    assert code == 1
+    records = {r["id"]: r for r in read_jsonl(out)}
+    assert list(records) == [line["id"] for line in vl_lines]  # input order
+    scores = {
+        rid: {r["index"]: r["relevance_score"] for r in records[rid]["results"]}
+        for rid in ("mixed", "object", "image-query", "after")
+    }
+    # the same image (and text) in each form is the same document
+    assert scores["mixed"][2] == pytest.approx(scores["object"][0], abs=1e-6)
+    assert scores["mixed"][0] == pytest.approx(scores["object"][1], abs=1e-6)
+    assert len(scores["image-query"]) == 2 and len(scores["after"]) == 2
+    # documents echoed as sent (each part of vLLM's object is one document)
+    echoed = {r["index"]: r["document"] for r in records["object"]["results"]}
+    assert echoed == {
+        0: vl_lines[1]["documents"]["content"][0],
+        1: {"type": "text", "text": "plain"},
+    }
+    assert records["object"]["usage"]["prompt_tokens"] > 0
+    errors = {rid: records[rid]["error"] for rid in records if "error" in records[rid]}
+    assert set(errors) == {"truncated", "remote", "too-many-parts", "bad-query"}
+    assert errors["truncated"]["param"] == "documents[1]"
+    assert "decoded" in errors["truncated"]["message"]
+    assert errors["remote"]["param"] == "documents[0]"
+    assert "--allow-remote-media" in errors["remote"]["message"]
+    assert errors["too-many-parts"]["param"] == "documents[2]"  # refused when the line is read
+    assert errors["bad-query"]["param"] == "query.image"
+    assert all(e["type"] == "BadRequestError" for e in errors.values())
+    assert "4 scored, 0 skipped (already in out.jsonl), 4 failed" in capsys.readouterr().err
+
+
+def test_image_lines_through_a_server_give_the_same_records(tmp_path, vl_lines):
+    """--url sends each line's query and documents as they are (vLLM's documents object
+    included): the records match the in-process run's, errors included."""
+    from tests.fixtures.qwen3_vl import qwen3_vl_dir
+    from tests.harness import running_server
+
+    model = str(qwen3_vl_dir())
+    args = ["--model", model, "--dtype", "float32", "--no-progress"]
+    _, local = rerank(tmp_path, args, vl_lines, output="local.jsonl")
+    with running_server("--model", model, "--dtype", "float32", "--device", "cpu") as server:
+        _, remote = rerank(
+            tmp_path, ["--url", server.url, "--no-progress"], vl_lines, output="remote.jsonl"
+        )
+    for a, b in zip(read_jsonl(local), read_jsonl(remote), strict=True):
+        assert a["id"] == b["id"]
+        if "error" in a:
+            assert b["error"]["param"] == a["error"]["param"], (a, b)
+            assert b["error"]["message"] == a["error"]["message"], (a, b)
+            continue
+        assert a["usage"] == b["usage"]
+        assert_same_results(a["results"], b["results"])
+
+
+def test_ray_data_s_scorer_writes_the_in_process_records_for_image_lines(tmp_path, vl_lines):
+    """`rerankd rerank --ray` scores rows with the same parse_line and LocalBackend (its actor
+    class called directly here, without a Ray cluster): the same records, and vLLM's
+    documents object counted as its parts."""
+    import numpy as np
+
+    from rerankd.ray.data import Scorer
+    from rerankd.settings import Settings
+    from tests.fixtures.qwen3_vl import qwen3_vl_dir
+
+    model = str(qwen3_vl_dir())
+    _, local = rerank(tmp_path, ["--model", model, "--dtype", "float32", "--no-progress"], vl_lines)
+    scorer = Scorer(Settings(model=model, dtype="float32", device="cpu"), None, None, True, 4)
+    try:
+        out = scorer(
+            {
+                "line": np.arange(1, len(vl_lines) + 1),
+                "text": np.asarray([json.dumps(line) for line in vl_lines], dtype=object),
+                "skip": np.zeros(len(vl_lines), dtype=bool),
+            }
+        )
+    finally:
+        if scorer.backend is not None:
+            scorer.loop.run_until_complete(scorer.backend.close())
+    expected = read_jsonl(local)
+    assert [s == "failed" for s in out["status"]] == ["error" in r for r in expected]
+    assert out["documents"][1] == 2  # the "object" line: two parts, two documents
+    for a, b in zip(expected, map(json.loads, out["record"]), strict=True):
+        assert a["id"] == b["id"]
+        if "error" in a:
+            assert a["error"] == b["error"]
+        else:
+            assert a["usage"] == b["usage"]
+            assert_same_results(a["results"], b["results"])

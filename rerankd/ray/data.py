@@ -255,7 +255,7 @@ class Scorer:
                     )  # fmt: skip
                 except LineError as exc:
                     return "failed", _dump(error_record(job, exc)), 0
-            return "scored", _dump({"id": job.id, **got}), len(job.documents or [])
+            return "scored", _dump({"id": job.id, **got}), job.size
 
         return await asyncio.gather(*(one(*row) for row in zip(lines, texts, skips, strict=True)))
 
