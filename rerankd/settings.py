@@ -44,6 +44,7 @@ class Settings:
         "auto",
         "Scoring recipe: auto (from the checkpoint's architecture), qwen3-reranker, "
         "qwen3-seq-cls, qwen3-vl-reranker (text and images), bge-gemma, bge-layerwise, "
+        "bge-lightweight, "
         "cross-encoder, bi-encoder, mxbai-rerank-v2, st-causal-lm.",
     )
     max_model_len: int | None = _opt(
