@@ -297,8 +297,11 @@ def test_the_packed_engine_scores_bit_identically_through_the_pipeline(qwen3_dir
 
 
 def test_engines_with_their_own_forward_are_not_pipelined(qwen3_dir):
+    import torch
+
     from rerankd.engine.faults import FaultInjectingEngine, FaultPlan
     from rerankd.engine.layerwise import LayerwiseEngine
+    from rerankd.engine.lightweight import LightweightEngine
     from rerankd.engine.packed_engine import PackedEngine
     from rerankd.runtime import load_model
     from rerankd.settings import Settings
@@ -306,6 +309,18 @@ def test_engines_with_their_own_forward_are_not_pipelined(qwen3_dir):
     served = load_model(Settings(model=str(qwen3_dir), device="cpu", compile="off"), Metrics())
     engine = served.scheduler.engine
     assert type(engine) is PackedEngine and not engine.pipelined  # CPU
-    assert LayerwiseEngine.forward is not PackedEngine.forward  # its `pipelined` is False
-    wrapped = FaultInjectingEngine(engine, FaultPlan(raise_on=[], oom_above=2))
-    assert "forward" in vars(engine) and not getattr(wrapped, "pipelined", False)
+    # the device switch alone, on bare instances (no model: only `pipelined` is read)
+    cuda = torch.device("cuda")
+    for cls, pipelined in ((PackedEngine, True), (LayerwiseEngine, False),
+                           (LightweightEngine, False)):  # fmt: skip
+        bare = object.__new__(cls)
+        bare._device = cuda
+        assert bare.pipelined is pipelined, cls
+    engine._device = cuda
+    try:
+        assert engine.pipelined
+        wrapped = FaultInjectingEngine(engine, FaultPlan(raise_on=[], oom_above=2))
+        assert "forward" in vars(engine) and not engine.pipelined
+        assert not getattr(wrapped, "pipelined", False)
+    finally:
+        engine._device = torch.device("cpu")

@@ -101,11 +101,13 @@ class PackedEngine:
     @property
     def pipelined(self) -> bool:
         """Whether the scheduler may run this engine one batch ahead: on CUDA, where `launch`
-        returns while the kernels run, and only with this class's own `forward` (a subclass
-        with another forward, or a wrapped one, e.g. fault injection, scores through `score`)."""
+        returns while the kernels run, and only with this class's own `forward` and `score`
+        (a subclass with another one, e.g. layerwise or lightweight, or a wrapped forward, e.g.
+        fault injection, scores through `score`)."""
         return (
             self._device.type == "cuda"
             and type(self).forward is PackedEngine.forward
+            and type(self).score is PackedEngine.score
             and "forward" not in vars(self)
         )
 
