@@ -212,3 +212,10 @@ def test_a_quantized_tiny_model_keeps_its_ranking_where_scores_are_clearly_apart
     assert apart, "no clearly separated pair to check: this test checks nothing"
     for i, j in apart:  # clearly apart: the order holds
         assert after[i] > after[j], (i, j, before, after)
+
+
+def test_a_non_contiguous_input_gives_the_contiguous_inputs_output():
+    layer = Fp8Linear(torch.randn(32, 64), torch.randn(32))
+    x = torch.randn(64, 9).t()  # (9, 64), column-major
+    assert not x.is_contiguous()
+    assert torch.equal(layer(x), layer(x.contiguous()))

@@ -96,6 +96,7 @@ class Fp8Linear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         rows = x.reshape(-1, self.in_features)
         q, scale = quantize_rows(rows)  # (M, K) e4m3, (M, 1)
+        q = q.contiguous()  # the kernel takes a row-major left operand (a no-op if it is)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         # (M, K) x (K, N) -> (M, N), scale_a (M, 1) and scale_b (1, N) on the accumulator
         y = torch._scaled_mm(
