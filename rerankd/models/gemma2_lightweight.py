@@ -29,8 +29,10 @@ what that loop computes:
 The model knows nothing about prompts: each sequence comes with a `Plan` (its query and prompt
 lengths, scoring layer, head and compression), which the engine builds from the recipe's
 pairs. Sequences run as one flat token stream (no padding); projections and MLPs share the
-GEMMs, attention runs per sequence. A sequence leaves the stream once scored: no layer past
-the deepest scoring layer runs, and nothing after a sequence's own.
+GEMMs; attention runs as one SDPA call per bucket of similar-length sequences padded to a
+rectangle (`ops.attention.length_buckets`, masks built once per stream layout). A sequence
+leaves the stream once scored: no layer past the deepest scoring layer runs, and nothing
+after a sequence's own.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ from rerankd.models.decoder import (
 )
 from rerankd.models.hf_config import UnsupportedCheckpoint, decoder_config
 from rerankd.models.weights import Checkpoint
+from rerankd.ops.attention import length_buckets
 
 
 @dataclass
@@ -180,10 +183,11 @@ class LightweightReranker(nn.Module):
             if squeeze:
                 x, lengths = _compress(x, lengths, squeeze, [plans[alive[i]] for i in squeeze])
                 positions = None
-            if positions is None:  # the stream changed: renumber, new RoPE tables
+            if positions is None:  # the stream changed: renumber, new RoPE tables and masks
                 positions = torch.cat([torch.arange(n, device=x.device) for n in lengths])
                 cos, sin = rotary(positions, self.inv_freq, x.dtype)
-            x = self.layers[idx](x, cos, sin, lengths)
+                layout = Layout.of(lengths, c.sliding_window, x.device)
+            x = self.layers[idx](x, cos, sin, layout)
         return scores
 
     def _score(self, x, lengths, which, rows, plans, out) -> None:
@@ -212,9 +216,9 @@ class Block(nn.Module):
         self.mlp = MLP(c)
         self.post_feedforward_layernorm = norm()
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, lengths: Sequence[int]) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, layout: Layout) -> Tensor:
         x = x + self.post_attention_layernorm(
-            self.self_attn(self.input_layernorm(x), cos, sin, lengths)
+            self.self_attn(self.input_layernorm(x), cos, sin, layout)
         )
         return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
 
@@ -228,30 +232,29 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(c.hidden_size, self.q_size + 2 * self.kv_size, bias=False)
         self.wo = nn.Linear(self.q_size, c.hidden_size, bias=False)
         self.scale = config.scale
-        self.window = config.sliding_window if sliding else None
+        self.sliding = sliding
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, lengths: Sequence[int]) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, layout: Layout) -> Tensor:
         T = x.shape[0]
         q, k, v = self.wqkv(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = apply_rotary(q.view(T, self.heads, self.head_dim), cos, sin)
         k = apply_rotary(k.view(T, self.kv_heads, self.head_dim), cos, sin)
         v = v.view(T, self.kv_heads, self.head_dim)
-        y = torch.empty_like(q)
-        start = 0
-        for n in lengths:
-            s = slice(start, start + n)
-            # (1, H, n, D) x (1, KVH, n, D) -> (1, H, n, D)
-            mask = _window_mask(n, self.window, x.device)
-            y[s] = F.scaled_dot_product_attention(
-                q[s].transpose(0, 1)[None],
-                k[s].transpose(0, 1)[None],
-                v[s].transpose(0, 1)[None],
+        # row T: a zero row that padding positions gather
+        q, k, v = (torch.cat((t, t.new_zeros(1, *t.shape[1:]))) for t in (q, k, v))
+        y = x.new_empty(T, self.heads, self.head_dim)
+        masks = layout.sliding if self.sliding else layout.causal
+        for rows, mask, real in zip(layout.rows, masks, layout.real, strict=True):
+            # (B, H, L, D) x (B, KVH, L, D) -> (B, H, L, D)
+            out = F.scaled_dot_product_attention(
+                q[rows].transpose(1, 2),
+                k[rows].transpose(1, 2),
+                v[rows].transpose(1, 2),
                 attn_mask=mask,
-                is_causal=mask is None,
                 scale=self.scale,
                 enable_gqa=self.heads != self.kv_heads,
-            )[0].transpose(0, 1)
-            start += n
+            ).transpose(1, 2)  # (B, L, H, D)
+            y[rows[real]] = out[real]
         return self.wo(y.reshape(T, self.q_size))
 
 
@@ -297,14 +300,43 @@ def load_lightweight(
 # --- helpers --------------------------------------------------------------------------------
 
 
-def _window_mask(n: int, window: int | None, device: torch.device) -> Tensor | None:
-    """(n, n) bool: key j visible from query i when i - window < j <= i (transformers 4.46's
-    Gemma2 sliding mask, `tril(diagonal=-window)` masked); None: plain causal suffices."""
-    if window is None or n <= window:
-        return None
-    i = torch.arange(n, device=device)[:, None]
-    j = torch.arange(n, device=device)[None, :]
-    return (j <= i) & (j > i - window)
+@dataclass
+class Layout:
+    """Attention over a stream of sequences, as buckets of similar lengths padded to (B, L):
+    `rows[b]` (B, L) the stream rows of each bucket (padding: row T, a zero row), `real[b]`
+    which are real, and the (B, 1, L, L) masks of global (`causal`) and sliding layers."""
+
+    rows: list[Tensor]
+    real: list[Tensor]
+    causal: list[Tensor]
+    sliding: list[Tensor]
+
+    @classmethod
+    def of(cls, lengths: Sequence[int], window: int | None, device: torch.device) -> Layout:
+        total = sum(lengths)
+        starts = [0, *torch.tensor(list(lengths)).cumsum(0).tolist()]
+        layout = cls([], [], [], [])
+        for bucket in length_buckets(list(lengths)):
+            L = max(lengths[s] for s in bucket)
+            i = torch.arange(L)[:, None]
+            j = torch.arange(L)[None, :]
+            causal = j <= i
+            # transformers 4.46's Gemma2 sliding mask: keys j <= i - window masked
+            sliding = causal & (j > i - window) if window is not None else causal
+            rows = torch.full((len(bucket), L), total, dtype=torch.long)
+            masks = torch.zeros(2, len(bucket), 1, L, L, dtype=torch.bool)
+            for b, s in enumerate(bucket):
+                n = lengths[s]
+                rows[b, :n] = torch.arange(starts[s], starts[s] + n)
+                keys = j < n
+                masks[0, b, 0] = causal & keys
+                masks[1, b, 0] = sliding & keys
+                masks[:, b, 0, n:, :n] = True  # padding queries see real keys: no empty row
+            layout.rows.append(rows.to(device))
+            layout.real.append(layout.rows[-1] < total)
+            layout.causal.append(masks[0].to(device))
+            layout.sliding.append(masks[1].to(device))
+        return layout
 
 
 def _drop(x: Tensor, lengths: list[int], rows: list[int]) -> tuple[Tensor, list[int]]:
