@@ -15,9 +15,11 @@ Options (request fields; server flags set the defaults; the defaults are the mod
   deepest listed layer. The reference's quirk: the head that scores is `lm_head[k]`, k being
   the rank of that layer among the distinct listed layers, not the layer's own head. So
   ``[28]`` is scored by head 0 (trained after layer `start_layer` = 8), ``[10, 28]`` by head 1,
-  and the reference's own default (no cutoff: the last layer) by head 0 too. FlagEmbedding
-  returns one score list per listed layer; the rerank API has one score per document, so
-  rerankd returns the deepest layer's (the reference's last list) and computes nothing past it.
+  and the reference's own default (no cutoff: the last layer) by head 0 too. (A checkpoint
+  without a head after layer 28 defaults to its last layer, the reference's default.)
+  FlagEmbedding returns one score list per listed layer; the rerank API has one score per
+  document, so rerankd returns the deepest layer's (the reference's last list) and computes
+  nothing past it.
 - `compress_ratio` (int >= 1; default 2, `--compress-ratio`): passage tokens per pooled token
   (1: no compression; the reference documents 1, 2, 4, 8 and computes any positive ratio).
 - `compress_layers` (list; default [24, 40], `--compress-layers`): before which layers the

@@ -170,6 +170,21 @@ def test_token_ids_and_layout_equal_flagembedding(server, golden):
     assert any(pair.truncated for pair in ours)  # the long document was cut, as there
 
 
+def test_an_instruction_replaces_the_prompt_and_its_length(server, golden):
+    """FlagEmbedding's `prompt` argument: the ids end with "\\n" + the prompt, and the prompt
+    part the model keeps uncompressed is that long."""
+    recipe = server.service.models[0].recipe
+    prompt = "Is passage B about query A?"
+    default = recipe.encode([QUERIES[0]], [DOCUMENTS[1]])[0]
+    asked = recipe.encode([QUERIES[0]], [DOCUMENTS[1]], instruction=prompt)[0]
+    tail = recipe.encode_text("\n") + recipe.encode_text(prompt)
+    assert asked.input_ids[-len(tail) :] == tuple(tail)
+    assert asked.prompt_length == len(tail)
+    assert asked.query_length == default.query_length
+    body = len(default) - default.prompt_length
+    assert asked.input_ids[:body] == default.input_ids[:body]
+
+
 def test_default_request_is_the_model_cards_setting(server, golden):
     assert SETTINGS[0] == ([28], 2, [24, 40])
     _close(server.raw(), golden["float32"][0])
