@@ -155,7 +155,7 @@ class LightweightReranker(nn.Module):
         self.register_buffer("heads", heads, persistent=False)  # (H, hidden), float32
 
     def set_attention(self, backend: str) -> None:
-        if backend != "sdpa":  # per-sequence SDPA with sliding-window masks only
+        if backend != "sdpa":  # bucketed SDPA with sliding-window masks only
             raise ValueError(f"gemma2-lightweight runs SDPA attention only, not {backend!r}")
 
     def forward(self, ids: Tensor, lengths: Sequence[int], plans: Sequence[Plan]) -> Tensor:
@@ -175,7 +175,8 @@ class LightweightReranker(nn.Module):
             if done:
                 self._score(x, lengths, [alive[i] for i in done], done, plans, scores)
                 x, lengths = _drop(x, lengths, done)
-                alive = [s for i, s in enumerate(alive) if i not in set(done)]
+                gone = set(done)
+                alive = [s for i, s in enumerate(alive) if i not in gone]
                 positions = None
             if not alive:
                 break
