@@ -35,7 +35,7 @@ def test_an_item_wider_than_the_budget_still_runs_alone():
     [
         (("fp4", "off", "auto"), "unknown --quantize 'fp4'; use none, int8 or fp8"),
         (("none", "maybe", "auto"), "unknown --compile 'maybe'; use auto, on or off"),
-        (("none", "off", "flash"), "unknown --attention 'flash'; use auto or sdpa"),
+        (("none", "off", "flash"), "unknown --attention 'flash'; use auto, sdpa, amx or avx512"),
     ],
 )
 def test_mode_errors_name_the_flag_and_its_choices(modes, message):
