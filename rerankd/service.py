@@ -8,12 +8,13 @@ event loop only routes.
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import os
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from rerankd.errors import (
     InferenceFailed,
@@ -23,10 +24,16 @@ from rerankd.errors import (
     RequestTimeout,
     ShuttingDown,
 )
+from rerankd.inputs import (
+    LongInputs,
+    check_images,
+    encode_request,
+    estimate_tokens,
+    score_layer,
+)
 from rerankd.metrics import Metrics
 from rerankd.recipes import Recipe
-from rerankd.recipes.chunking import encode_chunks
-from rerankd.recipes.media import DecodedImage, MediaError, MediaPolicy, load_image
+from rerankd.recipes.media import MediaPolicy
 from rerankd.scheduler import Scheduler
 from rerankd.types import EncodedPair, Ranking, ScoredPairs
 
@@ -50,80 +57,6 @@ class ServedModel:
 
 
 @dataclass(frozen=True)
-class _LongInputs:
-    """What a request asked for about documents that do not fit (see `score_pairs`)."""
-
-    truncate: bool = True
-    side: str = "right"
-    max_tokens_per_doc: int | None = None
-    max_chunks_per_doc: int | None = None
-    max_tokens_per_query: int | None = None
-    max_prompt_tokens: int | None = None
-    #: the layer a layerwise model scores after (the request's `cutoff_layers`; None: default),
-    #: or a lightweight model's `Compression` (layer, head and compression; recipe-made)
-    layer: int | None = None
-
-    def encode(self, recipe: Recipe, queries, documents, instruction) -> list[list[EncodedPair]]:
-        if self.max_tokens_per_query is not None:
-            unique = [q for q in dict.fromkeys(queries) if isinstance(q, str)]
-            cut, _ = recipe.cap_texts(unique, self.max_tokens_per_query, "right")
-            as_cut = dict(zip(unique, cut, strict=True))
-            queries = [as_cut.get(q, q) if isinstance(q, str) else q for q in queries]
-        if self.max_prompt_tokens is None:
-            return self._encode(recipe, queries, documents, instruction, self.max_tokens_per_doc)
-        # vLLM's truncate_prompt_tokens: each query's documents get what its prompt leaves
-        groups: list[list[EncodedPair] | None] = [None] * len(documents)
-        for query in dict.fromkeys(queries):
-            at = [i for i, q in enumerate(queries) if q == query]
-            encoded = self._encode(
-                recipe,
-                [query] * len(at),
-                [documents[i] for i in at],
-                instruction,
-                self._document_room(recipe, query, instruction),
-            )
-            for i, group in zip(at, encoded, strict=True):
-                groups[i] = group
-        return groups  # type: ignore[return-value]
-
-    def _document_room(self, recipe: Recipe, query: str, instruction) -> int:
-        """Document tokens that fit in `max_prompt_tokens` beside this query's prompt."""
-        assert self.max_prompt_tokens is not None
-        prompt = len(recipe.encode([query], [""], instruction)[0])
-        room = self.max_prompt_tokens - prompt
-        if room < 1:
-            raise InvalidRequest(
-                f"truncate_prompt_tokens={self.max_prompt_tokens} leaves no room for a "
-                f"document: the prompt without one is already {prompt} tokens",
-                param="truncate_prompt_tokens",
-            )
-        return min(room, self.max_tokens_per_doc or room)
-
-    def _encode(
-        self, recipe: Recipe, queries, documents, instruction, max_document_tokens: int | None
-    ) -> list[list[EncodedPair]]:
-        if self.max_chunks_per_doc is not None:
-            return encode_chunks(
-                recipe,
-                queries,
-                documents,
-                instruction,
-                self.truncate,
-                max_chunks=self.max_chunks_per_doc,
-                max_document_tokens=max_document_tokens,
-            )
-        pairs = recipe.encode(
-            queries,
-            documents,
-            instruction,
-            self.truncate,
-            side=self.side,
-            max_document_tokens=max_document_tokens,
-        )
-        return [[pair] for pair in pairs]
-
-
-@dataclass(frozen=True)
 class Limits:
     """Per-request limits; see Settings for what each protects against."""
 
@@ -143,25 +76,6 @@ class Limits:
 #: instances out of rotation, while a broken checkpoint fails the probe too.
 PROBE_EVERY_S = 10.0
 PROBE_QUERY, PROBE_DOCUMENT = "warm-up query", "warm-up document"
-#: characters per token assumed when estimating a request's size before tokenizing it
-#: (English BPE averages ~4; a low estimate only admits a request the queue then refuses)
-CHARS_PER_TOKEN_ESTIMATE = 4
-#: tokens assumed per image before it is decoded (a 512x512 image is 256 merged patches)
-TOKENS_PER_IMAGE_ESTIMATE = 256
-
-
-def _chars(item) -> int:
-    """Characters of a query or document (a string, or text and image parts), an image
-    counted as `TOKENS_PER_IMAGE_ESTIMATE` tokens' worth."""
-    if isinstance(item, str):
-        return len(item)
-    images = sum(1 for kind, _ in item if kind == "image")
-    text = sum(len(value) for kind, value in item if kind == "text")
-    return text + images * TOKENS_PER_IMAGE_ESTIMATE * CHARS_PER_TOKEN_ESTIMATE
-
-
-def _has_image(item) -> bool:
-    return not isinstance(item, str) and any(kind == "image" for kind, _ in item)
 
 
 def aliases_for(source: str, served_names: Sequence[str]) -> list[str]:
@@ -292,13 +206,15 @@ class RerankService:
         Admission comes before any work: the request's tokens are estimated from its length
         and it gets a 429 at once when the estimate does not fit beside what is admitted.
         """
-        layer = _score_layer(model.recipe, cutoff_layers, compress_ratio, compress_layers)
-        queries, documents = _check_images(model, queries, documents, max_chunks_per_doc)
-        estimate = self._estimate_tokens(model, queries, documents, instruction)
+        layer = score_layer(model.recipe, cutoff_layers, compress_ratio, compress_layers)
+        queries, documents = check_images(
+            model.recipe, model.name, queries, documents, max_chunks_per_doc
+        )
+        estimate = estimate_tokens(model.max_length, queries, documents, instruction)
         self._admit(model, len(documents), estimate)
         self.in_flight += 1
         self.admitted_tokens += estimate
-        options = _LongInputs(
+        options = LongInputs(
             truncate,
             truncation_side,
             max_tokens_per_doc,
@@ -327,18 +243,6 @@ class RerankService:
         self._degraded.discard(model.name)  # the engine just scored: it works
         return scored
 
-    @staticmethod
-    def _estimate_tokens(model: ServedModel, queries, documents, instruction) -> int:
-        """Tokens the request will take, from character counts alone (no tokenizing): each
-        pair counted up to the model's limit, plus a little for the prompt template."""
-        limit = model.max_length
-        extra = len(instruction or "")
-        total = 0
-        for query, document in zip(queries, documents, strict=True):
-            chars = _chars(query) + _chars(document) + extra
-            total += min(limit, chars // CHARS_PER_TOKEN_ESTIMATE + 8)
-        return total
-
     def _admit(self, model: ServedModel, num_documents: int, estimate: int) -> None:
         if self.draining:
             raise ShuttingDown("the server is shutting down and takes no new requests")
@@ -364,8 +268,13 @@ class RerankService:
 
     async def _score(self, model, queries, documents, instruction, options) -> ScoredPairs:
         started = time.perf_counter()
+        encode = functools.partial(
+            encode_request,
+            max_query_tokens=self.limits.max_query_tokens,
+            media=self.limits.media,
+        )
         groups = await asyncio.get_running_loop().run_in_executor(
-            self._tokenizers, self._encode, model.recipe, queries, documents, instruction, options
+            self._tokenizers, encode, model.recipe, queries, documents, instruction, options
         )
         self.metrics.tokenize_time.labels(model.name).observe(time.perf_counter() - started)
         pairs = [pair for group in groups for pair in group]
@@ -396,87 +305,6 @@ class RerankService:
             "its weights or activations overflow (on float16, serve with --dtype bfloat16 or "
             "float32); no scores were returned"
         )
-
-    def _encode(
-        self, recipe: Recipe, queries, documents, instruction, options: _LongInputs
-    ) -> list[list[EncodedPair]]:
-        """Tokenize (per document: its pairs, more than one only when chunked); a tokenizer
-        failure is a 400 naming the first document that fails.
-
-        Texts that can never fit (an instruction or query longer than the model's limit, or
-        than --max-query-tokens) are refused with bounded work, before full tokenization.
-        Images are fetched and decoded first, here in the worker thread (never on the event
-        loop); a bad one is a 400 naming its document."""
-        queries, documents = self._load_images(queries, documents)
-        if instruction and recipe.count_tokens_upto(instruction, recipe.max_length) is None:
-            raise InvalidRequest(
-                f"the instruction is longer than this model's limit of {recipe.max_length} "
-                "tokens; shorten it",
-                param="instruction",
-            )
-        max_query = self.limits.max_query_tokens
-        if max_query is not None:
-            for query in dict.fromkeys(queries):
-                if isinstance(query, str) and recipe.count_tokens_upto(query, max_query) is None:
-                    raise InvalidRequest(
-                        f"the query is longer than {max_query} tokens (--max-query-tokens)",
-                        param="query",
-                    )
-        try:
-            groups = options.encode(recipe, queries, documents, instruction)
-        except InvalidRequest:
-            raise
-        except Exception as exc:
-            lenient = replace(options, truncate=True)
-            for index, (query, document) in enumerate(zip(queries, documents, strict=True)):
-                try:
-                    lenient.encode(recipe, [query], [document], instruction)
-                except Exception as single:
-                    raise InvalidRequest(
-                        f"document {index} could not be tokenized: {type(single).__name__}: {single}",
-                        param=f"documents[{index}]",
-                    ) from single
-            raise InvalidRequest(f"the request could not be tokenized: {exc}") from exc
-        if options.layer is not None:  # a layerwise model's pairs, scored at another layer
-            groups = [recipe.at_layer(group, options.layer) for group in groups]
-        return groups
-
-    def _load_images(self, queries, documents) -> tuple[list, list]:
-        """Queries and documents with each image part's URL replaced by the decoded image
-        (`DecodedImage`), each distinct URL decoded once per request."""
-        if not any(map(_has_image, queries)) and not any(map(_has_image, documents)):
-            return list(queries), list(documents)
-        decoded: dict[str, DecodedImage] = {}
-        policy = self.limits.media
-        pixels_left = policy.max_request_pixels
-
-        def load(item, param: str):
-            nonlocal pixels_left
-            if isinstance(item, str):
-                return item
-            parts = []
-            for kind, value in item:
-                if kind == "image" and isinstance(value, str):
-                    if value not in decoded:
-                        try:
-                            image = load_image(value, policy, pixels_left)
-                        except MediaError as exc:
-                            raise InvalidRequest(f"{param}: {exc}", param=param) from exc
-                        pixels_left -= image.width * image.height
-                        decoded[value] = DecodedImage(image)
-                    value = decoded[value]
-                parts.append((kind, value))
-            return tuple(parts)
-
-        one_query = len({id(q) for q in queries}) == 1
-        seen: dict[int, object] = {}
-        loaded_queries = []
-        for index, query in enumerate(queries):
-            if id(query) not in seen:
-                seen[id(query)] = load(query, "query" if one_query else f"queries[{index}]")
-            loaded_queries.append(seen[id(query)])
-        loaded = [load(d, f"documents[{i}]") for i, d in enumerate(documents)]
-        return loaded_queries, loaded
 
     async def rerank(
         self,
@@ -546,78 +374,7 @@ class RerankService:
         self._tokenizers.shutdown(wait=False, cancel_futures=True)
 
 
-def _score_layer(
-    recipe: Recipe,
-    cutoff_layers: int | Sequence[int] | None,
-    compress_ratio: int | None = None,
-    compress_layers: Sequence[int] | None = None,
-):
-    """The layer a request's `cutoff_layers` asks a layerwise model to score after (None: the
-    recipe's default), with compression options the recipe's options object; a 400 naming
-    the field when it is invalid or the model has no per-layer heads or no compression."""
-    compression = {
-        name: value
-        for name, value in (
-            ("compress_ratio", compress_ratio),
-            ("compress_layers", compress_layers),
-        )
-        if value is not None
-    }
-    if compression and not getattr(recipe, "compresses", False):
-        name = next(iter(compression))
-        raise InvalidRequest(
-            f"{name} applies to token-compressing rerankers "
-            "(bge-reranker-v2.5-gemma2-lightweight); this model does not compress",
-            param=name,
-        )
-    if compression:
-        return recipe.layer_of(cutoff_layers, **compression)
-    if cutoff_layers is None:
-        return None
-    layer_of = getattr(recipe, "layer_of", None)
-    if layer_of is None:
-        raise InvalidRequest(
-            "cutoff_layers applies to layerwise rerankers (bge-reranker-v2-minicpm-layerwise); "
-            "this model has a single score head",
-            param="cutoff_layers",
-        )
-    return layer_of(cutoff_layers)
-
-
 def rank(scores: Sequence[float], top_n: int | None) -> list[int]:
     """Indices sorted by score descending (ties: lower index first), cut to `top_n`."""
     order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
     return order if not top_n else order[:top_n]
-
-
-def _check_images(model: ServedModel, queries, documents, max_chunks_per_doc) -> tuple[list, list]:
-    """A model that reads text only refuses image inputs (a 400 naming the first one); its
-    image-free part tuples become their joined text. Chunking splits text only."""
-    if getattr(model.recipe, "supports_images", False):
-        if max_chunks_per_doc is not None:
-            for index, document in enumerate(documents):
-                if _has_image(document):
-                    raise InvalidRequest(
-                        f"documents[{index}] holds an image; max_chunks_per_doc splits text "
-                        "documents only",
-                        param="max_chunks_per_doc",
-                    )
-        return list(queries), list(documents)
-
-    def text_only(item, param: str):
-        if isinstance(item, str):
-            return item
-        if _has_image(item):
-            raise InvalidRequest(
-                f"{param} holds an image, but model {model.name!r} ({model.recipe.name}) "
-                "reads text only; send text, or serve a multimodal reranker "
-                "(e.g. Qwen/Qwen3-VL-Reranker-2B)",
-                param=param,
-            )
-        return "".join(value for _, value in item)
-
-    one_query = len({id(q) for q in queries}) == 1
-    checked_queries = [
-        text_only(q, "query" if one_query else f"queries[{i}]") for i, q in enumerate(queries)
-    ]
-    return checked_queries, [text_only(d, f"documents[{i}]") for i, d in enumerate(documents)]

@@ -6,7 +6,8 @@ layer or from layers below it:
 
     entry points  cli, server, http_server, runtime, offline, evaluation, ray/ (composition)
     api/          HTTP only: validation, dialects, error statuses
-    service       tokenizes through the recipe, admits, awaits the scheduler
+    service       tokenizes through the recipe, admits, awaits the scheduler (with inputs:
+                  size estimates, image checks, the long-input options)
     scheduler     one queue, batches closed by a token budget
     engine/       Batch -> raw scores; builds our models (engine/factory.py)
     models/       our model code (decoder, encoder, weights, configs)
@@ -45,13 +46,14 @@ RANK = {
     "engine": 3,
     "scheduler": 4,
     "service": 5,
+    "inputs": 5,
     "api": 6,
     **dict.fromkeys(ENTRY, 7),
 }
 #: the only names engine/ and models/ may import from recipes/
 RECIPE_TYPES = frozenset({"ScoreHead", "EncodedTwin"})
 #: layers that may import recipes/ whole
-RECIPE_USERS = frozenset({"service", "recipes", *ENTRY})
+RECIPE_USERS = frozenset({"service", "inputs", "recipes", *ENTRY})
 #: third-party packages the HTTP layer never imports
 API_FORBIDDEN = ("torch", "transformers")
 

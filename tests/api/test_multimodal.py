@@ -400,16 +400,16 @@ def test_remote_images_with_the_flag(make_vl_client, image_server):
 
 
 def test_images_are_decoded_off_the_event_loop(vl_client, monkeypatch):
-    import rerankd.service
+    import rerankd.inputs
 
     threads = []
-    real = rerankd.service.load_image
+    real = rerankd.inputs.load_image
 
     def recording(url, policy, *rest):
         threads.append(threading.current_thread().name)
         return real(url, policy, *rest)
 
-    monkeypatch.setattr(rerankd.service, "load_image", recording)
+    monkeypatch.setattr(rerankd.inputs, "load_image", recording)
     documents = [{"image": PNG}, {"image": PNG}, {"image": PNG2}]
     assert (
         len(_scores(vl_client.post("/v1/rerank", json={"query": "q", "documents": documents}))) == 3
