@@ -14,68 +14,40 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
+
+        def per_model(kind, name: str, doc: str, **buckets):
+            return kind(name, doc, ["model"], registry=r, **buckets)
+
+        def latency(name: str, doc: str, label: str = "model") -> Histogram:
+            return Histogram(name, doc, [label], buckets=_LATENCY_BUCKETS, registry=r)
+
         self.requests = Counter(
             "rerankd_requests", "HTTP requests by route and status", ["route", "status"], registry=r
         )
-        self.request_latency = Histogram(
-            "rerankd_request_seconds",
-            "End-to-end request latency",
-            ["route"],
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
+        self.request_latency = latency(
+            "rerankd_request_seconds", "End-to-end request latency", "route"
         )
-        self.documents = Counter(
-            "rerankd_documents", "Documents (pairs) scored", ["model"], registry=r
+        self.documents = per_model(Counter, "rerankd_documents", "Documents (pairs) scored")
+        self.tokens = per_model(Counter, "rerankd_tokens", "Tokens scored (prompt tokens)")
+        self.truncated = per_model(
+            Counter, "rerankd_truncated_documents", "Documents cut to fit the model's limit"
         )
-        self.tokens = Counter(
-            "rerankd_tokens", "Tokens scored (prompt tokens)", ["model"], registry=r
+        self.tokenize_time = latency("rerankd_tokenize_seconds", "Time to tokenize a request")
+        self.queue_time = latency(
+            "rerankd_queue_seconds", "Time a request waited before its first batch ran"
         )
-        self.truncated = Counter(
-            "rerankd_truncated_documents",
-            "Documents cut to fit the model's limit",
-            ["model"],
-            registry=r,
+        self.inference_time = latency("rerankd_batch_inference_seconds", "Engine time per batch")
+        self.batch_pairs = per_model(
+            Histogram, "rerankd_batch_pairs", "Pairs per engine batch", buckets=_BATCH_BUCKETS
         )
-        self.tokenize_time = Histogram(
-            "rerankd_tokenize_seconds",
-            "Time to tokenize a request",
-            ["model"],
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.queue_time = Histogram(
-            "rerankd_queue_seconds",
-            "Time a request waited before its first batch ran",
-            ["model"],
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.inference_time = Histogram(
-            "rerankd_batch_inference_seconds",
-            "Engine time per batch",
-            ["model"],
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.batch_pairs = Histogram(
-            "rerankd_batch_pairs",
-            "Pairs per engine batch",
-            ["model"],
-            buckets=_BATCH_BUCKETS,
-            registry=r,
-        )
-        self.batch_tokens = Histogram(
+        self.batch_tokens = per_model(
+            Histogram,
             "rerankd_batch_tokens",
             "Tokens per engine batch",
-            ["model"],
             buckets=tuple(2**i for i in range(6, 19)),
-            registry=r,
         )
-        self.rejected = Counter(
-            "rerankd_rejected_requests",
-            "Requests refused because the queue was full",
-            ["model"],
-            registry=r,
+        self.rejected = per_model(
+            Counter, "rerankd_rejected_requests", "Requests refused because the queue was full"
         )
         self.failures = Counter(
             "rerankd_failures",
@@ -83,6 +55,6 @@ class Metrics:
             ["kind"],
             registry=r,
         )
-        self.queued_tokens = Gauge(
-            "rerankd_queued_tokens", "Tokens waiting in the scheduler", ["model"], registry=r
+        self.queued_tokens = per_model(
+            Gauge, "rerankd_queued_tokens", "Tokens waiting in the scheduler"
         )

@@ -310,25 +310,11 @@ async def run(
         )
         return {"id": job.id, **got}
 
-    def write(record: dict[str, Any], out) -> None:
-        out.write(json.dumps(record, ensure_ascii=False) + "\n")
-        out.flush()
-
     async def finish_one(out) -> None:
         job, task = pending.popleft()
-        if task is None:
-            assert job.error is not None
-            record = _report(job, job.error, input_path.name)
-            summary.failed += 1
-        else:
-            try:
-                record = await task
-                summary.scored += 1
-                summary.documents += job.size
-            except LineError as exc:
-                record = _report(job, exc, input_path.name)
-                summary.failed += 1
-        write(record, out)
+        record = await _outcome(job, task, summary, input_path.name)
+        out.write(json.dumps(record, ensure_ascii=False) + "\n")
+        out.flush()
         bar.update(1)
         elapsed = time.perf_counter() - started
         bar.set_postfix_str(f"{summary.documents / max(elapsed, 1e-9):.1f} docs/s")
@@ -354,6 +340,22 @@ async def run(
         bar.close()
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+async def _outcome(job: Job, task: asyncio.Task | None, summary: Summary, source: str) -> dict:
+    """The output record of a line (its result, or the error it met), counted in `summary`."""
+    if task is None:  # the line itself was bad (see `read_jobs`)
+        assert job.error is not None
+        summary.failed += 1
+        return _report(job, job.error, source)
+    try:
+        record = await task
+    except LineError as exc:
+        summary.failed += 1
+        return _report(job, exc, source)
+    summary.scored += 1
+    summary.documents += job.size
+    return record
 
 
 async def rerank_file(open_backend, input_path: Path, output_path: Path, **options: Any) -> Summary:

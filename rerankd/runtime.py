@@ -126,7 +126,9 @@ def load_engine(settings: Settings, model_dir: Path, config: Any, recipe: Recipe
 
 def build_engine(kind: str, model_dir, config, recipe, device, dtype, settings: Settings):
     """`packed` (our model code), `transformers` (generic fallback) or `auto` (packed if we
-    have code for the architecture, else transformers)."""
+    have code for the architecture, else transformers). Families with an engine of their own
+    (bi-encoders, vision-language, listwise, late interaction) get it whatever `kind` says,
+    or a clear error where `kind`/`--quantize` asks for something it cannot do."""
     from rerankd.engine.factory import UnsupportedCheckpoint, build_packed_engine
     from rerankd.engine.transformers_engine import TransformersEngine
 
@@ -138,60 +140,14 @@ def build_engine(kind: str, model_dir, config, recipe, device, dtype, settings: 
         raise ModelLoadError(str(exc)) from exc
     if settings.quantize != "none" and kind == "transformers":
         raise ModelLoadError("--quantize needs the packed engine (--engine auto or packed)")
-    if recipe.head.kind == "cosine":  # bi-encoders: each sequence embedded on its own
-        from rerankd.engine.embedding_engine import EmbeddingEngine
-
-        if kind == "packed" or settings.quantize != "none":
-            raise ModelLoadError(
-                "the bi-encoder recipe runs on its embedding engine only; drop --engine packed "
-                "and --quantize"
-            )
-        return EmbeddingEngine(model_dir, device, dtype, settings.max_batch_tokens)
     if recipe.head.kind == "layers" and kind == "transformers":  # its heads are remote code
         raise ModelLoadError(
             f"the {recipe.name} recipe runs on the packed engine only (transformers would need "
             "the checkpoint's own code, which rerankd never runs); drop --engine transformers"
         )
-    if getattr(recipe, "supports_images", False):  # text and images: transformers' VL model
-        from rerankd.engine.multimodal_engine import VisionLanguageEngine
-
-        if kind == "packed" or settings.quantize != "none":
-            raise ModelLoadError(
-                f"the {recipe.name} recipe runs on the vision-language engine (transformers' "
-                "model, padded) only; drop --engine packed and --quantize"
-            )
-        return VisionLanguageEngine(
-            model_dir,
-            recipe.head,
-            device,
-            dtype,
-            settings.max_batch_tokens,
-            score_offset=getattr(recipe, "score_offset", 0.0),
-        )
-    if recipe.head.kind == "listwise":  # jina-reranker-v3: documents ranked in window prompts
-        from rerankd.engine.listwise import ListwiseEngine
-
-        if kind == "transformers" or settings.quantize != "none":
-            raise ModelLoadError(
-                f"the {recipe.name} recipe runs on its listwise engine (our Qwen3 decoder) "
-                "only; drop --engine transformers and --quantize"
-            )
-        return ListwiseEngine(model_dir, config, device, dtype, settings.max_batch_tokens)
-    if recipe.head.kind == "maxsim":  # late interaction: per-token embeddings, MaxSim
-        from rerankd.engine.late_interaction import LateInteractionEngine
-
-        if settings.quantize != "none":
-            raise ModelLoadError("the colbert recipe's late-interaction engine has no --quantize")
-        return LateInteractionEngine(
-            model_dir,
-            config,
-            device,
-            dtype,
-            settings.max_batch_tokens,
-            dense_dirs=recipe.dense_dirs,
-            skiplist_ids=recipe.skiplist_ids,
-            backbone=kind,
-        )
+    family = _family_engine(kind, model_dir, config, recipe, device, dtype, settings)
+    if family is not None:
+        return family
     if kind in ("auto", "packed"):
         try:
             return build_packed_engine(
@@ -211,6 +167,57 @@ def build_engine(kind: str, model_dir, config, recipe, device, dtype, settings: 
                 raise ModelLoadError(f"--engine packed cannot serve this model: {exc}") from exc
             log.info("packed engine unavailable (%s); using the transformers engine", exc)
     return TransformersEngine(model_dir, recipe.head, device, dtype, settings.max_batch_tokens)
+
+
+def _family_engine(kind: str, model_dir, config, recipe, device, dtype, settings: Settings):
+    """The engine of a family that has its own (None for plain cross-encoders/decoders)."""
+    quantized = settings.quantize != "none"
+    if recipe.head.kind == "cosine":  # bi-encoders: each sequence embedded on its own
+        from rerankd.engine.embedding_engine import EmbeddingEngine
+
+        if kind == "packed" or quantized:
+            raise ModelLoadError(
+                "the bi-encoder recipe runs on its embedding engine only; drop --engine packed "
+                "and --quantize"
+            )
+        return EmbeddingEngine(model_dir, device, dtype, settings.max_batch_tokens)
+    if getattr(recipe, "supports_images", False):  # text and images: transformers' VL model
+        from rerankd.engine.multimodal_engine import VisionLanguageEngine
+
+        if kind == "packed" or quantized:
+            raise ModelLoadError(
+                f"the {recipe.name} recipe runs on the vision-language engine (transformers' "
+                "model, padded) only; drop --engine packed and --quantize"
+            )
+        offset = getattr(recipe, "score_offset", 0.0)
+        return VisionLanguageEngine(
+            model_dir, recipe.head, device, dtype, settings.max_batch_tokens, score_offset=offset
+        )
+    if recipe.head.kind == "listwise":  # jina-reranker-v3: documents ranked in window prompts
+        from rerankd.engine.listwise import ListwiseEngine
+
+        if kind == "transformers" or quantized:
+            raise ModelLoadError(
+                f"the {recipe.name} recipe runs on its listwise engine (our Qwen3 decoder) "
+                "only; drop --engine transformers and --quantize"
+            )
+        return ListwiseEngine(model_dir, config, device, dtype, settings.max_batch_tokens)
+    if recipe.head.kind == "maxsim":  # late interaction: per-token embeddings, MaxSim
+        from rerankd.engine.late_interaction import LateInteractionEngine
+
+        if quantized:
+            raise ModelLoadError("the colbert recipe's late-interaction engine has no --quantize")
+        return LateInteractionEngine(
+            model_dir,
+            config,
+            device,
+            dtype,
+            settings.max_batch_tokens,
+            dense_dirs=recipe.dense_dirs,
+            skiplist_ids=recipe.skiplist_ids,
+            backbone=kind,
+        )
+    return None
 
 
 def warm_up(recipe, engine) -> None:
