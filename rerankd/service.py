@@ -224,6 +224,14 @@ class RerankService:
             layer,
         )
         try:
+            return await self._score_in_time(model, queries, documents, instruction, options)
+        finally:
+            self.in_flight -= 1
+            self.admitted_tokens -= estimate
+
+    async def _score_in_time(self, model, queries, documents, instruction, options) -> ScoredPairs:
+        """`_score` within --request-timeout; a failed inference starts a health probe."""
+        try:
             scored = await asyncio.wait_for(
                 self._score(model, queries, documents, instruction, options),
                 self.limits.request_timeout,
@@ -237,9 +245,6 @@ class RerankService:
         except InferenceFailed:
             self._probe_soon(model)  # this input, or the engine? the probe tells
             raise
-        finally:
-            self.in_flight -= 1
-            self.admitted_tokens -= estimate
         self._degraded.discard(model.name)  # the engine just scored: it works
         return scored
 
