@@ -19,7 +19,14 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["DecodedImage", "MediaError", "MediaPolicy", "decode_image", "load_image"]
+__all__ = [
+    "MAX_ASPECT_RATIO",
+    "DecodedImage",
+    "MediaError",
+    "MediaPolicy",
+    "decode_image",
+    "load_image",
+]
 
 #: formats PIL may try: the web's image formats (a smaller parser surface than all of PIL's)
 ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
@@ -32,6 +39,11 @@ ALLOWED_CONTENT_TYPES = (
     "image/gif",
     "image/bmp",
 )
+
+#: the longest side over the shortest that an image may have: `smart_resize` in qwen_vl_utils
+#: and in transformers' Qwen2-VL/Qwen3-VL image processors refuses more than 200, so neither
+#: image recipe (Qwen3-VL-Reranker, jina-reranker-m0) can use such an image
+MAX_ASPECT_RATIO = 200
 
 
 class MediaError(ValueError):
@@ -56,6 +68,9 @@ class MediaPolicy:
     #: until the request is encoded: many small, highly compressible PNGs must not add up to
     #: gigabytes)
     max_request_pixels: int = 400_000_000
+    #: most (longest side / shortest side), checked from the header: a 1 x 39 M strip is
+    #: within `max_pixels` but no recipe can use it, and decoding it would cost seconds
+    max_aspect_ratio: float = MAX_ASPECT_RATIO
 
 
 class DecodedImage:
@@ -146,7 +161,8 @@ def _download(url: str, policy: MediaPolicy) -> bytes:
 
 def decode_image(data: bytes, policy: MediaPolicy, pixels_left: int | None = None) -> Any:
     """Decode `data`, refusing an image whose header claims more than `max_pixels` (or more
-    than `pixels_left`) before its pixels are decoded, and a truncated or corrupt one."""
+    than `pixels_left`), or an aspect ratio above `max_aspect_ratio`, before its pixels are
+    decoded, and a truncated or corrupt one."""
     from PIL import Image
 
     if len(data) > policy.max_bytes:
@@ -164,6 +180,12 @@ def decode_image(data: bytes, policy: MediaPolicy, pixels_left: int | None = Non
         raise MediaError(
             f"the image is {width}x{height} pixels, more than {policy.max_pixels} "
             "(--max-image-pixels)"
+        )
+    if max(width, height) / min(width, height) > policy.max_aspect_ratio:
+        raise MediaError(
+            f"the image is {width}x{height} pixels: its aspect ratio "
+            f"{max(width, height) / min(width, height):.0f} is above "
+            f"{policy.max_aspect_ratio:g}, which the model's image processor refuses"
         )
     if pixels_left is not None and width * height > pixels_left:
         raise MediaError(

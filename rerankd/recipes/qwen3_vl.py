@@ -35,7 +35,7 @@ from typing import Any
 
 from rerankd.errors import InvalidRequest
 from rerankd.recipes.base import Recipe, ScoreHead
-from rerankd.recipes.media import DecodedImage
+from rerankd.recipes.media import MAX_ASPECT_RATIO, DecodedImage
 from rerankd.types import EncodedPair
 
 SYSTEM = (
@@ -54,7 +54,6 @@ CARD_MAX_LENGTH = 10240
 IMAGE_FACTOR = 32
 MIN_PIXELS = 4 * IMAGE_FACTOR * IMAGE_FACTOR  # 4 merged patches
 MAX_PIXELS = 1800 * IMAGE_FACTOR * IMAGE_FACTOR  # 1800 merged patches, the card's budget
-MAX_ASPECT_RATIO = 200
 #: strings that would make a text part claim vision tokens the request has no image for
 _VISION_MARKUP = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
 

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import base64
 import http.server
+import math
 import struct
 import threading
+import time
 import zlib
 from collections.abc import Iterator
 
@@ -148,6 +150,21 @@ def test_byte_and_pixel_caps():
         load_image(PNG2, MediaPolicy(max_bytes=200))
     with pytest.raises(MediaError, match="64x64 pixels"):
         load_image(PNG2, MediaPolicy(max_pixels=64 * 63))
+
+
+def test_an_aspect_ratio_the_processors_refuse_is_refused_from_the_header():
+    """A 1 x 39,000,000 strip is within max_pixels, but smart_resize (Qwen2-VL's, Qwen3-VL's)
+    refuses an aspect ratio above 200: refused before decoding (decoding it took 0.7 s here,
+    3.3 s for a complete strip). The bound is smart_resize's: 200 passes, 201 does not."""
+    strip = _uri(_bomb_png(1, 39_000_000))
+    started = time.perf_counter()
+    with pytest.raises(MediaError, match="1x39000000 pixels: its aspect ratio 39000000"):
+        load_image(strip, MediaPolicy())
+    assert time.perf_counter() - started < 0.1
+    assert load_image(png_data_uri(200, 1, seed=4), MediaPolicy()).size == (200, 1)
+    with pytest.raises(MediaError, match="aspect ratio 201 is above 200"):
+        load_image(png_data_uri(1, 201, seed=4), MediaPolicy())
+    assert load_image(strip, MediaPolicy(max_aspect_ratio=math.inf)).size == (1, 39_000_000)
 
 
 class _ImageServer(http.server.BaseHTTPRequestHandler):
