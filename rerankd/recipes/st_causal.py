@@ -70,41 +70,11 @@ def st_causal_info(model_dir: Path | str | None) -> StCausalInfo | None:
     cannot reproduce: serving it another way would give silently wrong scores."""
     if model_dir is None:
         return None
-    root = Path(model_dir)
-    modules_file = root / "modules.json"
-    if not modules_file.is_file():
+    files = _read_st_files(Path(model_dir))
+    if files is None:
         return None
-    try:
-        modules = _read_json(modules_file)
-        kinds = [str(m.get("type", "")).rsplit(".", 1)[-1] for m in modules]
-        if not any(kind in SCORE_MODULES for kind in kinds):
-            return None
-        if len(kinds) != 2 or kinds[0] != "Transformer" or kinds[1] not in SCORE_MODULES:
-            raise ModelLoadError(
-                f"this sentence-transformers cross-encoder chains {' → '.join(kinds)}; rerankd "
-                "reproduces Transformer → LogitScore only"
-            )
-        transformer_dir = root / (modules[0].get("path") or "")
-        score = _read_json(root / modules[1]["path"] / "config.json")
-        bert_file = transformer_dir / "sentence_bert_config.json"
-        settings = _read_json(bert_file) if bert_file.is_file() else {}
-        st_file = root / "config_sentence_transformers.json"
-        st_config = _read_json(st_file) if st_file.is_file() else {}
-    except (OSError, ValueError, AttributeError, KeyError, TypeError) as exc:
-        raise ModelLoadError(
-            f"could not read the sentence-transformers files in {str(root)!r}: {exc}"
-        ) from exc
-    task = settings.get("transformer_task", "text-generation")
-    if task != "text-generation":
-        raise ModelLoadError(
-            f"this checkpoint's LogitScore reads a {task!r} Transformer; rerankd reproduces "
-            "text-generation (causal LM) only"
-        )
-    if settings.get("do_lower_case") or settings.get("query_expansion"):
-        raise ModelLoadError(
-            "this sentence-transformers cross-encoder lowercases or expands its inputs; rerankd "
-            "does not reproduce that"
-        )
+    score, settings, st_config = files
+    _check_transformer_settings(settings)
     processing = settings.get("processing_kwargs") or {}
     template_kwargs = dict(processing.get("chat_template") or {})
     restore = bool(template_kwargs.pop("restore_suffix", True))
@@ -131,6 +101,51 @@ def st_causal_info(model_dir: Path | str | None) -> StCausalInfo | None:
         prompt=prompts.get(default_name) if default_name else None,
         activation_fn=st_config.get("activation_fn"),
     )
+
+
+def _read_st_files(root: Path) -> tuple[dict, dict, dict] | None:
+    """(the score module's config, the Transformer's sentence_bert_config,
+    config_sentence_transformers) of a Transformer → LogitScore checkpoint; None without a
+    LogitScore-style module; ModelLoadError for another chain or unreadable files."""
+    modules_file = root / "modules.json"
+    if not modules_file.is_file():
+        return None
+    try:
+        modules = _read_json(modules_file)
+        kinds = [str(m.get("type", "")).rsplit(".", 1)[-1] for m in modules]
+        if not any(kind in SCORE_MODULES for kind in kinds):
+            return None
+        if len(kinds) != 2 or kinds[0] != "Transformer" or kinds[1] not in SCORE_MODULES:
+            raise ModelLoadError(
+                f"this sentence-transformers cross-encoder chains {' → '.join(kinds)}; rerankd "
+                "reproduces Transformer → LogitScore only"
+            )
+        transformer_dir = root / (modules[0].get("path") or "")
+        score = _read_json(root / modules[1]["path"] / "config.json")
+        bert_file = transformer_dir / "sentence_bert_config.json"
+        settings = _read_json(bert_file) if bert_file.is_file() else {}
+        st_file = root / "config_sentence_transformers.json"
+        st_config = _read_json(st_file) if st_file.is_file() else {}
+    except (OSError, ValueError, AttributeError, KeyError, TypeError) as exc:
+        raise ModelLoadError(
+            f"could not read the sentence-transformers files in {str(root)!r}: {exc}"
+        ) from exc
+    return score, settings, st_config
+
+
+def _check_transformer_settings(settings: dict) -> None:
+    """Refuse what rerankd does not reproduce: a non-causal task, lowercasing, expansion."""
+    task = settings.get("transformer_task", "text-generation")
+    if task != "text-generation":
+        raise ModelLoadError(
+            f"this checkpoint's LogitScore reads a {task!r} Transformer; rerankd reproduces "
+            "text-generation (causal LM) only"
+        )
+    if settings.get("do_lower_case") or settings.get("query_expansion"):
+        raise ModelLoadError(
+            "this sentence-transformers cross-encoder lowercases or expands its inputs; rerankd "
+            "does not reproduce that"
+        )
 
 
 class StCausalReranker(Recipe):
