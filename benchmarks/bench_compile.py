@@ -41,10 +41,11 @@ REPO = Path(__file__).resolve().parents[1]
 CLASSES = ("amx", "zen4", "avx2")
 FAMILIES = ("decoder", "encoder")
 #: precisions measured per class: bf16 only where the class has bf16 instructions (rerankd's
-#: `--dtype auto` serves float32 on AVX2); int8 is `--quantize int8` with `--dtype auto`
+#: `--dtype auto` serves float32 on AVX2); "int8" is `--quantize int8` with `--dtype auto`,
+#: "int8-float32" with `--dtype float32`
 PRECISIONS = {
-    "amx": ("bfloat16", "int8", "float32"),
-    "zen4": ("bfloat16", "int8", "float32"),
+    "amx": ("bfloat16", "int8", "float32", "int8-float32"),
+    "zen4": ("bfloat16", "int8", "float32", "int8-float32"),
     "avx2": ("float32", "int8"),
 }
 #: compiling pays when the median paired speedup is at least this: the compiled path costs
@@ -85,10 +86,11 @@ def _build(model_dir: str, precision: str):
     from rerankd.runtime import build_service
     from rerankd.settings import Settings
 
-    int8 = precision == "int8"
+    int8 = precision.startswith("int8")  # "int8": --dtype auto; "int8-float32": float32
+    dtype = precision.removeprefix("int8").removeprefix("-") if int8 else precision
     settings = Settings(
         model=model_dir,
-        dtype="auto" if int8 else precision,
+        dtype=dtype or "auto",
         quantize="int8" if int8 else "none",
         compile="on",
     )
