@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rerankd.models.hf_config import UnsupportedCheckpoint
+from rerankd.models.kernels import Kernels
+from rerankd.models.loader import UnsupportedCheckpoint
 from rerankd.models.weights import Checkpoint
 from rerankd.ops.attention import ATTENTION
 from rerankd.ops.attention_speed import AttentionShape
@@ -105,13 +106,14 @@ class Encoder(nn.Module):
         c = self.config
         return AttentionShape(c.num_heads, c.num_heads, c.head_dim, causal=False)
 
-    def set_kernels(self, kernels: Any) -> None:
-        """Eager or compiled per-token kernels. The engine hands every packed model the
-        decoder's `EAGER` or `compiled_kernels()`; the encoder reads only which of the two
-        (its own functions differ) and compiles its own on first use."""
-        from rerankd.models.decoder import EAGER as DECODER_EAGER
-
-        self.kernels = EAGER if kernels is DECODER_EAGER else compiled_kernels()
+    def set_kernels(self, kernels: Kernels) -> None:
+        """Run the engine's choice of kernels (models/kernels.py): every layer's attention
+        kernel, and eager or compiled per-token functions (compiled on first use)."""
+        self.set_attention(kernels.attention)
+        if not kernels.compiled:
+            self.kernels = EAGER
+        elif self.kernels is EAGER:
+            self.kernels = compiled_kernels()
 
     def forward(self, batch: PackedBatch) -> Tensor:
         c = self.config
@@ -128,7 +130,7 @@ class Encoder(nn.Module):
         x = self.embed_norm(x)
         for layer in self.layers:
             x = layer(x, batch, self.kernels)
-        first = x[torch.tensor(batch.starts, device=x.device)]  # (N, hidden): [CLS] / <s>
+        first = x[batch.first]  # (N, hidden): [CLS] / <s>
         pooled = torch.tanh(self.head_dense(first))
         return self.head_out(pooled)[:, 0].float()
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rerankd.models.hf_config import UnsupportedCheckpoint
+from rerankd.models.loader import UnsupportedCheckpoint
 from rerankd.models.weights import Checkpoint
 from rerankd.ops.attention import ATTENTION, PADDED_BUCKET_TOKENS, takes, torch_varlen_kernel
 from rerankd.ops.attention_speed import AttentionShape
@@ -163,7 +163,7 @@ class ModernBert(nn.Module):
         for layer in self.layers:
             x = layer(x, batch, rope[layer.attention.is_global])
         if c.pooling == "cls":
-            pooled = self.final_norm(x[torch.tensor(batch.starts, device=x.device)])  # (N, h)
+            pooled = self.final_norm(x[batch.first])  # (N, h): [CLS]
         else:
             pooled = mean_rows(self.final_norm(x), batch)
         pooled = self.head_norm(self.head_act(self.head_dense(pooled)))
@@ -320,8 +320,11 @@ def mean_rows(x: Tensor, batch: PackedBatch) -> Tensor:
     """(T, h) → (N, h): each sequence's mean, summed in float32, returned in x's dtype."""
     cache = batch.__dict__.setdefault("_mean_rows", {})
     if "index" not in cache:
-        lengths = torch.tensor(batch.lengths, device=x.device)
-        cache["index"] = torch.arange(len(lengths), device=x.device).repeat_interleave(lengths)
+        lengths = batch.counts  # on the device already: no host sync
+        cache["index"] = torch.arange(len(lengths), device=x.device).repeat_interleave(
+            lengths,
+            output_size=sum(batch.lengths),  # the size given: no sync to learn it
+        )
         cache["lengths"] = lengths[:, None].float()
     sums = x.new_zeros(batch.num_sequences, x.shape[1], dtype=torch.float32)
     sums.index_add_(0, cache["index"], x.float())

@@ -46,6 +46,9 @@ class PackedBatch:
     - ``input_ids``/``positions``: (T,) for the unshared part of every sequence, concatenated
     - ``starts``/``lengths``: where each sequence's unshared tokens lie in the flat stream
     - ``last``: (N,) flat index of each sequence's last token (where the score is read)
+    - ``first``/``counts``: (N,) flat index of each sequence's first unshared token (an
+      encoder's [CLS]) and its number of unshared tokens, on the device (None when the batch
+      was not made by `pack`): uploaded with the ids so that reading them costs no host sync
     - ``prefix_of``: for each sequence, the index of its shared prefix in ``prefixes`` or -1
     - ``prefixes``: (P_k,) token ids of each shared prefix (positions 0..P_k-1)
     - ``token_type_ids``: (T,) for encoders with segment embeddings, else None
@@ -63,6 +66,8 @@ class PackedBatch:
     prefixes: list[torch.Tensor]
     token_type_ids: torch.Tensor | None = None
     varlen: VarlenLayout | None = None
+    first: torch.Tensor | None = None
+    counts: torch.Tensor | None = None
 
     @property
     def num_sequences(self) -> int:
@@ -200,11 +205,21 @@ def pack(
             types.extend(pair.token_type_ids[skip:])
         lengths.append(len(pair) - skip)
         last.append(len(ids) - 1)
-    # one host buffer, one copy: ids, positions, last, the prefixes, the token types
+    # one host buffer, one copy: ids, positions, last, starts, lengths, prefixes, token types
     tensors = _upload(
-        [ids, positions, last, *prefix_ids, *([types] if types is not None else [])], device, pin
+        [
+            ids,
+            positions,
+            last,
+            starts,
+            lengths,
+            *prefix_ids,
+            *([types] if types is not None else []),
+        ],
+        device,
+        pin,
     )
-    input_ids, positions_t, last_t = tensors[:3]
+    input_ids, positions_t, last_t, first_t, counts_t = tensors[:5]
     return PackedBatch(
         input_ids=input_ids,
         positions=positions_t,
@@ -212,6 +227,8 @@ def pack(
         lengths=lengths,
         last=last_t,
         prefix_of=prefix_of,
-        prefixes=tensors[3 : 3 + len(prefix_ids)],
+        prefixes=tensors[5 : 5 + len(prefix_ids)],
         token_type_ids=tensors[-1] if types is not None else None,
+        first=first_t,
+        counts=counts_t,
     )
