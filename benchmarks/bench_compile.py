@@ -111,7 +111,7 @@ def worker(family: str, model_dir: str, precision: str, docs: int, rounds: int) 
     import torch
 
     from benchmarks.workload import sweep_request
-    from rerankd.models.decoder import EAGER
+    from rerankd.models.kernels import Kernels
     from rerankd.ops.cpu import cpu_flags
 
     isa = _limit_inductor_isa()
@@ -131,17 +131,14 @@ def worker(family: str, model_dir: str, precision: str, docs: int, rounds: int) 
     }
     if not engine.compiled:  # the compiler failed or disagreed: nothing to compare
         return out
-    holder = getattr(engine.model, "decoder", engine.model)  # where `kernels` lives
-    kernels = {"on": holder.kernels}
-    engine.model.set_kernels(EAGER)
-    kernels["off"] = holder.kernels
+    kernels = {mode: Kernels(engine.attention, compiled=mode == "on") for mode in ("on", "off")}
     times: dict[str, list[float]] = {"on": [], "off": []}
     worst = 0.0
     for r in range(-1, rounds):  # round -1: the warm-up, not counted
         request = sweep_request(docs, seed=WARMUP_SEED if r < 0 else FIRST_SEED + r)
         scores = {}
         for mode in ("on", "off") if r % 2 == 0 else ("off", "on"):
-            holder.kernels = kernels[mode]
+            engine.model.set_kernels(kernels[mode])
             seconds, scores[mode] = _timed(loop, service, model, request)
             if r >= 0:
                 times[mode].append(seconds)

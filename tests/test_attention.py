@@ -292,12 +292,10 @@ def test_cuda_backends_give_sdpa_scores_through_the_model(monkeypatch, fixture, 
     groups = [0, 0, 0, 0, 1, 1]
     try:
         expected = [engine.score(Batch(pairs, g)) for g in (groups, None)]
-        engine.model.set_attention(backend)
-        engine.attention = backend
+        engine.use_kernels(backend)
         got = [engine.score(Batch(pairs, g)) for g in (groups, None)]
     finally:
-        engine.model.set_attention("sdpa")
-        engine.attention = "sdpa"
+        engine.use_kernels("sdpa")
     for a, b in zip(got, expected, strict=True):
         assert a == pytest.approx(b, abs=1e-5)
     assert max(expected[0]) - min(expected[0]) > 0.1  # distinct scores, or this tests nothing

@@ -5,20 +5,20 @@ from __future__ import annotations
 import torch
 
 from rerankd.models import decoder
-from rerankd.models.decoder import Decoder, DecoderConfig, TokenKernels
+from rerankd.models.decoder import Decoder, DecoderConfig, TokenFunctions
 from rerankd.ops.batch import pack
 from rerankd.types import EncodedPair
 
 
 def test_chunks_are_cpu_only():
-    assert decoder.EAGER.chunk_for("cpu") == decoder.TOKEN_CHUNK
-    assert decoder.EAGER.chunk_for("cuda") is None
-    compiled = TokenKernels(decoder.project_tokens, decoder.finish_tokens, 4096)
+    assert decoder.EAGER_TOKENS.chunk_for("cpu") == decoder.TOKEN_CHUNK
+    assert decoder.EAGER_TOKENS.chunk_for("cuda") is None
+    compiled = TokenFunctions(decoder.project_tokens, decoder.finish_tokens, 4096)
     assert compiled.chunk_for("cpu") == 4096 and compiled.chunk_for("cuda") is None
 
 
-class _Counting(TokenKernels):
-    """Eager kernels that count their calls and take the chunking of `device_type`."""
+class _Counting(TokenFunctions):
+    """Eager per-token functions that count their calls and take the chunking of `device_type`."""
 
     def __init__(self, device_type: str) -> None:
         super().__init__(self._project, self._finish)
@@ -57,12 +57,12 @@ def test_cuda_switch_runs_each_layer_in_one_chunk_with_the_same_hidden_states():
     batch = pack(pairs, [0, 0, 0], torch.device("cpu"))
     outputs = {}
     for device_type in ("cpu", "cuda"):
-        kernels = _Counting(device_type)
-        model.kernels = kernels
+        tokens = _Counting(device_type)
+        model.tokens = tokens
         with torch.inference_mode():
             outputs[device_type] = model(batch)
-        outputs[device_type + "-calls"] = kernels.calls
-    model.kernels = decoder.EAGER
+        outputs[device_type + "-calls"] = tokens.calls
+    model.tokens = decoder.EAGER_TOKENS
     cpu_projects = [n for kind, n in outputs["cpu-calls"] if kind == "project"]
     cuda_calls = outputs["cuda-calls"]
     assert len(cpu_projects) == 3 * config.num_layers  # 2,750 tokens in 1,024-token chunks

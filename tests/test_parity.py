@@ -227,7 +227,7 @@ def test_token_chunks_do_not_change_scores(engine, monkeypatch):
     docs = DOCUMENTS + [f"document {i} about a city" for i in range(10)]
     _, whole = _score(model, [QUERY] * len(docs), docs, shared=True)
     decoder = model.scheduler.engine.model.decoder
-    monkeypatch.setattr(decoder, "kernels", dataclasses.replace(decoder.kernels, chunk=37))
+    monkeypatch.setattr(decoder, "tokens", dataclasses.replace(decoder.tokens, chunk=37))
     pairs = model.recipe.encode([QUERY] * len(docs), docs)
     assert len(token_chunks(sum(len(p) for p in pairs), 37)) > 3
     _, chunked = _score(model, [QUERY] * len(docs), docs, shared=True)
@@ -292,7 +292,7 @@ def test_row_padding_does_not_change_scores(engine, rows, monkeypatch):
     assert sum(len(p) for p in pairs) % rows, "the batch must need padding"
     for g, want in zip((groups, None), expected, strict=True):
         assert model.scheduler.engine.score(Batch(pairs, g)) == pytest.approx(want, abs=1e-5)
-    monkeypatch.setattr(decoder, "kernels", dataclasses.replace(decoder.kernels, chunk=4 * rows))
+    monkeypatch.setattr(decoder, "tokens", dataclasses.replace(decoder.tokens, chunk=4 * rows))
     got = model.scheduler.engine.score(Batch(pairs, groups))
     assert got == pytest.approx(expected[0], abs=1e-5)
 

@@ -3,30 +3,30 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from rerankd.engine.layerwise import LayerwiseEngine
 from rerankd.engine.lightweight import LightweightEngine
 from rerankd.engine.packed_engine import PackedEngine
+from rerankd.models.decoder import DECODER_TYPES, DecoderConfig
 from rerankd.models.decoder_weights import load_decoder_reranker
 from rerankd.models.encoder import EncoderConfig, load_encoder
-from rerankd.models.gemma import gemma_config
 from rerankd.models.gemma2_lightweight import LightweightConfig, load_lightweight
-from rerankd.models.hf_config import UnsupportedCheckpoint
+from rerankd.models.loader import UnsupportedCheckpoint
 from rerankd.models.minicpm import LayerwiseConfig, load_layerwise
 from rerankd.models.modernbert import ModernBertConfig, load_modernbert
-from rerankd.models.qwen2 import qwen2_config
-from rerankd.models.qwen3 import qwen3_config
-from rerankd.models.weights import open_checkpoint
+from rerankd.models.weights import Checkpoint, open_checkpoint
 from rerankd.ops.fp8 import fp8_refusal, probe_fp8, quantize_fp8
 from rerankd.ops.prepack import prepack_linears
-from rerankd.ops.quantize import choose_int8, quantize_int8
-from rerankd.recipes import ScoreHead
+from rerankd.ops.quantize import Int8Choice, choose_int8, quantize_int8
+from rerankd.types import ScoreHead
 
-DECODERS = {"qwen3": qwen3_config, "qwen2": qwen2_config, "gemma": gemma_config}
 ENCODERS = ("bert", "xlm-roberta", "roberta", "camembert")
 #: decoders with one score head per layer (bge-reranker-v2-minicpm-layerwise)
 LAYERWISE = ("minicpm",)
@@ -42,6 +42,31 @@ __all__ = ["UnsupportedCheckpoint", "build_packed_engine"]
 ONEDNN_ROW_MULTIPLE = 16
 
 
+@dataclass(frozen=True)
+class _Quantization:
+    """What `--quantize` runs here, decided (or refused) before loading."""
+
+    mode: str
+    #: the activation dtype (the torch.ao int8 fallback takes float32)
+    dtype: torch.dtype
+    int8: Int8Choice | None = None
+    #: fp8: the bias rides the scaled GEMM's epilogue
+    fp8_fuse_bias: bool = False
+
+
+@dataclass(frozen=True)
+class _Implementation:
+    """Our model code for one checkpoint: its config, how to load it, and its engine."""
+
+    config: Any
+    load: Callable[[Checkpoint], nn.Module]
+    #: shared prompt prefixes computed once (causal models whose positions stay as packed)
+    share_prefix: bool
+    engine: type[PackedEngine] = PackedEngine
+    #: a decoder stream (`model.decoder`): prepacked in bf16, padded for oneDNN linears
+    decoder: bool = False
+
+
 def build_packed_engine(
     model_dir: Path,
     hf_config: Any,
@@ -53,91 +78,117 @@ def build_packed_engine(
     attention: str = "auto",
 ) -> PackedEngine:
     """Our packed engine for this checkpoint, or UnsupportedCheckpoint saying why not."""
+    q = _quantization(quantize, device, dtype)
+    impl = _implementation(hf_config, head, q, device)
+    with open_checkpoint(model_dir) as checkpoint:
+        try:
+            model = impl.load(checkpoint)
+        except KeyError as exc:  # unusual tensor names: the generic engine copes
+            raise UnsupportedCheckpoint(f"unexpected checkpoint layout ({exc})") from exc
+    model, dtype = _fast_linears(model, impl, q, device)
+    engine = impl.engine(
+        model,
+        device,
+        dtype,
+        share_prefix=impl.share_prefix,
+        vocab_size=impl.config.vocab_size,
+        compile=compile,
+        quantized=q.mode != "none",
+        attention=attention,
+    )
+    if q.mode == "int8":
+        engine.dtype = f"int8-dynamic ({engine.dtype} activations)"
+    elif q.mode == "fp8":
+        engine.dtype = f"fp8-e4m3 ({engine.dtype} activations)"
+    return engine
+
+
+def _quantization(quantize: str, device: torch.device, dtype: torch.dtype) -> _Quantization:
+    """int8: the implementation `choose_int8` finds (none fast and correct here: serve as
+    without); fp8: refused before loading unless CUDA 8.9+ with bf16 activations."""
     if quantize == "int8":
         if device.type != "cpu":
             raise ValueError("--quantize int8 runs on CPU only")
         choice = choose_int8(dtype)
-        w8a8 = choice.w8a8
-        if choice.path == "none":  # no int8 path here is correct and fast: serve as without
-            quantize = "none"
-        elif not w8a8:
-            dtype = torch.float32  # the torch.ao fallback's int8 linears take float32
-    if quantize == "fp8":  # refused before loading: CUDA 8.9+ and bf16 activations only
+        if choice.path == "none":
+            return _Quantization("none", dtype)
+        # the torch.ao fallback's int8 linears take float32
+        return _Quantization("int8", dtype if choice.w8a8 else torch.float32, choice)
+    if quantize == "fp8":
         refusal = fp8_refusal(device)
         if refusal is not None:
             raise ValueError(f"--quantize fp8: {refusal}")
         if dtype != torch.bfloat16:  # the row-wise scaled GEMM writes bf16 only on CUDA
             raise ValueError(f"--quantize fp8 runs bf16 activations; got --dtype {dtype}")
         fuse_bias, _ = probe_fp8(device, dtype)  # RuntimeError: the kernel is broken here
+        return _Quantization("fp8", dtype, fp8_fuse_bias=fuse_bias)
+    return _Quantization(quantize, dtype)
+
+
+def _implementation(
+    hf_config: Any, head: ScoreHead, q: _Quantization, device: torch.device
+) -> _Implementation:
+    """Which of our model implementations serves `hf_config`'s `model_type` with `head`."""
     model_type = getattr(hf_config, "model_type", None)
-    if model_type in DECODERS:
-        config = DECODERS[model_type](hf_config)
-        load = lambda ckpt: load_decoder_reranker(ckpt, config, head, dtype, device)  # noqa: E731
-        share_prefix = True
-    elif model_type in LIGHTWEIGHT and head.kind == "layers":
-        if quantize != "none":
+    dtype = q.dtype
+    if model_type in DECODER_TYPES:
+        config = DecoderConfig.from_hf_config(hf_config)
+        return _Implementation(
+            config,
+            lambda ckpt: load_decoder_reranker(ckpt, config, head, dtype, device),
+            share_prefix=True,
+            decoder=True,
+        )
+    if model_type in LIGHTWEIGHT and head.kind == "layers":
+        if q.mode != "none":
             raise ValueError("gemma2-lightweight: --quantize is not implemented; drop it")
-        try:
-            config = LightweightConfig.from_hf_config(hf_config)
-        except UnsupportedCheckpoint as exc:  # no other engine runs it: say so, no fallback
-            raise ValueError(f"cannot serve this lightweight checkpoint: {exc}") from exc
+        config = _own_config(LightweightConfig, hf_config, "lightweight")
         load = lambda ckpt: load_lightweight(ckpt, config, dtype, device)  # noqa: E731
-        share_prefix = False  # compression renumbers positions (engine/lightweight.py)
-    elif model_type in LAYERWISE and head.kind == "layers":
-        try:
-            config = LayerwiseConfig.from_hf_config(hf_config)
-        except UnsupportedCheckpoint as exc:  # no other engine runs it: say so, no fallback
-            raise ValueError(f"cannot serve this layerwise checkpoint: {exc}") from exc
+        # compression renumbers positions (engine/lightweight.py): no shared prefixes
+        return _Implementation(config, load, share_prefix=False, engine=LightweightEngine)
+    if model_type in LAYERWISE and head.kind == "layers":
+        config = _own_config(LayerwiseConfig, hf_config, "layerwise")
         load = lambda ckpt: load_layerwise(ckpt, config, dtype, device)  # noqa: E731
-        share_prefix = True
-    elif model_type in ENCODERS and head.kind == "classifier":
+        return _Implementation(config, load, True, engine=LayerwiseEngine, decoder=True)
+    if model_type in ENCODERS and head.kind == "classifier":
         config = EncoderConfig.from_hf_config(hf_config)
         load = lambda ckpt: load_encoder(ckpt, config, dtype, device)  # noqa: E731
         # bidirectional attention: a shared prefix would see the documents, so never share
-        share_prefix = False
-    elif model_type == "modernbert" and head.kind == "classifier":
+        return _Implementation(config, load, share_prefix=False)
+    if model_type == "modernbert" and head.kind == "classifier":
         config = ModernBertConfig.from_hf_config(hf_config)
 
-        def load(ckpt):
+        def load(ckpt: Checkpoint) -> nn.Module:
             model = load_modernbert(ckpt, config, dtype, device)
-            if quantize == "none":  # bf16 CPU: oneDNN-prepacked linears, 1.3-2x per request
+            if q.mode == "none":  # bf16 CPU: oneDNN-prepacked linears, 1.3-2x per request
                 prepack_linears(model, device, dtype)  # (base shape, W-CPU); a no-op elsewhere
             return model
 
-        share_prefix = False  # bidirectional, as the encoders above
-    else:
-        raise UnsupportedCheckpoint(f"no packed implementation for model_type {model_type!r}")
-    with open_checkpoint(model_dir) as checkpoint:
-        try:
-            model = load(checkpoint)
-        except KeyError as exc:  # unusual tensor names: the generic engine copes
-            raise UnsupportedCheckpoint(f"unexpected checkpoint layout ({exc})") from exc
-    onednn = False
-    decoder = model_type in DECODERS or model_type in LAYERWISE
-    if decoder and quantize == "none":
+        return _Implementation(config, load, share_prefix=False)  # bidirectional, as above
+    raise UnsupportedCheckpoint(f"no packed implementation for model_type {model_type!r}")
+
+
+def _own_config(config_class: Any, hf_config: Any, family: str) -> Any:
+    """The config of a family only our engine runs: no fallback, so unsupported is an error."""
+    try:
+        return config_class.from_hf_config(hf_config)
+    except UnsupportedCheckpoint as exc:
+        raise ValueError(f"cannot serve this {family} checkpoint: {exc}") from exc
+
+
+def _fast_linears(
+    model: nn.Module, impl: _Implementation, q: _Quantization, device: torch.device
+) -> tuple[nn.Module, torch.dtype]:
+    """The model with its linears prepacked (bf16 CPU decoders) or quantized, the decoder
+    stream padded for oneDNN's row counts; and the activation dtype the engine runs."""
+    dtype, onednn = q.dtype, False
+    if impl.decoder and q.mode == "none":
         onednn = prepack_linears(model, device, dtype) > 0
-    if quantize == "int8":
-        model, dtype = quantize_int8(model, dtype, choice)
-        onednn = w8a8
-    if quantize == "fp8":
-        quantize_fp8(model, fuse_bias)
-    if onednn and decoder:
+    if q.mode == "int8":
+        model, dtype = quantize_int8(model, dtype, q.int8)
+        onednn = q.int8 is not None and q.int8.w8a8
+    if q.mode == "fp8":
+        quantize_fp8(model, q.fp8_fuse_bias)
+    if onednn and impl.decoder:
         model.decoder.set_row_multiple(ONEDNN_ROW_MULTIPLE)
-    engine_class = LayerwiseEngine if model_type in LAYERWISE else PackedEngine
-    if model_type in LIGHTWEIGHT:
-        engine_class = LightweightEngine
-    engine = engine_class(
-        model,
-        device,
-        dtype,
-        share_prefix=share_prefix,
-        vocab_size=config.vocab_size,
-        compile=compile,
-        quantized=quantize != "none",
-        attention=attention,
-    )
-    if quantize == "int8":
-        engine.dtype = f"int8-dynamic ({engine.dtype} activations)"
-    elif quantize == "fp8":
-        engine.dtype = f"fp8-e4m3 ({engine.dtype} activations)"
-    return engine
+    return model, dtype

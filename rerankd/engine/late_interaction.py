@@ -31,7 +31,7 @@ from rerankd.engine.base import default_batch_tokens, padded_chunks, split_on_oo
 from rerankd.errors import ModelLoadError
 from rerankd.models.colbert import load_colbert_encoder, load_projections, project
 from rerankd.models.encoder import EncoderConfig
-from rerankd.models.hf_config import UnsupportedCheckpoint
+from rerankd.models.loader import UnsupportedCheckpoint
 from rerankd.models.weights import open_checkpoint
 from rerankd.ops.attention import cuda_backends
 from rerankd.ops.batch import pack

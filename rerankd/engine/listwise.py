@@ -64,7 +64,7 @@ class ListwiseEngine:
     ) -> None:
         with open_checkpoint(Path(model_dir)) as checkpoint:
             self.model = load_jina_v3(checkpoint, hf_config, dtype, device)
-        self.model.set_attention("sdpa")
+        # the decoder's default kernels: SDPA, eager per-token work
         # bf16 on CPU: oneDNN-prepacked linears (exactly F.linear's output, checked by a probe),
         # the token stream padded to recurring row counts, as the packed engine does
         if prepack_linears(self.model.decoder, device, dtype) > 0:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from rerankd.engine.base import PendingScores, default_batch_tokens, split_on_oom
+from rerankd.models.kernels import Kernels
 from rerankd.ops.attention import cpu_backends, cuda_backends, describe
 from rerankd.ops.attention_speed import speedup_over_sdpa
 from rerankd.ops.batch import PackedBatch, pack
@@ -82,8 +83,7 @@ class PackedEngine:
         self.quantized = quantized
         self.tolerance = _INT8_BACKEND_TOLERANCE if quantized else _BACKEND_TOLERANCE
         self.attention = "sdpa"  # what `forward` reads while the probes below run
-        self.attention = self._pick_attention(attention, device, dtype)
-        model.set_attention(self.attention)
+        self.use_kernels(self._pick_attention(attention, device, dtype))
         self.compiled = (
             self._wants_compile(compile, device, dtype, quantized) and self._compile_agrees()
         )
@@ -92,6 +92,17 @@ class PackedEngine:
     def kernel(self) -> str:
         """The attention kernel in use, as `/v1/models` names it."""
         return describe(self.attention)
+
+    def use_kernels(self, attention: str, compiled: bool = False) -> None:
+        """Run attention kernel `attention` (a key of `ops.attention.ATTENTION`) and eager or
+        compiled per-token work: the one place the model gets its kernels (models/kernels.py;
+        a model whose per-token work never compiles takes the attention kernel alone,
+        `set_attention`), and the layout `forward` packs for that kernel."""
+        if hasattr(self.model, "set_kernels"):
+            self.model.set_kernels(Kernels(attention, compiled))
+        else:
+            self.model.set_attention(attention)
+        self.attention = attention
 
     def score(self, batch) -> list[float]:
         return split_on_oom(self.forward, batch.pairs, batch.groups, self._device)
@@ -173,17 +184,15 @@ class PackedEngine:
         """Compile the per-token kernels (this is the warm-up: it runs before the server
         reports ready) and keep them only if they give the eager scores on a probe batch;
         any compiler failure (no C++ compiler, unsupported op) leaves the eager path on."""
-        from rerankd.models.decoder import EAGER, compiled_kernels
-
         pairs, groups = self._probe_batch()
         started = time.perf_counter()
         try:
             expected = self.forward(pairs, groups)
-            self.model.set_kernels(compiled_kernels())
+            self.use_kernels(self.attention, compiled=True)
             got = self.forward(pairs, groups)
             self.forward(pairs[1:5], groups[1:5])  # a second shape: no recompiles later
         except Exception as exc:
-            self.model.set_kernels(EAGER)
+            self.use_kernels(self.attention)
             log.warning(
                 "torch.compile unavailable (%s: %s); running eager (use --compile off to "
                 "skip the attempt)",
@@ -193,7 +202,7 @@ class PackedEngine:
             return False
         worst = max(abs(a - b) for a, b in zip(expected, got, strict=True))
         if worst > self.tolerance:
-            self.model.set_kernels(EAGER)
+            self.use_kernels(self.attention)
             log.warning("compiled kernels disagree with eager by %.3g; running eager", worst)
             return False
         log.info(
@@ -254,10 +263,9 @@ class PackedEngine:
         """Run the probe batch through SDPA and `backend`; True if the scores agree."""
         pairs, groups = self._probe_batch()
         try:
-            self.model.set_attention("sdpa")
+            self.use_kernels("sdpa")
             expected = self.forward(pairs, groups)
-            self.model.set_attention(backend)
-            self.attention = backend  # `forward` builds the layout this backend reads
+            self.use_kernels(backend)  # `forward` also builds the layout `backend` reads
             got = self.forward(pairs, groups)
         except Exception as exc:  # kernel missing, unsupported dtype/head size, ...
             log.warning(
@@ -268,8 +276,7 @@ class PackedEngine:
             )
             return False
         finally:
-            self.attention = "sdpa"
-            self.model.set_attention("sdpa")
+            self.use_kernels("sdpa")
         worst = max(abs(a - b) for a, b in zip(expected, got, strict=True))
         if worst > self.tolerance:
             log.warning("%s attention disagrees with SDPA by %.3g; using SDPA", backend, worst)

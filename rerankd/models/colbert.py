@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from rerankd.models.encoder import Block, EncoderConfig
-from rerankd.models.hf_config import UnsupportedCheckpoint
+from rerankd.models.loader import UnsupportedCheckpoint
 from rerankd.models.weights import Checkpoint
 from rerankd.ops.attention import ATTENTION
 from rerankd.ops.batch import PackedBatch

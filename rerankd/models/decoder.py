@@ -1,8 +1,12 @@
-"""A compact decoder-only transformer (Qwen3, Gemma) that runs packed batches.
+"""A compact decoder-only transformer (Qwen3, Qwen2, Gemma) that runs packed batches.
 
-Config at the top, then Model → Block → Attention → MLP → Norm, helpers at the bottom.
-It computes hidden states only; the engine applies the final norm and the score head at
-each sequence's last token. It knows nothing about tokenization or requests.
+Config at the top (`DecoderConfig.from_hf_config` reads each family's Hugging Face config,
+or says why our code can't run it), then Model → Block → Attention → MLP → Norm, the score
+head, and pure helpers at the bottom; loading is decoder_weights.py's. The model computes
+hidden states only; `DecoderReranker` applies the final norm and the score head at each
+sequence's last token. It knows nothing about tokenization or requests. Which attention
+kernel it runs, and whether its per-token work is compiled, is the engine's choice
+(`set_kernels`, models/kernels.py).
 """
 
 from __future__ import annotations
@@ -10,15 +14,21 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rerankd.models.kernels import Kernels
+from rerankd.models.loader import UnsupportedCheckpoint
 from rerankd.ops.attention import ATTENTION, PrefixKV
 from rerankd.ops.attention_speed import AttentionShape
 from rerankd.ops.batch import PackedBatch
 from rerankd.ops.prepack import residual_linear
+
+#: the `model_type`s `DecoderConfig.from_hf_config` reads
+DECODER_TYPES = ("qwen3", "qwen2", "gemma")
 
 
 @dataclass
@@ -44,6 +54,87 @@ class DecoderConfig:
     def scale(self) -> float:
         return self.head_dim**-0.5
 
+    @classmethod
+    def from_hf_config(cls, hf_config: Any, model_type: str | None = None) -> DecoderConfig:
+        """Qwen3; Qwen2/2.5 (mxbai-rerank-v2: Qwen3 minus the q/k norms, plus q/k/v biases
+        that `load_decoder` fuses); Gemma (bge-reranker-v2-gemma). By `model_type` (the
+        config's unless given); UnsupportedCheckpoint for what our code does not implement."""
+        model_type = model_type or getattr(hf_config, "model_type", None)
+        if model_type in ("qwen3", "qwen2"):
+            if getattr(hf_config, "use_sliding_window", False):
+                raise UnsupportedCheckpoint("sliding-window attention is not implemented")
+            act = getattr(hf_config, "hidden_act", "silu")
+            if act != "silu":
+                family = "Qwen3" if model_type == "qwen3" else "Qwen2"
+                raise UnsupportedCheckpoint(f"{family} activation {act!r} is not implemented")
+            return cls.llama_like(hf_config, qk_norm=model_type == "qwen3", activation="silu")
+        if model_type == "gemma":
+            act = getattr(hf_config, "hidden_act", None) or getattr(
+                hf_config, "hidden_activation", None
+            )
+            if act not in ("gelu_pytorch_tanh", "gelu"):  # transformers maps "gelu" to tanh too
+                raise UnsupportedCheckpoint(f"Gemma activation {act!r} is not implemented")
+            return cls.llama_like(
+                hf_config,
+                gemma_norm=True,
+                embed_scale=math.sqrt(hf_config.hidden_size),
+                activation="gelu_tanh",
+            )
+        raise UnsupportedCheckpoint(f"no packed decoder for model_type {model_type!r}")
+
+    @classmethod
+    def llama_like(cls, hf_config: Any, **family: Any) -> DecoderConfig:
+        """The fields every Llama-family config shares, plus the family's own (`family`:
+        also MiniCPM's and Gemma2's, models/minicpm.py and gemma2_lightweight.py)."""
+        if getattr(hf_config, "attention_bias", False):
+            raise UnsupportedCheckpoint("attention biases are not implemented")
+        heads = hf_config.num_attention_heads
+        return cls(
+            vocab_size=hf_config.vocab_size,
+            hidden_size=hf_config.hidden_size,
+            num_layers=hf_config.num_hidden_layers,
+            num_heads=heads,
+            num_kv_heads=hf_config.num_key_value_heads or heads,
+            head_dim=getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads,
+            intermediate_size=hf_config.intermediate_size,
+            rms_norm_eps=hf_config.rms_norm_eps,
+            rope_theta=_rope_theta(hf_config),
+            **family,
+        )
+
+
+@dataclass
+class Stream:
+    """One forward's token stream as every layer reads it: the rows of the shared prefixes
+    (`prefixes`, computed once whatever the number of documents), then the rows of `batch`,
+    then padding rows up to a multiple of `align` (zeros; attention never reads them)."""
+
+    batch: PackedBatch
+    prefixes: PackedBatch | None
+    #: RoPE tables (rows, head_dim / 2) of every row
+    cos: Tensor
+    sin: Tensor
+    #: the attention kernel (`Kernels.attention`)
+    attend: Callable
+    #: the per-token functions (`Kernels.compiled`)
+    tokens: TokenFunctions
+    align: int = 1
+
+    @property
+    def shared(self) -> int:
+        """Rows of the shared prefixes, at the head of the stream."""
+        return len(self.prefixes.input_ids) if self.prefixes is not None else 0
+
+    @property
+    def keep(self) -> int:
+        """The first row the last layer computes: nothing reads the prefix rows after it,
+        and from a row multiple on its GEMMs see the same row counts as the others'."""
+        return self.shared - self.shared % self.align
+
+    def spans(self, rows: int, device: torch.device) -> list[tuple[int, int]]:
+        """The chunks of `rows` rows that each call of a per-token function takes."""
+        return token_chunks(rows, self.tokens.chunk_for(device.type) or max(rows, 1), self.align)
+
 
 # ---------------------------------------------------------------------------------------
 
@@ -56,9 +147,35 @@ class Decoder(nn.Module):
         self.layers = nn.ModuleList(Block(config) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.gemma_norm)
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
-        self.kernels = EAGER
+        self.kernels = Kernels()
+        #: the per-token functions `kernels.compiled` names (compiled ones made on first use)
+        self.tokens = EAGER_TOKENS
+        self._compiled: TokenFunctions | None = None
         #: the token stream is padded to a multiple of this many rows (see `set_row_multiple`)
         self.row_multiple = 1
+
+    def set_kernels(self, kernels: Kernels) -> None:
+        """Run the engine's choice of kernels from the next forward on (models/kernels.py)."""
+        if kernels.attention not in ATTENTION:
+            raise ValueError(f"unknown attention kernel {kernels.attention!r}")
+        if kernels.compiled and self._compiled is None:
+            self._compiled = compiled_tokens()
+        self.tokens = self._compiled if kernels.compiled else EAGER_TOKENS
+        self.kernels = kernels
+
+    def set_row_multiple(self, rows: int) -> None:
+        """Pad every token stream to a multiple of `rows` rows. oneDNN (prepacked bf16 and
+        int8 linears on CPU) builds a GEMM primitive per new row count, ~1 ms per linear;
+        with padding a few row counts recur and their primitives stay cached."""
+        if rows < 1:
+            raise ValueError(f"row multiple must be >= 1, got {rows}")
+        self.row_multiple = rows
+
+    @property
+    def attention_shape(self) -> AttentionShape:
+        """What the engine times candidate attention kernels on."""
+        c = self.config
+        return AttentionShape(c.num_heads, c.num_kv_heads, c.head_dim, causal=True)
 
     def embed(self, ids: Tensor) -> Tensor:
         x = self.embed_tokens(ids)
@@ -66,16 +183,36 @@ class Decoder(nn.Module):
             x = x * torch.tensor(self.config.embed_scale, dtype=x.dtype)
         return x
 
-    def set_attention(self, backend: str) -> None:
-        """Choose the attention implementation (`sdpa` everywhere, `varlen` on CUDA)."""
-        for layer in self.layers:
-            layer.self_attn.attend = ATTENTION[backend]
+    def start(self, batch: PackedBatch) -> tuple[Tensor, Stream]:
+        """The embedded rows (rows, hidden) of `batch`'s stream, and the stream.
 
-    @property
-    def attention_shape(self) -> AttentionShape:
-        """What the engine times candidate attention kernels on."""
-        c = self.config
-        return AttentionShape(c.num_heads, c.num_kv_heads, c.head_dim, causal=True)
+        Shared prefixes ride in the same stream, ahead of the unshared tokens: each prefix
+        token is computed once whatever the number of documents, and its projections and
+        MLP share the documents' GEMMs instead of a second pass over every weight."""
+        prefixes = self.prefix_stream(batch) if batch.prefixes else None
+        ids, positions = batch.input_ids, batch.positions
+        if prefixes is not None:
+            ids = torch.cat((prefixes.input_ids, ids))
+            positions = torch.cat((prefixes.positions, positions))
+        # padding rows are zeros and stay zeros through every layer (no biases, zero
+        # attention output), so they never move an int8 linear's activation scale
+        padding = -len(ids) % self.row_multiple
+        x = self.embed(ids)
+        if padding:
+            positions = F.pad(positions, (0, padding))
+            x = F.pad(x, (0, 0, 0, padding))
+        cos, sin = rotary(positions, self.inv_freq, self.embed_tokens.weight.dtype)
+        attend = ATTENTION[self.kernels.attention]
+        return x, Stream(batch, prefixes, cos, sin, attend, self.tokens, self.row_multiple)
+
+    def forward(self, batch: PackedBatch) -> Tensor:
+        """Hidden states (T, hidden) of the unshared tokens, before the final norm."""
+        x, stream = self.start(batch)
+        for index, layer in enumerate(self.layers):
+            last = index == len(self.layers) - 1
+            x = layer(x, stream, stream.keep if last else 0)
+        start = stream.shared - stream.keep
+        return x[start : start + len(batch.input_ids)]
 
     def prefix_stream(self, batch: PackedBatch) -> PackedBatch:
         """The batch's shared prefixes as their own packed stream (positions from 0)."""
@@ -94,46 +231,6 @@ class Decoder(nn.Module):
             stream.with_varlen_layout()
         return stream
 
-    def forward(self, batch: PackedBatch) -> Tensor:
-        """Hidden states (T, hidden) of the unshared tokens, before the final norm.
-
-        Shared prefixes ride in the same stream, ahead of the unshared tokens: each prefix
-        token is computed once whatever the number of documents, and its projections and
-        MLP share the documents' GEMMs instead of a second pass over every weight. Padding
-        rows (`row_multiple`) follow the unshared tokens; attention never reads them."""
-        prefixes = self.prefix_stream(batch) if batch.prefixes else None
-        ids, positions = batch.input_ids, batch.positions
-        if prefixes is not None:
-            ids = torch.cat((prefixes.input_ids, ids))
-            positions = torch.cat((prefixes.positions, positions))
-        shared = len(ids) - len(batch.input_ids)
-        # padding rows are zeros and stay zeros through every layer (no biases, zero
-        # attention output), so they never move an int8 linear's activation scale
-        padding = -len(ids) % self.row_multiple
-        x = self.embed(ids)
-        if padding:
-            positions = F.pad(positions, (0, padding))
-            x = F.pad(x, (0, 0, 0, padding))
-        cos, sin = rotary(positions, self.inv_freq, self.embed_tokens.weight.dtype)
-        # the last layer computes only the unshared rows (nothing reads the prefix's), from
-        # a row multiple on so that its GEMMs see the same row counts as the others
-        keep = shared - shared % self.row_multiple
-        for index, layer in enumerate(self.layers):
-            last = index == len(self.layers) - 1
-            x = layer(
-                x, cos, sin, batch, prefixes, keep if last else 0, self.kernels, self.row_multiple
-            )
-        start = shared - keep
-        return x[start : start + len(batch.input_ids)]
-
-    def set_row_multiple(self, rows: int) -> None:
-        """Pad every token stream to a multiple of `rows` rows. oneDNN (prepacked bf16 and
-        int8 linears on CPU) builds a GEMM primitive per new row count, ~1 ms per linear;
-        with padding a few row counts recur and their primitives stay cached."""
-        if rows < 1:
-            raise ValueError(f"row multiple must be >= 1, got {rows}")
-        self.row_multiple = rows
-
 
 class Block(nn.Module):
     def __init__(self, config: DecoderConfig) -> None:
@@ -145,58 +242,36 @@ class Block(nn.Module):
         )
         self.mlp = MLP(config)
 
-    def forward(
-        self,
-        x: Tensor,
-        cos: Tensor,
-        sin: Tensor,
-        batch: PackedBatch,
-        prefixes: PackedBatch | None = None,
-        keep_from: int = 0,
-        kernels: TokenKernels | None = None,
-        align: int = 1,
-    ) -> Tensor:
-        """x: rows of `prefixes` (if any), rows of `batch`, then padding rows (zero
-        attention output); returns rows `keep_from:`.
+    def forward(self, x: Tensor, stream: Stream, keep_from: int = 0) -> Tensor:
+        """x: the stream's rows (rows, hidden); returns rows `keep_from:` of the block's output.
 
-        Per-token work runs in chunks of `kernels.chunk_for(device)` tokens (CPU:
-        cache-sized activations; CUDA: the whole stream), each a multiple of `align` rows
-        if `len(x)` and `keep_from` are; attention runs once per stream: the prefixes causally among
-        themselves, every sequence of `batch` over its prefix's keys and its own."""
-        kernels = kernels or EAGER
-        attn = self.self_attn
-        c = attn.config
-        T = x.shape[0]
-        chunk = kernels.chunk_for(x.device.type) or max(T, 1)
-        spans = token_chunks(T, chunk, align)
-        # one chunk (most batches of the compiled kernels): their outputs as they are, not
-        # copied into preallocated tensors (W-CPU bf16 in-process: +5 %)
-        if len(spans) == 1:
-            q, k, v = kernels.project(self, x, cos, sin)
-        else:
-            q = x.new_empty(T, c.num_heads, c.head_dim)
-            k = x.new_empty(T, c.num_kv_heads, c.head_dim)
-            v = x.new_empty(T, c.num_kv_heads, c.head_dim)
-            for s, e in spans:
-                q[s:e], k[s:e], v[s:e] = kernels.project(self, x[s:e], cos[s:e], sin[s:e])
-        shared = len(prefixes.input_ids) if prefixes is not None else 0
-        end = shared + len(batch.input_ids)  # padding rows, if any, follow
-        y = x.new_empty(T, c.num_heads, c.head_dim)
-        y[end:] = 0
-        if shared and keep_from < shared:
-            p = slice(None, shared)
-            attn.attend(q[p], k[p], v[p], prefixes, None, True, c.scale, out=y[p])
-        prefix: PrefixKV | None = (k[:shared], v[:shared]) if shared else None
-        u = slice(shared, end)
-        attn.attend(q[u], k[u], v[u], batch, prefix, True, c.scale, out=y[u])
-        x, y = x[keep_from:], y[keep_from:].view(T - keep_from, attn.q_size)
-        spans = token_chunks(len(x), chunk, align)
-        if len(spans) == 1:
-            return kernels.finish(self, x, y)
+        The per-token work (`project_tokens` before attention, `finish_tokens` after) runs in
+        chunks (`Stream.spans`: on CPU cache-sized, on CUDA the whole stream); attention runs
+        once over the whole stream (`Attention.forward`)."""
+        q, k, v = self._project(x, stream)
+        y = self.self_attn(q, k, v, stream, keep_from)
+        x = x[keep_from:]
+        spans = stream.spans(len(x), x.device)
+        if len(spans) == 1:  # the outputs as they are, not copied (W-CPU bf16: +5 %)
+            return stream.tokens.finish(self, x, y)
         out = torch.empty_like(x)
         for s, e in spans:
-            out[s:e] = kernels.finish(self, x[s:e], y[s:e])
+            out[s:e] = stream.tokens.finish(self, x[s:e], y[s:e])
         return out
+
+    def _project(self, x: Tensor, stream: Stream) -> tuple[Tensor, Tensor, Tensor]:
+        """`project_tokens` over the stream's rows, chunk by chunk."""
+        project, cos, sin = stream.tokens.project, stream.cos, stream.sin
+        spans = stream.spans(len(x), x.device)
+        if len(spans) == 1:  # one chunk (most batches of compiled functions): no copies
+            return project(self, x, cos, sin)
+        c = self.self_attn.config
+        q = x.new_empty(len(x), c.num_heads, c.head_dim)
+        k = x.new_empty(len(x), c.num_kv_heads, c.head_dim)
+        v = x.new_empty(len(x), c.num_kv_heads, c.head_dim)
+        for s, e in spans:
+            q[s:e], k[s:e], v[s:e] = project(self, x[s:e], cos[s:e], sin[s:e])
+        return q, k, v
 
 
 class Attention(nn.Module):
@@ -211,7 +286,37 @@ class Attention(nn.Module):
         if c.qk_norm:
             self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
             self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
-        self.attend = ATTENTION["sdpa"]
+
+    def project(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Fused q/k/v projection, q/k norms and RoPE of normed rows x (n, hidden):
+        q (n, H, D), k and v (n, KVH, D)."""
+        c, n = self.config, x.shape[0]
+        q, k, v = self.wqkv(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.reshape(n, c.num_heads, c.head_dim)
+        k = k.reshape(n, c.num_kv_heads, c.head_dim)
+        v = v.reshape(n, c.num_kv_heads, c.head_dim)
+        if c.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
+    def forward(
+        self, q: Tensor, k: Tensor, v: Tensor, stream: Stream, keep_from: int = 0
+    ) -> Tensor:
+        """Causal attention over the stream, once: the shared prefixes among themselves
+        (unless the caller keeps none of their rows), every sequence of the batch over its
+        prefix's keys and its own; padding rows get zeros. (rows - keep_from, H * D), before
+        the output projection (`finish_tokens` applies it, fused with the residual)."""
+        c, rows, shared = self.config, q.shape[0], stream.shared
+        end = shared + len(stream.batch.input_ids)  # padding rows, if any, follow
+        y = q.new_empty(rows, c.num_heads, c.head_dim)
+        y[end:] = 0
+        if shared and keep_from < shared:
+            p = slice(None, shared)
+            stream.attend(q[p], k[p], v[p], stream.prefixes, None, True, c.scale, out=y[p])
+        prefix: PrefixKV | None = (k[:shared], v[:shared]) if shared else None
+        u = slice(shared, end)
+        stream.attend(q[u], k[u], v[u], stream.batch, prefix, True, c.scale, out=y[u])
+        return y[keep_from:].view(rows - keep_from, self.q_size)
 
 
 class MLP(nn.Module):
@@ -273,15 +378,12 @@ class DecoderReranker(nn.Module):
             "head_bias", None if head_bias is None else head_bias.float(), persistent=False
         )
 
-    def set_attention(self, backend: str) -> None:
-        self.decoder.set_attention(backend)
+    def set_kernels(self, kernels: Kernels) -> None:
+        self.decoder.set_kernels(kernels)
 
     @property
     def attention_shape(self) -> AttentionShape:
         return self.decoder.attention_shape
-
-    def set_kernels(self, kernels: TokenKernels) -> None:
-        self.decoder.kernels = kernels
 
     def forward(self, batch: PackedBatch) -> Tensor:
         hidden = self.decoder(batch)[batch.last]  # (N, hidden)
@@ -292,45 +394,20 @@ class DecoderReranker(nn.Module):
         return raw[:, 0]
 
 
-# --- helpers --------------------------------------------------------------------------------
+# --- per-token functions ----------------------------------------------------------------
 
 #: tokens per chunk of the eager per-token work (projections, norms, MLP): a chunk's
 #: activations stay in the CPU's cache; eager passes over larger ones ran measurably slower
 TOKEN_CHUNK = 1024
-#: the same for compiled kernels, whose fused loops touch each activation once: larger
+#: the same for compiled functions, whose fused loops touch each activation once: larger
 #: chunks read each weight fewer times (W-CPU in-process on a 2-core Xeon: 4096 tokens
 #: 6.1-6.8 docs/s, 1024 tokens 5.9-6.1)
 COMPILED_TOKEN_CHUNK = 4096
 
 
-def token_chunks(n: int, size: int = TOKEN_CHUNK, align: int = 1) -> list[tuple[int, int]]:
-    """[start, end) spans of near-equal size, at most `size` tokens each (no 1-token
-    tail: a compiled kernel would specialize on it and recompile mid-request). When `n` is
-    a multiple of `align`, so is every span (then up to `size` rounded up to `align`): a
-    padded stream's chunks keep recurring row counts."""
-    units, unit = (n // align, align) if n % align == 0 else (n, 1)
-    count = min(-(-n // size), units)  # never an empty span
-    if count == 0:
-        return []
-    bounds = [unit * (units * i // count) for i in range(count + 1)]
-    return list(zip(bounds[:-1], bounds[1:], strict=True))
-
-
 def project_tokens(block: Block, x: Tensor, cos: Tensor, sin: Tensor):
-    """Input norm, fused q/k/v projection, q/k norms and RoPE for a chunk of tokens:
-    q (T, H, D), k and v (T, KVH, D)."""
-    attn = block.self_attn
-    c = attn.config
-    n = x.shape[0]
-    q, k, v = attn.wqkv(block.input_layernorm(x)).split(
-        [attn.q_size, attn.kv_size, attn.kv_size], dim=-1
-    )
-    q = q.reshape(n, c.num_heads, c.head_dim)
-    k = k.reshape(n, c.num_kv_heads, c.head_dim)
-    v = v.reshape(n, c.num_kv_heads, c.head_dim)
-    if c.qk_norm:
-        q, k = attn.q_norm(q), attn.k_norm(k)
-    return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+    """Input norm, then `Attention.project`, for a chunk of tokens."""
+    return block.self_attn.project(block.input_layernorm(x), cos, sin)
 
 
 def finish_tokens(block: Block, x: Tensor, y: Tensor) -> Tensor:
@@ -341,8 +418,8 @@ def finish_tokens(block: Block, x: Tensor, y: Tensor) -> Tensor:
 
 
 @dataclass(frozen=True)
-class TokenKernels:
-    """The per-token functions a block calls: eager, or compiled by `compiled_kernels`."""
+class TokenFunctions:
+    """The per-token functions a block calls: eager, or compiled by `compiled_tokens`."""
 
     project: Callable
     finish: Callable
@@ -357,24 +434,56 @@ class TokenKernels:
         return self.chunk if device_type == "cpu" else None
 
 
-EAGER = TokenKernels(project_tokens, finish_tokens)
+EAGER_TOKENS = TokenFunctions(project_tokens, finish_tokens)
 
 
-def compiled_kernels() -> TokenKernels:
+def compiled_tokens() -> TokenFunctions:
     """`torch.compile`d per-token functions: norms, RoPE, activations, int8 quantization and
     residuals fuse into a few loops around the GEMMs, which are custom ops inside the same
     graph (`onednn_ops`: one graph per function, no breaks). Shapes are dynamic (one
     compile serves every chunk length) and parameters are graph inputs, so all layers
     share one compiled graph."""
-    return TokenKernels(
+    return TokenFunctions(
         torch.compile(project_tokens, dynamic=True),
         torch.compile(finish_tokens, dynamic=True),
         COMPILED_TOKEN_CHUNK,
     )
 
 
+def token_chunks(n: int, size: int = TOKEN_CHUNK, align: int = 1) -> list[tuple[int, int]]:
+    """[start, end) spans of near-equal size, at most `size` tokens each (no 1-token
+    tail: a compiled function would specialize on it and recompile mid-request). When `n`
+    is a multiple of `align`, so is every span (then up to `size` rounded up to `align`): a
+    padded stream's chunks keep recurring row counts."""
+    units, unit = (n // align, align) if n % align == 0 else (n, 1)
+    count = min(-(-n // size), units)  # never an empty span
+    if count == 0:
+        return []
+    bounds = [unit * (units * i // count) for i in range(count + 1)]
+    return list(zip(bounds[:-1], bounds[1:], strict=True))
+
+
+# --- helpers --------------------------------------------------------------------------------
+
+
 def _gelu_tanh(x: Tensor) -> Tensor:
     return F.gelu(x, approximate="tanh")
+
+
+def _rope_theta(hf_config: Any) -> float:
+    """RoPE base from transformers 4 (`rope_theta`) or 5 (`rope_parameters`) configs; only
+    the default RoPE type is implemented."""
+    params = getattr(hf_config, "rope_parameters", None) or {}
+    scaling = getattr(hf_config, "rope_scaling", None) or {}
+    rope_type = (
+        params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    )
+    if rope_type != "default":
+        raise UnsupportedCheckpoint(f"RoPE type {rope_type!r} is not implemented")
+    theta = params.get("rope_theta") or getattr(hf_config, "rope_theta", None)
+    if theta is None:
+        raise UnsupportedCheckpoint("config has no rope_theta")
+    return float(theta)
 
 
 def rope_inv_freq(config: DecoderConfig, device: torch.device | None = None) -> Tensor:
@@ -400,7 +509,3 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     x1, x2 = x[..., :half], x[..., half:]
     c, s = cos[:, None, :], sin[:, None, :]
     return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
-
-
-def gemma_embed_scale(hidden_size: int) -> float:
-    return math.sqrt(hidden_size)

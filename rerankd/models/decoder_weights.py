@@ -1,4 +1,4 @@
-"""Map Hugging Face decoder checkpoints (Qwen3, Qwen2, Gemma) onto `Decoder`, fusing projections.
+"""Map Hugging Face decoder checkpoints (Qwen3, Qwen2, Gemma) onto decoder.py, fusing projections.
 
 Built on the meta device and loaded with `assign=True` from memory-mapped safetensors, so
 a model never needs twice its size in memory while loading.

@@ -94,6 +94,7 @@ class Encoder(nn.Module):
         self.head_dense = nn.Linear(c.hidden_size, c.hidden_size)
         self.head_out = nn.Linear(c.hidden_size, 1)
         self.kernels = EAGER
+        self._compiled: EncoderKernels | None = None  # made on first use
 
     def set_attention(self, backend: str) -> None:
         """Choose the attention implementation (`sdpa` everywhere, `varlen` on CUDA)."""
@@ -110,10 +111,9 @@ class Encoder(nn.Module):
         """Run the engine's choice of kernels (models/kernels.py): every layer's attention
         kernel, and eager or compiled per-token functions (compiled on first use)."""
         self.set_attention(kernels.attention)
-        if not kernels.compiled:
-            self.kernels = EAGER
-        elif self.kernels is EAGER:
-            self.kernels = compiled_kernels()
+        if kernels.compiled and self._compiled is None:
+            self._compiled = compiled_kernels()
+        self.kernels = self._compiled if kernels.compiled else EAGER
 
     def forward(self, batch: PackedBatch) -> Tensor:
         c = self.config

@@ -54,7 +54,7 @@ from rerankd.models.decoder import (
     rope_inv_freq,
     rotary,
 )
-from rerankd.models.hf_config import UnsupportedCheckpoint, decoder_config
+from rerankd.models.loader import UnsupportedCheckpoint
 from rerankd.models.weights import Checkpoint
 from rerankd.ops.attention import length_buckets
 
@@ -95,7 +95,7 @@ class LightweightConfig:
         act = getattr(hf_config, "hidden_activation", None) or hf_config.hidden_act
         if act not in ("gelu_pytorch_tanh", "gelu"):
             raise UnsupportedCheckpoint(f"Gemma2 activation {act!r} is not implemented")
-        decoder = decoder_config(
+        decoder = DecoderConfig.llama_like(
             hf_config,
             gemma_norm=True,
             embed_scale=math.sqrt(hf_config.hidden_size),

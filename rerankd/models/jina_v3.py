@@ -15,10 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rerankd.models.decoder import Decoder
+from rerankd.models.decoder import Decoder, DecoderConfig
 from rerankd.models.decoder_weights import load_decoder
-from rerankd.models.hf_config import UnsupportedCheckpoint
-from rerankd.models.qwen3 import qwen3_config
+from rerankd.models.loader import UnsupportedCheckpoint
 from rerankd.models.weights import Checkpoint
 from rerankd.ops.batch import PackedBatch
 
@@ -32,9 +31,6 @@ class JinaV3Ranker(nn.Module):
         # the projector runs in float32 on the few rows read (one per document and window)
         self.register_buffer("w1", w1.float(), persistent=False)  # (hidden/2, hidden)
         self.register_buffer("w2", w2.float(), persistent=False)  # (dim, hidden/2)
-
-    def set_attention(self, backend: str) -> None:
-        self.decoder.set_attention(backend)
 
     def forward(self, batch: PackedBatch, rows: Tensor) -> Tensor:
         """Projected embeddings (R, dim), float32, at flat stream rows `rows` (R,)."""
@@ -51,7 +47,7 @@ def load_jina_v3(
     missing = [name for name in PROJECTOR if name not in checkpoint]
     if missing:
         raise UnsupportedCheckpoint(f"no projector tensors {missing} in the checkpoint")
-    config = qwen3_config(hf_config)
+    config = DecoderConfig.from_hf_config(hf_config, model_type="qwen3")
     decoder = load_decoder(checkpoint, config, dtype, device)
     w1, w2 = (checkpoint.get(name).to(device) for name in PROJECTOR)
     if w1.shape[1] != config.hidden_size or w2.shape[1] != w1.shape[0]:

@@ -1,7 +1,8 @@
 """Find a checkpoint on disk: a local directory as is, a hub id through huggingface_hub.
 
 Download failures become one clear `ModelLoadError` paragraph (what failed, how to fix it,
-how to pass a local directory) instead of a traceback.
+how to pass a local directory) instead of a traceback. A checkpoint our own model code does
+not cover raises `UnsupportedCheckpoint` while it is read (configs, tensor layout).
 """
 
 from __future__ import annotations
@@ -17,6 +18,10 @@ log = logging.getLogger(__name__)
 
 #: what a reranker needs from a repo: configs, tokenizer files and safetensors weights
 ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja"]
+
+
+class UnsupportedCheckpoint(Exception):
+    """Our own model code does not cover this checkpoint; use the transformers engine."""
 
 
 def _looks_like_path(model: str) -> bool:

@@ -28,9 +28,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from rerankd.models.decoder import Decoder, DecoderConfig, TokenKernels, rotary
+from rerankd.models.decoder import Decoder, DecoderConfig
 from rerankd.models.decoder_weights import load_decoder
-from rerankd.models.hf_config import UnsupportedCheckpoint, decoder_config
+from rerankd.models.kernels import Kernels
+from rerankd.models.loader import UnsupportedCheckpoint
 from rerankd.models.weights import Checkpoint
 from rerankd.ops.attention_speed import AttentionShape
 from rerankd.ops.batch import PackedBatch
@@ -70,7 +71,7 @@ class LayerwiseConfig:
         act = getattr(hf_config, "hidden_act", "silu")
         if act != "silu":
             raise UnsupportedCheckpoint(f"MiniCPM activation {act!r} is not implemented")
-        decoder = decoder_config(
+        decoder = DecoderConfig.llama_like(
             hf_config, embed_scale=float(getattr(hf_config, "scale_emb", 1)), activation="silu"
         )
         start = int(getattr(hf_config, "start_layer", 8))  # the reference config's default
@@ -101,15 +102,12 @@ class LayerwiseReranker(nn.Module):
         self.config = config
         self.register_buffer("heads", heads.float(), persistent=False)  # (H, hidden)
 
-    def set_attention(self, backend: str) -> None:
-        self.decoder.set_attention(backend)
+    def set_kernels(self, kernels: Kernels) -> None:
+        self.decoder.set_kernels(kernels)
 
     @property
     def attention_shape(self) -> AttentionShape:
         return self.decoder.attention_shape
-
-    def set_kernels(self, kernels: TokenKernels) -> None:
-        self.decoder.kernels = kernels
 
     def forward(self, batch: PackedBatch, layers: Sequence[int | None] | None = None) -> Tensor:
         """`layers[i]`: the layer sequence i is scored after (None: the last layer)."""
@@ -124,27 +122,14 @@ class LayerwiseReranker(nn.Module):
             by_layer.setdefault(w, []).append(i)
         # the same stream as `Decoder.forward`: shared prefixes first, then the sequences'
         # own tokens, then padding rows up to the row multiple
-        prefixes = d.prefix_stream(batch) if batch.prefixes else None
-        ids, positions = batch.input_ids, batch.positions
-        if prefixes is not None:
-            ids = torch.cat((prefixes.input_ids, ids))
-            positions = torch.cat((prefixes.positions, positions))
-        shared = len(ids) - len(batch.input_ids)
-        padding = -len(ids) % d.row_multiple
-        x = d.embed(ids)
-        if padding:
-            positions = nn.functional.pad(positions, (0, padding))
-            x = nn.functional.pad(x, (0, 0, 0, padding))
-        cos, sin = rotary(positions, d.inv_freq, d.embed_tokens.weight.dtype)
-        rows = batch.last + shared  # (N,) each sequence's last token in x
-        keep = shared - shared % d.row_multiple  # the last layer skips the prefix rows
+        x, stream = d.start(batch)
+        rows = batch.last + stream.shared  # (N,) each sequence's last token in x
+        keep = stream.keep  # the last layer skips the prefix rows
         scores = torch.empty(n, dtype=torch.float32, device=x.device)
         self._read(x, rows, by_layer.get(0), 0, scores)
         for index in range(deepest):
             last = index == deepest - 1
-            x = d.layers[index](
-                x, cos, sin, batch, prefixes, keep if last else 0, d.kernels, d.row_multiple
-            )
+            x = d.layers[index](x, stream, keep if last else 0)
             if last:
                 rows = rows - keep
             self._read(x, rows, by_layer.get(index + 1), index + 1, scores)
