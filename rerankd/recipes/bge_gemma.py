@@ -46,7 +46,10 @@ class BgeGemmaReranker(Recipe):
         side: str = "right",
     ) -> list[EncodedPair]:
         length = self.max_length
-        prompt_ids = self.encode_text(instruction) if instruction else self.default_prompt_ids
+        # FlagEmbedding's `prompt`: None is the default, "" no prompt (the bare pair)
+        prompt_ids = (
+            self.encode_text(instruction) if instruction is not None else self.default_prompt_ids
+        )
         # The pair (bos + query, sep + passage) may use L + len(sep) + len(prompt) tokens.
         pair_limit = length + len(self.sep_ids) + len(prompt_ids)
         unique_queries = list(dict.fromkeys(queries))

@@ -6,7 +6,8 @@ token, recipes/bge_layerwise.py): ``[bos] + encode("A: " + query)[:3L/4]``, then
 ``"\\n" + encode("B: " + passage)[:L]`` cut from its end to fit ``L + len(sep) + len(prompt)``,
 then ``"\\n" + prompt``, with BOS always; L = 512. The prompt is this model's own default,
 ``Predict whether passage B contains an answer to query A.`` (not bge-gemma's); a request's
-`instruction` replaces it. The model reads the layout: the *query* part is bos + query + "\\n"
+`instruction` replaces it (``""``: no prompt, the ids end with the pair's "\\n", as the
+reference's ``prompt=""``). The model reads the layout: the *query* part is bos + query + "\\n"
 and the *prompt* part "\\n" + prompt (FlagEmbedding's `query_lengths`/`prompt_lengths`), the
 passage lies between: only the passage is compressed.
 
@@ -183,7 +184,7 @@ class BgeLightweightReranker(BgeLayerwiseReranker):
     ) -> list[EncodedPair]:
         pairs = super()._encode_pairs(queries, documents, instruction, side)
         prompt = len(self.sep_ids) + len(
-            self.encode_text(instruction) if instruction else self.default_prompt_ids
+            self.encode_text(instruction) if instruction is not None else self.default_prompt_ids
         )
         unique = list(dict.fromkeys(queries))
         cap = self.max_length * 3 // 4

@@ -217,6 +217,25 @@ def test_default_is_the_last_layer(server, reference):
     _close(server.raw(), reference.scores((6,)))
 
 
+def test_an_empty_instruction_is_flagembeddings_empty_prompt(server, reference):
+    """`"instruction": ""` is the bare pair: FlagEmbedding's `prompt=""` (the ids end with the
+    pair's "\\n"), not its default prompt (`prompt=None`)."""
+    recorded = set(reference.fed)
+    reference.fed.clear()
+    try:
+        bare = reference.reranker.compute_score([list(p) for p in PAIRS], prompt="")
+        fed = set(reference.fed)
+    finally:
+        reference.fed.clear()
+        reference.fed.update(recorded)
+    recipe = server.service.models[0].recipe
+    ours = recipe.encode([q for q, _ in PAIRS], [d for _, d in PAIRS], "")
+    assert {pair.input_ids for pair in ours} == fed
+    assert all(pair.input_ids[-len(recipe.sep_ids) :] == tuple(recipe.sep_ids) for pair in ours)
+    _close(server.raw(instruction=""), bare)
+    assert max(abs(a - b) for a, b in zip(bare, reference.scores(), strict=True)) > 1e-3
+
+
 def test_a_list_scores_at_its_deepest_layer(server, reference):
     per_layer = reference.scores((3, 5))  # FlagEmbedding: one list per layer, ascending
     assert len(per_layer) == 2

@@ -185,6 +185,21 @@ def test_an_instruction_replaces_the_prompt_and_its_length(server, golden):
     assert asked.input_ids[:body] == default.input_ids[:body]
 
 
+def test_an_empty_instruction_drops_the_prompt(server):
+    """`"instruction": ""` is FlagEmbedding's `prompt=""`: the ids end with the pair's "\\n"
+    and the uncompressed prompt part is that "\\n" alone (`prompt_lengths` = len(sep));
+    the default prompt comes only with no instruction."""
+    recipe = server.service.models[0].recipe
+    default = recipe.encode([QUERIES[0]], [DOCUMENTS[1]])[0]
+    bare = recipe.encode([QUERIES[0]], [DOCUMENTS[1]], instruction="")[0]
+    sep = tuple(recipe.encode_text("\n"))
+    assert bare.prompt_length == len(sep) and bare.input_ids[-len(sep) :] == sep
+    assert bare.input_ids == default.input_ids[: len(default) - default.prompt_length + len(sep)]
+    assert bare.query_length == default.query_length
+    raw = server.raw(instruction="")
+    assert max(abs(a - b) for a, b in zip(raw, server.raw(), strict=True)) > 1e-3
+
+
 def test_default_request_is_the_model_cards_setting(server, golden):
     assert SETTINGS[0] == ([28], 2, [24, 40])
     _close(server.raw(), golden["float32"][0])
