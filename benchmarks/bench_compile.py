@@ -215,6 +215,29 @@ def report(rows: list[dict]) -> None:
               f"{verdict(row)}")  # fmt: skip
 
 
+def markdown(rows: list[dict]) -> str:
+    """docs/benchmarks.md's decision table (the rows `rerankd.engine.compile_policy` reads):
+    class, model, activation dtype, linears, docs/s compiled and eager, paired speedups."""
+    lines = [
+        "| CPU class | model | activations | linears | compiled docs/s | eager docs/s "
+        "| paired speedups | median | auto |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        if verdict(row) == "n/a":
+            continue
+        dtype = row["engine_dtype"]
+        activations = dtype.split("(")[1].split()[0] if "(" in dtype else dtype
+        linears = "int8" if row["precision"].startswith("int8") else activations
+        ratios = ", ".join(f"{x:.2f}" for x in row["paired_ratios"])
+        lines.append(
+            f"| {row['cpu_class']} | {row['family']} | {activations} | {linears} "
+            f"| {row['docs_per_s']['on']:.2f} | {row['docs_per_s']['off']:.2f} | {ratios} "
+            f"| {row['median_ratio']:.2f} | **{verdict(row)}** |"
+        )
+    return "\n".join(lines)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--classes", default=",".join(CLASSES), help="comma-separated CPU classes")
@@ -224,6 +247,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3, help="paired rounds per model (3)")
     p.add_argument("--encoder-layers", type=int, default=6, help="XLM-R layers of 24 (6)")
     p.add_argument("--json", type=Path, help="append each result as a JSON line here")
+    p.add_argument("--table", nargs="+", type=Path, help="only print the docs table of these")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -232,6 +256,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.worker:
         print(json.dumps(worker(*json.loads(args.worker))), flush=True)
+        return 0
+    if args.table:
+        rows = [json.loads(line) for path in args.table for line in path.read_text().splitlines()]
+        print(markdown(rows))
         return 0
     families = args.families.split(",")
     dirs = _model_dirs(families, args.encoder_layers)
