@@ -16,7 +16,22 @@ special tokens projected (models/jina_v3.py), then Jina's `rerank` over the wind
     q   = Σ_w a_w q_w / Σ_w a_w             (dim,)  the merged query embedding
     score_i = cos(d_i, q)                           for every document i of the listing
 
-with one window, score_i = cos(d_i, q_w). The engine knows nothing of text: the listing
+with one window, score_i = cos(d_i, q_w).
+
+How a long request runs. The recipe forms the windows as the hub `rerank` does (a window
+closes at 125 documents or once its documents leave ≤ 2048 of model_max_length − 2·query
+tokens; recipes/jina_v3.py), so a window is at most ~model_max_length tokens (131072 on the
+hub; `--max-model-len` lowers it). Each window is one sequence computed in one forward (causal
+SDPA, memory linear in its length): it is never split, since every token attends to the whole
+prefix — vLLM's `JinaForRanking` computes the same prompt, but may spread a long one over
+several steps with chunked prefill and its KV cache, which rerankd's engines do not have.
+The windows of a listing are packed into forwards of up to `--max-batch-tokens` tokens (a
+longer window goes alone), one after another. They are all computed within the engine call
+of the first batch that holds one of the listing's pairs: every document's score depends on
+every window (the merged query q above), so no score is ready before the last window; the
+other pairs of the listing then cost nothing. A request of many windows therefore holds the
+engine for all of them at once (the scheduler's token budget counts them, as each pair
+carries its share of its window's tokens). The engine knows nothing of text: the listing
 carries token ids and positions (read by attribute: engine/ imports no recipe).
 
 What it lacks of the packed engine: shared prefixes (each window is its own prompt), the AMX
