@@ -61,6 +61,10 @@ def load_model(settings: Settings, metrics: Metrics) -> ServedModel:
         names[1:],
         source=settings.model,
         attention=getattr(engine, "kernel", None),
+        device=engine.device,
+        dtype=engine.dtype,
+        quantization=None if settings.quantize == "none" else settings.quantize,
+        compiled=bool(getattr(engine, "compiled", False)),
     )
 
 

@@ -50,6 +50,11 @@ class ServedModel:
     created: int = field(default_factory=lambda: int(time.time()))
     #: the attention kernel the engine chose at start-up (None where it has no choice)
     attention: str | None = None
+    #: how the engine runs, as chosen at start-up (None where not known, e.g. a Ray ingress)
+    device: str | None = None
+    dtype: str | None = None
+    quantization: str | None = None
+    compiled: bool | None = None
 
     @property
     def max_length(self) -> int:

@@ -480,6 +480,10 @@ async def models(request: Request) -> JSONResponse:
             if getattr(m.recipe, "supports_images", False)
             else ["text"],
             "attention": m.attention,
+            "device": m.device,
+            "dtype": m.dtype,
+            "quantization": m.quantization,
+            "compiled": m.compiled,
         }
         for m in _service(request).models
     ]
