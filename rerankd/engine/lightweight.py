@@ -4,8 +4,9 @@
 layout and options (`LightweightPair`: query/prompt lengths, scoring layer and head,
 compression), which become the model's per-sequence `Plan`. Sequences run back to back in one
 flat stream with no padding; no shared prefixes (compression renumbers positions, and the
-packed kernels know neither sliding windows nor shrinking sequences), attention is SDPA per
-sequence, and nothing is compiled. Pairs without options (start-up probes) are scored after
+packed kernels know neither sliding windows nor shrinking sequences), attention is one SDPA
+call per bucket of similar-length sequences (models/gemma2_lightweight.py), and nothing is
+compiled. Pairs without options (start-up probes) are scored after
 the last layer, by head 0, uncompressed.
 """
 
