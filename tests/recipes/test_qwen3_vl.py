@@ -283,6 +283,53 @@ def test_the_shared_prefix_runs_once_and_changes_no_score(model_dir, recipe, eng
         assert max(abs(a - b) for a, b in zip(got, want, strict=True)) <= 1e-5, name
 
 
+def _counting_forwards(engine, monkeypatch) -> list[tuple[int, int]]:
+    """(batch size, tokens) of every forward of the engine's base model, recorded."""
+    calls: list[tuple[int, int]] = []
+    forward = engine._base.forward
+
+    def counting(*args, **kwargs):
+        calls.append(tuple(kwargs["input_ids"].shape))
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(engine._base, "forward", counting)
+    return calls
+
+
+@pytest.mark.parametrize("query_kind", ["text", "image"])
+def test_a_request_s_prefix_runs_once_across_sub_batches_and_batches(
+    model_dir, recipe, images, monkeypatch, query_kind
+):
+    """A request whose pairs span several padded sub-batches (a small --max-batch-tokens) and
+    two scheduler batches runs its shared prefix (with the query's image) once: one batch-1
+    forward of the prefix, then one forward per sub-batch; scores as without sharing."""
+    query = QUERY if query_kind == "text" else (("image", images[2]), ("text", "q"))
+    documents = [TEXTS[0], (("image", images[0]),), TEXTS[1], (("image", images[1]),), TEXTS[2]]
+    pairs = recipe.encode([query] * len(documents), documents)
+    plain = VisionLanguageEngine(
+        model_dir, recipe.head, torch.device("cpu"), torch.float32, share_prefix=False
+    )
+    want = plain.score(Batch(pairs))
+    widest = max(len(p) for p in pairs)
+    engine = VisionLanguageEngine(
+        model_dir, recipe.head, torch.device("cpu"), torch.float32, max_batch_tokens=widest * 2
+    )
+    calls = _counting_forwards(engine, monkeypatch)
+    prefix, _ = engine.shared_prefix(pairs)
+    got = engine.score(Batch(pairs[:4])) + engine.score(Batch(pairs[4:]))  # two batches
+    assert max(abs(a - b) for a, b in zip(got, want, strict=True)) <= 1e-5
+    prefix_runs = [c for c in calls if c == (1, prefix)]
+    assert len(prefix_runs) == 1, calls
+    assert len(calls) == 1 + 2 + 1, calls  # the prefix, two sub-batches, the second batch
+    # another request (a new query image, or the same text prefix recomputed never) shares
+    # no image arrays with the kept prefix: its own prefix runs
+    calls.clear()
+    other = recipe.encode([query] * 2, documents[:2])
+    engine.score(Batch(other))
+    expected_prefix_runs = 0 if query_kind == "text" else 1
+    assert sum(1 for c in calls if c[0] == 1) == expected_prefix_runs, calls
+
+
 def test_the_pixel_budget_is_configurable(model_dir, engine):
     """--image-pixel-budget: images resized to at most that many pixels, as the official
     code's `max_pixels` does (parity with the reference at the same budget)."""
