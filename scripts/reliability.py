@@ -40,6 +40,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import httpx  # noqa: E402
 
+from tests.api.test_engine_faults import co_batched_round  # noqa: E402
+from tests.api.test_limits import NAN_REQUESTS  # noqa: E402
 from tests.hardening.conftest import (  # noqa: E402
     SLOW_DRAIN,
     HealthPoller,
@@ -53,7 +55,6 @@ from tests.hardening.conftest import (  # noqa: E402
     scores_of,
     send_raw_request,
 )
-from tests.hardening.test_faults_e2e import _co_batched_round as co_batched_round  # noqa: E402
 from tests.hardening.test_fuzz import (  # noqa: E402
     BAD_INPUTS,
     ODD_BUT_VALID,
@@ -63,7 +64,6 @@ from tests.hardening.test_fuzz import (  # noqa: E402
 from tests.hardening.test_hostile_inputs import (  # noqa: E402
     FLOOD_QUEUE_TOKENS,
     HOSTILE_BODIES,
-    NAN_REQUESTS,
     OVERSIZED,
     TEN_MB,
     health_baseline_p99,

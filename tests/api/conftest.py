@@ -2,42 +2,60 @@
 fixture), the real service and scheduler, and an engine that scores without torch work.
 
 Fast (no subprocess, no model weights), so every HTTP behaviour can be tested here; the
-real-server suites (tests/e2e, tests/hardening) keep the end-to-end checks.
+real-server suites (tests/e2e, tests/hardening) keep the end-to-end checks (signals, the
+TCP-level stack, the CLI, real client libraries).
+
+- `make_client(**options)`: an app over a fake engine, options given directly;
+- `serve_flags(*flags, env=..., engine=...)`: the app `rerankd serve FLAGS` would build
+  (flags and RERANKD_* variables parsed by Settings, keys, limits, CORS, body limit and
+  document format wired as rerankd.server.serve wires them), over a fake engine;
+- `serve_real(*flags)`: the same over the real engine `serve` would load (in-process: the
+  model loads in this process, no server process starts).
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import orjson
 import pytest
 from starlette.testclient import TestClient
 
 from rerankd.api import create_app
+from rerankd.api.auth import APIKeys
 from rerankd.metrics import Metrics
-from rerankd.runtime import load_recipe
+from rerankd.runtime import build_service, limits_of, load_recipe
 from rerankd.scheduler import Scheduler
 from rerankd.service import Limits, RerankService, ServedModel, aliases_for
-from rerankd.settings import Settings
+from rerankd.settings import Settings, parse_settings
 from rerankd.types import Batch
 
 
 class FakeEngine:
     """Scores a pair by its token ids (deterministic, distinct per text); `nan` makes every
     score NaN, as a checkpoint with a NaN weight does; `fail_over` fails any batch holding
-    a pair longer than that many tokens (a poison input: the engine itself is fine)."""
+    a pair longer than that many tokens (a poison input: the engine itself is fine);
+    `delay_s` makes every batch take that long (as `--fault-injection delay:S` does)."""
 
     name = "fake"
     default_batch_tokens = 8192
 
-    def __init__(self, nan: bool = False, fail_over: int | None = None) -> None:
+    def __init__(
+        self, nan: bool = False, fail_over: int | None = None, delay_s: float = 0.0
+    ) -> None:
         self.nan = nan
         self.fail_over = fail_over
+        self.delay_s = delay_s
         self.batches: list[Batch] = []
 
     def score(self, batch: Batch) -> list[float]:
+        if self.delay_s:
+            time.sleep(self.delay_s)
         self.batches.append(batch)
         if self.fail_over is not None and max(len(p) for p in batch.pairs) > self.fail_over:
             raise RuntimeError("poison input")
@@ -85,3 +103,87 @@ def make_client(qwen3_recipe) -> Callable:
 def client(make_client) -> Iterator[TestClient]:
     with make_client() as c:
         yield c
+
+
+# --- the app `rerankd serve` builds, in-process ------------------------------------------------
+
+
+def app_like_serve(service: RerankService, settings: Settings):
+    """create_app wired from `settings` exactly as rerankd.server.serve wires it."""
+    return create_app(
+        service,
+        api_keys=APIKeys(settings.all_api_keys()),
+        cors_origins=settings.cors_origin,
+        max_request_bytes=settings.max_request_bytes,
+        access_log=settings.access_log,
+        document_format=settings.rerank_document_format,
+    )
+
+
+def _settings(model_dir, flags, env) -> Settings:
+    """`serve --model MODEL FLAGS` with only `env` as the environment (never the shell's)."""
+    return parse_settings(["--model", str(model_dir), *flags], env or {})
+
+
+@contextmanager
+def _client(service: RerankService, settings: Settings) -> Iterator[TestClient]:
+    with TestClient(app_like_serve(service, settings), raise_server_exceptions=False) as client:
+        client.service = service  # type: ignore[attr-defined]
+        client.settings = settings  # type: ignore[attr-defined]
+        yield client
+
+
+@pytest.fixture(scope="session")
+def serve_flags(qwen3_dir, qwen3_recipe) -> Callable:
+    """`with serve_flags(*flags, env={...}, engine=FakeEngine(...)) as client:` the app of
+    `rerankd serve --model <tiny qwen3> FLAGS` over a fake engine (client.engine)."""
+
+    @contextmanager
+    def make(
+        *flags: str, env: dict[str, str] | None = None, engine: FakeEngine | None = None
+    ) -> Iterator[TestClient]:
+        settings = _settings(qwen3_dir, flags, env)
+        engine = engine or FakeEngine()
+        metrics = Metrics()
+        names = aliases_for(settings.model, settings.served_model_name)
+        scheduler = Scheduler(
+            engine, metrics, names[0], settings.max_batch_tokens, settings.max_queued_tokens
+        )
+        model = ServedModel(names[0], qwen3_recipe, scheduler, names[1:], source=settings.model)
+        service = RerankService([model], metrics, limits_of(settings))
+        with _client(service, settings) as client:
+            client.engine = engine  # type: ignore[attr-defined]
+            yield client
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def serve_real(qwen3_dir) -> Callable:
+    """`with serve_real(*flags, model=DIR) as client:` the app of `rerankd serve --model DIR
+    --dtype float32 --device cpu FLAGS` with its real engine (default: the tiny Qwen3)."""
+
+    @contextmanager
+    def make(*flags: str, model=None) -> Iterator[TestClient]:
+        base = ("--dtype", "float32", "--device", "cpu")
+        settings = _settings(model or qwen3_dir, [*base, *flags], None)
+        with _client(build_service(settings), settings) as client:
+            yield client
+
+    return make
+
+
+@pytest.fixture()
+def access_log(caplog) -> Callable[[str], dict[str, Any]]:
+    """`access_log(request_id)`: the JSON access-log record the app wrote for that request."""
+    caplog.set_level(logging.INFO, logger="rerankd.access")
+
+    def record(request_id: str) -> dict[str, Any]:
+        for entry in caplog.records:
+            if entry.name == "rerankd.access":
+                fields = orjson.loads(entry.getMessage())
+                if fields["request_id"] == request_id:
+                    return fields
+        raise AssertionError(f"no access-log line for request id {request_id}")
+
+    return record

@@ -1,9 +1,8 @@
 """Fixtures of the end-to-end suite.
 
 The shared Qwen3 server comes from tests/conftest.py (`qwen3_server`). The other processes
-this suite needs (a `--served-model-name` server, two API-key servers, one server per model
-family, and the deliberately failing `rerankd serve` runs) are started by one background
-thread, one at a time, from the start of the session, and only those that a collected test
+this suite needs (one server per model family, and the deliberately failing `rerankd serve`
+runs) are started by one background thread, one at a time, from the start of the session, and only those that a collected test
 uses. Their start-up then overlaps with the tests running meanwhile (which mostly wait on
 the shared server), without ever starting more processes at once than two cores can take.
 """
@@ -211,9 +210,7 @@ def _failing_starts(bert_dir: Path, tmp: Path) -> dict[str, FailingStart]:
 
 #: fixture a test uses → the background tasks it needs, in the order the test files run
 _NEEDS = {
-    "auth_servers": ("auth-flags", "auth-env"),
     "startup_failures": ("hub-id-offline", "missing-path", "masked-lm", "three-labels"),
-    "foo_server": ("foo",),
     "family_servers": ("gemma", "xlmr", "bert"),
 }
 
@@ -239,17 +236,6 @@ def _background(request, start_server, tmp_path_factory) -> Iterator[dict[str, _
             tasks[name] = BackgroundServer(
                 name, start_server, ["--model", str(model_dir), *f32], {}
             )
-        elif name in ("foo", "auth-flags", "auth-env"):
-            qwen3 = ["--model", str(request.getfixturevalue("qwen3_dir")), *f32]
-            args, env = {
-                "foo": ([*qwen3, "--served-model-name", "foo"], {}),
-                "auth-flags": (
-                    [*qwen3, "--api-key", "k1", "--api-key", "k2"],
-                    {"RERANKD_API_KEY": ""},
-                ),
-                "auth-env": (qwen3, {"RERANKD_API_KEY": "a,b"}),
-            }[name]
-            tasks[name] = BackgroundServer(name, start_server, args, env)
     ordered = [tasks[name] for name in wanted]
 
     def launch() -> None:
@@ -271,22 +257,6 @@ def _server(background: dict[str, _Task], name: str) -> BackgroundServer:
     task = background[name]
     assert isinstance(task, BackgroundServer)
     return task
-
-
-@pytest.fixture(scope="module")
-def foo_server(_background) -> Iterator[httpx.Client]:
-    """The Qwen3 fixture served as `--served-model-name foo`."""
-    with httpx.Client(base_url=_server(_background, "foo").url(), timeout=120) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def auth_servers(_background) -> dict[str, tuple[str, list[str]]]:
-    """{"flags": (url, keys)} from `--api-key k1 --api-key k2`; {"env": …} from RERANKD_API_KEY."""
-    return {
-        "flags": (_server(_background, "auth-flags").url(), ["k1", "k2"]),
-        "env": (_server(_background, "auth-env").url(), ["a", "b"]),
-    }
 
 
 @pytest.fixture(scope="module")

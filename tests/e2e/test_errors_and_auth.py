@@ -304,64 +304,8 @@ def test_docs_page_and_openapi_describe_the_rerank_and_score_routes(client):
 # --- API keys ----------------------------------------------------------------------------
 
 
-@pytest.fixture(params=["flags", "env"])
-def keyed(request, auth_servers):
-    url, keys = auth_servers[request.param]
-    with httpx.Client(base_url=url, timeout=120) as c:
-        yield c, keys
-
-
-def test_missing_or_wrong_api_key_is_401(keyed):
-    c, keys = keyed
-    for route in ALL_POST_ROUTES:
-        response = c.post(route, json=good_body(route))
-        error = assert_error(response, 401)
-        assert response.headers.get("www-authenticate", "").lower().startswith("bearer"), route
-        assert "key" in error["message"].lower()
-    wrong = [
-        "Bearer wrong",
-        f"Bearer {keys[0]}x",
-        f"Bearer {keys[1]}{keys[0]}",
-        f"Bearer {keys[0].upper()}",
-        f"Bearer {keys[0]},{keys[1]}",
-        f"Basic {keys[0]}",
-        keys[0],
-        "Bearer",
-        "",
-    ]
-    for header in wrong:
-        response = c.post("/v1/rerank", json=GOOD_RERANK, headers={"Authorization": header})
-        assert_error(response, 401)
-
-
-def test_every_configured_key_is_accepted(keyed):
-    c, keys = keyed
-    for key in keys:
-        headers = {"Authorization": f"Bearer {key}"}
-        for route in ALL_POST_ROUTES:
-            response = c.post(route, json=good_body(route), headers=headers)
-            assert response.status_code == 200, (key, route, response.text)
-        assert c.get("/v1/models", headers=headers).status_code == 200
-        assert c.get("/metrics", headers=headers).status_code == 200
-
-
-def test_health_and_version_are_open_but_models_metrics_and_docs_need_a_key(keyed):
-    c, keys = keyed
-    assert c.get("/health").status_code == 200
-    assert c.get("/health").json() == {"status": "ok"}
-    assert c.get("/version").status_code == 200
-    for path in ("/v1/models", "/metrics", "/openapi.json", "/docs"):
-        assert_error(c.get(path), 401)
-        assert c.get(path, headers={"Authorization": f"Bearer {keys[1]}"}).status_code == 200
-
-
-def test_auth_is_checked_before_the_body_is_parsed(keyed):
-    c, keys = keyed
-    assert_error(post_raw(c, "/v1/rerank", b"{not json"), 401)
-    response = c.post(
-        "/v1/rerank", content=b"{not json", headers={"Authorization": f"Bearer {keys[0]}"}
-    )
-    assert_error(response, 400)
+# Keys from --api-key flags and RERANKD_API_KEY: tests/api/test_keys_and_names.py (in-process);
+# a real server with a flag key and a key file: tests/hardening/test_security.py.
 
 
 def test_a_server_without_keys_needs_no_authorization(client):

@@ -459,30 +459,7 @@ def test_tei_unknown_model_is_404(client):
     assert_error(response, 404, param="model")
 
 
-def test_served_model_name_is_reported_and_accepted(foo_server, client, qwen3_dir):
-    info = model_info(foo_server)
-    assert info["id"] == "foo"
-    assert qwen3_dir.name in info["aliases"]
-    for name in (None, "foo", qwen3_dir.name):
-        request: dict[str, Any] = {"query": QUERY, "documents": DOCS}
-        if name:
-            request["model"] = name
-        body = rerank(foo_server, request)
-        assert body["model"] == "foo"
-    score = foo_server.post("/v1/score", json={"model": "foo", "queries": QUERY, "documents": DOCS})
-    assert score.status_code == 200, score.text
-    assert score.json()["model"] == "foo"
-    # the same weights behind another name: the same scores as the shared server
-    theirs = scores_by_index(rerank(client, {"query": QUERY, "documents": DOCS}))
-    for index, value in scores_by_index(
-        rerank(foo_server, {"query": QUERY, "documents": DOCS})
-    ).items():
-        assert_close(value, theirs[index], 1e-6)
-    assert_error(
-        foo_server.post("/v1/rerank", json={"model": "bar", "query": QUERY, "documents": DOCS}),
-        404,
-        param="model",
-    )
+# --served-model-name: tests/api/test_keys_and_names.py (in-process, the real engine)
 
 
 # --- long inputs -------------------------------------------------------------------------

@@ -102,6 +102,15 @@ def qwen3_vl_model_dir() -> Path:
     return qwen3_vl_dir()
 
 
+def jina_m0_model_dir() -> Path:
+    """The tiny seeded jina-reranker-m0 checkpoint (built once per process)."""
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT))
+    from tests.fixtures.jina_m0 import jina_m0_dir
+
+    return jina_m0_dir()
+
+
 def base_args(*extra: str) -> list[str]:
     """Serve the tiny Qwen3 fixture in float32 on the CPU, plus `extra` flags."""
     return ["--model", str(qwen3_model_dir()), "--dtype", "float32", "--device", "cpu", *extra]
@@ -357,30 +366,24 @@ def _key_file() -> str:
 #: every server a test module may ask for (its module-level SERVERS tuple), by name
 SERVER_SPECS: dict[str, Any] = {
     "plain": lambda: [],
-    # test_limits
-    "limited": lambda: [
-        "--max-request-bytes", "4096", "--max-documents", "8", "--max-query-tokens", "16",
-    ],
+    # test_limits (tests/api/test_limits.py has the limits an in-process app checks)
     "queue": lambda: [
         "--fault-injection", "delay:0.3", "--max-batch-tokens", "1", "--max-queued-tokens", "2000",
+        "--max-request-bytes", "4096",
     ],
-    "slow": lambda: [
-        "--fault-injection", "delay:2", "--request-timeout", "1", "--max-concurrent-requests", "2",
-    ],
-    # test_faults_e2e
-    "faults": lambda: ["--fault-injection", "raise-on:FAULT_MARKER,oom-above:2,delay:0.5"],
+    # (engine faults through the app: tests/api/test_engine_faults.py, in-process)
     # test_security
     "secure": lambda: [
         "--api-key", FLAG_KEY, "--api-key-file", _key_file(), "--cors-origin", CORS_ORIGIN,
     ],
-    # test_hostile_inputs: default limits (RSS and /health latency measured there alone),
-    # the flood of item 9 of issue 15, and a checkpoint whose scores are NaN
+    # test_hostile_inputs: default limits (RSS and /health latency measured there alone)
+    # and the flood of item 9 of issue 15 (a NaN checkpoint: tests/api/test_limits.py)
     "hostile": lambda: [],
     "flood": lambda: ["--max-queued-tokens", "50000"],
-    "nan": lambda: ["--model", str(nan_model_dir())],
     # test_hostile_images: the tiny Qwen3-VL-Reranker, every default (images as data: URIs
     # only, the default byte and pixel caps)
     "images": lambda: ["--model", str(qwen3_vl_model_dir())],
+    "m0": lambda: ["--model", str(jina_m0_model_dir())],  # the same, jina-reranker-m0
     # test_shutdown (each is used up by its test)
     "sigterm": lambda: SLOW_DRAIN,
     "sigint": lambda: SLOW_DRAIN,
