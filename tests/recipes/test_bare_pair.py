@@ -22,7 +22,6 @@ from rerankd.runtime import load_model
 from rerankd.settings import Settings
 from rerankd.types import Batch
 from tests import reference
-from tests.fixtures.jina_v3 import build_jina_v3
 from tests.fixtures.paths import fixture_dir
 
 QUERY = "what is the capital of China?"
@@ -68,11 +67,11 @@ def test_mxbai_empty_instruction_is_the_packages_default_prompt():
     assert bare != recipe.encode([QUERY] * 3, DOCUMENTS, "Find geography passages")
 
 
-def test_jina_v3_empty_instruction_is_the_references_default_prompt(tmp_path):
+def test_jina_v3_empty_instruction_is_the_references_default_prompt():
     from rerankd.models.loader import load_config_and_tokenizer
     from rerankd.recipes.jina_v3 import JinaV3Reranker
 
-    config, tokenizer = load_config_and_tokenizer(build_jina_v3(tmp_path / "jina-v3"))
+    config, tokenizer = load_config_and_tokenizer(fixture_dir("jina-v3"))
     recipe = JinaV3Reranker(tokenizer, config)
     ids = lambda instruction: [  # noqa: E731
         w.input_ids for w in recipe.encode_listing(QUERY, DOCUMENTS, instruction)[0].listing.windows

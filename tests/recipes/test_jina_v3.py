@@ -31,7 +31,8 @@ from rerankd.recipes.jina_v3 import WINDOW_DOCUMENTS, JinaV3Reranker, sanitize
 from rerankd.runtime import build_engine, build_service, load_recipe
 from rerankd.settings import Settings
 from rerankd.types import Batch
-from tests.fixtures.jina_v3 import MODEL_MAX_LENGTH, build_jina_v3
+from tests.fixtures.jina_v3 import MODEL_MAX_LENGTH
+from tests.fixtures.paths import fixture_dir
 from tests.reference_jina_v3 import Reference
 
 QUERY = "what is panda?"
@@ -61,8 +62,8 @@ BF16_TOLERANCE = 2e-2
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    return build_jina_v3(tmp_path_factory.mktemp("jina-v3"))
+def model_dir() -> Path:
+    return fixture_dir("jina-v3")
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,6 @@ import pytest
 
 from rerankd.runtime import build_service
 from rerankd.settings import Settings
-from tests.fixtures.jina_v3 import build_jina_v3
 from tests.fixtures.minicpm_layerwise import build_minicpm_layerwise
 from tests.fixtures.modernbert import build_modernbert_cross_encoder
 from tests.fixtures.paths import fixture_dir
@@ -53,7 +52,7 @@ FAMILIES: dict[str, tuple[Callable[[Path], Path], dict]] = {
     "modernbert": (_built(build_modernbert_cross_encoder), {}),
     "bge-layerwise": (_built(build_minicpm_layerwise), {}),
     "bge-lightweight": (lambda _: fixture_dir("gemma2-lightweight"), {}),
-    "jina-reranker-v3": (_built(build_jina_v3), {}),
+    "jina-reranker-v3": (lambda _: fixture_dir("jina-v3"), {}),
 }
 
 
