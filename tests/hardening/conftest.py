@@ -111,15 +111,6 @@ def jina_m0_model_dir() -> Path:
     return jina_m0_dir()
 
 
-def jina_m0_model_dir() -> Path:
-    """The tiny seeded jina-reranker-m0 checkpoint (built once per process)."""
-    if str(REPO_ROOT) not in sys.path:
-        sys.path.insert(0, str(REPO_ROOT))
-    from tests.fixtures.jina_m0 import jina_m0_dir
-
-    return jina_m0_dir()
-
-
 def base_args(*extra: str) -> list[str]:
     """Serve the tiny Qwen3 fixture in float32 on the CPU, plus `extra` flags."""
     return ["--model", str(qwen3_model_dir()), "--dtype", "float32", "--device", "cpu", *extra]
@@ -392,7 +383,6 @@ SERVER_SPECS: dict[str, Any] = {
     # test_hostile_images: the tiny Qwen3-VL-Reranker, every default (images as data: URIs
     # only, the default byte and pixel caps)
     "images": lambda: ["--model", str(qwen3_vl_model_dir())],
-    "m0": lambda: ["--model", str(jina_m0_model_dir())],  # the same, jina-reranker-m0
     "m0": lambda: ["--model", str(jina_m0_model_dir())],  # the same, jina-reranker-m0
     # test_shutdown (each is used up by its test)
     "sigterm": lambda: SLOW_DRAIN,
