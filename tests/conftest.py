@@ -65,8 +65,27 @@ def start_server() -> Callable:
     return running_server
 
 
+#: the flags of the session's shared server (after `--model <tiny qwen3>`)
+SHARED_QWEN3_FLAGS = ("--dtype", "float32", "--device", "cpu")
+
+
 @pytest.fixture(scope="session")
-def qwen3_server(qwen3_dir: Path) -> Iterator[str]:
-    """A float32 server on the tiny Qwen3-Reranker fixture, shared by the session."""
-    with running_server("--model", str(qwen3_dir), "--dtype", "float32") as url:
-        yield url
+def qwen3_float32(qwen3_dir: Path, tmp_path_factory) -> Iterator[harness.Server]:
+    """One float32 CPU server on the tiny Qwen3-Reranker fixture, every other setting at its
+    default (access log on), shared by the whole session: tests/e2e, tests/hardening (its
+    `plain` server), the client and CLI tests. They only send requests and read answers, logs
+    and metrics (as deltas), so one process serves them all instead of one per suite. Its
+    environment drops the shell's RERANKD_* settings (a developer's RERANKD_API_KEY must not
+    change what the tests see) except RERANKD_COMPILE (off above)."""
+    env = harness.offline_env({"RERANKD_COMPILE": os.environ["RERANKD_COMPILE"]})
+    args = ["--model", str(qwen3_dir), *SHARED_QWEN3_FLAGS]
+    log_dir = tmp_path_factory.mktemp("shared-server")
+    with harness.spawn_rerankd("plain", args, log_dir, base_env=env) as server:
+        server.wait_healthy(SERVER_START_TIMEOUT_S)
+        yield server
+
+
+@pytest.fixture(scope="session")
+def qwen3_server(qwen3_float32: harness.Server) -> str:
+    """The base URL of the shared float32 server (`qwen3_float32`)."""
+    return qwen3_float32.url

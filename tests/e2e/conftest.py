@@ -1,10 +1,12 @@
 """Fixtures of the end-to-end suite.
 
-The shared Qwen3 server comes from tests/conftest.py (`qwen3_server`). The other processes
+The shared Qwen3 server comes from tests/conftest.py (`qwen3_server`: the session's one
+float32 server, which tests/hardening and the client tests use too). The other processes
 this suite needs (one server per model family, and the deliberately failing `rerankd serve`
-runs) are started by one background thread, one at a time, from the start of the session, and only those that a collected test
-uses. Their start-up then overlaps with the tests running meanwhile (which mostly wait on
-the shared server), without ever starting more processes at once than two cores can take.
+runs) are started by one background thread, one at a time, from the start of the session,
+and only those that a collected test uses. Their start-up then overlaps with the tests
+running meanwhile (which mostly wait on the shared server), without ever starting more
+processes at once than two cores can take.
 """
 
 from __future__ import annotations
@@ -32,17 +34,10 @@ BACKGROUND_WAIT_S = 600
 STARTUP_FAILURE_TIMEOUT_S = 180
 
 
-#: this suite sends well over a thousand requests; its servers log warnings and errors only
-#: and no access log, so that their log files (tests/harness.py) stay small and quiet
+#: the family servers log warnings and errors only and no access log, so that their log
+#: files (tests/harness.py) stay small and quiet; the shared Qwen3 server (tests/conftest.py)
+#: keeps its access log, which the hardening suite reads
 QUIET = ("--no-access-log", "--log-level", "warning")
-
-
-@pytest.fixture(scope="session")
-def qwen3_server(start_server, qwen3_dir) -> Iterator[str]:
-    """The float32 server on the tiny Qwen3-Reranker fixture, as in tests/conftest.py, but
-    without the access log (see QUIET)."""
-    with start_server("--model", str(qwen3_dir), "--dtype", "float32", *QUIET) as url:
-        yield url
 
 
 @pytest.fixture(scope="session")

@@ -23,7 +23,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -365,7 +365,7 @@ def _key_file() -> str:
 
 #: every server a test module may ask for (its module-level SERVERS tuple), by name
 SERVER_SPECS: dict[str, Any] = {
-    "plain": lambda: [],
+    "plain": lambda: [],  # the session's shared server (ServerPool)
     # test_limits (tests/api/test_limits.py has the limits an in-process app checks)
     "queue": lambda: [
         "--fault-injection", "delay:0.3", "--max-batch-tokens", "1", "--max-queued-tokens", "2000",
@@ -394,25 +394,38 @@ SERVER_SPECS: dict[str, Any] = {
 class ServerPool:
     """Starts the servers the collected tests need all at once, before the first test runs,
     so that start-ups (mostly importing torch) overlap with each other and never with a
-    timing-sensitive test."""
+    timing-sensitive test. `plain` is the session's shared float32 server (tests/conftest.py:
+    `qwen3_float32`, the same flags as `base_args()`), owned by that fixture, not the pool."""
 
-    def __init__(self) -> None:
+    def __init__(self, shared_plain: Callable[[], Server]) -> None:
         self.servers: dict[str, Server] = {}
+        self._shared_plain = shared_plain
 
     def start(self, names: Sequence[str]) -> None:
-        new = {n: SERVER_SPECS[n]() for n in names if n not in self.servers}
-        if new:
-            self.servers.update(launch_servers(new))
+        new = {n: SERVER_SPECS[n]() for n in names if n not in self.servers and n != "plain"}
+        spawned = {n: spawn_rerankd(n, base_args(*extra), _log_dir()) for n, extra in new.items()}
+        self.servers.update(spawned)
+        try:
+            if "plain" in names and "plain" not in self.servers:  # starts while they start
+                self.servers["plain"] = self._shared_plain()
+            for server in spawned.values():
+                server.wait_healthy(START_TIMEOUT_S)
+        except BaseException:
+            for name, server in spawned.items():
+                server.stop(timeout=5)
+                del self.servers[name]
+            raise
 
     def get(self, name: str) -> Server:
         self.start([name])
         return self.servers[name]
 
     def stop_all(self) -> None:
-        for server in self.servers.values():
+        own = [server for name, server in self.servers.items() if name != "plain"]
+        for server in own:
             if server.proc.poll() is None:
                 server.proc.terminate()
-        for server in self.servers.values():
+        for server in own:
             server.stop()
 
 
@@ -426,7 +439,7 @@ def server_pool(request: pytest.FixtureRequest) -> Iterator[ServerPool]:
         module = getattr(item, "module", None)
         if module is not None and module.__name__.rpartition(".")[0].endswith("hardening"):
             wanted.update(dict.fromkeys(getattr(module, "SERVERS", ())))
-    pool = ServerPool()
+    pool = ServerPool(lambda: request.getfixturevalue("qwen3_float32"))
     try:
         pool.start(list(wanted))
         yield pool
@@ -442,7 +455,8 @@ def servers(request: pytest.FixtureRequest, server_pool: ServerPool) -> dict[str
 
 @pytest.fixture(scope="session")
 def plain_server(server_pool: ServerPool) -> Server:
-    """A server with every default (no keys, no CORS, no faults), shared by the session."""
+    """A server with every default (no keys, no CORS, no faults), shared by the session
+    (tests/e2e and the client tests use it too: tests/conftest.py, `qwen3_float32`)."""
     return server_pool.get("plain")
 
 
