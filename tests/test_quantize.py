@@ -20,6 +20,7 @@ from rerankd.engine import factory
 from rerankd.errors import ModelLoadError
 from rerankd.metrics import Metrics
 from rerankd.ops import quantize
+from rerankd.ops.int8_gemm import BrgemmInt8GatedLinear, BrgemmInt8Linear
 from rerankd.ops.onednn_ops import onednn_implementations, parse_implementations
 from rerankd.ops.quantize import (
     Int8Choice,
@@ -180,11 +181,16 @@ def test_a_reference_kernel_is_refused_and_the_next_path_taken(fresh_choice, mon
         return reported_as_the_reference_kernel
 
     monkeypatch.setattr(quantize, "_w8a8_probe", probe)
+    # oneDNN's W8A8 encodings only: rerankd's own kernel (tests/test_int8_gemm.py) stays out
+    monkeypatch.setattr(quantize.int8_gemm, "load_kernel", lambda: None)
     choice = fresh_choice(torch.float32)
     assert choice.path == "w8a8-uint8" and choice.unsigned and choice.speedup > 0
     assert choice.implementations and not any(i.startswith("ref") for i in choice.implementations)
-    assert choice.refused == (("w8a8-int8", "oneDNN reference kernel ref_int8:any"),)
-    assert "refused w8a8-int8: oneDNN reference kernel" in choice.describe()
+    assert dict(choice.refused) == {
+        "w8a8-brgemm": "kernel unavailable (needs AVX512-VNNI and a build)",
+        "w8a8-int8": "oneDNN reference kernel ref_int8:any",
+    }
+    assert "w8a8-int8: oneDNN reference kernel" in choice.describe()
 
 
 @needs_onednn_int8
@@ -245,7 +251,8 @@ def _assert_close_to(exact: list[float], quantized: list[float]) -> None:
 
 
 def _int8_layers(model) -> list[torch.nn.Module]:
-    return [m for m in model.scheduler.engine.model.modules() if isinstance(m, Int8Linear)]
+    kinds = (Int8Linear, BrgemmInt8Linear)  # oneDNN W8A8 or rerankd's kernel (`choose_int8`)
+    return [m for m in model.scheduler.engine.model.modules() if isinstance(m, kinds)]
 
 
 @needs_onednn_int8
@@ -267,7 +274,8 @@ def test_int8_with_bf16_activations_stays_close_to_bf16():
     _, exact = _scores("qwen3", "none", dtype="bfloat16")
     model, quantized = _scores("qwen3", "int8", dtype="bfloat16")
     assert model.scheduler.engine.dtype == "int8-dynamic (bfloat16 activations)"
-    assert any(isinstance(m, Int8GatedLinear) for m in model.scheduler.engine.model.modules())
+    gated = (Int8GatedLinear, BrgemmInt8GatedLinear)
+    assert any(isinstance(m, gated) for m in model.scheduler.engine.model.modules())
     _assert_close_to(exact, quantized)
 
 

@@ -3,6 +3,9 @@
 Which implementation serves is decided at start-up by agreement **and** speed
 (`choose_int8`), in this order:
 
+- **rerankd's own int8 GEMM** ("w8a8-brgemm", `rerankd.ops.int8_gemm`: per-token scales,
+  fused epilogues): raced against oneDNN W8A8 on a gated MLP block; the slower is refused.
+
 - **W8A8 through oneDNN** (`Int8Linear`): weights int8 per output channel, packed once;
   activations quantized per tensor on the fly (symmetric); the GEMM runs on VNNI /
   AMX-INT8 and writes the model's own dtype (bf16 on CPUs that have it), so attention,
@@ -35,6 +38,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from rerankd.ops import int8_gemm
+from rerankd.ops.int8_gemm import quantize_weight
 from rerankd.ops.onednn_ops import (
     UINT8_ZERO_POINT,
     int8_linear,
@@ -71,13 +76,6 @@ def quantize_per_tensor(x: Tensor, unsigned: bool = False) -> tuple[Tensor, Tens
     if unsigned:
         return (rounded + UINT8_ZERO_POINT).to(torch.uint8), scale
     return rounded.to(torch.int8), scale
-
-
-def quantize_weight(weight: Tensor) -> tuple[Tensor, Tensor]:
-    """Symmetric int8 per output channel: (int8 (N, K), float32 scales (N,))."""
-    w = weight.detach().float()
-    scale = w.abs().amax(dim=1).clamp(min=1e-12) / _QMAX
-    return torch.round(w / scale[:, None]).clamp(-_QMAX, _QMAX).to(torch.int8), scale
 
 
 class Int8Linear(nn.Module):
@@ -154,6 +152,8 @@ class Int8GatedLinear(nn.Module):
 
 # --- kernel choice: agreement and speed ------------------------------------------------------
 
+#: rerankd's own int8 GEMM (`int8_gemm`), tried before oneDNN's W8A8 linear
+BRGEMM_PATH = "w8a8-brgemm"
 #: the W8A8 activation encodings tried, in order of preference. uint8 first: oneDNN 3.12 has
 #: optimized kernels for it on every VNNI CPU. int8 activations run its reference kernel
 #: without AMX, and even with AMX for the shapes AMX does not take (fewer than ~8 rows, as an
@@ -200,7 +200,12 @@ class Int8Choice:
 
     @property
     def w8a8(self) -> bool:
+        """int8 GEMMs on the model's own activations (oneDNN W8A8 or rerankd's kernel)."""
         return self.path.startswith("w8a8")
+
+    @property
+    def brgemm(self) -> bool:
+        return self.path == BRGEMM_PATH
 
     @property
     def unsigned(self) -> bool:
@@ -241,6 +246,16 @@ def choose_int8(dtype: torch.dtype) -> Int8Choice:
         refused.append(("w8a8", "this torch build has no oneDNN int8 linear"))
     else:
         passed = []
+        kernel = int8_gemm.load_kernel()
+        verdict = (
+            _qualify(BRGEMM_PATH, lambda: _brgemm_probe(dtype), dtype)
+            if kernel
+            else "kernel unavailable (needs AVX512-VNNI and a build)"
+        )
+        if isinstance(verdict, str):
+            refused.append((BRGEMM_PATH, verdict))
+        else:  # oneDNN's verbose mode names no ukernel: the ISA it JITs for
+            passed.append((BRGEMM_PATH, (kernel.implementation(),), verdict[1]))
         for path, unsigned in _W8A8_CANDIDATES:
             verdict = _qualify(path, lambda u=unsigned: _w8a8_probe(dtype, u), dtype)
             if isinstance(verdict, str):
@@ -248,10 +263,14 @@ def choose_int8(dtype: torch.dtype) -> Int8Choice:
             else:
                 passed.append((path, *verdict))
         if passed:
-            # the faster; a tie (within the timing slack) goes to the earlier candidate
-            path, implementations, speedup = max(
-                passed, key=lambda p: p[2] * (_SPEED_SLACK if p is passed[0] else 1.0)
+            # the faster oneDNN encoding; a tie (within the timing slack) goes to the earlier
+            onednn = [p for p in passed if p[0] != BRGEMM_PATH]
+            best = onednn and max(
+                onednn, key=lambda p: p[2] * (_SPEED_SLACK if p is onednn[0] else 1.0)
             )
+            if len(onednn) < len(passed):  # rerankd's kernel against it, on a gated MLP
+                best = _mlp_duel(dtype, passed[0], best, refused)
+            path, implementations, speedup = best
             return _decided(Int8Choice(dtype, path, "", implementations, speedup, tuple(refused)))
     best: Int8Choice | None = None
     engines = torch.backends.quantized.supported_engines
@@ -383,6 +402,66 @@ def _w8a8_probe(dtype: torch.dtype, unsigned: bool) -> _Probe:
     return build
 
 
+def _brgemm_probe(dtype: torch.dtype) -> _Probe:
+    """rerankd's int8 GEMM probe (`int8_gemm.agrees`: every configuration the models use,
+    against the exact int8 products with per-token scales in float64)."""
+    tolerance = 1e-4 if dtype == torch.float32 else 4 * 2.0**-8
+
+    def build(shape: tuple[int, int, int]) -> tuple[bool, Callable[[], object]]:
+        x, weight, bias = _probe_tensors(shape)
+        x = x.to(dtype)
+        plain = int8_gemm.BrgemmInt8Linear(*quantize_weight(weight), None, dtype)
+        q, sx = int8_gemm.quantize_per_token(x, plain.weight.k_pad)
+        run = lambda: int8_gemm.int8_gemm(q, sx, *plain.weight.tensors(), shape[2], dtype)  # noqa: E731
+        if shape != _SMALL_SHAPE:  # larger shapes only time the plain GEMM
+            return True, run
+        residual = torch.randn(shape[0], shape[2], generator=torch.Generator().manual_seed(1))
+        return int8_gemm.agrees(x, weight, bias, residual.to(dtype), tolerance), run
+
+    return build
+
+
+#: the gated MLP block the two W8A8 kernels race on (tokens, hidden, intermediate): the
+#: Qwen3-0.6B widths
+_MLP_SHAPE = (512, 1024, 3072)
+
+
+def _mlp_duel(
+    dtype: torch.dtype, brgemm: tuple, onednn: tuple | list, refused: list[tuple[str, str]]
+) -> tuple:
+    """rerankd's kernel or oneDNN's W8A8, whichever runs a gated MLP block (quantization,
+    gate ‖ up, activation, down with residual) faster here (interleaved, one thread); the
+    other joins `refused`. A block, as the kernel's gain is its epilogue."""
+    if not onednn:
+        return brgemm
+    tokens, hidden, inner = _MLP_SHAPE
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(tokens, hidden, generator=gen).to(dtype)
+    w13 = torch.randn(2 * inner, hidden, generator=gen)
+    w2 = torch.randn(hidden, inner, generator=gen)
+    ours_up = int8_gemm.BrgemmInt8GatedLinear(quantize_weight(w13), "silu")
+    ours_down = int8_gemm.BrgemmInt8Linear(*quantize_weight(w2), None, dtype)
+    unsigned = onednn[0] == "w8a8-uint8"
+    theirs_up = Int8GatedLinear(w13, "silu", unsigned)
+    theirs_down = Int8Linear(w2, None, unsigned=unsigned)
+    times = _best_times(
+        {
+            BRGEMM_PATH: lambda: ours_down.plus(ours_up(x), x),
+            onednn[0]: lambda: theirs_down.plus(theirs_up(x), x),
+        },
+        repeats=5,
+    )
+    winner, loser = (brgemm, onednn) if times[BRGEMM_PATH] < times[onednn[0]] else (onednn, brgemm)
+    refused.append(
+        (
+            loser[0],
+            f"slower on a gated MLP block {_MLP_SHAPE}: {times[loser[0]] * 1e3:.2f} vs "
+            f"{times[winner[0]] * 1e3:.2f} ms ({winner[0]})",
+        )
+    )
+    return winner
+
+
 def _close(got: Tensor, want: Tensor, tolerance: float) -> bool:
     return bool(((got.double() - want).abs() <= tolerance * (1 + want.abs())).all())
 
@@ -481,6 +560,16 @@ def quantize_int8(
     that chose for bf16 and loaded in float32 passes its choice). Where no int8 path
     qualifies the model is returned as it is."""
     choice = choice or choose_int8(dtype)
+    if choice.brgemm:
+        swap_linears(
+            model,
+            lambda linear, activation: (
+                int8_gemm.BrgemmInt8GatedLinear(quantize_weight(linear.weight), activation)
+                if activation in int8_gemm.ACTIVATIONS
+                else int8_gemm.BrgemmInt8Linear(*quantize_weight(linear.weight), linear.bias, dtype)
+            ),
+        )
+        return model, dtype
     if choice.w8a8:
         unsigned = choice.unsigned
         swap_linears(

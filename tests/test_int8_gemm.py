@@ -1,0 +1,271 @@
+"""rerankd's int8 GEMM (`rerankd.ops.int8_gemm`): parity with a float32 reference of the same
+quantized arithmetic, odd shapes, per-token scales, residual, the fused act·up + quantize
+epilogue, compiled graphs, the Zen 4 class (AVX512-VNNI, no AMX) emulated on this machine,
+and scores of a model served through it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rerankd.engine import factory
+from rerankd.metrics import Metrics
+from rerankd.ops import int8_gemm as g
+from rerankd.ops.cpu import CPU_CLASSES
+from rerankd.ops.quantize import BRGEMM_PATH, Int8Choice
+from rerankd.recipes import sigmoid
+from rerankd.runtime import load_model
+from rerankd.settings import Settings
+from rerankd.types import Batch
+from tests.fixtures.paths import fixture_dir
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.skipif(
+    g.missing_flags() != [] or g.load_kernel() is None,
+    reason="rerankd's int8 GEMM needs AVX512-VNNI and a C++ compiler",
+)
+#: rows not a multiple of 16/32, K not a multiple of 64 (nor of 4), N not of the 64 panel
+SHAPES = [(1, 4, 1), (3, 100, 70), (37, 130, 65), (200, 1030, 130), (64, 1024, 192)]
+
+
+def _operands(shape, seed=0):
+    rows, k, n = shape
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, k, generator=gen) * torch.logspace(-3, 2, rows)[:, None]
+    return x, torch.randn(n, k, generator=gen), torch.randn(n, generator=gen)
+
+
+def _accumulate(q: torch.Tensor, qweight: torch.Tensor, k: int) -> torch.Tensor:
+    """The exact int32 accumulation (q - 128) @ W.T, in int64."""
+    return (q[:, :k].long() - g.ZERO_POINT) @ qweight.long().T
+
+
+def _reference(q, scale, quantized, k, bias=None, residual=None) -> torch.Tensor:
+    """The kernel's epilogue in float32: acc · x_scale · w_scale (+ bias) (+ residual)."""
+    qweight, w_scale = quantized
+    out = _accumulate(q, qweight, k).float() * scale[:, None] * w_scale[None, :]
+    if bias is not None:
+        out = out + bias
+    if residual is not None:
+        out = out + residual.float()
+    return out
+
+
+def _relative(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float(((got.float() - want).abs() / (1 + want.abs())).max())
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_int32_accumulations_are_bit_identical(shape):
+    """Unit scales: the output is the int32 accumulation itself (exact in float32 here)."""
+    x, weight, _ = _operands(shape)
+    qweight, _ = g.quantize_weight(weight)
+    packed = g.PackedInt8Weight(qweight, torch.ones(shape[2]))
+    q, _ = g.quantize_per_token(x, packed.k_pad)
+    got = g.int8_gemm(q, torch.ones(shape[0]), *packed.tensors(), shape[2], torch.float32)
+    assert torch.equal(got, _accumulate(q, qweight, shape[1]).float())
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gemm_with_bias_and_residual_matches_the_float32_reference(shape, dtype):
+    x, weight, bias = _operands(shape)
+    residual = torch.randn(shape[0], shape[2]).to(dtype)
+    quantized = g.quantize_weight(weight)
+    layer = g.BrgemmInt8Linear(*quantized, bias, dtype)
+    q, scale = g.quantize_per_token(x.to(dtype), layer.weight.k_pad)
+    want = _reference(q, scale, quantized, shape[1], bias, residual)
+    got = layer.plus(x.to(dtype), residual)
+    assert got.dtype == dtype and got.shape == (shape[0], shape[2])
+    if dtype == torch.float32:
+        assert _relative(got, want) <= 1e-5
+    else:  # the same float32 value, rounded once to bf16
+        assert _relative(got, want.to(dtype).float()) <= 2.0**-8
+    plain = g.BrgemmInt8Linear(*quantized, None, dtype)(x.to(dtype))
+    assert _relative(plain, _reference(q, scale, quantized, shape[1])) <= (
+        1e-5 if dtype == torch.float32 else 2.0**-8
+    )
+
+
+def test_scales_are_per_token():
+    """Each row has its own scale (max |row| / 127): a row's output does not depend on the
+    others, and small rows keep their precision next to a large one."""
+    x, weight, _ = _operands((48, 256, 96))
+    x[5] *= 1e4
+    q, scale = g.quantize_per_token(x)
+    assert torch.equal(scale, x.abs().amax(dim=1).clamp(min=1e-12) / 127.0)
+    assert int(q.min()) >= 1 and int(q.max()) <= 255  # the symmetric grid, shifted by 128
+    layer = g.BrgemmInt8Linear(*g.quantize_weight(weight), None, torch.float32)
+    full = layer(x)
+    for rows in (slice(0, 5), slice(6, 48), slice(5, 6)):
+        assert torch.equal(layer(x[rows]), full[rows])
+    exact = x.double() @ weight.double().T
+    error = (full.double() - exact).abs().amax(dim=1) / exact.abs().amax(dim=1)
+    assert float(error.max()) < 0.05  # per tensor, the small rows would be all zeros
+
+
+def test_zero_rows_stay_exactly_zero():
+    """Padding rows (the decoder pads streams with zero rows) give zero outputs and zeros
+    after the gated kernel too, so they never move another row's result."""
+    x, weight, _ = _operands((16, 64, 64))
+    x[10:] = 0
+    layer = g.BrgemmInt8Linear(*g.quantize_weight(weight), None, torch.bfloat16)
+    assert not layer(x.bfloat16())[10:].any()
+    gated = g.BrgemmInt8GatedLinear(g.quantize_weight(torch.cat([weight, weight])), "silu")
+    assert not layer(gated(x.bfloat16()))[10:].any()
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
+@pytest.mark.parametrize("shape", [(37, 130, 70), (64, 1024, 3072), (3, 64, 5)])
+def test_gated_epilogue_quantizes_act_times_up_per_token(activation, shape):
+    """act(x Wg) · (x Wu) in float32, then quantized per token: the kernel's uint8 rows and
+    scales against the same arithmetic in torch (its exp may differ in the last bits, so a
+    value on a rounding boundary may land one step away: allowed for 1 in 1,000)."""
+    rows, k, inner = shape
+    x, _, _ = _operands((rows, k, 1))
+    w13 = torch.randn(2 * inner, k)
+    quantized = g.quantize_weight(w13)
+    gated = g.BrgemmInt8GatedLinear(quantized, activation)
+    q, scale = g.quantize_per_token(x, gated.gate.k_pad)
+    fused = gated(x)
+    width = g.padded_k(inner)
+    assert fused.shape == (rows, width + g.SCALE_BYTES) and fused.dtype == torch.uint8
+    gate = _reference(q, scale, (quantized[0][:inner], quantized[1][:inner]), k)
+    up = _reference(q, scale, (quantized[0][inner:], quantized[1][inner:]), k)
+    act = F.silu if activation == "silu" else lambda v: F.gelu(v, approximate="tanh")
+    want_q, want_scale = g.quantize_per_token(act(gate) * up, width)
+    got_scale = fused[:, width:].contiguous().view(torch.float32)[:, 0]
+    assert _relative(got_scale, want_scale) <= 1e-5
+    steps = (fused[:, :width].int() - want_q.int()).abs()
+    assert int(steps.max()) <= 1 and float((steps > 0).float().mean()) <= 1e-3
+    assert torch.equal(fused[:, inner:width], torch.full_like(fused[:, inner:width], 128))
+
+
+def test_down_gemm_reads_fused_rows_as_separate_scales():
+    x, _, _ = _operands((40, 256, 1))
+    gated = g.BrgemmInt8GatedLinear(g.quantize_weight(torch.randn(2 * 300, 256)), "silu")
+    fused = gated(x.bfloat16())
+    down = g.BrgemmInt8Linear(*g.quantize_weight(torch.randn(256, 300)), None, torch.bfloat16)
+    residual = torch.randn(40, 256).bfloat16()
+    width = g.padded_k(300)
+    q, scale = fused[:, :width].contiguous(), fused[:, width:].contiguous().view(torch.float32)
+    separate = g.int8_gemm(
+        q, scale[:, 0], *down.weight.tensors(), 256, torch.bfloat16, None, residual
+    )
+    assert torch.equal(down.plus(fused, residual), separate)
+
+
+def test_the_ops_compile_into_one_graph():
+    """Custom ops with fake implementations: a decoder-like MLP compiles without breaks."""
+    weight = torch.randn(2 * 96, 64)
+    gated = g.BrgemmInt8GatedLinear(g.quantize_weight(weight), "silu")
+    down = g.BrgemmInt8Linear(*g.quantize_weight(torch.randn(64, 96)), None, torch.bfloat16)
+
+    def mlp(x):
+        return down.plus(gated(x * 2.0), x)  # x * 2: exact, fused with the quantization
+
+    x = torch.randn(48, 64).bfloat16()
+    compiled = torch.compile(mlp, fullgraph=True, dynamic=True)
+    assert torch.equal(compiled(x), mlp(x))
+    assert torch.equal(compiled(x[:32]), mlp(x[:32]))  # another row count, same graph
+
+
+def test_agreement_probe_passes_here_and_fails_on_a_broken_kernel(monkeypatch):
+    x, weight, bias = _operands((32, 256, 256))
+    residual = torch.randn(32, 256)
+    assert g.agrees(x, weight, bias, residual, 1e-4)
+    real = g.int8_gemm
+
+    def off_by_one_step(q, scale, *args, **kwargs):
+        return real(q, None if scale is None else scale * 1.01, *args, **kwargs)
+
+    monkeypatch.setattr(g, "int8_gemm", off_by_one_step)
+    assert not g.agrees(x, weight, bias, residual, 1e-4)
+
+
+@pytest.mark.skipif(
+    g.missing_flags() != [] or g.load_kernel() is None
+    or g.load_kernel().implementation() != "brgemm:avx512_core_amx",
+    reason="ATen's cpublas::pack packs int8 on AMX CPUs only",
+)  # fmt: skip
+def test_own_packing_is_cpublas_pack_layout():
+    weight = torch.randint(-127, 128, (130, 100), dtype=torch.int8)
+    assert torch.equal(
+        g.load_kernel().pack_weight(weight)[0], g.load_kernel().pack_reference(weight)
+    )
+
+
+_ZEN4_CHECK = textwrap.dedent(
+    """
+    import json, torch
+    from rerankd.ops import int8_gemm as g
+    kernel = g.load_kernel()
+    x, w = torch.randn(37, 130), torch.randn(70, 130)
+    qw, sw = g.quantize_weight(w)
+    packed = g.PackedInt8Weight(qw, torch.ones(70))
+    q, _ = g.quantize_per_token(x, packed.k_pad)
+    got = g.int8_gemm(q, torch.ones(37), *packed.tensors(), 70, torch.float32)
+    acc = ((q[:, :130].long() - 128) @ qw.long().T).float()
+    print(json.dumps({"implementation": kernel.implementation(), "exact": torch.equal(got, acc)}))
+    """
+)
+
+
+def test_zen4_class_runs_the_vnni_ukernel():
+    """Under the Zen 4 caps (oneDNN's ISA capped below AMX) the kernel still runs, on the
+    AVX512-VNNI brgemm (oneDNN prints its capped ISA), with the same int32 results."""
+    env = {**os.environ, **CPU_CLASSES["zen4"], "ONEDNN_VERBOSE": "1", "PYTHONPATH": str(REPO)}
+    done = subprocess.run(
+        [sys.executable, "-c", _ZEN4_CHECK], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    report = json.loads(lines[-1])
+    assert report["implementation"] == "brgemm:avx512_core_vnni" and report["exact"]
+    isa = next(line for line in lines if ",isa:" in line)
+    assert "AMX" not in isa and "DL Boost" in isa, isa
+    assert any(",ukernel,exec,cpu,brgemm," in line for line in lines)
+
+
+def _served(quantize: str, path: str | None, monkeypatch) -> list[float]:
+    if path is not None:
+        monkeypatch.setattr(
+            factory, "choose_int8", lambda dtype: Int8Choice(dtype, path, speedup=1.0)
+        )
+    settings = Settings(model=str(fixture_dir("qwen3")), dtype="bfloat16", quantize=quantize)
+    model = load_model(settings, Metrics())
+    docs = [f"document {i}: " + "the capital of China is Beijing " * (i % 5 + 1) for i in range(16)]
+    pairs = model.recipe.encode(["capital of china"] * len(docs), docs)
+    if path == BRGEMM_PATH:
+        kinds = {type(m).__name__ for m in model.scheduler.engine.model.modules()}
+        assert {"BrgemmInt8Linear", "BrgemmInt8GatedLinear"} <= kinds
+    return model.scheduler.engine.score(Batch(pairs, [0] * len(pairs)))
+
+
+def _fidelity(exact: list[float], got: list[float]) -> tuple[float, float]:
+    worst = max(abs(sigmoid(a) - sigmoid(b)) for a, b in zip(exact, got, strict=True))
+    pairs = [(i, j) for i in range(len(exact)) for j in range(i + 1, len(exact))]
+    same = sum((exact[i] > exact[j]) == (got[i] > got[j]) for i, j in pairs) / len(pairs)
+    return worst, same
+
+
+def test_model_scores_stay_close_to_bf16(monkeypatch):
+    """The tiny Qwen3 fixture served with the kernel: scores vs bf16 (and vs oneDNN W8A8,
+    printed as the int8 benchmarks do; tiny random fixtures are a worst case for int8)."""
+    exact = _served("none", None, monkeypatch)
+    ours = _served("int8", BRGEMM_PATH, monkeypatch)
+    onednn = _served("int8", "w8a8-uint8", monkeypatch)
+    assert ours != exact
+    for name, got in (("w8a8-brgemm", ours), ("w8a8-uint8", onednn)):
+        worst, same = _fidelity(exact, got)
+        print(f"{name} vs bf16: max |Δ score| {worst:.4f}, pairs in the same order {same:.1%}")
+    worst, same = _fidelity(exact, ours)
+    assert worst < 0.15 and same > 0.8
