@@ -101,9 +101,13 @@ class VisionLanguageEngine:
         self._prefix: _Prefix | None = None  # the last shared prefix computed
 
     def score(self, batch: Batch) -> list[float]:
-        """Raw scores in batch order; sub-batches sorted by length, split on OOM."""
+        """Raw scores in batch order; sub-batches sorted by length, split on OOM. A batch of
+        one request computes (or reuses) its shared prefix first, so that every sub-batch,
+        even one of a single pair, runs on it."""
         pairs = batch.pairs
         scores: list[float] = [0.0] * len(pairs)
+        if self.share_prefix and len(pairs) > 1 and len(set(batch.groups or [0])) == 1:
+            self._prepare_prefix(pairs)
         for chunk in padded_chunks([len(p) for p in pairs], self.max_padded_tokens):
             chunk_scores = split_on_oom(self.forward, [pairs[i] for i in chunk], None, self._device)
             for index, value in zip(chunk, chunk_scores, strict=True):
@@ -122,6 +126,12 @@ class VisionLanguageEngine:
         if prefix is not None:
             return self._forward_shared(pairs, prefix)
         return self._forward_padded(pairs)
+
+    @torch.inference_mode()
+    def _prepare_prefix(self, pairs: list[EncodedPair]) -> None:
+        """Compute (or keep) the shared prefix of one request's pairs."""
+        self._base.rope_deltas = None
+        self._prefix_for(pairs)
 
     def _prefix_for(self, pairs: list[EncodedPair]) -> _Prefix | None:
         """The prefix these pairs run on: the kept one when every pair starts with it and

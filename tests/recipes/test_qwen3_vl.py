@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+from rerankd.engine.base import padded_chunks
 from rerankd.engine.multimodal_engine import VisionLanguageEngine
 from rerankd.errors import InvalidRequest
 from rerankd.models.loader import load_config_and_tokenizer
@@ -296,13 +297,15 @@ def _counting_forwards(engine, monkeypatch) -> list[tuple[int, int]]:
     return calls
 
 
+@pytest.mark.parametrize("pairs_per_sub_batch", [2, 1])
 @pytest.mark.parametrize("query_kind", ["text", "image"])
 def test_a_request_s_prefix_runs_once_across_sub_batches_and_batches(
-    model_dir, recipe, images, monkeypatch, query_kind
+    model_dir, recipe, images, monkeypatch, query_kind, pairs_per_sub_batch
 ):
-    """A request whose pairs span several padded sub-batches (a small --max-batch-tokens) and
-    two scheduler batches runs its shared prefix (with the query's image) once: one batch-1
-    forward of the prefix, then one forward per sub-batch; scores as without sharing."""
+    """A request whose pairs span several padded sub-batches (a small --max-batch-tokens; of
+    two pairs, or of one) and two scheduler batches runs its shared prefix (with the query's
+    image) once: one batch-1 forward of the prefix, then one forward per sub-batch; scores as
+    without sharing."""
     query = QUERY if query_kind == "text" else (("image", images[2]), ("text", "q"))
     documents = [TEXTS[0], (("image", images[0]),), TEXTS[1], (("image", images[1]),), TEXTS[2]]
     pairs = recipe.encode([query] * len(documents), documents)
@@ -311,8 +314,9 @@ def test_a_request_s_prefix_runs_once_across_sub_batches_and_batches(
     )
     want = plain.score(Batch(pairs))
     widest = max(len(p) for p in pairs)
+    budget = widest * pairs_per_sub_batch
     engine = VisionLanguageEngine(
-        model_dir, recipe.head, torch.device("cpu"), torch.float32, max_batch_tokens=widest * 2
+        model_dir, recipe.head, torch.device("cpu"), torch.float32, max_batch_tokens=budget
     )
     calls = _counting_forwards(engine, monkeypatch)
     prefix, _ = engine.shared_prefix(pairs)
@@ -320,14 +324,17 @@ def test_a_request_s_prefix_runs_once_across_sub_batches_and_batches(
     assert max(abs(a - b) for a, b in zip(got, want, strict=True)) <= 1e-5
     prefix_runs = [c for c in calls if c == (1, prefix)]
     assert len(prefix_runs) == 1, calls
-    assert len(calls) == 1 + 2 + 1, calls  # the prefix, two sub-batches, the second batch
-    # another request (a new query image, or the same text prefix recomputed never) shares
-    # no image arrays with the kept prefix: its own prefix runs
+    sub_batches = len(list(padded_chunks([len(p) for p in pairs[:4]], budget)))
+    assert sub_batches == 4 // pairs_per_sub_batch
+    assert len(calls) == 1 + sub_batches + 1, calls  # the prefix, the sub-batches, batch 2
+    # another request with the same query: a text prefix is the same tokens, so the kept
+    # K/V serves it; the query's image is a new pixel array (another request's encode), so
+    # its prefix runs again
     calls.clear()
     other = recipe.encode([query] * 2, documents[:2])
     engine.score(Batch(other))
     expected_prefix_runs = 0 if query_kind == "text" else 1
-    assert sum(1 for c in calls if c[0] == 1) == expected_prefix_runs, calls
+    assert sum(1 for c in calls if c == (1, prefix)) == expected_prefix_runs, calls
 
 
 def test_the_pixel_budget_is_configurable(model_dir, engine):
