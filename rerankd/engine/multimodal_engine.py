@@ -8,7 +8,8 @@ length-sorted sub-batches (as the transformers engine does); a sub-batch's image
 the vision tower together.
 
 Shared prefix: the pairs of a request start with the same tokens (template, instruction,
-query, and the query's image when it is the same image). That prefix runs once, its K/V
+query, and the query's image when it is the same image). That prefix runs once (over a
+batch of one request, before its sub-batches; over each sub-batch of a mixed batch), its K/V
 cache is repeated across the sub-batch, and only each pair's rest runs on top of it, with
 the multimodal positions of the whole sequence. The prefix's K/V is kept (one, the last) and
 reused by the request's later sub-batches and scheduler batches, so a request whose pairs
