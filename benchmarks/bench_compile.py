@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import statistics
 import subprocess
@@ -62,6 +63,17 @@ def _log(msg: str) -> None:
 
 
 # --- worker: one class x family x precision, in its own process ------------------------------
+
+
+class _Warnings(logging.Handler):
+    """rerankd's start-up warnings (why compiling or a kernel was refused), kept."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage()[:500])
 
 
 def _limit_inductor_isa() -> str:
@@ -115,6 +127,8 @@ def worker(family: str, model_dir: str, precision: str, docs: int, rounds: int) 
     from rerankd.ops.cpu import cpu_flags
 
     isa = _limit_inductor_isa()
+    warnings = _Warnings()
+    logging.getLogger("rerankd").addHandler(warnings)
     started = time.perf_counter()
     loop, service, model = _build(model_dir, precision)
     engine = model.scheduler.engine
@@ -128,6 +142,7 @@ def worker(family: str, model_dir: str, precision: str, docs: int, rounds: int) 
         "aten_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_flags": sorted(cpu_flags()),
         "load_and_compile_s": round(time.perf_counter() - started, 1),
+        "warnings": warnings.messages,
     }
     if not engine.compiled:  # the compiler failed or disagreed: nothing to compare
         return out
