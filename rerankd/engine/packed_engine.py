@@ -181,7 +181,7 @@ class PackedEngine:
         return mode == "on"
 
     def _compile_agrees(self) -> bool:
-        """Compile the per-token kernels (this is the warm-up: it runs before the server
+        """Compile the per-token work (this is the warm-up: it runs before the server
         reports ready) and keep them only if they give the eager scores on a probe batch;
         any compiler failure (no C++ compiler, unsupported op) leaves the eager path on."""
         pairs, groups = self._probe_batch()
@@ -203,10 +203,12 @@ class PackedEngine:
         worst = max(abs(a - b) for a, b in zip(expected, got, strict=True))
         if worst > self.tolerance:
             self.use_kernels(self.attention)
-            log.warning("compiled kernels disagree with eager by %.3g; running eager", worst)
+            log.warning(
+                "compiled per-token work disagrees with eager by %.3g; running eager", worst
+            )
             return False
         log.info(
-            "compiled the per-token kernels in %.1fs (max |Δ| vs eager %.2g)",
+            "compiled the per-token work in %.1fs (max |Δ| vs eager %.2g)",
             time.perf_counter() - started,
             worst,
         )
