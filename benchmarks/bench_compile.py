@@ -239,17 +239,21 @@ def markdown(rows: list[dict]) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
-        if verdict(row) == "n/a":
+        if "error" in row:
             continue
         dtype = row["engine_dtype"]
         activations = dtype.split("(")[1].split()[0] if "(" in dtype else dtype
-        linears = "int8" if row["precision"].startswith("int8") else activations
-        ratios = ", ".join(f"{x:.2f}" for x in row["paired_ratios"])
-        lines.append(
-            f"| {row['cpu_class']} | {row['family']} | {activations} | {linears} "
-            f"| {row['docs_per_s']['on']:.2f} | {row['docs_per_s']['off']:.2f} | {ratios} "
-            f"| {row['median_ratio']:.2f} | **{verdict(row)}** |"
-        )
+        cells = [row["cpu_class"], row["family"], activations]
+        cells.append("int8" if row["precision"].startswith("int8") else activations)
+        if row["compiled"]:
+            rates = row["docs_per_s"]
+            ratios = ", ".join(f"{x:.2f}" for x in row["paired_ratios"])
+            cells += [f"{rates['on']:.2f}", f"{rates['off']:.2f}", ratios]
+            cells += [f"{row['median_ratio']:.2f}", f"**{verdict(row)}**"]
+        else:  # rerankd's own check refused the compiled kernels: it runs eager anyway
+            why = "; ".join(row.get("warnings") or ["compiling failed"])
+            cells += ["—", "—", f"refused at start-up: {why}", "—", "**off**"]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
