@@ -24,8 +24,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.e2e.helpers import assert_error
-from tests.hardening.conftest import assert_scores_close, scores_of
+from tests.hardening.conftest import assert_error, assert_scores_close, scores_of
 from tests.harness import metric_sum
 
 FAULTS = ("--fault-injection", "raise-on:FAULT_MARKER,oom-above:2,delay:0.5")

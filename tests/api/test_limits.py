@@ -13,8 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.e2e.helpers import assert_error
-from tests.hardening.conftest import nan_model_dir
+from tests.hardening.conftest import assert_error, nan_model_dir
 from tests.harness import metric_sum
 
 from .conftest import FakeEngine
