@@ -205,7 +205,9 @@ def _family_engine(kind: str, model_dir, config, recipe, device, dtype, settings
                 f"the {recipe.name} recipe runs on its listwise engine (our Qwen3 decoder) "
                 "only; drop --engine transformers and --quantize"
             )
-        return ListwiseEngine(model_dir, config, device, dtype, settings.max_batch_tokens)
+        return ListwiseEngine(
+            model_dir, config, device, dtype, settings.max_batch_tokens, compile=settings.compile
+        )
     if recipe.head.kind == "maxsim":  # late interaction: per-token embeddings, MaxSim
         from rerankd.engine.late_interaction import LateInteractionEngine
 

@@ -35,14 +35,20 @@ carries its share of its window's tokens). The engine knows nothing of text: the
 carries token ids and positions (read by attribute: engine/ imports no recipe).
 
 What it lacks of the packed engine: shared prefixes (each window is its own prompt), the AMX
-and varlen attention kernels (SDPA per window), compile and int8; it has its prepacked bf16
-linears on CPU.
+and varlen attention kernels (SDPA per window) and int8; it has its prepacked bf16 linears on
+CPU and, with `--compile auto` on bf16 AMX CPUs (or `on`), the decoder's compiled per-token
+work, kept only if a probe window's scores agree with eager ones. Eager, the norms, RoPE and
+activations were 70 % of a window's time (one 3k-token window of 14 layers: 36-76 s eager,
+9.3 s compiled, on the shared machine; docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
+import logging
+import random
 import weakref
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -50,14 +56,22 @@ import torch
 
 from rerankd.engine.base import default_batch_tokens, split_on_oom
 from rerankd.engine.factory import ONEDNN_ROW_MULTIPLE
+from rerankd.engine.packed_engine import COMPILE_MODES, check_mode
 from rerankd.models.jina_v3 import load_jina_v3
+from rerankd.models.kernels import Kernels
 from rerankd.models.weights import open_checkpoint
 from rerankd.ops.batch import pack
+from rerankd.ops.cpu import cpu_has_amx
 from rerankd.ops.prepack import prepack_linears
 from rerankd.types import Batch, EncodedPair
 
+log = logging.getLogger(__name__)
+
 #: guards the cosine's denominator (torch.nn.functional.cosine_similarity's eps)
 _EPS = 1e-8
+#: compiled and eager per-token work may differ by bf16 roundings: the most a probe
+#: window's cosine scores may move for the compiled path to be kept
+_COMPILE_TOLERANCE = 2e-2
 
 
 class _Window(Protocol):
@@ -76,7 +90,9 @@ class ListwiseEngine:
         device: torch.device,
         dtype: torch.dtype,
         max_batch_tokens: int | None = None,
+        compile: str = "auto",
     ) -> None:
+        check_mode("compile", compile, COMPILE_MODES)
         with open_checkpoint(Path(model_dir)) as checkpoint:
             self.model = load_jina_v3(checkpoint, hf_config, dtype, device)
         # the decoder's default kernels: SDPA, eager per-token work
@@ -92,6 +108,9 @@ class ListwiseEngine:
         self.max_batch_tokens = max_batch_tokens or self.default_batch_tokens
         #: listing → its documents' scores, while the listing lives
         self._scores: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self.compiled = _wants_compile(compile, device, dtype) and self._compile_agrees(
+            hf_config.vocab_size
+        )
 
     def score(self, batch: Batch) -> list[float]:
         """Each pair's document score in its listing, in batch order."""
@@ -134,6 +153,46 @@ class ListwiseEngine:
             out.append((embedded[at + n], embedded[at : at + n]))
             at += n + 1
         return out
+
+    def _compile_agrees(self, vocab_size: int) -> bool:
+        """Compile the decoder's per-token work (the warm-up, before the server is ready) and
+        keep it only if two probe windows score as eager; any compiler failure stays eager."""
+        probes = [_probe(vocab_size, length, seed) for seed, length in enumerate((48, 37))]
+        try:
+            expected = [merge_windows(self.forward([w])) for w in probes]
+            self.model.decoder.set_kernels(Kernels("sdpa", compiled=True))
+            got = [merge_windows(self.forward([w])) for w in probes]
+        except Exception as exc:
+            self.model.decoder.set_kernels(Kernels("sdpa"))
+            log.warning("torch.compile unavailable (%s); the listwise engine runs eager", exc)
+            return False
+        worst = max((a - b).abs().max().item() for a, b in zip(expected, got, strict=True))
+        if worst > _COMPILE_TOLERANCE:
+            self.model.decoder.set_kernels(Kernels("sdpa"))
+            log.warning("compiled per-token work moves scores by %.3g; running eager", worst)
+            return False
+        return True
+
+
+@dataclass(frozen=True)
+class _ProbeWindow:
+    input_ids: tuple[int, ...]
+    document_positions: tuple[int, ...]
+    query_position: int
+
+
+def _probe(vocab_size: int, length: int, seed: int) -> _ProbeWindow:
+    """A window of random tokens with three documents and the query at the end."""
+    rng = random.Random(seed)
+    ids = tuple(rng.randrange(vocab_size) for _ in range(length))
+    return _ProbeWindow(ids, (length // 4, length // 2, 3 * length // 4), length - 2)
+
+
+def _wants_compile(mode: str, device: torch.device, dtype: torch.dtype) -> bool:
+    """`auto`: where the packed engine compiles too (bf16/fp16 on a CPU with AMX)."""
+    if mode == "auto":
+        return device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and cpu_has_amx()
+    return mode == "on"
 
 
 def merge_windows(parts: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:

@@ -222,13 +222,16 @@ def recipe_ids(server, text: str) -> list[int]:
     return server.model.recipe.encode_text(text)
 
 
+@pytest.mark.parametrize("compile", ["off", "on"])
 @pytest.mark.parametrize("case", ["cut-documents-close-windows", "125-document-cap"])
-def test_bf16_is_close_and_keeps_the_order(model_dir, server, reference, case):
+def test_bf16_is_close_and_keeps_the_order(model_dir, server, reference, case, compile):
+    """bf16, eager and with the decoder's compiled per-token work (`--compile on`; `auto`
+    picks it on bf16 AMX CPUs), against the float32 and the bf16 reference."""
     query, documents, instruction = CASES[case]
     exact = reference.rerank(query, documents, instruction)
     bf16_reference = Reference(model_dir, torch.bfloat16).rerank(query, documents, instruction)
     config, _ = load_config_and_tokenizer(model_dir)
-    settings = Settings(model=str(model_dir), device="cpu", dtype="bfloat16")
+    settings = Settings(model=str(model_dir), device="cpu", dtype="bfloat16", compile=compile)
     engine = build_engine(
         "auto",
         model_dir,
@@ -238,6 +241,7 @@ def test_bf16_is_close_and_keeps_the_order(model_dir, server, reference, case):
         torch.bfloat16,
         settings,
     )
+    assert engine.compiled == (compile == "on")
     pairs = server.model.recipe.encode([query] * len(documents), documents, instruction)
     got = engine.score(Batch(pairs))
     assert _worst(got, bf16_reference) <= BF16_TOLERANCE
