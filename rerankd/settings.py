@@ -110,12 +110,12 @@ class Settings:
     )
     compile: str = _opt(
         "auto",
-        "torch.compile the packed decoder's per-token work (norms, RoPE, residuals): on, "
-        "off, or auto (= on for bf16 on CPUs with AMX, where the served benchmark measured "
-        "it ~40% faster, and for --quantize int8 on any CPU; off elsewhere: slower than "
-        "eager on a 2-core EPYC without AMX, "
-        "unmeasured on CUDA; see docs/benchmarks.md). Compiling happens during warm-up, "
-        "before /health turns ready, and falls back to eager if the compiler fails.",
+        "torch.compile the packed models' per-token work (norms, RoPE, residuals, "
+        "activations, int8 input quantization): on, off, or auto (= where "
+        "benchmarks/bench_compile.py measured it faster for this CPU class (AMX, "
+        "AVX512-BF16 such as EPYC Zen 4, AVX2), model family and precision, the table in "
+        "docs/benchmarks.md; eager on CUDA and wherever unmeasured). Compiling happens during "
+        "warm-up, before /health turns ready, and falls back to eager if the compiler fails.",
     )
     attention: str = _opt(
         "auto",

@@ -282,7 +282,7 @@ def test_int8_with_bf16_activations_stays_close_to_bf16():
 @needs_onednn_int8
 def test_compiled_int8_runs_compiled_and_agrees_with_eager_int8():
     _, eager = _scores("qwen3", "int8")
-    model, compiled = _scores("qwen3", "int8", compile="auto")  # auto compiles int8 on CPU
+    model, compiled = _scores("qwen3", "int8", compile="on")
     assert model.scheduler.engine.compiled is True
     # the same int8 computation up to where an activation rounds at an int8 step boundary
     assert max(abs(a - b) for a, b in zip(eager, compiled, strict=True)) < 0.25

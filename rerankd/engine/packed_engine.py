@@ -18,11 +18,11 @@ import torch
 from torch import nn
 
 from rerankd.engine.base import PendingScores, default_batch_tokens, split_on_oom
+from rerankd.engine.compile_policy import compile_pays, cpu_class, model_family
 from rerankd.models.kernels import Kernels
 from rerankd.ops.attention import cpu_backends, cuda_backends, describe
 from rerankd.ops.attention_speed import speedup_over_sdpa
 from rerankd.ops.batch import PackedBatch, pack
-from rerankd.ops.cpu import cpu_has_amx
 from rerankd.ops.quantize import QUANTIZE_MODES
 from rerankd.types import EncodedPair
 
@@ -165,19 +165,14 @@ class PackedEngine:
     def _wants_compile(
         self, mode: str, device: torch.device, dtype: torch.dtype, quantized: bool = False
     ) -> bool:
-        """`auto` compiles where it was measured faster: bf16/fp16 on a CPU with AMX (Xeon,
-        2 cores: served W-CPU 5.4 vs 3.8 docs/s eager, docs/benchmarks.md), and int8 linears
-        on any CPU (their input quantization costs 20-90 ms per eager call on the 0.6B
-        shapes, 1-5 ms compiled, fused with the norm before it). It stays off elsewhere:
-        slower than eager on a 2-core EPYC without AMX (1.24 vs 1.58), unmeasured on CUDA
-        (`on` forces it)."""
+        """`auto` compiles where it was measured faster: `compile_policy`'s table (CPU class
+        × model family × precision, benchmarks/bench_compile.py, docs/benchmarks.md); eager
+        where it was not, and on CUDA (unmeasured). `on`/`off` force either way."""
         check_mode("compile", mode, COMPILE_MODES)
         if not hasattr(self.model, "set_kernels"):
             return False
         if mode == "auto":
-            if device.type != "cpu":
-                return False
-            return quantized or (dtype in (torch.bfloat16, torch.float16) and cpu_has_amx())
+            return compile_pays(cpu_class(), model_family(self.model), dtype, quantized, device)
         return mode == "on"
 
     def _compile_agrees(self) -> bool:

@@ -1,0 +1,91 @@
+"""`--compile auto`: where compiling the per-token kernels was measured to pay.
+
+The packed models run the work around their GEMMs and attention (norms, RoPE, residuals,
+activations, int8 input quantization) eager or `torch.compile`d. Whether the compiled
+kernels are faster depends on the CPU's instruction sets, the model family and the
+precision, so `auto` reads a table measured per CPU class by `benchmarks/bench_compile.py`
+(docs/benchmarks.md, "--compile auto, per CPU class"). What the table does not list (CUDA,
+fp16, a CPU class not measured) runs eager: compiling costs start-up time and a C++ compiler,
+so it is chosen only where a measurement showed a gain. `on`/`off` force either way.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from rerankd.models.decoder import DecoderReranker
+from rerankd.models.encoder import Encoder
+from rerankd.models.minicpm import LayerwiseReranker
+from rerankd.ops.cpu import cpu_flags
+
+#: (CPU class, model family, activation dtype, int8 linears) -> compile. The comment is the
+#: median paired speedup of compiled over eager (eager time / compiled time, 3 rounds) of
+#: `benchmarks/bench_compile.py --docs 8 --rounds 3` on a shared 2-core Xeon with AMX, the
+#: other classes emulated on it (`rerankd.ops.cpu.CPU_CLASSES`); compiled at >= 1.05.
+MEASURED: dict[tuple[str, str, str, bool], bool] = {
+    # Intel Xeon with AMX (Sapphire Rapids and later)
+    ("amx", "decoder", "bfloat16", False): True,  # 1.22
+    ("amx", "decoder", "float32", False): True,  # 1.58
+    ("amx", "decoder", "bfloat16", True): True,  # 1.95
+    ("amx", "decoder", "float32", True): False,  # 0.94
+    ("amx", "encoder", "bfloat16", False): False,  # 0.92
+    ("amx", "encoder", "float32", False): False,  # 0.97
+    ("amx", "encoder", "bfloat16", True): True,  # 1.44
+    ("amx", "encoder", "float32", True): True,  # 1.05
+    # AVX512-BF16 + VNNI without AMX (AMD EPYC Zen 4/5, Cooper Lake), emulated
+    ("zen4", "decoder", "bfloat16", False): True,  # 1.13
+    ("zen4", "decoder", "float32", False): False,  # 1.04
+    ("zen4", "decoder", "bfloat16", True): True,  # 1.72
+    ("zen4", "decoder", "float32", True): True,  # 1.34
+    ("zen4", "encoder", "bfloat16", False): False,  # 0.97
+    # 1.44 on the XLM-R shape, but compiled float32 encoder kernels corrupt the heap on the
+    # tiny BERT fixture (`--compile on`, any class): eager until that is fixed
+    ("zen4", "encoder", "float32", False): False,
+    ("zen4", "encoder", "bfloat16", True): True,  # 1.30
+    ("zen4", "encoder", "float32", True): False,  # 0.96
+    # AVX2 only, emulated (float32 activations; int8 is torch.ao's dynamic quantization)
+    ("avx2", "decoder", "float32", True): False,  # 0.88
+    ("avx2", "encoder", "float32", True): False,  # 0.98
+    # compiled scores were NaN on the 0.6B shape's documents (eager finite): not timed
+    ("avx2", "decoder", "float32", False): False,
+    # compiled disagreed with eager by 0.15 on the start-up probe: refused (eager) anyway
+    ("avx2", "encoder", "float32", False): False,
+}
+
+
+def cpu_class(flags: set[str] | None = None) -> str:
+    """This CPU's class, named as in `rerankd.ops.cpu.CPU_CLASSES`, from rerankd's CPU flags
+    (`RERANKD_CPU_FLAGS` overrides /proc/cpuinfo): "amx", "zen4" (AVX512-BF16, no AMX),
+    "avx512-vnni", "avx2", or "other" (no AVX2, or flags unreadable, e.g. not x86)."""
+    flags = cpu_flags() if flags is None else flags
+    if "amx_bf16" in flags:
+        return "amx"
+    if "avx512_bf16" in flags:
+        return "zen4"
+    if "avx512_vnni" in flags:
+        return "avx512-vnni"
+    if "avx2" in flags:
+        return "avx2"
+    return "other"
+
+
+def model_family(model: nn.Module) -> str:
+    """Which per-token kernels a packed model runs: the encoder's (BERT / XLM-R), the
+    decoder's (Qwen3, Qwen2, Gemma, the MiniCPM layerwise model), or "other" (not in the
+    table: eager under `auto`)."""
+    if isinstance(model, Encoder):
+        return "encoder"
+    if isinstance(model, DecoderReranker | LayerwiseReranker):
+        return "decoder"
+    return "other"
+
+
+def compile_pays(
+    cpu: str, family: str, dtype: torch.dtype, quantized: bool, device: torch.device
+) -> bool:
+    """Whether `--compile auto` compiles: only on CPU, and only where `MEASURED` says so."""
+    if device.type != "cpu":  # unmeasured on CUDA
+        return False
+    name = str(dtype).removeprefix("torch.")
+    return MEASURED.get((cpu, family, name, quantized), False)

@@ -1,0 +1,134 @@
+"""`--compile auto` per CPU class: the measured table (engine/compile_policy.py), the class
+rerankd detects (with its `RERANKD_CPU_FLAGS` override), the engine's use of it, and the
+copy of the table in docs/benchmarks.md."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from rerankd.engine.compile_policy import MEASURED, compile_pays, cpu_class, model_family
+from rerankd.engine.packed_engine import PackedEngine
+from rerankd.metrics import Metrics
+from rerankd.models.decoder import DecoderReranker
+from rerankd.models.encoder import Encoder
+from rerankd.models.minicpm import LayerwiseReranker
+from rerankd.models.modernbert import ModernBert
+from rerankd.ops.cpu import CPU_CLASSES, CPU_FLAGS_ENV
+from rerankd.runtime import load_model
+from rerankd.settings import Settings
+from tests.fixtures.paths import fixture_dir
+
+CPU = torch.device("cpu")
+CUDA = torch.device("cuda")
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
+#: the flags of each class as the override gives them ("amx" itself reads /proc/cpuinfo)
+FLAGS = {name: env[CPU_FLAGS_ENV] for name, env in CPU_CLASSES.items() if env[CPU_FLAGS_ENV]}
+FLAGS["amx"] = FLAGS["zen4"] + " amx_bf16 amx_tile amx_int8"
+MODELS = {
+    "encoder": Encoder,
+    "decoder": DecoderReranker,
+    "layerwise": LayerwiseReranker,
+    "modernbert": ModernBert,
+}
+
+
+def _engine(model_class: type) -> PackedEngine:
+    """An engine object with only what `_wants_compile` reads (no model to load)."""
+    engine = object.__new__(PackedEngine)
+    engine.model = object.__new__(model_class)  # for isinstance / hasattr only
+    return engine
+
+
+@pytest.mark.parametrize("name", list(CPU_CLASSES))
+def test_each_emulated_class_is_detected_through_the_flag_override(monkeypatch, name):
+    monkeypatch.setenv(CPU_FLAGS_ENV, FLAGS[name])
+    assert cpu_class() == name
+
+
+def test_a_cpu_without_avx2_or_readable_flags_is_other():
+    assert cpu_class({"sse2", "fpu"}) == "other"
+    assert cpu_class(set()) == "other"  # e.g. an ARM CPU: /proc/cpuinfo says "Features"
+
+
+def test_model_families():
+    assert model_family(object.__new__(Encoder)) == "encoder"
+    assert model_family(object.__new__(DecoderReranker)) == "decoder"
+    assert model_family(object.__new__(LayerwiseReranker)) == "decoder"  # decoder kernels
+    assert model_family(object.__new__(ModernBert)) == "other"
+
+
+@pytest.mark.parametrize(("key", "pays"), sorted(MEASURED.items()))
+def test_auto_follows_the_measured_table_on_each_class(monkeypatch, key, pays):
+    cls, family, dtype_name, quantized = key
+    dtype = getattr(torch, dtype_name)
+    monkeypatch.setenv(CPU_FLAGS_ENV, FLAGS[cls])
+    engine = _engine(MODELS[family])
+    assert engine._wants_compile("auto", CPU, dtype, quantized) is pays
+    # CUDA is unmeasured: eager under auto; `on` and `off` force either way everywhere
+    assert engine._wants_compile("auto", CUDA, dtype, quantized) is False
+    for device in (CPU, CUDA):
+        assert engine._wants_compile("on", device, dtype, quantized) is True
+        assert engine._wants_compile("off", device, dtype, quantized) is False
+    with pytest.raises(ValueError, match="--compile"):
+        engine._wants_compile("sometimes", CPU, dtype, quantized)
+
+
+def test_the_table_covers_each_class_family_and_precision_measured():
+    bf16_classes = {
+        (cls, family, dtype, quantized)
+        for cls in ("amx", "zen4")
+        for family in ("decoder", "encoder")
+        for dtype in ("bfloat16", "float32")
+        for quantized in (False, True)
+    }
+    avx2 = {("avx2", f, "float32", q) for f in ("decoder", "encoder") for q in (False, True)}
+    assert set(MEASURED) == bf16_classes | avx2
+
+
+@pytest.mark.parametrize("cls", list(FLAGS))
+def test_what_was_not_measured_runs_eager(monkeypatch, cls):
+    monkeypatch.setenv(CPU_FLAGS_ENV, FLAGS[cls])
+    assert compile_pays(cls, "decoder", torch.float16, False, CPU) is False  # fp16 on CPU
+    assert compile_pays(cls, "other", torch.bfloat16, False, CPU) is False
+    assert compile_pays("other", "decoder", torch.float32, True, CPU) is False
+    # a model with no compiled kernels (ModernBERT) never compiles, not even with `on`
+    assert _engine(ModernBert)._wants_compile("on", CPU, torch.bfloat16) is False
+    assert _engine(ModernBert)._wants_compile("auto", CPU, torch.bfloat16, True) is False
+
+
+def _docs_table() -> dict[tuple[str, str, str, bool], bool]:
+    """The decision table of docs/benchmarks.md's "--compile auto, per CPU class" section:
+    rows `| class | model | activations | int8 | ... | on/off |`."""
+    text = DOCS.read_text(encoding="utf-8")
+    section = text.split("## --compile auto, per CPU class", 1)[1].split("\n## ", 1)[0]
+    table = {}
+    for line in section.splitlines():
+        cells = [c.strip().strip("*`") for c in line.strip().strip("|").split("|")]
+        if len(cells) > 4 and cells[0] in CPU_CLASSES and re.fullmatch(r"on|off", cells[-1]):
+            key = (cells[0], cells[1], cells[2], cells[3] == "int8")
+            assert key not in table, f"{key} twice in docs/benchmarks.md"
+            table[key] = cells[-1] == "on"
+    return table
+
+
+def test_docs_state_the_table_the_code_reads():
+    assert _docs_table() == MEASURED
+
+
+def _compiled(fixture: str, dtype: str) -> bool:
+    settings = Settings(model=str(fixture_dir(fixture)), dtype=dtype, compile="auto")
+    return load_model(settings, Metrics()).scheduler.engine.compiled
+
+
+@pytest.mark.parametrize(
+    ("cls", "fixture", "dtype", "family"),
+    [("amx", "qwen3", "bfloat16", "decoder"), ("avx2", "qwen3", "float32", "decoder")],
+)
+def test_a_served_model_compiles_as_the_table_says(monkeypatch, cls, fixture, dtype, family):
+    # a tiny fixture, loaded as the server loads it, with rerankd's flags of the class
+    monkeypatch.setenv(CPU_FLAGS_ENV, FLAGS[cls])
+    assert _compiled(fixture, dtype) is MEASURED[(cls, family, dtype, False)]
