@@ -132,13 +132,19 @@ def test_bf16_and_int8_scores_match_the_reference(cpu_class, family):
 def test_int8_never_runs_a_reference_kernel(cpu_class, family):
     report = _run_worker(cpu_class)
     choice, kernels = report["choice"], report[family]["int8_kernels"]
-    assert choice["path"] in ("w8a8-int8", "w8a8-uint8", "torch-ao"), choice
+    assert choice["path"] in ("w8a8-brgemm", "w8a8-int8", "w8a8-uint8", "torch-ao"), choice
     assert not any(name.startswith("ref") for name in kernels + choice["implementations"])
-    if choice["path"].startswith("w8a8"):
+    if choice["path"] in ("w8a8-int8", "w8a8-uint8"):
         assert kernels  # the oneDNN kernels were named, so the check above means something
+    if choice["path"] == "w8a8-brgemm":  # rerankd's kernel: oneDNN's brgemm ukernels (JIT)
+        assert choice["implementations"] in (
+            ["brgemm:avx512_core_amx"],
+            ["brgemm:avx512_core_vnni"],
+        )
+        assert ("amx" in choice["implementations"][0]) == (cpu_class == "amx"), choice
     if cpu_class in ("zen4", "avx512-vnni"):
         # the configuration of issue 18: int8 activations have only the reference kernel here
-        assert choice["path"] == "w8a8-uint8"
+        assert choice["path"] in ("w8a8-brgemm", "w8a8-uint8")
         assert any("reference kernel" in why for path, why in choice["refused"]), choice
 
 
