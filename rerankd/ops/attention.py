@@ -22,6 +22,7 @@ import importlib.util
 import inspect
 import logging
 from collections.abc import Callable, Iterator
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -379,15 +380,6 @@ def padded_sdpa_attention(
     return out
 
 
-ATTENTION = {
-    "sdpa": sdpa_attention,
-    "varlen": varlen_attention,
-    "flash_attn": flash_attn_attention,
-    "flex": flex_document_attention,
-    "sdpa_padded": padded_sdpa_attention,
-}
-
-
 def cuda_backends() -> list[str]:
     """Fused CUDA attention backends to probe, fastest first; logs at WARNING why each one
     ahead of what remains is missing. `sdpa_padded` needs only SDPA, so it always remains."""
@@ -456,44 +448,45 @@ def _kernel_takes(q: torch.Tensor) -> bool:
     return q.dtype == torch.bfloat16 and q.device.type == "cpu" and q.shape[-1] % 16 == 0
 
 
-def amx_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    batch: PackedBatch,
-    prefix_kv: PrefixKV | None,
-    causal: bool,
-    scale: float,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Same contract as `sdpa_attention`: rerankd's AMX kernel for bf16 on CPU (see
-    `rerankd.ops.amx_kernel`); SDPA for anything it does not cover."""
-    kernel = load_kernel()
-    if kernel is None or not _kernel_takes(q):
-        return sdpa_attention(q, k, v, batch, prefix_kv, causal, scale, out)
-    return _run_cpu_kernel(kernel, q, k, v, batch, prefix_kv, causal, scale, out)
+def _cpu_kernel_attention(load: Callable[[], ModuleType | None], name: str) -> Callable:
+    """An attention function with `sdpa_attention`'s contract over one of rerankd's bf16 CPU
+    kernels (`load` returns it, or None where it is unavailable); SDPA for anything the
+    kernel does not cover."""
+
+    def attention(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        batch: PackedBatch,
+        prefix_kv: PrefixKV | None,
+        causal: bool,
+        scale: float,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        kernel = load()
+        if kernel is None or not _kernel_takes(q):
+            return sdpa_attention(q, k, v, batch, prefix_kv, causal, scale, out)
+        return _run_cpu_kernel(kernel, q, k, v, batch, prefix_kv, causal, scale, out)
+
+    attention.__name__ = attention.__qualname__ = f"{name}_attention"
+    return attention
 
 
-def avx512_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    batch: PackedBatch,
-    prefix_kv: PrefixKV | None,
-    causal: bool,
-    scale: float,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Same contract as `sdpa_attention`: rerankd's AVX512-BF16 kernel for bf16 on CPU (see
-    `rerankd.ops.avx512_kernel`); SDPA for anything it does not cover."""
-    kernel = avx512_kernel.load_kernel()
-    if kernel is None or not _kernel_takes(q):
-        return sdpa_attention(q, k, v, batch, prefix_kv, causal, scale, out)
-    return _run_cpu_kernel(kernel, q, k, v, batch, prefix_kv, causal, scale, out)
+#: the AMX kernel (`rerankd.ops.amx_kernel`) and the AVX512-BF16 one (`ops.avx512_kernel`);
+#: each loader is looked up when called, so a test can take a kernel away
+amx_attention = _cpu_kernel_attention(lambda: load_kernel(), "amx")
+avx512_attention = _cpu_kernel_attention(lambda: avx512_kernel.load_kernel(), "avx512")
 
-
-ATTENTION["amx"] = amx_attention
-ATTENTION["avx512"] = avx512_attention
+#: every attention implementation by the name engines and `/v1/models` use
+ATTENTION = {
+    "sdpa": sdpa_attention,
+    "varlen": varlen_attention,
+    "flash_attn": flash_attn_attention,
+    "flex": flex_document_attention,
+    "sdpa_padded": padded_sdpa_attention,
+    "amx": amx_attention,
+    "avx512": avx512_attention,
+}
 
 
 def cpu_backends() -> Iterator[str]:
