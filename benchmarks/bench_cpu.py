@@ -85,7 +85,10 @@ SWEEP_SIZES = (1, 4, 16, 64)
 PEER_KEYS = ("vllm", "vllm-1core", "transformers")
 #: rerankd with `--quantize int8`: its own row, ratios and fidelity vs rerankd bf16
 INT8_KEY = "rerankd-int8"
-ENGINE_KEYS = ("rerankd", INT8_KEY, *PEER_KEYS)
+#: rerankd (and its int8 variant) served from another source tree (--baseline-tree): a peer
+#: like the others, so a refactor or a kernel change is measured against the old code
+BASELINE_KEYS = {"rerankd": "rerankd-baseline", INT8_KEY: "rerankd-int8-baseline"}
+ENGINE_KEYS = ("rerankd", INT8_KEY, *PEER_KEYS, *BASELINE_KEYS.values())
 
 # Workload seeds: measured repeats get fresh documents; every engine gets the same ones.
 SEED_SEQ, SEED_CONC, SEED_WARM, SEED_SWEEP, SEED_LAT = 0, 100, 900, 10_000, 50_000
@@ -167,12 +170,20 @@ def _on_signal(signum, frame):  # noqa: ARG001
     raise SystemExit(128 + signum)  # so that tests/harness.py stops every server at exit
 
 
-def start_server(name: str, cmd: list[str], port: int, env: dict | None, logdir: Path) -> Server:
+def start_server(
+    name: str, cmd: list[str], port: int, env: dict | None, logdir: Path, cwd: Path = REPO
+) -> Server:
     """A server subprocess (tests/harness.py) in its own session, so that pause/resume and
     stop reach its worker processes too (vLLM's engine core)."""
-    log(f"   starting {name}: {' '.join(cmd)}  (log: {logdir / f'{name}.log'})")
+    log(f"   starting {name}: {' '.join(cmd)}  (log: {logdir / f'{name}.log'}, in {cwd})")
     return spawn(
-        name, cmd, port, logdir / f"{name}.log", {**os.environ, **(env or {})}, own_session=True
+        name,
+        cmd,
+        port,
+        logdir / f"{name}.log",
+        {**os.environ, **(env or {})},
+        own_session=True,
+        cwd=cwd,
     )
 
 
@@ -402,10 +413,14 @@ def rerankd_extras(args, score: Callable, key: str) -> dict:
     return res
 
 
-def rerankd_server(args, model_dir: Path, logdir: Path, key: str, extra: tuple[str, ...]) -> Server:
+def rerankd_server(
+    args, model_dir: Path, logdir: Path, key: str, extra: tuple[str, ...], tree: Path | None = None
+) -> Server:
+    """rerankd serve on the checkpoint; from `tree` (another checkout, first on PYTHONPATH and
+    the working directory, so its `rerankd` package is the one imported) where given."""
     port = free_port()
     cmd = [
-        *rerankd_cmd(),
+        *(rerankd_cmd() if tree is None else [sys.executable, "-m", "rerankd.cli"]),
         "serve",
         "--model",
         str(model_dir),
@@ -420,7 +435,9 @@ def rerankd_server(args, model_dir: Path, logdir: Path, key: str, extra: tuple[s
         *args.rerankd_arg,
         *extra,
     ]
-    return start_server(key, cmd, port, None, logdir)
+    if tree is None:
+        return start_server(key, cmd, port, None, logdir)
+    return start_server(key, cmd, port, {"PYTHONPATH": str(tree)}, logdir, cwd=tree)
 
 
 def bench_rerankd_tiny(args, logdir: Path) -> dict | None:
@@ -587,8 +604,10 @@ def bench_interleaved(
                 score = http_scorer(srv.url, "/rerank", "qwen3-reranker", args.request_timeout)
                 warm(score, max(args.warmup, 2), key)
             else:
-                extra = ("--quantize", "int8") if key == INT8_KEY else ()
-                srv = stack.enter_context(rerankd_server(args, model_dir, logdir, key, extra))
+                int8 = key in (INT8_KEY, BASELINE_KEYS[INT8_KEY])
+                extra = ("--quantize", "int8") if int8 else ()
+                tree = args.baseline_tree if key in BASELINE_KEYS.values() else None
+                srv = stack.enter_context(rerankd_server(args, model_dir, logdir, key, extra, tree))
                 wait_healthy(srv, args.start_timeout)
                 score = http_scorer(srv.url, "/v1/rerank", None, args.request_timeout)
                 warm(score, args.warmup, key)
@@ -685,18 +704,16 @@ def machine_info() -> dict:
 
 
 def score_check(results: dict) -> None:
-    """Max |Δ score| of the first request's documents against rerankd (same recipe, bf16)."""
-    ref = results.get("rerankd", {}).get("sequential", {}).get("scores_first_request")
-    if not ref:
-        return
-    for name in PEER_KEYS:
+    """Max |Δ score| of the first request's documents: each peer against rerankd (same recipe,
+    bf16), and each baseline-tree server against the same variant of this tree."""
+    pairs = [("rerankd", name) for name in PEER_KEYS] + list(BASELINE_KEYS.items())
+    for ours, name in pairs:
+        ref = results.get(ours, {}).get("sequential", {}).get("scores_first_request")
         other = results.get(name, {}).get("sequential", {}).get("scores_first_request")
-        if other:
+        if ref and other:
             diff = max(abs(a - b) for a, b in zip(ref, other, strict=True))
-            results[name]["max_abs_score_diff_vs_rerankd"] = diff
-            log(
-                f"   scores, first request: max |{name} - rerankd| = {diff:.4f} (probabilities; bf16)"
-            )
+            results[name][f"max_abs_score_diff_vs_{ours}"] = diff
+            log(f"   scores, first request: max |{name} - {ours}| = {diff:.4g} (probabilities)")
 
 
 def int8_fidelity(results: dict) -> None:
@@ -756,10 +773,10 @@ def summarize(results: dict, flops: float, n_docs: int, peak: float) -> list[dic
     log(
         f"\n== Results (W-CPU, median of runs; effective TFLOP/s on unshared tokens; GEMM peak {peak:.3f} TFLOP/s)"
     )
-    log(f"   {'engine':<13}{'mode':<12}{'docs/s':>8}{'best':>8}{'eff TFLOP/s':>13}{'of peak':>9}")
+    log(f"   {'engine':<23}{'mode':<12}{'docs/s':>8}{'best':>8}{'eff TFLOP/s':>13}{'of peak':>9}")
     for r in rows:
         log(
-            f"   {r['engine']:<13}{r['mode']:<12}{r['docs_per_s']:>8.2f}{r['best_docs_per_s']:>8.2f}"
+            f"   {r['engine']:<23}{r['mode']:<12}{r['docs_per_s']:>8.2f}{r['best_docs_per_s']:>8.2f}"
             f"{r['effective_tflops']:>13.3f}{r['fraction_of_gemm_peak']:>8.0%}"
         )
     log(f"   GEMM-peak bound for this workload: {peak * 1e12 / (flops / n_docs):.2f} docs/s")
@@ -929,10 +946,19 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=[],
         help="extra argument for rerankd serve (repeatable)",
     )
+    p.add_argument(
+        "--baseline-tree",
+        type=Path,
+        help="with --interleave: also serve rerankd (and its int8 variant) from this other "
+        "checkout (e.g. `git worktree add /tmp/base <commit>`) and print paired ratios "
+        "against it",
+    )
     p.add_argument("--start-timeout", type=float, default=300)
     p.add_argument("--vllm-start-timeout", type=float, default=600)
     p.add_argument("--request-timeout", type=float, default=600)
     args = p.parse_args(argv)
+    if args.baseline_tree and not args.interleave:
+        p.error("--baseline-tree needs --interleave (the pairs are taken within rounds)")
     if args.quick:
         args.repeats, args.warmup, args.gemm_reps, args.sweep_repeats = 1, 1, 2, 1
         args.latency_samples = min(args.latency_samples, 5)
@@ -1052,6 +1078,7 @@ def main(argv=None) -> int:
     if args.interleave:
         keys = [] if args.skip_rerankd else ["rerankd"] + ([] if args.skip_int8 else [INT8_KEY])
         keys += [] if args.skip_vllm else vllm_keys[args.vllm_cores]
+        keys += [BASELINE_KEYS[k] for k in keys if k in BASELINE_KEYS and args.baseline_tree]
         try:
             results.update(bench_interleaved(args, model_dir, logdir, seeds, conc_seeds, keys))
         except Exception as exc:  # report what failed; the other engines below still run
