@@ -31,6 +31,7 @@ from rerankd.engine.base import default_batch_tokens, padded_chunks, split_on_oo
 from rerankd.errors import ModelLoadError
 from rerankd.models.colbert import load_colbert_encoder, load_projections, project
 from rerankd.models.encoder import EncoderConfig
+from rerankd.models.kernels import Kernels
 from rerankd.models.loader import UnsupportedCheckpoint
 from rerankd.models.weights import open_checkpoint
 from rerankd.ops.attention import cuda_backends
@@ -211,16 +212,16 @@ class _PackedBackbone:
         self.attention = "sdpa"
         if device.type == "cuda":  # the first fused kernel that agrees with SDPA
             self.attention = next(filter(self._agrees, cuda_backends()), "sdpa")
-        self.model.set_attention(self.attention)
+        self.model.set_kernels(Kernels(self.attention))
 
     def _agrees(self, backend: str) -> bool:
         """Token embeddings of a probe batch through `backend` and through SDPA agree
         (cosine distance below 1e-2 per token, bf16's error)."""
         items = [(tuple(range(5, 5 + n)), n) for n in (7, 19, 3)]
         try:
-            self.model.set_attention("sdpa")
+            self.model.set_kernels(Kernels("sdpa"))
             expected = F.normalize(torch.cat(self.forward(items, False)).float(), dim=-1)
-            self.model.set_attention(backend)
+            self.model.set_kernels(Kernels(backend))
             got = F.normalize(torch.cat(self.forward(items, False)).float(), dim=-1)
         except Exception as exc:  # kernel missing, unsupported dtype/head size, ...
             log.warning("%s attention unavailable for ColBERT (%s)", backend, exc)

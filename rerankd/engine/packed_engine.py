@@ -95,13 +95,9 @@ class PackedEngine:
 
     def use_kernels(self, attention: str, compiled: bool = False) -> None:
         """Run attention kernel `attention` (a key of `ops.attention.ATTENTION`) and eager or
-        compiled per-token work: the one place the model gets its kernels (models/kernels.py;
-        a model whose per-token work never compiles takes the attention kernel alone,
-        `set_attention`), and the layout `forward` packs for that kernel."""
-        if hasattr(self.model, "set_kernels"):
-            self.model.set_kernels(Kernels(attention, compiled))
-        else:
-            self.model.set_attention(attention)
+        compiled per-token work: the one place the model gets its kernels (`set_kernels`,
+        models/kernels.py), and the layout `forward` packs for that kernel."""
+        self.model.set_kernels(Kernels(attention, compiled))
         self.attention = attention
 
     def score(self, batch) -> list[float]:
@@ -167,9 +163,12 @@ class PackedEngine:
     ) -> bool:
         """`auto` compiles where it was measured faster: `compile_policy`'s table (CPU class
         × model family × precision, benchmarks/bench_compile.py, docs/benchmarks.md); eager
-        where it was not, and on CUDA (unmeasured). `on`/`off` force either way."""
+        where it was not, and on CUDA (unmeasured). `on`/`off` force either way, except on
+        a model without compiled per-token functions (its `compiles`), which runs eager."""
         check_mode("compile", mode, COMPILE_MODES)
-        if not hasattr(self.model, "set_kernels"):
+        if not self.model.compiles:
+            if mode == "on":
+                log.warning("--compile on: %s runs eager only", type(self.model).__name__)
             return False
         if mode == "auto":
             return compile_pays(cpu_class(), model_family(self.model), dtype, quantized, device)

@@ -5,6 +5,7 @@ classification head; the projection is the checkpoint's Dense chain (PyLate) or 
 layer (stanford ColBERT). Output: one embedding per token, not yet normalized (the engine
 normalizes in float32 and picks the rows MaxSim uses). Bidirectional attention: a sequence's
 tokens see its own keys only; a query's expansion tokens may be hidden as keys (`keys`).
+The engine chooses the attention kernel (`set_kernels`); the per-token work runs eager.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from rerankd.models.encoder import Block, EncoderConfig
+from rerankd.models.kernels import Kernels, refuse_unless
 from rerankd.models.loader import UnsupportedCheckpoint
 from rerankd.models.weights import Checkpoint
 from rerankd.ops.attention import ATTENTION
@@ -45,6 +47,9 @@ class Projection:
 class ColbertEncoder(nn.Module):
     """Embeddings + layers + projection → (T, dim) token embeddings of a packed batch."""
 
+    #: no compiled per-token functions: eager only (models/kernels.py's contract)
+    compiles = False
+
     def __init__(self, config: EncoderConfig, projections: list[Projection]) -> None:
         super().__init__()
         c = self.config = config
@@ -54,15 +59,18 @@ class ColbertEncoder(nn.Module):
         self.embed_norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
         self.layers = nn.ModuleList(Block(c) for _ in range(c.num_layers))
         self.projections = projections
-        self.attention = "sdpa"
+        self.kernels = Kernels()
 
-    def set_attention(self, backend: str) -> None:
-        self.attention = backend
+    def set_kernels(self, kernels: Kernels) -> None:
+        """Run the engine's choice of attention kernel (models/kernels.py; eager only) for
+        every batch whose keys are not limited (those run `_key_limited`'s SDPA)."""
+        refuse_unless(self, kernels)
+        self.kernels = kernels
 
     def forward(self, batch: PackedBatch, keys: list[int] | None = None) -> Tensor:
         """`keys[i]`: sequence i's tokens attend to its first keys[i] tokens only (None: all)."""
         c = self.config
-        attend = ATTENTION[self.attention] if keys is None else _key_limited(keys)
+        attend = ATTENTION[self.kernels.attention] if keys is None else _key_limited(keys)
         for layer in self.layers:
             layer.attention.attend = attend
         types = (

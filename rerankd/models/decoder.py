@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rerankd.models.kernels import Kernels
+from rerankd.models.kernels import Kernels, refuse_unless
 from rerankd.models.loader import UnsupportedCheckpoint
 from rerankd.ops.attention import ATTENTION, PrefixKV
 from rerankd.ops.attention_speed import AttentionShape
@@ -140,6 +140,9 @@ class Stream:
 
 
 class Decoder(nn.Module):
+    #: compiled per-token functions exist (`compiled_tokens`): models/kernels.py's contract
+    compiles = True
+
     def __init__(self, config: DecoderConfig) -> None:
         super().__init__()
         self.config = config
@@ -156,8 +159,7 @@ class Decoder(nn.Module):
 
     def set_kernels(self, kernels: Kernels) -> None:
         """Run the engine's choice of kernels from the next forward on (models/kernels.py)."""
-        if kernels.attention not in ATTENTION:
-            raise ValueError(f"unknown attention kernel {kernels.attention!r}")
+        refuse_unless(self, kernels)
         if kernels.compiled and self._compiled is None:
             self._compiled = compiled_tokens()
         self.tokens = self._compiled if kernels.compiled else EAGER_TOKENS
@@ -367,6 +369,8 @@ class DecoderReranker(nn.Module):
     "Yes" row), for converted checkpoints their classifier. Final norm and head run on N
     rows only, never on every token nor on the vocabulary.
     """
+
+    compiles = Decoder.compiles  # its kernels are the decoder's
 
     def __init__(
         self, decoder: Decoder, head_weight: Tensor, head_bias: Tensor | None = None

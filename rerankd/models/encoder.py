@@ -82,6 +82,8 @@ class EncoderConfig:
 class Encoder(nn.Module):
     """Embeddings + layers + classification head → raw scores (N,) in float32."""
 
+    compiles = True  # `compiled_kernels`: models/kernels.py's contract
+
     def __init__(self, config: EncoderConfig) -> None:
         super().__init__()
         c = self.config = config

@@ -54,6 +54,7 @@ from rerankd.models.decoder import (
     rope_inv_freq,
     rotary,
 )
+from rerankd.models.kernels import Kernels, refuse_unless
 from rerankd.models.loader import UnsupportedCheckpoint
 from rerankd.models.weights import Checkpoint
 from rerankd.ops.attention import length_buckets
@@ -143,6 +144,9 @@ class Plan:
 class LightweightReranker(nn.Module):
     """Gemma2 + per-layer heads: raw scores (N,) in float32, each as its `Plan` asks."""
 
+    #: no compiled per-token functions: eager only (models/kernels.py's contract)
+    compiles = False
+
     def __init__(self, config: LightweightConfig) -> None:
         super().__init__()
         c = config.decoder
@@ -154,9 +158,11 @@ class LightweightReranker(nn.Module):
         heads = torch.zeros(len(config.layers), c.hidden_size)
         self.register_buffer("heads", heads, persistent=False)  # (H, hidden), float32
 
-    def set_attention(self, backend: str) -> None:
-        if backend != "sdpa":  # bucketed SDPA with sliding-window masks only
-            raise ValueError(f"gemma2-lightweight runs SDPA attention only, not {backend!r}")
+    def set_kernels(self, kernels: Kernels) -> None:
+        """The engine's choice of kernels (models/kernels.py): bucketed SDPA with
+        sliding-window masks and eager per-token work is all this model runs, so any other
+        choice is refused (ValueError)."""
+        refuse_unless(self, kernels, attention=("sdpa",))
 
     def forward(self, ids: Tensor, lengths: Sequence[int], plans: Sequence[Plan]) -> Tensor:
         """ids: (T,) the sequences' tokens back to back; lengths[i] and plans[i] for each."""

@@ -96,6 +96,8 @@ class LayerwiseReranker(nn.Module):
     touch only the N last-token rows, never every token.
     """
 
+    compiles = Decoder.compiles  # its kernels are the decoder's
+
     def __init__(self, decoder: Decoder, heads: Tensor, config: LayerwiseConfig) -> None:
         super().__init__()
         self.decoder = decoder

@@ -11,7 +11,8 @@ head (dense → act → norm) and classifier on the [CLS] token or the sequence 
 
 Bidirectional attention means no prefix can be shared; packing still means no padding token
 is ever computed. What this module does not do: tokenize (the cross-encoder recipe does),
-or choose kernels (the engine calls `set_attention` after checking them against SDPA).
+or choose kernels (the engine calls `set_kernels` after checking them against SDPA). Its
+per-token work runs eager only (`compiles`: no compiled functions).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rerankd.models.kernels import Kernels, refuse_unless
 from rerankd.models.loader import UnsupportedCheckpoint
 from rerankd.models.weights import Checkpoint
 from rerankd.ops.attention import ATTENTION, PADDED_BUCKET_TOKENS, takes, torch_varlen_kernel
@@ -124,6 +126,9 @@ def _theta(hf: Any, layer_type: str, legacy: str) -> float:
 class ModernBert(nn.Module):
     """Embeddings + layers + head → raw scores (N,) in float32."""
 
+    #: no compiled per-token functions: eager only (models/kernels.py's contract)
+    compiles = False
+
     def __init__(self, config: ModernBertConfig) -> None:
         super().__init__()
         c = self.config = config
@@ -138,9 +143,12 @@ class ModernBert(nn.Module):
         self.register_buffer("global_inv_freq", inv_freq(c.global_rope_theta, c), persistent=False)
         self.register_buffer("local_inv_freq", inv_freq(c.local_rope_theta, c), persistent=False)
 
-    def set_attention(self, backend: str) -> None:
-        """Choose the attention kernels: global layers take `backend` (`sdpa`, `amx`,
-        `varlen`, …); local layers take its windowed form (`local_attention`)."""
+    def set_kernels(self, kernels: Kernels) -> None:
+        """Run the engine's choice of kernels (models/kernels.py; eager only): global layers
+        take its attention kernel (`sdpa`, `amx`, `varlen`, …), local layers the windowed
+        form of it (`local_attention`)."""
+        refuse_unless(self, kernels)
+        backend = kernels.attention
         for layer in self.layers:
             attention = layer.attention
             attention.attend = (
