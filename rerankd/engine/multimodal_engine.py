@@ -35,7 +35,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from rerankd.engine.base import default_batch_tokens, padded_chunks, split_on_oom
+from rerankd.engine.base import default_batch_tokens
+from rerankd.engine.transformers_engine import last_rows, lm_head_rows, padded, score_padded
 from rerankd.types import Batch, EncodedPair, ScoreHead
 
 log = logging.getLogger(__name__)
@@ -90,12 +91,7 @@ class VisionLanguageEngine:
 
             self._score_mlp = load_score_mlp(model_dir, score_offset).to(device)
         else:
-            weight = model.get_output_embeddings().weight
-            direction = weight[head.positive_token_id].float()
-            if head.negative_token_id is not None:
-                direction = direction - weight[head.negative_token_id].float()
-            # (1, hidden): the score head reduced to the rows the recipe needs, in float32
-            self._head_weight = direction[None, :].to(device)
+            self._head_weight = lm_head_rows(model, head, device)
         self._base = model.model
         del model  # the full LM head is not needed (tied or not)
         self._base.to(device).eval()
@@ -106,14 +102,9 @@ class VisionLanguageEngine:
         one request computes (or reuses) its shared prefix first, so that every sub-batch,
         even one of a single pair, runs on it."""
         pairs = batch.pairs
-        scores: list[float] = [0.0] * len(pairs)
         if self.share_prefix and len(pairs) > 1 and len(set(batch.groups or [0])) == 1:
             self._prepare_prefix(pairs)
-        for chunk in padded_chunks([len(p) for p in pairs], self.max_padded_tokens):
-            chunk_scores = split_on_oom(self.forward, [pairs[i] for i in chunk], None, self._device)
-            for index, value in zip(chunk, chunk_scores, strict=True):
-                scores[index] = value
-        return scores
+        return score_padded(self.forward, pairs, self.max_padded_tokens, self._device)
 
     @torch.inference_mode()
     def forward(self, pairs: list[EncodedPair], groups: list[int] | None = None) -> list[float]:
@@ -239,15 +230,10 @@ class VisionLanguageEngine:
     def _forward_shared(self, pairs: list[EncodedPair], kept: _Prefix) -> list[float]:
         """Each pair's rest on a copy of the prefix's K/V repeated per pair; positions from
         the whole padded sequences, as the unshared forward has them."""
-        bsz, width = len(pairs), max(len(p) for p in pairs)
         prefix, shared = len(kept.ids), len(kept.arrays)
         cache = copy.deepcopy(kept.cache)
-        cache.batch_repeat_interleave(bsz)
-        ids = torch.zeros((bsz, width), dtype=torch.long)
-        mask = torch.zeros((bsz, width), dtype=torch.long)
-        for row, pair in enumerate(pairs):
-            ids[row, : len(pair)] = torch.tensor(pair.input_ids)
-            mask[row, : len(pair)] = 1
+        cache.batch_repeat_interleave(len(pairs))
+        ids, mask = padded(pairs)
         all_images = [image for pair in pairs for image in getattr(pair, "images", ())]
         rest_images = [image for pair in pairs for image in getattr(pair, "images", ())[shared:]]
         position_ids = None  # text only: the text model counts on from the cache's length
@@ -271,26 +257,16 @@ class VisionLanguageEngine:
             use_cache=True,
             **kwargs,
         ).last_hidden_state
-        last = mask[:, prefix:].sum(dim=1).to(self._device) - 1
-        h = hidden[torch.arange(bsz, device=self._device), last].float()  # (B, hidden)
-        return self._score(h)
+        return self._score(last_rows(hidden, mask[:, prefix:].to(self._device)))
 
     def _forward_padded(self, pairs: list[EncodedPair]) -> list[float]:
         """Every pair whole, padded on the right."""
-        width = max(len(p) for p in pairs)
-        ids = torch.zeros((len(pairs), width), dtype=torch.long)
-        mask = torch.zeros((len(pairs), width), dtype=torch.long)
-        for row, pair in enumerate(pairs):
-            ids[row, : len(pair)] = torch.tensor(pair.input_ids)
-            mask[row, : len(pair)] = 1
+        ids, mask = padded(pairs)
         images = [image for pair in pairs for image in getattr(pair, "images", ())]
         kwargs = self._vision_inputs(images, ids)
         ids, mask = ids.to(self._device), mask.to(self._device)
         hidden = self._base(input_ids=ids, attention_mask=mask, use_cache=False, **kwargs)
-        hidden = hidden.last_hidden_state
-        last = mask.sum(dim=1) - 1
-        h = hidden[torch.arange(len(pairs), device=self._device), last].float()  # (B, hidden)
-        return self._score(h)
+        return self._score(last_rows(hidden.last_hidden_state, mask))
 
     def _score(self, h: torch.Tensor) -> list[float]:
         """Raw scores of last-position hidden states h, (B, hidden) float32."""

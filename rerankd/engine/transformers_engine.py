@@ -10,7 +10,9 @@ vocabulary. Encoders run their own classification head. Same contract as every e
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -41,13 +43,8 @@ class TransformersEngine:
         self.pad_id = 0
         if head.kind == "lm_rows":
             model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
-            weight = model.get_output_embeddings().weight
-            direction = weight[head.positive_token_id].float()
-            if head.negative_token_id is not None:
-                direction = direction - weight[head.negative_token_id].float()
             self._base = model.get_decoder()
-            # (1, hidden): the score head reduced to the rows the recipe needs, in float32
-            self._head_weight = direction[None, :].to(device)
+            self._head_weight = lm_head_rows(model, head, device)
             self._head_bias = None
             self._encoder = None
             del model  # drops the full LM head when it is not tied to the embeddings
@@ -71,40 +68,71 @@ class TransformersEngine:
 
     def score(self, batch: Batch) -> list[float]:
         """Raw scores in batch order; sub-batches sorted by length, split on OOM."""
-        pairs = batch.pairs
-        scores: list[float] = [0.0] * len(pairs)
-        for chunk in padded_chunks([len(p) for p in pairs], self.max_padded_tokens):
-            chunk_scores = split_on_oom(self.forward, [pairs[i] for i in chunk], None, self._device)
-            for index, value in zip(chunk, chunk_scores, strict=True):
-                scores[index] = value
-        return scores
+        return score_padded(self.forward, batch.pairs, self.max_padded_tokens, self._device)
 
     @torch.inference_mode()
     def forward(self, pairs: list[EncodedPair], groups: list[int] | None = None) -> list[float]:
         """Raw scores of one padded sub-batch (`groups` unused: no prefix sharing here); the
         seam `split_on_oom` and engine/faults.py wrap."""
-        width = max(len(p) for p in pairs)
-        # right padding: causal models never look right, so real tokens are unaffected
-        ids = torch.full((len(pairs), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(pairs), width), dtype=torch.long)
-        types = None
-        if pairs[0].token_type_ids is not None:
-            types = torch.zeros((len(pairs), width), dtype=torch.long)
-        for row, pair in enumerate(pairs):
-            n = len(pair)
-            ids[row, :n] = torch.tensor(pair.input_ids)
-            mask[row, :n] = 1
-            if types is not None:
-                types[row, :n] = torch.tensor(pair.token_type_ids)
+        ids, mask = padded(pairs, self.pad_id)
         ids, mask = ids.to(self._device), mask.to(self._device)
         if self._encoder is not None:
-            kwargs = {"token_type_ids": types.to(self._device)} if types is not None else {}
+            kwargs = {}
+            if pairs[0].token_type_ids is not None:
+                types = torch.zeros(ids.shape, dtype=torch.long)
+                for row, pair in enumerate(pairs):
+                    types[row, : len(pair)] = torch.tensor(pair.token_type_ids)
+                kwargs["token_type_ids"] = types.to(self._device)
             logits = self._encoder(input_ids=ids, attention_mask=mask, **kwargs).logits
             return logits[:, 0].float().tolist()
         hidden = self._base(input_ids=ids, attention_mask=mask).last_hidden_state
-        last = mask.sum(dim=1) - 1
-        h = hidden[torch.arange(len(pairs), device=self._device), last].float()  # (B, hidden)
+        h = last_rows(hidden, mask)
         raw = h @ self._head_weight.T  # (B, hidden) x (hidden, 1) -> (B, 1)
         if self._head_bias is not None:
             raw = raw + self._head_bias
         return raw[:, 0].tolist()
+
+
+# --- shared with engine/multimodal_engine.py ------------------------------------------------
+
+
+def lm_head_rows(model: Any, head: ScoreHead, device: torch.device) -> torch.Tensor:
+    """(1, hidden) float32: the LM head reduced to the rows the recipe scores with,
+    W[yes] − W[no] (or W[Yes]); the vocabulary is never computed."""
+    weight = model.get_output_embeddings().weight
+    direction = weight[head.positive_token_id].float()
+    if head.negative_token_id is not None:
+        direction = direction - weight[head.negative_token_id].float()
+    return direction[None, :].to(device)
+
+
+def score_padded(
+    forward: Callable, pairs: list[EncodedPair], budget: int, device: torch.device
+) -> list[float]:
+    """`forward`'s raw scores of `pairs` in their order, run in length-sorted padded
+    sub-batches of at most `budget` tokens, each split on OOM."""
+    scores: list[float] = [0.0] * len(pairs)
+    for chunk in padded_chunks([len(p) for p in pairs], budget):
+        chunk_scores = split_on_oom(forward, [pairs[i] for i in chunk], None, device)
+        for index, value in zip(chunk, chunk_scores, strict=True):
+            scores[index] = value
+    return scores
+
+
+def padded(pairs: list[EncodedPair], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and attention mask (B, width), on the host, padded on the right: causal
+    models never look right, so real tokens are unaffected."""
+    width = max(len(p) for p in pairs)
+    ids = torch.full((len(pairs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(pairs), width), dtype=torch.long)
+    for row, pair in enumerate(pairs):
+        ids[row, : len(pair)] = torch.tensor(pair.input_ids)
+        mask[row, : len(pair)] = 1
+    return ids, mask
+
+
+def last_rows(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, hidden) float32: each row's hidden state at its last real position, `hidden`
+    (B, W, hidden) and `mask` (B, W) right-padded on `hidden`'s device."""
+    last = mask.sum(dim=1) - 1
+    return hidden[torch.arange(len(hidden), device=hidden.device), last].float()
