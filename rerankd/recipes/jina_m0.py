@@ -34,14 +34,11 @@ path (which needs 16 common tokens) does not apply. That is the model's layout, 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from rerankd.errors import InvalidRequest
-from rerankd.recipes.base import Recipe, ScoreHead
-from rerankd.recipes.qwen3_vl import EncodedVisionPair, split_parts
-from rerankd.types import EncodedPair
+from rerankd.recipes.base import ScoreHead
+from rerankd.recipes.vision import IMAGE_PLACEHOLDER, EncodedVisionPair, VisionRecipe
 
 #: the official compute_score's max_length (query + document + score token)
 CARD_MAX_LENGTH = 10240
@@ -51,51 +48,31 @@ MAX_QUERY_LENGTH = 512
 SCORE_TOKEN_ID = 100
 #: subtracted from the MLP's logit before the sigmoid (modeling.py's LOGIT_BIAS)
 LOGIT_BIAS = 2.65
-IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
 #: compute_score's processor: min 4 and max 768 merged 28x28 patches
 MIN_PIXELS = 3136
 MAX_PIXELS = 602112
-#: strings that would make a text part claim vision tokens the request has no image for
-_VISION_MARKUP = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
 
 
-class JinaM0Reranker(Recipe):
+class JinaM0Reranker(VisionRecipe):
     name = "jina-reranker-m0"
     architectures = ("JinaVLForRanking",)
     supports_instruction = False
-    #: queries and documents may hold images (the service refuses them for other recipes)
-    supports_images = True
     #: added to the head's logit by the engine: raw = logit − LOGIT_BIAS
     score_offset = -LOGIT_BIAS
 
-    def __init__(
-        self,
-        tokenizer,
-        config,
-        max_model_len: int | None = None,
-        model_dir: Path | str | None = None,
-        min_pixels: int = MIN_PIXELS,
-        max_pixels: int = MAX_PIXELS,
-        image_processor: Any = None,
-    ) -> None:
-        super().__init__(tokenizer, config, max_model_len)
-        max_pixels = max(min_pixels, max_pixels)
-        if image_processor is None:
-            from transformers import AutoImageProcessor
+    MIN_PIXELS, MAX_PIXELS = MIN_PIXELS, MAX_PIXELS  # the module's, as class attributes
+    processor_resizes = True
 
-            image_processor = AutoImageProcessor.from_pretrained(
-                model_dir, min_pixels=min_pixels, max_pixels=max_pixels
-            )
-        self.image_processor = image_processor
-        self.merge = int(image_processor.merge_size) ** 2
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        """`VisionRecipe`'s arguments; ValueError for a length the official code refuses."""
+        super().__init__(*args, **kwargs)
         self.max_doc_length = max(self.max_length - MAX_QUERY_LENGTH, MAX_QUERY_LENGTH)
         if self.max_doc_length + MAX_QUERY_LENGTH > self.max_length:
             raise ValueError(
                 f"max length {self.max_length} is below {2 * MAX_QUERY_LENGTH}, the least "
                 "jina-reranker-m0's official code accepts (512 query + 512 document tokens)"
             )
-        vocab = tokenizer.get_vocab()
-        if len(vocab) <= SCORE_TOKEN_ID:
+        if len(self.tokenizer.get_vocab()) <= SCORE_TOKEN_ID:
             raise ValueError("the tokenizer has no score token (id 100); this is a bug")
 
     @property
@@ -108,103 +85,12 @@ class JinaM0Reranker(Recipe):
         limit = CARD_MAX_LENGTH if max_model_len is None else max_model_len
         return min(limit, context)
 
-    def warm_up_documents(self) -> list[Any]:
-        """Two small image documents (a grey 64x64 image, with and without a caption), for the
-        start-up warm-up to run the vision tower once."""
-        from PIL import Image
+    # --- encoding (the rest is VisionRecipe's) ----------------------------------------------
 
-        image = Image.new("RGB", (64, 64), (128, 128, 128))
-        return [(("image", image),), (("image", image), ("text", "warm-up document"))]
-
-    # --- encoding ---------------------------------------------------------------------------
-
-    def encode(
-        self,
-        queries: Sequence[Any],
-        documents: Sequence[Any],
-        instruction: str | None = None,
-        truncate: bool = True,
-        *,
-        side: str = "right",
-        max_document_tokens: int | None = None,
-    ) -> list[EncodedPair]:
-        """Aligned pairs of strings or part tuples (see recipes/qwen3_vl.py's docstring)."""
-        if len(queries) != len(documents):
-            raise ValueError("queries and documents must be aligned; this is a bug")
-        if side != "right":
-            raise InvalidRequest(
-                "this model's truncation cuts a document's end, as its official code does; "
-                "keeping the end (truncation_side left) is not supported",
-                param="truncation_side",
-            )
-        if not documents:
-            return []
-        cut_queries: dict[int, Any] = {}  # a request's one query: cut once, one object
-        for query in queries:
-            if id(query) not in cut_queries:
-                cut_queries[id(query)] = self._precut(query)
-        queries = [cut_queries[id(q)] for q in queries]
-        documents = [self._precut(d) for d in documents]
-        capped = [0] * len(documents)
-        if max_document_tokens is not None:
-            documents, capped = self._cap(documents, max_document_tokens)
-        pairs = self._build(queries, documents)
-        if not truncate:
-            self.check_fits(pairs)
-        return [
-            EncodedVisionPair(p.input_ids, None, p.cut_tokens + cut, images=p.images) if cut else p
-            for p, cut in zip(pairs, capped, strict=True)
-        ]
-
-    def _encode_pairs(self, queries, documents, instruction, side: str = "right"):
-        """Text pairs exactly as the official code tokenizes them (chunking's entry)."""
-        return self._build(queries, documents)
-
-    def _precut(self, item: Any) -> Any:
-        if isinstance(item, str):
-            return self.precut(item, "right")
-        return tuple((k, self.precut(v, "right") if k == "text" else v) for k, v in item)
-
-    def _cap(self, documents: list[Any], limit: int) -> tuple[list[Any], list[int]]:
-        """Each document's text parts cut to `limit` tokens each (images are never cut)."""
-        out, cuts = [], []
-        for document in documents:
-            parts = (("text", document),) if isinstance(document, str) else document
-            capped, total = [], 0
-            for kind, value in parts:
-                if kind == "text":
-                    texts, cut = self.cap_texts([value], limit, "right")
-                    value, total = texts[0], total + cut[0]
-                capped.append((kind, value))
-            out.append(capped[0][1] if isinstance(document, str) else tuple(capped))
-            cuts.append(total)
-        return out, cuts
-
-    def _side(self, item: Any, param: str, cache: dict) -> tuple[str, list[Any], list]:
-        """(placeholders, texts, processed images) of one side; each image processed once
-        per call (`cache`, by identity)."""
-        texts, images = split_parts(item)
-        for text in texts:
-            if any(mark in text for mark in _VISION_MARKUP):
-                raise InvalidRequest(
-                    f"{param} holds vision markup ({', '.join(_VISION_MARKUP)}) in its text; "
-                    "send images as image parts",
-                    param=param,
-                )
-        processed = []
-        for image in images:
-            key = id(image)
-            if key not in cache:
-                try:
-                    cache[key] = (image, self.process_image(image))
-                except InvalidRequest:
-                    raise
-                except Exception as exc:
-                    raise InvalidRequest(
-                        f"{param}: the image cannot be used: {exc}", param=param
-                    ) from exc
-            processed.append(cache[key][1])
-        return IMAGE_PLACEHOLDER * len(images), texts, processed
+    def _side(self, item: Any, param: str, cache: dict) -> tuple[str, list[str], list]:
+        """(placeholders, texts, processed images) of one side."""
+        texts, images = self._parts(item, param, cache)
+        return IMAGE_PLACEHOLDER * len(images), texts, images
 
     def process_image(self, image: Any) -> tuple[Any, tuple[int, int, int]]:
         """transformers' `load_image` conversion (EXIF orientation, RGB), then the image
@@ -224,7 +110,9 @@ class JinaM0Reranker(Recipe):
             return text, 0
         return self.tokenizer.decode(ids[: self.max_doc_length]), len(ids) - self.max_doc_length
 
-    def _build(self, queries, documents) -> list[EncodedVisionPair]:
+    def _build(self, queries, documents, instruction=None) -> list[EncodedVisionPair]:
+        """The official prompts, tokenized whole with the score token appended; the
+        checkpoint takes no instruction (`instruction` is ignored)."""
         cache: dict = {}
         texts, images, cuts = [], [], []
         one_query = len({id(q) for q in queries}) == 1
@@ -248,17 +136,6 @@ class JinaM0Reranker(Recipe):
                 )
             )
         return pairs
-
-    def _expand(self, text: str, images: list) -> str:
-        """The processor's placeholder expansion: each `<|image_pad|>` repeated once per
-        merged patch of its image."""
-        if not images:
-            return text
-        pieces = text.split("<|image_pad|>")
-        out = [pieces[0]]
-        for (_, (t, h, w)), piece in zip(images, pieces[1:], strict=True):
-            out.append("<|image_pad|>" * (t * h * w // self.merge) + piece)
-        return "".join(out)
 
     def _overflow(self, index: int, tokens: int, has_images: bool) -> InvalidRequest:
         """A pair over the limit after its document's cut: the official code would cut the

@@ -19,24 +19,21 @@ Reproduces QwenLM/Qwen3-VL-Embedding's `src/models/qwen3_vl_reranker.py` token f
   most 10245 tokens; `--max-model-len N` caps the whole pair at N.
 - score: sigmoid(h_last · (W[yes] − W[no])), W the LM head.
 
-Inputs: a query or a document is a string, or a tuple of parts `("text", str)` /
-`("image", image)` where image is a decoded PIL image, or a `DecodedImage` holding one (the
-service decodes `data:` URIs and URLs with recipes/media.py before calling `encode`). Pairs come back as `EncodedVisionPair`,
-whose `images` hold each image's pixel patches and grid for the engine.
+Inputs, outputs and the request-level steps are recipes/vision.py's (`VisionRecipe`), shared
+with jina-reranker-m0; this module is the prompt, the image conversion and the truncation.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from rerankd.errors import InvalidRequest
-from rerankd.recipes.base import Recipe, ScoreHead
-from rerankd.recipes.media import MAX_ASPECT_RATIO, DecodedImage
-from rerankd.types import EncodedPair
+from rerankd.recipes.base import ScoreHead
+from rerankd.recipes.media import MAX_ASPECT_RATIO
+from rerankd.recipes.vision import IMAGE_PLACEHOLDER, EncodedVisionPair, VisionRecipe
+
+__all__ = ["EncodedVisionPair", "Qwen3VLReranker", "smart_resize"]
 
 SYSTEM = (
     "Judge whether the Document meets the requirements based on the Query and the Instruct "
@@ -47,23 +44,12 @@ SUFFIX = "<|im_end|>\n<|im_start|>assistant\n"
 #: tokens of SUFFIX (<|im_end|> \n <|im_start|> assistant \n), which truncation never cuts
 SUFFIX_TOKENS = 5
 DEFAULT_INSTRUCTION = "Given a search query, retrieve relevant candidates that answer the query."
-IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
 #: the official MAX_LENGTH: tokens before the 5-token generation prompt
 CARD_MAX_LENGTH = 10240
 #: qwen_vl_utils' resize factor for Qwen3-VL: image_patch_size 16 x spatial merge 2
 IMAGE_FACTOR = 32
 MIN_PIXELS = 4 * IMAGE_FACTOR * IMAGE_FACTOR  # 4 merged patches
 MAX_PIXELS = 1800 * IMAGE_FACTOR * IMAGE_FACTOR  # 1800 merged patches, the card's budget
-#: strings that would make a text part claim vision tokens the request has no image for
-_VISION_MARKUP = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
-
-
-@dataclass(frozen=True, eq=False)
-class EncodedVisionPair(EncodedPair):
-    """A pair whose ids hold image placeholders: `images[k]` = (pixel patches, a float32
-    array (patches, 3·2·16·16), and the grid (t, h, w) in patches) of the k-th image."""
-
-    images: tuple[tuple[Any, tuple[int, int, int]], ...] = ()
 
 
 def smart_resize(height: int, width: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
@@ -88,45 +74,17 @@ def smart_resize(height: int, width: int, min_pixels: int, max_pixels: int) -> t
     return h_bar, w_bar
 
 
-def split_parts(item: Any) -> tuple[list[str], list[Any]]:
-    """(texts, images) of one query or document, in their order within each kind."""
-    if isinstance(item, str):
-        return [item], []
-    texts = [value for kind, value in item if kind == "text"]
-    images = [
-        value.image if isinstance(value, DecodedImage) else value
-        for kind, value in item
-        if kind == "image"
-    ]
-    return texts, images
-
-
-class Qwen3VLReranker(Recipe):
+class Qwen3VLReranker(VisionRecipe):
     name = "qwen3-vl-reranker"
     architectures = ("Qwen3VLForConditionalGeneration",)
     supports_instruction = True
-    #: queries and documents may hold images (the service refuses them for other recipes)
-    supports_images = True
 
-    def __init__(
-        self,
-        tokenizer,
-        config,
-        max_model_len: int | None = None,
-        model_dir: Path | str | None = None,
-        min_pixels: int = MIN_PIXELS,
-        max_pixels: int = MAX_PIXELS,
-        image_processor: Any = None,
-    ) -> None:
-        super().__init__(tokenizer, config, max_model_len)
-        if image_processor is None:
-            from transformers import AutoImageProcessor
+    MIN_PIXELS, MAX_PIXELS = MIN_PIXELS, MAX_PIXELS  # the module's, as class attributes
 
-            image_processor = AutoImageProcessor.from_pretrained(model_dir)
-        self.image_processor = image_processor
-        self.merge = int(image_processor.merge_size) ** 2
-        self.min_pixels, self.max_pixels = min_pixels, max(min_pixels, max_pixels)
-        self.special_ids = frozenset(tokenizer.all_special_ids)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        """`VisionRecipe`'s arguments; ValueError for a length that leaves no prompt."""
+        super().__init__(*args, **kwargs)
+        self.special_ids = frozenset(self.tokenizer.all_special_ids)
         self.front_budget = self.max_length - SUFFIX_TOKENS
         if self.front_budget <= 0:
             raise ValueError(f"max length {self.max_length} leaves no room for the prompt")
@@ -138,115 +96,21 @@ class Qwen3VLReranker(Recipe):
             kind="lm_rows", positive_token_id=vocab["yes"], negative_token_id=vocab["no"]
         )
 
-    def warm_up_documents(self) -> list[Any]:
-        """Two small image documents (a grey 64x64 image, with and without a caption), for
-        the start-up warm-up to run the vision tower and the shared-prefix path once."""
-        from PIL import Image
-
-        image = Image.new("RGB", (64, 64), (128, 128, 128))
-        return [(("image", image),), (("image", image), ("text", "warm-up document"))]
-
     def _max_length(self, max_model_len: int | None) -> int:
         text = getattr(self.config, "text_config", self.config)
         context = getattr(text, "max_position_embeddings", None) or CARD_MAX_LENGTH + SUFFIX_TOKENS
         limit = CARD_MAX_LENGTH + SUFFIX_TOKENS if max_model_len is None else max_model_len
         return min(limit, context)
 
-    # --- encoding ---------------------------------------------------------------------------
+    # --- encoding (the rest is VisionRecipe's) ----------------------------------------------
 
-    def encode(
-        self,
-        queries: Sequence[Any],
-        documents: Sequence[Any],
-        instruction: str | None = None,
-        truncate: bool = True,
-        *,
-        side: str = "right",
-        max_document_tokens: int | None = None,
-    ) -> list[EncodedPair]:
-        """Aligned pairs of strings or part tuples (see the module docstring)."""
-        if len(queries) != len(documents):
-            raise ValueError("queries and documents must be aligned; this is a bug")
-        if side != "right":
-            raise InvalidRequest(
-                "this model's truncation cuts a document's end, as its official code does; "
-                "keeping the end (truncation_side left) is not supported",
-                param="truncation_side",
-            )
-        if not documents:
-            return []
-        cut_queries: dict[int, Any] = {}  # a request's one query: cut once, one object
-        for query in queries:
-            if id(query) not in cut_queries:
-                cut_queries[id(query)] = self._precut(query)
-        queries = [cut_queries[id(q)] for q in queries]
-        documents = [self._precut(d) for d in documents]
-        capped = [0] * len(documents)
-        if max_document_tokens is not None:
-            documents, capped = self._cap(documents, max_document_tokens)
-        pairs = self._build(queries, documents, instruction)
-        if not truncate:
-            self.check_fits(pairs)
-        return [
-            EncodedVisionPair(p.input_ids, None, p.cut_tokens + cut, images=p.images) if cut else p
-            for p, cut in zip(pairs, capped, strict=True)
-        ]
-
-    def _encode_pairs(self, queries, documents, instruction, side: str = "right"):
-        """Text pairs exactly as the official code tokenizes them (chunking's entry)."""
-        return self._build(queries, documents, instruction)
-
-    def _precut(self, item: Any) -> Any:
-        if isinstance(item, str):
-            return self.precut(item, "right")
-        return tuple((k, self.precut(v, "right") if k == "text" else v) for k, v in item)
-
-    def _cap(self, documents: list[Any], limit: int) -> tuple[list[Any], list[int]]:
-        """Each document's text parts cut to `limit` tokens each (images are never cut)."""
-        out, cuts = [], []
-        for document in documents:
-            if isinstance(document, str):
-                texts, cut = self.cap_texts([document], limit, "right")
-                out.append(texts[0])
-                cuts.append(cut[0])
-                continue
-            parts, total = [], 0
-            for kind, value in document:
-                if kind == "text":
-                    texts, cut = self.cap_texts([value], limit, "right")
-                    value, total = texts[0], total + cut[0]
-                parts.append((kind, value))
-            out.append(tuple(parts))
-            cuts.append(total)
-        return out, cuts
-
-    def _side(self, item: Any, index: int, param: str, cache: dict) -> tuple[str, list]:
+    def _side(self, item: Any, param: str, cache: dict) -> tuple[str, list]:
         """The rendered text of one side (images first, then texts, or NULL) and its images'
-        (pixels, grid), each image processed once per call (`cache`, by identity)."""
-        texts, images = split_parts(item)
-        for text in texts:
-            if any(mark in text for mark in _VISION_MARKUP):
-                raise InvalidRequest(
-                    f"{param} holds vision markup ({', '.join(_VISION_MARKUP)}) in its text; "
-                    "send images as image parts",
-                    param=param,
-                )
+        (pixels, grid)."""
+        texts, images = self._parts(item, param, cache)
         if not texts and not images:
             return "NULL", []
-        processed = []
-        for image in images:
-            key = id(image)
-            if key not in cache:
-                try:
-                    cache[key] = (image, self.process_image(image))
-                except InvalidRequest:
-                    raise
-                except Exception as exc:
-                    raise InvalidRequest(
-                        f"{param}: the image cannot be used: {exc}", param=param
-                    ) from exc
-            processed.append(cache[key][1])
-        return IMAGE_PLACEHOLDER * len(images) + "".join(texts), processed
+        return IMAGE_PLACEHOLDER * len(images) + "".join(texts), images
 
     def process_image(self, image: Any) -> tuple[Any, tuple[int, int, int]]:
         """fetch_image's conversion and resize, then the image processor (no resize)."""
@@ -272,8 +136,8 @@ class Qwen3VLReranker(Recipe):
         one_query = len({id(q) for q in queries}) == 1
         for index, (query, document) in enumerate(zip(queries, documents, strict=True)):
             q_param = "query" if one_query else f"queries[{index}]"
-            q_text, q_images = self._side(query, index, q_param, cache)
-            d_text, d_images = self._side(document, index, f"documents[{index}]", cache)
+            q_text, q_images = self._side(query, q_param, cache)
+            d_text, d_images = self._side(document, f"documents[{index}]", cache)
             pair_images = q_images + d_images
             body = f"<Instruct>: {instruct}<Query>:{q_text}\n<Document>:{d_text}"
             texts.append(self._expand(PREFIX + body + SUFFIX, pair_images))
@@ -287,17 +151,6 @@ class Qwen3VLReranker(Recipe):
                 self._check_query_fits(texts[index], index)
             pairs.append(EncodedVisionPair(tuple(kept), None, cut, images=tuple(images[index])))
         return pairs
-
-    def _expand(self, text: str, images: list) -> str:
-        """The processor's placeholder expansion: each `<|image_pad|>` repeated once per
-        merged patch of its image."""
-        if not images:
-            return text
-        pieces = text.split("<|image_pad|>")
-        out = [pieces[0]]
-        for (_, (t, h, w)), piece in zip(images, pieces[1:], strict=True):
-            out.append("<|image_pad|>" * (t * h * w // self.merge) + piece)
-        return "".join(out)
 
     def _truncate(self, ids: list[int]) -> list[int]:
         """truncate_tokens_optimized: every special token, and the first budget − #special
