@@ -103,6 +103,29 @@ class DecoderConfig:
         )
 
 
+class LayerHeads:
+    """A config with score heads after some of a decoder's layers (MiniCPM layerwise: each
+    layer from `start_layer` on; gemma2-lightweight: each `layer_sep`-th): the sizes the
+    engine reads, and the layers a score can be read after."""
+
+    decoder: DecoderConfig
+    start_layer: int
+    layer_sep: int = 1
+
+    @property
+    def num_layers(self) -> int:
+        return self.decoder.num_layers
+
+    @property
+    def vocab_size(self) -> int:
+        return self.decoder.vocab_size
+
+    @property
+    def layers(self) -> range:
+        """The layers a score can be read after (FlagEmbedding's valid `cutoff_layers`)."""
+        return range(self.start_layer, self.num_layers + 1, self.layer_sep)
+
+
 @dataclass
 class Stream:
     """One forward's token stream as every layer reads it: the rows of the shared prefixes

@@ -49,6 +49,7 @@ from torch import Tensor, nn
 from rerankd.models.decoder import (
     MLP,
     DecoderConfig,
+    LayerHeads,
     RMSNorm,
     apply_rotary,
     rope_inv_freq,
@@ -61,7 +62,7 @@ from rerankd.ops.attention import length_buckets
 
 
 @dataclass
-class LightweightConfig:
+class LightweightConfig(LayerHeads):
     #: the Gemma2 decoder's shape (`gemma_norm`, GELU-tanh, embeddings × sqrt(hidden))
     decoder: DecoderConfig
     query_pre_attn_scalar: float
@@ -71,19 +72,6 @@ class LightweightConfig:
     #: heads exist after layers start_layer, start_layer + layer_sep, … num_layers
     start_layer: int
     layer_sep: int = 1
-
-    @property
-    def num_layers(self) -> int:
-        return self.decoder.num_layers
-
-    @property
-    def vocab_size(self) -> int:
-        return self.decoder.vocab_size
-
-    @property
-    def layers(self) -> range:
-        """The layers a score can be read after (FlagEmbedding's valid `cutoff_layers`)."""
-        return range(self.start_layer, self.num_layers + 1, self.layer_sep)
 
     @property
     def scale(self) -> float:

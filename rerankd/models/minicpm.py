@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from rerankd.models.decoder import Decoder, DecoderConfig
+from rerankd.models.decoder import Decoder, DecoderConfig, LayerHeads
 from rerankd.models.decoder_weights import load_decoder
 from rerankd.models.kernels import Kernels
 from rerankd.models.loader import UnsupportedCheckpoint
@@ -38,7 +38,7 @@ from rerankd.ops.batch import PackedBatch
 
 
 @dataclass
-class LayerwiseConfig:
+class LayerwiseConfig(LayerHeads):
     decoder: DecoderConfig
     #: scale_depth / sqrt(num_layers), applied to each residual branch
     residual_scale: float
@@ -46,19 +46,6 @@ class LayerwiseConfig:
     start_layer: int
     #: one head per layer (the checkpoint's), else one head shared by every layer
     head_multi: bool = True
-
-    @property
-    def num_layers(self) -> int:
-        return self.decoder.num_layers
-
-    @property
-    def vocab_size(self) -> int:
-        return self.decoder.vocab_size
-
-    @property
-    def layers(self) -> range:
-        """The layers a score can be read after (FlagEmbedding's valid `cutoff_layers`)."""
-        return range(self.start_layer, self.num_layers + 1)
 
     def head_index(self, layer: int) -> int:
         return layer - self.start_layer if self.head_multi else 0
