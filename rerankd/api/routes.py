@@ -278,12 +278,16 @@ async def score_plain(request: Request) -> JSONResponse:
 # --- service routes ----------------------------------------------------------------------
 
 
-@router.api_route(
-    "/health",
-    methods=["GET", "HEAD"],
-    summary="200 when the model is loaded and warmed; 503 while loading, draining or degraded "
-    "(a failed inference was followed by a failed known-good probe)",
+_HEALTH_SUMMARY = (
+    "200 when the model is loaded and warmed; 503 while loading, draining or degraded "
+    "(a failed inference was followed by a failed known-good probe)"
 )
+
+
+# GET and HEAD as two routes, not one api_route: one route with two methods gives both
+# operations the same OpenAPI id (FastAPI warns); two get health_health_get/_head.
+@router.get("/health", summary=_HEALTH_SUMMARY)
+@router.head("/health", summary=_HEALTH_SUMMARY)
 async def health(request: Request) -> JSONResponse:
     state = _service(request).state
     if state == "ok":
@@ -323,7 +327,8 @@ async def models(request: Request) -> JSONResponse:
     return JSONResponse({"object": "list", "data": data})
 
 
-@router.api_route("/version", methods=["GET", "HEAD"], summary="rerankd's version")
+@router.get("/version", summary="rerankd's version")
+@router.head("/version", summary="rerankd's version")
 async def version() -> JSONResponse:
     return JSONResponse({"version": __version__})
 
