@@ -26,7 +26,7 @@ from types import FrameType
 
 import uvicorn
 
-from rerankd.api import create_app
+from rerankd.api import build_app
 from rerankd.api.auth import APIKeys
 from rerankd.http_server import ConnectionLimits, GuardedConfig
 from rerankd.runtime import build_service
@@ -157,14 +157,7 @@ def serve(settings: Settings) -> int:
         if settings.access_log:
             configure_access_log()
         service = build_service(settings)
-        app = create_app(
-            service,
-            api_keys=keys,
-            cors_origins=settings.cors_origin,
-            max_request_bytes=settings.max_request_bytes,
-            access_log=settings.access_log,
-            document_format=settings.rerank_document_format,
-        )
+        app = build_app(settings, service, api_keys=keys)
         if keys.enabled:
             log.info(
                 "API keys required on every route but /health and /version (%d keys)", len(keys)

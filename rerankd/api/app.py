@@ -22,6 +22,7 @@ from rerankd.api.middleware import (
 from rerankd.api.playground import router as playground_router
 from rerankd.api.routes import router
 from rerankd.service import RerankService
+from rerankd.settings import Settings
 
 
 def create_app(
@@ -83,6 +84,30 @@ def create_app(
     app.add_middleware(WebSocketRefusal)
     _install_openapi(app)
     return app
+
+
+def build_app(
+    settings: Settings,
+    service: RerankService,
+    api_keys: APIKeys | None = None,
+    metrics_export: Callable[[], Awaitable[bytes]] | None = None,
+) -> FastAPI:
+    """The app as `rerankd serve` (and each Ray HTTP replica) wires it from `settings`:
+    keys, CORS, body limit, access log, document format. One definition, so the tests that
+    build it over a fake engine exercise the served wiring.
+
+    `api_keys`: the store to serve (the server keeps it to swap on SIGHUP); by default
+    the keys `settings` names.
+    """
+    return create_app(
+        service,
+        api_keys=api_keys if api_keys is not None else APIKeys(settings.all_api_keys()),
+        cors_origins=settings.cors_origin,
+        max_request_bytes=settings.max_request_bytes,
+        access_log=settings.access_log,
+        metrics_export=metrics_export,
+        document_format=settings.rerank_document_format,
+    )
 
 
 def _install_openapi(app: FastAPI) -> None:

@@ -37,18 +37,10 @@ class _HTTPReplica:
 
     def __serve_build_asgi_app__(self) -> Any:
         """The ASGI app Serve runs in this replica (its lifespan starts the service)."""
-        from rerankd.api import create_app
+        from rerankd.api import build_app
 
-        settings, pusher = self.settings, self.pusher
-        return create_app(
-            self.service,
-            api_keys=settings.all_api_keys(),
-            cors_origins=settings.cors_origin,
-            max_request_bytes=settings.max_request_bytes,
-            access_log=settings.access_log,
-            document_format=settings.rerank_document_format,
-            metrics_export=pusher.export if pusher is not None else None,
-        )
+        export = self.pusher.export if self.pusher is not None else None
+        return build_app(self.settings, self.service, metrics_export=export)
 
 
 class RerankdReplica(_HTTPReplica):

@@ -7,8 +7,8 @@ TCP-level stack, the CLI, real client libraries).
 
 - `make_client(**options)`: an app over a fake engine, options given directly;
 - `serve_flags(*flags, env=..., engine=...)`: the app `rerankd serve FLAGS` would build
-  (flags and RERANKD_* variables parsed by Settings, keys, limits, CORS, body limit and
-  document format wired as rerankd.server.serve wires them), over a fake engine;
+  (flags and RERANKD_* variables parsed by Settings, the app wired by rerankd.api.build_app,
+  which rerankd.server.serve and the Ray replicas call too), over a fake engine;
 - `serve_real(*flags)`: the same over the real engine `serve` would load (in-process: the
   model loads in this process, no server process starts).
 """
@@ -26,8 +26,7 @@ import orjson
 import pytest
 from starlette.testclient import TestClient
 
-from rerankd.api import create_app
-from rerankd.api.auth import APIKeys
+from rerankd.api import build_app, create_app
 from rerankd.metrics import Metrics
 from rerankd.runtime import build_service, limits_of, load_recipe
 from rerankd.scheduler import Scheduler
@@ -108,18 +107,6 @@ def client(make_client) -> Iterator[TestClient]:
 # --- the app `rerankd serve` builds, in-process ------------------------------------------------
 
 
-def app_like_serve(service: RerankService, settings: Settings):
-    """create_app wired from `settings` exactly as rerankd.server.serve wires it."""
-    return create_app(
-        service,
-        api_keys=APIKeys(settings.all_api_keys()),
-        cors_origins=settings.cors_origin,
-        max_request_bytes=settings.max_request_bytes,
-        access_log=settings.access_log,
-        document_format=settings.rerank_document_format,
-    )
-
-
 def _settings(model_dir, flags, env) -> Settings:
     """`serve --model MODEL FLAGS` with only `env` as the environment (never the shell's)."""
     return parse_settings(["--model", str(model_dir), *flags], env or {})
@@ -127,7 +114,7 @@ def _settings(model_dir, flags, env) -> Settings:
 
 @contextmanager
 def _client(service: RerankService, settings: Settings) -> Iterator[TestClient]:
-    with TestClient(app_like_serve(service, settings), raise_server_exceptions=False) as client:
+    with TestClient(build_app(settings, service), raise_server_exceptions=False) as client:
         client.service = service  # type: ignore[attr-defined]
         client.settings = settings  # type: ignore[attr-defined]
         yield client
