@@ -11,6 +11,9 @@ so it is chosen only where a measurement showed a gain. `on`/`off` force either 
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -89,3 +92,18 @@ def compile_pays(
         return False
     name = str(dtype).removeprefix("torch.")
     return MEASURED.get((cpu, family, name, quantized), False)
+
+
+def scores_disagree(
+    expected: Sequence[float] | torch.Tensor, got: Sequence[float] | torch.Tensor
+) -> float:
+    """The most a compiled path moves any score from eager's (max |Δ|), or infinity when
+    either side has a non-finite score: compared to a tolerance, `abs(a - b) > tol` is
+    False for NaN, so a compiled path scoring NaN passed as agreeing."""
+    a = torch.as_tensor(expected, dtype=torch.float64).flatten()
+    b = torch.as_tensor(got, dtype=torch.float64).flatten()
+    if a.shape != b.shape:
+        raise ValueError(f"{a.numel()} eager scores against {b.numel()} compiled ones")
+    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        return math.inf
+    return (a - b).abs().max().item() if a.numel() else 0.0

@@ -27,6 +27,7 @@ from rerankd.models.weights import Checkpoint
 from rerankd.ops.attention import ATTENTION
 from rerankd.ops.attention_speed import AttentionShape
 from rerankd.ops.batch import PackedBatch
+from rerankd.ops.compile_cache import key_compile_cache_by_cpu_isa
 from rerankd.ops.prepack import residual_linear
 
 #: position ids of RoBERTa-family models start after the padding index
@@ -212,7 +213,9 @@ def compiled_kernels() -> EncoderKernels:
     """`torch.compile`d per-token functions (dynamic shapes: one compile serves every token
     count; parameters are graph inputs, so all layers share one graph). Int8 GEMMs are
     custom ops inside the graph (`onednn_ops`), so each input quantization fuses with the
-    norm or GELU that produces it."""
+    norm or GELU that produces it. Inductor's cache is keyed by the CPU's vector ISA first:
+    entries shared with a process of another ISA overran their buffers (ops/compile_cache)."""
+    key_compile_cache_by_cpu_isa()
     return EncoderKernels(
         torch.compile(project_tokens, dynamic=True), torch.compile(finish_tokens, dynamic=True)
     )
