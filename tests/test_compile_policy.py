@@ -10,7 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from rerankd.engine.compile_policy import MEASURED, compile_pays, cpu_class, model_family
+from rerankd.engine import listwise
+from rerankd.engine.compile_policy import (
+    LISTWISE,
+    LISTWISE_MEASURED,
+    MEASURED,
+    compile_pays,
+    cpu_class,
+    model_family,
+)
 from rerankd.engine.packed_engine import PackedEngine
 from rerankd.metrics import Metrics
 from rerankd.models.decoder import DecoderReranker
@@ -132,3 +140,16 @@ def test_a_served_model_compiles_as_the_table_says(monkeypatch, cls, fixture, dt
     # a tiny fixture, loaded as the server loads it, with rerankd's flags of the class
     monkeypatch.setenv(CPU_FLAGS_ENV, FLAGS[cls])
     assert _compiled(fixture, dtype) is MEASURED[(cls, family, dtype, False)]
+
+
+@pytest.mark.parametrize("cls", list(FLAGS))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_the_listwise_engine_decides_from_the_same_policy(monkeypatch, cls, dtype):
+    # its own measured row (bf16 on AMX); every other class and precision unmeasured: eager
+    monkeypatch.setenv(CPU_FLAGS_ENV, FLAGS[cls])
+    measured = (cls, LISTWISE, str(dtype).removeprefix("torch."), False) in LISTWISE_MEASURED
+    assert listwise._wants_compile("auto", CPU, dtype) is measured
+    assert measured is (cls == "amx" and dtype == torch.bfloat16)  # the behaviour kept
+    assert listwise._wants_compile("auto", CUDA, dtype) is False
+    assert listwise._wants_compile("on", CPU, dtype) is True
+    assert listwise._wants_compile("off", CPU, dtype) is False

@@ -56,6 +56,17 @@ MEASURED: dict[tuple[str, str, str, bool], bool] = {
     ("avx2", "encoder", "float32", False): False,
 }
 
+#: The listwise engine (engine/listwise.py: jina-reranker-v3, our decoder's per-token work on
+#: window prompts), measured apart (docs/benchmarks.md, "jina-reranker-v3"): bf16 on AMX,
+#: compiled 2.12x the transformers reference where eager was 0.49x (14 layers, not a paired
+#: compiled/eager run). Every other class and precision is unmeasured for this engine: eager
+#: under `auto`, although the packed decoder's rows above suggest compiling pays there too.
+LISTWISE = "listwise"
+LISTWISE_MEASURED: dict[tuple[str, str, str, bool], bool] = {
+    ("amx", LISTWISE, "bfloat16", False): True,  # 2.12 / 0.49 vs the reference
+}
+_DECISIONS = {**MEASURED, **LISTWISE_MEASURED}
+
 
 def cpu_class(flags: set[str] | None = None) -> str:
     """This CPU's class, named as in `rerankd.ops.cpu.CPU_CLASSES`, from rerankd's CPU flags
@@ -87,11 +98,12 @@ def model_family(model: nn.Module) -> str:
 def compile_pays(
     cpu: str, family: str, dtype: torch.dtype, quantized: bool, device: torch.device
 ) -> bool:
-    """Whether `--compile auto` compiles: only on CPU, and only where `MEASURED` says so."""
+    """Whether `--compile auto` compiles: only on CPU, and only where `MEASURED` (or, for
+    the listwise engine's family `LISTWISE`, `LISTWISE_MEASURED`) says so."""
     if device.type != "cpu":  # unmeasured on CUDA
         return False
     name = str(dtype).removeprefix("torch.")
-    return MEASURED.get((cpu, family, name, quantized), False)
+    return _DECISIONS.get((cpu, family, name, quantized), False)
 
 
 def scores_disagree(

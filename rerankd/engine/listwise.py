@@ -55,13 +55,14 @@ from typing import Any, Protocol
 import torch
 
 from rerankd.engine.base import default_batch_tokens, split_on_oom
+from rerankd.engine.compile_policy import LISTWISE, compile_pays, cpu_class, scores_disagree
 from rerankd.engine.factory import ONEDNN_ROW_MULTIPLE
 from rerankd.engine.packed_engine import COMPILE_MODES, check_mode
 from rerankd.models.jina_v3 import load_jina_v3
 from rerankd.models.kernels import Kernels
 from rerankd.models.weights import open_checkpoint
 from rerankd.ops.batch import pack
-from rerankd.ops.cpu import cpu_has_amx
+from rerankd.ops.compile_cache import key_compile_cache_by_cpu_isa
 from rerankd.ops.prepack import prepack_linears
 from rerankd.types import Batch, EncodedPair
 
@@ -156,17 +157,20 @@ class ListwiseEngine:
 
     def _compile_agrees(self, vocab_size: int) -> bool:
         """Compile the decoder's per-token work (the warm-up, before the server is ready) and
-        keep it only if two probe windows score as eager; any compiler failure stays eager."""
+        keep it only if two probe windows score as eager, all finite (`scores_disagree`);
+        any compiler failure stays eager. Inductor's cache is keyed by the CPU's vector ISA
+        first (ops/compile_cache: entries of another ISA corrupted the heap or gave NaN)."""
         probes = [_probe(vocab_size, length, seed) for seed, length in enumerate((48, 37))]
         try:
             expected = [merge_windows(self.forward([w])) for w in probes]
+            key_compile_cache_by_cpu_isa()
             self.model.decoder.set_kernels(Kernels("sdpa", compiled=True))
             got = [merge_windows(self.forward([w])) for w in probes]
         except Exception as exc:
             self.model.decoder.set_kernels(Kernels("sdpa"))
             log.warning("torch.compile unavailable (%s); the listwise engine runs eager", exc)
             return False
-        worst = max((a - b).abs().max().item() for a, b in zip(expected, got, strict=True))
+        worst = scores_disagree(torch.cat(expected), torch.cat(got))
         if worst > _COMPILE_TOLERANCE:
             self.model.decoder.set_kernels(Kernels("sdpa"))
             log.warning("compiled per-token work moves scores by %.3g; running eager", worst)
@@ -189,11 +193,10 @@ def _probe(vocab_size: int, length: int, seed: int) -> _ProbeWindow:
 
 
 def _wants_compile(mode: str, device: torch.device, dtype: torch.dtype) -> bool:
-    """`auto`: bf16 on a CPU with AMX, the case measured for this engine (compiled 2.12x
-    the transformers reference, eager 0.49x; docs/benchmarks.md); eager elsewhere, where it
-    is unmeasured for this engine (the packed engine's table: engine/compile_policy.py)."""
+    """`auto`: compile_policy's rule and this engine's row of it (`LISTWISE_MEASURED`:
+    bf16 on AMX CPUs, measured; eager wherever it is unmeasured for this engine)."""
     if mode == "auto":
-        return device.type == "cpu" and dtype == torch.bfloat16 and cpu_has_amx()
+        return compile_pays(cpu_class(), LISTWISE, dtype, False, device)
     return mode == "on"
 
 
