@@ -1,4 +1,8 @@
-"""rerankd.client: typed results against a live server; retries and errors against stubs."""
+"""rerankd.client: typed results against the served app; retries and errors against stubs.
+
+The app is `rerankd serve`'s (rerankd.api.build_app over the real engine), in this process:
+the client's own transport hands it each request (tests/in_process.py), so no server
+process starts. The CLI's --url mode over real TCP is tested in tests/test_eval_cli.py."""
 
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ from rerankd.client import (
     RerankResult,
     ServiceUnavailableError,
 )
+from tests.in_process import AppTransport, served_real
 
 QUERY = "What is the capital of France?"
 DOCS = [
@@ -33,18 +38,27 @@ DOCS = [
 ]
 
 
-# --- live server -------------------------------------------------------------------------
+# --- the served app ----------------------------------------------------------------------
+
+URL = "http://rerankd.test"
 
 
 @pytest.fixture(scope="module")
-def client(qwen3_server):
-    with Client(qwen3_server, timeout=120) as c:
+def app(qwen3_dir):
+    """The app of `rerankd serve --model <tiny qwen3> --dtype float32 --device cpu`."""
+    with served_real(qwen3_dir) as app:
+        yield app
+
+
+@pytest.fixture(scope="module")
+def client(app):
+    with Client(URL, timeout=120, transport=AppTransport(app)) as c:
         yield c
 
 
-def test_rerank_returns_typed_results_equal_to_the_raw_http_answer(client, qwen3_server):
+def test_rerank_returns_typed_results_equal_to_the_raw_http_answer(client, app):
     got = client.rerank(QUERY, DOCS)
-    raw = httpx.post(f"{qwen3_server}/v1/rerank", json={"query": QUERY, "documents": DOCS}).json()
+    raw = app.post("/v1/rerank", json={"query": QUERY, "documents": DOCS}).json()
     assert got.model == raw["model"]
     assert got.id.startswith("rerank-")
     assert got.usage.prompt_tokens == raw["usage"]["prompt_tokens"] > 0
@@ -111,9 +125,9 @@ def test_errors_carry_the_server_error_json(client):
     assert bad.value.body["error"]["code"] == 400
 
 
-def test_async_client_gives_the_same_answers(client, qwen3_server):
+def test_async_client_gives_the_same_answers(client, app):
     async def run():
-        async with AsyncClient(qwen3_server, timeout=120) as ac:
+        async with AsyncClient(URL, timeout=120, transport=AppTransport(app)) as ac:
             ranked, scored, models, healthy = await asyncio.gather(
                 ac.rerank(QUERY, DOCS, top_n=3), ac.score(QUERY, DOCS), ac.models(), ac.health()
             )
@@ -128,17 +142,17 @@ def test_async_client_gives_the_same_answers(client, qwen3_server):
     assert models == client.models() and healthy is True
 
 
-def test_api_key_is_sent_and_a_wrong_key_is_an_authentication_error(start_server, qwen3_dir):
-    args = ("--model", str(qwen3_dir), "--dtype", "float32", "--api-key", "s3cret")
-    with start_server(*args) as url:
-        with Client(url, api_key="s3cret") as good:
+def test_api_key_is_sent_and_a_wrong_key_is_an_authentication_error(qwen3_dir):
+    with served_real(qwen3_dir, "--api-key", "s3cret") as app:
+        transport = AppTransport(app)
+        with Client(URL, api_key="s3cret", transport=transport) as good:
             assert good.rerank(QUERY, DOCS[:2]).results
             assert good.models()[0].id
-        bad = Client(url, api_key="wrong")
+        bad = Client(URL, api_key="wrong", transport=transport)
         with bad, pytest.raises(AuthenticationError) as exc:
             bad.rerank(QUERY, DOCS[:2])
         assert exc.value.status == 401 and exc.value.message == "invalid API key"
-        with Client(url) as anonymous:
+        with Client(URL, transport=transport) as anonymous:
             assert anonymous.health() is True  # /health stays open
             with pytest.raises(AuthenticationError, match="missing API key"):
                 anonymous.models()

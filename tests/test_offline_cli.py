@@ -1,14 +1,19 @@
-"""`rerankd rerank`: offline JSONL reranking, in process and through --url, resumable."""
+"""`rerankd rerank`: offline JSONL reranking, in process and through --url, resumable.
+
+The server --url reaches is `rerankd serve`'s app in this process: rerankd.client's
+AsyncClient, which --url mode opens, is given an in-process transport (tests/in_process.py),
+so no server process starts. --url over real TCP: tests/test_eval_cli.py."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-import httpx
 import pytest
 
+import rerankd.client as client_module
 from rerankd.cli import main
+from tests.in_process import AppTransport, served_real
 
 LINES = [
     {"id": "france", "query": "What is the capital of France?",
@@ -35,6 +40,30 @@ def local_args(qwen3_dir):
     return ["--model", str(qwen3_dir), "--dtype", "float32", "--no-progress"]
 
 
+@pytest.fixture(scope="module")
+def app(qwen3_dir):
+    """The app of `rerankd serve --model <tiny qwen3> --dtype float32 --device cpu`."""
+    with served_real(qwen3_dir) as app:
+        yield app
+
+
+@pytest.fixture
+def url_of(monkeypatch):
+    """`url_of(app)`: a URL that --url mode reaches `app` at, in this process."""
+
+    def route(app) -> str:
+        transport = AppTransport(app)
+
+        class ToApp(client_module.AsyncClient):
+            def __init__(self, *args, **kwargs) -> None:
+                super().__init__(*args, transport=transport, **kwargs)
+
+        monkeypatch.setattr(client_module, "AsyncClient", ToApp)
+        return "http://rerankd.test"
+
+    return route
+
+
 def rerank(tmp_path: Path, args: list[str], rows=LINES, output="out.jsonl") -> tuple[int, Path]:
     src = write_jsonl(tmp_path / "in.jsonl", rows)
     out = tmp_path / output
@@ -49,16 +78,14 @@ def assert_same_results(mine: list[dict], theirs: list[dict]) -> None:
         assert a["relevance_score"] == pytest.approx(b["relevance_score"], abs=1e-5)
 
 
-def test_in_process_output_matches_the_servers_rerank_answer(tmp_path, local_args, qwen3_server):
+def test_in_process_output_matches_the_servers_rerank_answer(tmp_path, local_args, app):
     code, out = rerank(tmp_path, [*local_args, "--top-n", "2"])
     assert code == 0
     records = read_jsonl(out)
     assert [r["id"] for r in records] == ["france", 2, 7]  # line number when no id
     for row, record in zip(LINES, records, strict=True):
-        served = httpx.post(
-            f"{qwen3_server}/v1/rerank",
-            json={"query": row["query"], "documents": row["documents"], "top_n": 2},
-            timeout=60,
+        served = app.post(
+            "/v1/rerank", json={"query": row["query"], "documents": row["documents"], "top_n": 2}
         ).json()
         assert record["model"] == served["model"]
         assert record["usage"] == served["usage"]
@@ -67,11 +94,12 @@ def test_in_process_output_matches_the_servers_rerank_answer(tmp_path, local_arg
     assert echoed.get(2, LINES[0]["documents"][2]) == LINES[0]["documents"][2]  # objects as sent
 
 
-def test_url_mode_gives_the_same_records_as_in_process(tmp_path, local_args, qwen3_server):
+def test_url_mode_gives_the_same_records_as_in_process(tmp_path, local_args, app, url_of):
     code, local = rerank(tmp_path, [*local_args, "--no-documents"], output="local.jsonl")
     assert code == 0
+    url = url_of(app)
     code, remote = rerank(
-        tmp_path, ["--url", qwen3_server, "--no-documents", "--no-progress"], output="remote.jsonl"
+        tmp_path, ["--url", url, "--no-documents", "--no-progress"], output="remote.jsonl"
     )
     assert code == 0
     for a, b in zip(read_jsonl(local), read_jsonl(remote), strict=True):
@@ -138,10 +166,18 @@ def test_a_rerun_resumes_skipping_answered_ids_and_retrying_failed_ones(
     assert [r["id"] for r in read_jsonl(out)] == ["france", 2, 7, "new"]  # the error dropped
 
 
-def test_unreachable_server_or_unknown_model_stops_with_exit_code_2(tmp_path, qwen3_server, capsys):
-    code, _ = rerank(tmp_path, ["--url", qwen3_server, "--model", "no-such-model", "--no-progress"])
+def test_a_model_the_server_does_not_serve_stops_with_exit_code_2(tmp_path, app, url_of, capsys):
+    url = url_of(app)
+    code, _ = rerank(tmp_path, ["--url", url, "--model", "no-such-model", "--no-progress"])
     assert code == 2
-    assert "no-such-model" in capsys.readouterr().err
+    assert "'no-such-model' is not served" in capsys.readouterr().err
+
+
+def test_an_unreachable_server_stops_with_exit_code_2(tmp_path, capsys, monkeypatch):
+    async def no_wait(seconds: float) -> None:  # the client's retries, without their backoff
+        pass
+
+    monkeypatch.setattr(client_module, "_async_sleep", no_wait)
     code, _ = rerank(tmp_path, ["--url", "http://127.0.0.1:9", "--no-progress"])
     assert code == 2
     assert "cannot use the server" in capsys.readouterr().err
@@ -216,18 +252,18 @@ def test_image_documents_take_the_server_s_forms_and_bad_ones_fail_their_line_on
     assert "4 scored, 0 skipped (already in out.jsonl), 4 failed" in capsys.readouterr().err
 
 
-def test_image_lines_through_a_server_give_the_same_records(tmp_path, vl_lines):
+def test_image_lines_through_a_server_give_the_same_records(tmp_path, vl_lines, url_of):
     """--url sends each line's query and documents as they are (vLLM's documents object
     included): the records match the in-process run's, errors included."""
     from tests.fixtures.qwen3_vl import qwen3_vl_dir
-    from tests.harness import running_server
 
     model = str(qwen3_vl_dir())
     args = ["--model", model, "--dtype", "float32", "--no-progress"]
     _, local = rerank(tmp_path, args, vl_lines, output="local.jsonl")
-    with running_server("--model", model, "--dtype", "float32", "--device", "cpu") as server:
+    with served_real(model) as app:
+        url = url_of(app)
         _, remote = rerank(
-            tmp_path, ["--url", server.url, "--no-progress"], vl_lines, output="remote.jsonl"
+            tmp_path, ["--url", url, "--no-progress"], vl_lines, output="remote.jsonl"
         )
     for a, b in zip(read_jsonl(local), read_jsonl(remote), strict=True):
         assert a["id"] == b["id"]

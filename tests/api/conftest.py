@@ -11,6 +11,8 @@ TCP-level stack, the CLI, real client libraries).
   which rerankd.server.serve and the Ray replicas call too), over a fake engine;
 - `serve_real(*flags)`: the same over the real engine `serve` would load (in-process: the
   model loads in this process, no server process starts).
+
+The last two are tests/in_process.py's `served` and `served_real`, which other test files use.
 """
 
 from __future__ import annotations
@@ -19,20 +21,21 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 import orjson
 import pytest
 from starlette.testclient import TestClient
 
-from rerankd.api import build_app, create_app
+from rerankd.api import create_app
 from rerankd.metrics import Metrics
-from rerankd.runtime import build_service, limits_of, load_recipe
+from rerankd.runtime import limits_of, load_recipe
 from rerankd.scheduler import Scheduler
 from rerankd.service import Limits, RerankService, ServedModel, aliases_for
-from rerankd.settings import Settings, parse_settings
+from rerankd.settings import Settings
 from rerankd.types import Batch
+from tests.in_process import serve_settings, served, served_real
 
 
 class FakeEngine:
@@ -107,19 +110,6 @@ def client(make_client) -> Iterator[TestClient]:
 # --- the app `rerankd serve` builds, in-process ------------------------------------------------
 
 
-def _settings(model_dir, flags, env) -> Settings:
-    """`serve --model MODEL FLAGS` with only `env` as the environment (never the shell's)."""
-    return parse_settings(["--model", str(model_dir), *flags], env or {})
-
-
-@contextmanager
-def _client(service: RerankService, settings: Settings) -> Iterator[TestClient]:
-    with TestClient(build_app(settings, service), raise_server_exceptions=False) as client:
-        client.service = service  # type: ignore[attr-defined]
-        client.settings = settings  # type: ignore[attr-defined]
-        yield client
-
-
 @pytest.fixture(scope="session")
 def serve_flags(qwen3_dir, qwen3_recipe) -> Callable:
     """`with serve_flags(*flags, env={...}, engine=FakeEngine(...)) as client:` the app of
@@ -129,7 +119,7 @@ def serve_flags(qwen3_dir, qwen3_recipe) -> Callable:
     def make(
         *flags: str, env: dict[str, str] | None = None, engine: FakeEngine | None = None
     ) -> Iterator[TestClient]:
-        settings = _settings(qwen3_dir, flags, env)
+        settings = serve_settings(qwen3_dir, flags, env)
         engine = engine or FakeEngine()
         metrics = Metrics()
         names = aliases_for(settings.model, settings.served_model_name)
@@ -138,7 +128,7 @@ def serve_flags(qwen3_dir, qwen3_recipe) -> Callable:
         )
         model = ServedModel(names[0], qwen3_recipe, scheduler, names[1:], source=settings.model)
         service = RerankService([model], metrics, limits_of(settings))
-        with _client(service, settings) as client:
+        with served(settings, service) as client:
             client.engine = engine  # type: ignore[attr-defined]
             yield client
 
@@ -150,12 +140,8 @@ def serve_real(qwen3_dir) -> Callable:
     """`with serve_real(*flags, model=DIR) as client:` the app of `rerankd serve --model DIR
     --dtype float32 --device cpu FLAGS` with its real engine (default: the tiny Qwen3)."""
 
-    @contextmanager
-    def make(*flags: str, model=None) -> Iterator[TestClient]:
-        base = ("--dtype", "float32", "--device", "cpu")
-        settings = _settings(model or qwen3_dir, [*base, *flags], None)
-        with _client(build_service(settings), settings) as client:
-            yield client
+    def make(*flags: str, model=None) -> AbstractContextManager[TestClient]:
+        return served_real(model or qwen3_dir, *flags)
 
     return make
 
