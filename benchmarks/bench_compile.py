@@ -12,7 +12,8 @@ scores the same requests with the compiled and the eager per-token kernels, swap
 live engine between requests. Models: the Qwen3-Reranker-0.6B shape (28 layers,
 `benchmarks/make_model.py`) and the bge-reranker-v2-m3 shape (XLM-R large,
 `benchmarks/make_encoder.py`, `--encoder-layers` of its 24). ModernBERT has no compiled
-kernels (`set_kernels`), so `--compile` does not apply to it and it is not measured.
+kernels (`ModernBert.compiles` is False), so `--compile` does not apply to it and it is not
+measured.
 
 Inductor picks its vector ISA from the real CPU (AMX tiles included) and reads only
 `ATEN_CPU_CAPABILITY` (avx2 / avx512, and avx512 still selects the AMX variant), so the worker
