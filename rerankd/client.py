@@ -269,105 +269,14 @@ def _parse_retry_after(value: str | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
-# --- shared request building -------------------------------------------------------------
+# --- shared: options, retries, request bodies, answers ---------------------------------
 
 
 class _Base:
-    def __init__(
-        self,
-        base_url: str,
-        api_key: str | None,
-        timeout: float | None,
-        max_retries: int,
-        backoff: float,
-        max_backoff: float,
-        headers: Mapping[str, str] | None,
-    ) -> None:
-        if max_retries < 0:
-            raise ValueError("max_retries must be >= 0")
-        self.base_url = base_url.rstrip("/")
-        self.max_retries = max_retries
-        self.backoff = backoff
-        self.max_backoff = max_backoff
-        self._headers = {"Accept": "application/json", **(headers or {})}
-        if api_key:
-            self._headers["Authorization"] = f"Bearer {api_key}"
-        self._timeout = timeout
+    """What the sync and async clients share; they differ only in how a request is sent
+    and how a retry waits (`_http_class`, `_request`)."""
 
-    def _delay(self, attempt: int, retry_after: float | None) -> float:
-        """Wait before retry `attempt` (0-based): the server's Retry-After when it gave one,
-        else backoff · 2^attempt with ±25% jitter; never more than max_backoff."""
-        if retry_after is not None:
-            return min(retry_after, self.max_backoff)
-        base = self.backoff * (2**attempt)
-        return min(base * random.uniform(0.75, 1.25), self.max_backoff)
-
-    @staticmethod
-    def _rerank_body(
-        query: str,
-        documents: Sequence[Document],
-        top_n: int | None,
-        instruction: str | None,
-        model: str | None,
-        return_documents: bool,
-        use_activation: bool,
-        extra: Mapping[str, Any] | None,
-    ) -> dict[str, Any]:
-        body: dict[str, Any] = {
-            "query": query,
-            "documents": [d if isinstance(d, str) else dict(d) for d in documents],
-            "return_documents": return_documents,
-            "use_activation": use_activation,
-        }
-        for key, value in (("model", model), ("top_n", top_n), ("instruction", instruction)):
-            if value is not None:
-                body[key] = value
-        body.update(extra or {})
-        return body
-
-    @staticmethod
-    def _score_body(
-        queries: str | Sequence[Document],
-        documents: str | Sequence[Document],
-        instruction: str | None,
-        model: str | None,
-        use_activation: bool,
-        extra: Mapping[str, Any] | None,
-    ) -> dict[str, Any]:
-        def as_json(value: str | Sequence[Document]) -> str | list:
-            return (
-                value
-                if isinstance(value, str)
-                else [d if isinstance(d, str) else dict(d) for d in value]
-            )
-
-        body: dict[str, Any] = {
-            "queries": as_json(queries),
-            "documents": as_json(documents),
-            "use_activation": use_activation,
-        }
-        for key, value in (("model", model), ("instruction", instruction)):
-            if value is not None:
-                body[key] = value
-        body.update(extra or {})
-        return body
-
-
-def _check(response: httpx.Response) -> Any:
-    if response.is_success:
-        return response.json()
-    raise _error_from_response(response)
-
-
-# --- sync --------------------------------------------------------------------------------
-
-
-class Client(_Base):
-    """Blocking client. Use as a context manager, or call `close()`.
-
-    `max_retries`: extra attempts after a 429/503 answer or a failed connection (0: none).
-    `transport`: an httpx transport (tests pass `httpx.MockTransport`).
-    """
+    _http_class: type[httpx.Client] | type[httpx.AsyncClient]
 
     def __init__(
         self,
@@ -379,12 +288,139 @@ class Client(_Base):
         backoff: float = 0.5,
         max_backoff: float = 30.0,
         headers: Mapping[str, str] | None = None,
-        transport: httpx.BaseTransport | None = None,
+        transport: httpx.BaseTransport | httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        super().__init__(base_url, api_key, timeout, max_retries, backoff, max_backoff, headers)
-        self._http = httpx.Client(
-            base_url=self.base_url, headers=self._headers, timeout=timeout, transport=transport
+        if max_retries < 0:
+            raise ValueError("max_retries must be >= 0")
+        self.base_url = base_url.rstrip("/")
+        self.max_retries = max_retries
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self._headers = {"Accept": "application/json", **(headers or {})}
+        if api_key:
+            self._headers["Authorization"] = f"Bearer {api_key}"
+        self._timeout = timeout
+        self._http = self._http_class(
+            base_url=self.base_url,
+            headers=self._headers,
+            timeout=timeout,
+            transport=transport,  # type: ignore[arg-type]
         )
+
+    def _delay(self, attempt: int, retry_after: float | None) -> float:
+        """Wait before retry `attempt` (0-based): the server's Retry-After when it gave one,
+        else backoff · 2^attempt with ±25% jitter; never more than max_backoff."""
+        if retry_after is not None:
+            return min(retry_after, self.max_backoff)
+        base = self.backoff * (2**attempt)
+        return min(base * random.uniform(0.75, 1.25), self.max_backoff)
+
+    def _attempts(self, retry: bool) -> range:
+        return range(self.max_retries + 1 if retry else 1)
+
+    def _wait_before_retry(
+        self,
+        attempt: int,
+        retry: bool,
+        where: str,
+        response: httpx.Response | None,
+        error: httpx.TransportError | None,
+    ) -> float | None:
+        """After attempt `attempt`: seconds to wait before the next one, or None when
+        `response` is the answer. A timeout is never retried (the server may still be
+        working); a failed connection or a 429/503 is, until the attempts run out."""
+        last = attempt == self._attempts(retry)[-1]
+        if isinstance(error, httpx.TimeoutException):
+            raise APITimeoutError(f"{where} timed out: {error}") from error
+        if error is not None:
+            if last:
+                raise APIConnectionError(f"cannot reach {where}: {error}") from error
+            return self._delay(attempt, None)
+        assert response is not None
+        if response.status_code in RETRY_STATUSES and not last:
+            return self._delay(attempt, _parse_retry_after(response.headers.get("retry-after")))
+        return None
+
+
+def _as_json(value: str | Sequence[Document]) -> str | list:
+    return (
+        value if isinstance(value, str) else [d if isinstance(d, str) else dict(d) for d in value]
+    )
+
+
+def _body(required: dict[str, Any], optional: dict[str, Any], extra: Mapping[str, Any] | None):
+    """The request body: `required`, the `optional` values that are set, then `extra`."""
+    body = {**required, **{k: v for k, v in optional.items() if v is not None}}
+    body.update(extra or {})
+    return body
+
+
+def _rerank_body(
+    query: str,
+    documents: Sequence[Document],
+    top_n: int | None,
+    instruction: str | None,
+    model: str | None,
+    return_documents: bool,
+    use_activation: bool,
+    extra: Mapping[str, Any] | None,
+) -> dict[str, Any]:
+    required = {
+        "query": query,
+        "documents": _as_json(documents),
+        "return_documents": return_documents,
+        "use_activation": use_activation,
+    }
+    return _body(required, {"model": model, "top_n": top_n, "instruction": instruction}, extra)
+
+
+def _score_body(
+    queries: str | Sequence[Document],
+    documents: str | Sequence[Document],
+    instruction: str | None,
+    model: str | None,
+    use_activation: bool,
+    extra: Mapping[str, Any] | None,
+) -> dict[str, Any]:
+    required = {
+        "queries": _as_json(queries),
+        "documents": _as_json(documents),
+        "use_activation": use_activation,
+    }
+    return _body(required, {"model": model, "instruction": instruction}, extra)
+
+
+def _check(response: httpx.Response) -> Any:
+    if response.is_success:
+        return response.json()
+    raise _error_from_response(response)
+
+
+def _models(response: httpx.Response) -> list[ModelInfo]:
+    return [ModelInfo.from_json(m) for m in _check(response)["data"]]
+
+
+def _healthy(response: httpx.Response) -> bool:
+    """503 (loading, draining) is "not ready"; any other error raises."""
+    if response.status_code == 503:
+        return False
+    _check(response)
+    return True
+
+
+# --- sync --------------------------------------------------------------------------------
+
+
+class Client(_Base):
+    """Blocking client. Use as a context manager, or call `close()`.
+
+    `max_retries`: extra attempts after a 429/503 answer or a failed connection (0: none).
+    `transport`: an httpx transport (tests pass `httpx.MockTransport`, or one that reaches
+    an app in the same process).
+    """
+
+    _http_class = httpx.Client
+    _http: httpx.Client
 
     def __enter__(self) -> Client:
         return self
@@ -398,25 +434,19 @@ class Client(_Base):
     def _request(
         self, method: str, path: str, json: Any = None, retry: bool = True
     ) -> httpx.Response:
-        attempts = self.max_retries + 1 if retry else 1
-        for attempt in range(attempts):
-            last = attempt == attempts - 1
+        for attempt in self._attempts(retry):
+            response, error = None, None
             try:
                 response = self._http.request(method, path, json=json)
-            except httpx.TimeoutException as exc:
-                raise APITimeoutError(f"{method} {self.base_url}{path} timed out: {exc}") from exc
             except httpx.TransportError as exc:
-                if last:
-                    raise APIConnectionError(f"cannot reach {self.base_url}{path}: {exc}") from exc
-                _sleep(self._delay(attempt, None))
-                continue
-            if response.status_code in RETRY_STATUSES and not last:
-                _sleep(
-                    self._delay(attempt, _parse_retry_after(response.headers.get("retry-after")))
-                )
-                continue
-            return response
-        raise AssertionError("unreachable: the retry loop always returns or raises")
+                error = exc
+            wait = self._wait_before_retry(
+                attempt, retry, f"{method} {self.base_url}{path}", response, error
+            )
+            if wait is None:
+                return response  # type: ignore[return-value]
+            _sleep(wait)
+        raise AssertionError("unreachable: the last attempt always returns or raises")
 
     def rerank(
         self,
@@ -431,7 +461,7 @@ class Client(_Base):
         extra: Mapping[str, Any] | None = None,
     ) -> RerankResponse:
         """POST /v1/rerank: `documents` are strings or objects with `text` (echoed back)."""
-        body = self._rerank_body(
+        body = _rerank_body(
             query, documents, top_n, instruction, model, return_documents, use_activation, extra
         )
         return RerankResponse.from_json(_check(self._request("POST", "/v1/rerank", body)))
@@ -447,20 +477,15 @@ class Client(_Base):
         extra: Mapping[str, Any] | None = None,
     ) -> ScoreResponse:
         """POST /v1/score: pair i with i, or one query against every document."""
-        body = self._score_body(queries, documents, instruction, model, use_activation, extra)
+        body = _score_body(queries, documents, instruction, model, use_activation, extra)
         return ScoreResponse.from_json(_check(self._request("POST", "/v1/score", body)))
 
     def models(self) -> list[ModelInfo]:
-        data = _check(self._request("GET", "/v1/models"))
-        return [ModelInfo.from_json(m) for m in data["data"]]
+        return _models(self._request("GET", "/v1/models"))
 
     def health(self) -> bool:
         """True when the server is ready; False while it loads or drains (503). No retries."""
-        response = self._request("GET", "/health", retry=False)
-        if response.status_code == 503:
-            return False
-        _check(response)
-        return True
+        return _healthy(self._request("GET", "/health", retry=False))
 
 
 # --- async -------------------------------------------------------------------------------
@@ -469,22 +494,8 @@ class Client(_Base):
 class AsyncClient(_Base):
     """The same API as `Client`, awaitable: `async with AsyncClient(url) as c: await c.rerank(…)`."""
 
-    def __init__(
-        self,
-        base_url: str = DEFAULT_URL,
-        api_key: str | None = None,
-        *,
-        timeout: float | None = 60.0,
-        max_retries: int = 3,
-        backoff: float = 0.5,
-        max_backoff: float = 30.0,
-        headers: Mapping[str, str] | None = None,
-        transport: httpx.AsyncBaseTransport | None = None,
-    ) -> None:
-        super().__init__(base_url, api_key, timeout, max_retries, backoff, max_backoff, headers)
-        self._http = httpx.AsyncClient(
-            base_url=self.base_url, headers=self._headers, timeout=timeout, transport=transport
-        )
+    _http_class = httpx.AsyncClient
+    _http: httpx.AsyncClient
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -498,24 +509,19 @@ class AsyncClient(_Base):
     async def _request(
         self, method: str, path: str, json: Any = None, retry: bool = True
     ) -> httpx.Response:
-        attempts = self.max_retries + 1 if retry else 1
-        for attempt in range(attempts):
-            last = attempt == attempts - 1
+        for attempt in self._attempts(retry):
+            response, error = None, None
             try:
                 response = await self._http.request(method, path, json=json)
-            except httpx.TimeoutException as exc:
-                raise APITimeoutError(f"{method} {self.base_url}{path} timed out: {exc}") from exc
             except httpx.TransportError as exc:
-                if last:
-                    raise APIConnectionError(f"cannot reach {self.base_url}{path}: {exc}") from exc
-                await _async_sleep(self._delay(attempt, None))
-                continue
-            if response.status_code in RETRY_STATUSES and not last:
-                retry_after = _parse_retry_after(response.headers.get("retry-after"))
-                await _async_sleep(self._delay(attempt, retry_after))
-                continue
-            return response
-        raise AssertionError("unreachable: the retry loop always returns or raises")
+                error = exc
+            wait = self._wait_before_retry(
+                attempt, retry, f"{method} {self.base_url}{path}", response, error
+            )
+            if wait is None:
+                return response  # type: ignore[return-value]
+            await _async_sleep(wait)
+        raise AssertionError("unreachable: the last attempt always returns or raises")
 
     async def rerank(
         self,
@@ -529,7 +535,7 @@ class AsyncClient(_Base):
         *,
         extra: Mapping[str, Any] | None = None,
     ) -> RerankResponse:
-        body = self._rerank_body(
+        body = _rerank_body(
             query, documents, top_n, instruction, model, return_documents, use_activation, extra
         )
         return RerankResponse.from_json(_check(await self._request("POST", "/v1/rerank", body)))
@@ -544,16 +550,11 @@ class AsyncClient(_Base):
         *,
         extra: Mapping[str, Any] | None = None,
     ) -> ScoreResponse:
-        body = self._score_body(queries, documents, instruction, model, use_activation, extra)
+        body = _score_body(queries, documents, instruction, model, use_activation, extra)
         return ScoreResponse.from_json(_check(await self._request("POST", "/v1/score", body)))
 
     async def models(self) -> list[ModelInfo]:
-        data = _check(await self._request("GET", "/v1/models"))
-        return [ModelInfo.from_json(m) for m in data["data"]]
+        return _models(await self._request("GET", "/v1/models"))
 
     async def health(self) -> bool:
-        response = await self._request("GET", "/health", retry=False)
-        if response.status_code == 503:
-            return False
-        _check(response)
-        return True
+        return _healthy(await self._request("GET", "/health", retry=False))
