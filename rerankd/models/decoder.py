@@ -25,6 +25,7 @@ from rerankd.models.loader import UnsupportedCheckpoint
 from rerankd.ops.attention import ATTENTION, PrefixKV
 from rerankd.ops.attention_speed import AttentionShape
 from rerankd.ops.batch import PackedBatch
+from rerankd.ops.compile_cache import key_compile_cache_by_cpu_isa
 from rerankd.ops.prepack import residual_linear
 
 #: the `model_type`s `DecoderConfig.from_hf_config` reads
@@ -469,7 +470,9 @@ def compiled_tokens() -> TokenFunctions:
     residuals fuse into a few loops around the GEMMs, which are custom ops inside the same
     graph (`onednn_ops`: one graph per function, no breaks). Shapes are dynamic (one
     compile serves every chunk length) and parameters are graph inputs, so all layers
-    share one compiled graph."""
+    share one compiled graph. Inductor's cache is keyed by the CPU's vector ISA first
+    (ops/compile_cache: entries of another ISA gave NaN)."""
+    key_compile_cache_by_cpu_isa()
     return TokenFunctions(
         torch.compile(project_tokens, dynamic=True),
         torch.compile(finish_tokens, dynamic=True),
