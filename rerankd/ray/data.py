@@ -28,7 +28,7 @@ import asyncio
 import json
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -267,15 +267,22 @@ def _dump(record: dict[str, Any]) -> str:
 # --- the job --------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Scoring:
+    """What the job asks of every line (offline.py's run options): the same in each actor."""
+
+    top_n: int | None = None
+    instruction: str | None = None
+    return_documents: bool = True
+    #: lines in flight at once in one actor
+    concurrency: int = 4
+
+
 def build_dataset(
     input_uri: str,
     settings: Settings,
     options: DataOptions,
-    *,
-    top_n: int | None = None,
-    instruction: str | None = None,
-    return_documents: bool = True,
-    concurrency: int = 4,
+    scoring: Scoring = Scoring(),
     done: frozenset[str] = frozenset(),
 ):
     """The lazy Ray Dataset of output rows `{line, status, record, documents}` in input order."""
@@ -299,11 +306,9 @@ def build_dataset(
             num_cpus=options.num_cpus,
             num_gpus=options.num_gpus,
             fn_constructor_kwargs={
+                **asdict(scoring),
                 "settings": settings,
-                "top_n": top_n,
-                "instruction": instruction,
-                "return_documents": return_documents,
-                "concurrency": max(concurrency, options.batch_size),
+                "concurrency": max(scoring.concurrency, options.batch_size),
             },
         )
     )
@@ -314,11 +319,7 @@ def run(
     output_path: Path,
     settings: Settings,
     options: DataOptions,
-    *,
-    top_n: int | None = None,
-    instruction: str | None = None,
-    return_documents: bool = True,
-    concurrency: int = 4,
+    scoring: Scoring = Scoring(),
     progress: bool | None = None,
 ):
     """Rerank `input_uri` into `output_path` (appending, resumable) on the Ray cluster this
@@ -335,10 +336,7 @@ def run(
     done = frozenset(load_done(output_path))
     summary = Summary()
     started = time.perf_counter()
-    dataset = build_dataset(
-        input_uri, settings, options, top_n=top_n, instruction=instruction,
-        return_documents=return_documents, concurrency=concurrency, done=done,
-    )  # fmt: skip
+    dataset = build_dataset(input_uri, settings, options, scoring, done)
     output_path.parent.mkdir(parents=True, exist_ok=True)
     source = input_uri.rstrip("/").rsplit("/", 1)[-1]  # as offline.py names the input
     last_line = 0
@@ -370,16 +368,19 @@ def main(
     output_path: Path,
     settings: Settings,
     options: DataOptions,
-    **kwargs: Any,
+    progress: bool | None = None,
+    **scoring: Any,
 ) -> int:
-    """`rerankd rerank --ray`: exit code 0, 1 (some rows failed) or 2 (the job could not run)."""
+    """`rerankd rerank --ray`: exit code 0, 1 (some rows failed) or 2 (the job could not run).
+
+    `scoring`: the fields of `Scoring` (top_n, instruction, return_documents, concurrency)."""
     from rerankd.offline import summary_line
     from rerankd.ray import require_ray
 
     try:
         require_ray()
         options.validate()
-        summary = run(input_uri, output_path, settings, options, **kwargs)
+        summary = run(input_uri, output_path, settings, options, Scoring(**scoring), progress)
     except (RuntimeError, ValueError, OSError) as exc:
         print(f"rerankd rerank --ray: {exc}", file=sys.stderr)
         return 2
