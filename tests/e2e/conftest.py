@@ -1,7 +1,9 @@
 """Fixtures of the end-to-end suite.
 
-The shared Qwen3 server comes from tests/conftest.py (`qwen3_server`: the session's one
-float32 server, which tests/hardening and the client tests use too). The other processes
+`client` is the shared Qwen3 app in this process (tests/in_process.py): the routes, dialects,
+errors and references are checked without a server process. The shared Qwen3 server from
+tests/conftest.py (`qwen3_server`: the session's one float32 server, which tests/hardening
+uses too) serves what needs a real one here: the browser and concurrent connections. The other processes
 this suite needs (one server per model family, and the deliberately failing `rerankd serve`
 runs) are started by one background thread, one at a time, from the start of the session,
 and only those that a collected test uses. Their start-up then overlaps with the tests
@@ -24,6 +26,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.in_process import served_real
 from tests.ports import free_port
 
 from .helpers import model_info
@@ -41,9 +44,12 @@ QUIET = ("--no-access-log", "--log-level", "warning")
 
 
 @pytest.fixture(scope="session")
-def client(qwen3_server: str) -> Iterator[httpx.Client]:
-    """An HTTP client bound to the shared float32 Qwen3 fixture server."""
-    with httpx.Client(base_url=qwen3_server, timeout=120) as c:
+def client(qwen3_dir: Path) -> Iterator[httpx.Client]:
+    """The app of `rerankd serve --model <tiny qwen3> --dtype float32 --device cpu` in this
+    process (tests/in_process.py: rerankd.api.build_app over the real engine). The routes'
+    behaviour needs no server process; what does (a browser, concurrent connections) uses
+    `qwen3_server`."""
+    with served_real(qwen3_dir) as c:
         yield c
 
 

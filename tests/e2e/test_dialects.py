@@ -1,5 +1,5 @@
-"""Dialect extras for long documents, end to end on the shared float32 Qwen3 fixture server
-(DESIGN §1): TEI's `truncation_direction` and `truncate`, Cohere v2's `max_tokens_per_doc`,
+"""Dialect extras for long documents, on the served app over the tiny float32 Qwen3 fixture
+(in this process: conftest's `client`) (DESIGN §1): TEI's `truncation_direction` and `truncate`, Cohere v2's `max_tokens_per_doc`,
 Cohere v1's `max_chunks_per_doc`. Scores are checked against the model-card reference
 (tests/reference.py) wherever the kept text can be written down, and a pair keeps its score
 across routes.

@@ -72,11 +72,13 @@ def _fill(driver, element_id: str, text: str) -> None:
     element.send_keys(text)
 
 
-def test_playground_ranks_pasted_documents_like_the_api(browser, client, qwen3_model, tmp_path):
+def test_playground_ranks_pasted_documents_like_the_api(
+    browser, client, qwen3_server, qwen3_model, tmp_path
+):
     from selenium.webdriver.support.ui import WebDriverWait
 
     wait = WebDriverWait(browser, 30)
-    browser.get(str(client.base_url) + "/")
+    browser.get(qwen3_server + "/")
     # the model list comes from /v1/models
     wait.until(lambda d: d.execute_script("return document.getElementById('model').value"))
     options = browser.execute_script(
@@ -121,10 +123,10 @@ def test_playground_ranks_pasted_documents_like_the_api(browser, client, qwen3_m
         shutil.copyfile(shot, DOCS_SCREENSHOT)
 
 
-def test_playground_shows_the_servers_error_message(browser, client):
+def test_playground_shows_the_servers_error_message(browser, qwen3_server):
     from selenium.webdriver.support.ui import WebDriverWait
 
-    browser.get(str(client.base_url) + "/")
+    browser.get(qwen3_server + "/")
     WebDriverWait(browser, 30).until(
         lambda d: d.execute_script("return document.getElementById('model').value")
     )

@@ -1,7 +1,8 @@
-"""End to end: POST /v1/rerank, /rerank, /v2/rerank (and TEI's /rerank) on a real server.
+"""POST /v1/rerank, /rerank, /v2/rerank (and TEI's /rerank) on the served app.
 
-Every request goes over HTTP to a `rerankd serve` subprocess on the tiny float32 Qwen3-Reranker
-fixture; scores are checked against the model-card reference in tests/reference.py.
+Every request goes to the app `rerankd serve` builds over the tiny float32 Qwen3-Reranker
+fixture, in this process (conftest's `client`: the real engine, no server process); scores are
+checked against the model-card reference in tests/reference.py.
 """
 
 from __future__ import annotations
