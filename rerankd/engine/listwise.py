@@ -62,7 +62,6 @@ from rerankd.models.jina_v3 import load_jina_v3
 from rerankd.models.kernels import Kernels
 from rerankd.models.weights import open_checkpoint
 from rerankd.ops.batch import pack
-from rerankd.ops.compile_cache import key_compile_cache_by_cpu_isa
 from rerankd.ops.prepack import prepack_linears
 from rerankd.types import Batch, EncodedPair
 
@@ -158,12 +157,10 @@ class ListwiseEngine:
     def _compile_agrees(self, vocab_size: int) -> bool:
         """Compile the decoder's per-token work (the warm-up, before the server is ready) and
         keep it only if two probe windows score as eager, all finite (`scores_disagree`);
-        any compiler failure stays eager. Inductor's cache is keyed by the CPU's vector ISA
-        first (ops/compile_cache: entries of another ISA corrupted the heap or gave NaN)."""
+        any compiler failure stays eager."""
         probes = [_probe(vocab_size, length, seed) for seed, length in enumerate((48, 37))]
         try:
             expected = [merge_windows(self.forward([w])) for w in probes]
-            key_compile_cache_by_cpu_isa()
             self.model.decoder.set_kernels(Kernels("sdpa", compiled=True))
             got = [merge_windows(self.forward([w])) for w in probes]
         except Exception as exc:
