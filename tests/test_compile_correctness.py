@@ -101,7 +101,14 @@ def _worker(cache_dir: Path, capability: str | None) -> dict:
 @pytest.mark.skipif(
     _native_bits() <= 256, reason="needs a CPU with AVX512: AVX2 is then the other ISA"
 )
-@pytest.mark.parametrize("order", [("avx2", None), (None, "avx2")], ids=["avx2-first", "avx2-last"])
+@pytest.mark.parametrize(
+    "order",
+    [
+        pytest.param(("avx2", None), id="avx2-first"),  # the heap corruption
+        # the NaN, the same cause: slow (two more compiles), so out of the default suite
+        pytest.param((None, "avx2"), id="avx2-last", marks=pytest.mark.slow),
+    ],
+)
 def test_compiled_encoder_kernels_survive_a_cache_shared_across_isas(tmp_path, order):
     """Two processes of different ISAs compile the encoder's float32 per-token work into one
     fresh cache; each must give the eager output (before the fix the second one read the
