@@ -1,9 +1,10 @@
 """The HTTP app in-process, over a fake engine: the real recipe (tokenizer of the tiny Qwen3
 fixture), the real service and scheduler, and an engine that scores without torch work.
 
-Fast (no subprocess, no model weights), so every HTTP behaviour can be tested here; the
-real-server suites (tests/e2e, tests/hardening) keep the end-to-end checks (signals, the
-TCP-level stack, the CLI, real client libraries).
+Fast (no subprocess, no model weights), so every HTTP behaviour can be tested here; real
+server processes are kept for what needs one (tests/hardening, the browser and concurrent
+connections in tests/e2e, tests/clients: signals, the TCP-level stack, the CLI process, real
+client libraries).
 
 - `make_client(**options)`: an app over a fake engine, options given directly;
 - `serve_flags(*flags, env=..., engine=...)`: the app `rerankd serve FLAGS` would build
