@@ -10,7 +10,9 @@ Each fixture (built by this checkout's tests/fixtures, so both trees score the s
 is served in float32 and bfloat16 by `python -m rerankd.cli serve` run from the tree, and
 three queries are scored against eight documents (a long one, an empty one, CJK) with
 `use_activation: false`. Scores travel as JSON numbers (shortest round-trip repr), so equal
-JSON means bit-identical floats.
+JSON means bit-identical floats. The attention kernel is pinned (`--attention`, default
+sdpa, through RERANKD_ATTENTION): `auto` picks a kernel by a speed race at start-up, which
+may go either way between two runs and move scores by ~1e-6.
 """
 
 from __future__ import annotations
@@ -43,10 +45,12 @@ DOCUMENTS = (
 DTYPES = ("float32", "bfloat16")
 
 
-def snapshot(tree: Path) -> dict[str, list[list[float]]]:
+def snapshot(tree: Path, attention: str = "sdpa") -> dict[str, list[list[float]]]:
     """{"fixture/dtype/query": [[index, raw score], ...] by index}."""
     scores: dict[str, list[list[float]]] = {}
-    env = offline_env({"RERANKD_COMPILE": "off", "PYTHONPATH": str(tree)})
+    env = offline_env(
+        {"RERANKD_COMPILE": "off", "RERANKD_ATTENTION": attention, "PYTHONPATH": str(tree)}
+    )
     with tempfile.TemporaryDirectory(prefix="rerankd-snapshot-") as logs:
         for name in FIXTURE_NAMES:
             for dtype in DTYPES:
@@ -95,12 +99,17 @@ def main() -> int:
     snap = sub.add_parser("snapshot", help="score every fixture with the rerankd of TREE")
     snap.add_argument("tree", type=Path)
     snap.add_argument("output", type=Path)
+    snap.add_argument(
+        "--attention", default="sdpa", help="the attention kernel every server runs (sdpa)"
+    )
     cmp_ = sub.add_parser("compare", help="compare two snapshots")
     cmp_.add_argument("old", type=Path)
     cmp_.add_argument("new", type=Path)
     args = parser.parse_args()
     if args.command == "snapshot":
-        args.output.write_text(json.dumps(snapshot(args.tree.resolve()), ensure_ascii=False))
+        args.output.write_text(
+            json.dumps(snapshot(args.tree.resolve(), args.attention), ensure_ascii=False)
+        )
         return 0
     return compare(json.loads(args.old.read_text()), json.loads(args.new.read_text()))
 

@@ -72,9 +72,11 @@ SHARED_QWEN3_FLAGS = ("--dtype", "float32", "--device", "cpu")
 @pytest.fixture(scope="session")
 def qwen3_float32(qwen3_dir: Path, tmp_path_factory) -> Iterator[harness.Server]:
     """One float32 CPU server on the tiny Qwen3-Reranker fixture, every other setting at its
-    default (access log on), shared by the whole session: tests/e2e, tests/hardening (its
-    `plain` server), the client and CLI tests. They only send requests and read answers, logs
-    and metrics (as deltas), so one process serves them all instead of one per suite. Its
+    default (access log on), shared by the whole session: tests/hardening (its `plain`
+    server), the e2e tests that need real connections (concurrency, the playground in a
+    browser) and `eval --url`; the other HTTP tests run in-process (tests/in_process.py). They
+    only send requests and read answers, logs and metrics (as deltas), so one process serves
+    them all instead of one per suite. Its
     environment drops the shell's RERANKD_* settings (a developer's RERANKD_API_KEY must not
     change what the tests see) except RERANKD_COMPILE (off above)."""
     env = harness.offline_env({"RERANKD_COMPILE": os.environ["RERANKD_COMPILE"]})

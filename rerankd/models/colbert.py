@@ -1,6 +1,6 @@
 """A BERT / XLM-RoBERTa ColBERT encoder over packed batches: per-token embeddings.
 
-The backbone is `models/encoder.py`'s (its `Block`s, weights mapped the same way) without a
+The backbone is `models/encoder.py`'s `EncoderBackbone` (weights mapped by its `backbone_state`) without a
 classification head; the projection is the checkpoint's Dense chain (PyLate) or its `linear`
 layer (stanford ColBERT). Output: one embedding per token, not yet normalized (the engine
 normalizes in float32 and picks the rows MaxSim uses). Bidirectional attention: a sequence's
@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
-from torch import Tensor, nn
+from torch import Tensor
 
-from rerankd.models.encoder import Block, EncoderConfig
+from rerankd.models.encoder import EncoderBackbone, EncoderConfig, backbone_state
 from rerankd.models.kernels import Kernels, refuse_unless
 from rerankd.models.loader import UnsupportedCheckpoint
 from rerankd.models.weights import Checkpoint
@@ -44,20 +44,14 @@ class Projection:
 # ---------------------------------------------------------------------------------------
 
 
-class ColbertEncoder(nn.Module):
+class ColbertEncoder(EncoderBackbone):
     """Embeddings + layers + projection → (T, dim) token embeddings of a packed batch."""
 
     #: no compiled per-token functions: eager only (models/kernels.py's contract)
     compiles = False
 
     def __init__(self, config: EncoderConfig, projections: list[Projection]) -> None:
-        super().__init__()
-        c = self.config = config
-        self.word_embeddings = nn.Embedding(c.vocab_size, c.hidden_size)
-        self.position_embeddings = nn.Embedding(c.max_position_embeddings, c.hidden_size)
-        self.token_type_embeddings = nn.Embedding(c.type_vocab_size, c.hidden_size)
-        self.embed_norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
-        self.layers = nn.ModuleList(Block(c) for _ in range(c.num_layers))
+        super().__init__(config)
         self.projections = projections
         self.kernels = Kernels()
 
@@ -69,21 +63,10 @@ class ColbertEncoder(nn.Module):
 
     def forward(self, batch: PackedBatch, keys: list[int] | None = None) -> Tensor:
         """`keys[i]`: sequence i's tokens attend to its first keys[i] tokens only (None: all)."""
-        c = self.config
-        attend = ATTENTION[self.kernels.attention] if keys is None else _key_limited(keys)
-        for layer in self.layers:
-            layer.attention.attend = attend
-        types = (
-            batch.token_type_ids
-            if batch.token_type_ids is not None
-            else torch.zeros_like(batch.input_ids)
+        self._use_attention(
+            ATTENTION[self.kernels.attention] if keys is None else _key_limited(keys)
         )
-        x = (
-            self.word_embeddings(batch.input_ids)
-            + self.position_embeddings(batch.positions + c.position_offset)
-            + self.token_type_embeddings(types)
-        )
-        x = self.embed_norm(x)
+        x = self.embed(batch)
         for layer in self.layers:
             x = layer(x, batch)  # (T, hidden)
         return project(x, self.projections)  # (T, dim)
@@ -139,25 +122,7 @@ def load_colbert_encoder(
     def get(name: str) -> Tensor:
         return checkpoint.get(name).to(device=device, dtype=dtype)
 
-    emb = base + "embeddings."
-    state = {
-        "word_embeddings.weight": get(emb + "word_embeddings.weight"),
-        "position_embeddings.weight": get(emb + "position_embeddings.weight"),
-        "token_type_embeddings.weight": get(emb + "token_type_embeddings.weight"),
-        "embed_norm.weight": get(emb + "LayerNorm.weight"),
-        "embed_norm.bias": get(emb + "LayerNorm.bias"),
-    }
-    for i in range(config.num_layers):
-        src, dst = f"{base}encoder.layer.{i}.", f"layers.{i}."
-        for kind in ("weight", "bias"):
-            state[dst + f"attention.wqkv.{kind}"] = torch.cat(
-                [get(src + f"attention.self.{n}.{kind}") for n in ("query", "key", "value")]
-            )
-            state[dst + f"attention.wo.{kind}"] = get(src + f"attention.output.dense.{kind}")
-            state[dst + f"attention_norm.{kind}"] = get(src + f"attention.output.LayerNorm.{kind}")
-            state[dst + f"mlp.w1.{kind}"] = get(src + f"intermediate.dense.{kind}")
-            state[dst + f"mlp.w2.{kind}"] = get(src + f"output.dense.{kind}")
-            state[dst + f"mlp_norm.{kind}"] = get(src + f"output.LayerNorm.{kind}")
+    state = backbone_state(get, base, config.num_layers)
     projections = load_projections(dense_dirs, checkpoint, dtype, device)
     with torch.device("meta"):
         model = ColbertEncoder(config, [])

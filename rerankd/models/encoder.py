@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rerankd.models.kernels import Kernels
+from rerankd.models.kernels import Kernels, refuse_unless
 from rerankd.models.loader import UnsupportedCheckpoint
 from rerankd.models.weights import Checkpoint
 from rerankd.ops.attention import ATTENTION
@@ -80,10 +80,9 @@ class EncoderConfig:
 # ---------------------------------------------------------------------------------------
 
 
-class Encoder(nn.Module):
-    """Embeddings + layers + classification head → raw scores (N,) in float32."""
-
-    compiles = True  # `compiled_kernels`: models/kernels.py's contract
+class EncoderBackbone(nn.Module):
+    """BERT/XLM-R embeddings and post-norm blocks: the part the cross-encoder (`Encoder`)
+    and ColBERT (models/colbert.py) share, with the same parameter names."""
 
     def __init__(self, config: EncoderConfig) -> None:
         super().__init__()
@@ -93,16 +92,39 @@ class Encoder(nn.Module):
         self.token_type_embeddings = nn.Embedding(c.type_vocab_size, c.hidden_size)
         self.embed_norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
         self.layers = nn.ModuleList(Block(c) for _ in range(c.num_layers))
+
+    def embed(self, batch: PackedBatch) -> Tensor:
+        """Word + position + token-type embeddings, normalized: (T, hidden)."""
+        types = (
+            batch.token_type_ids
+            if batch.token_type_ids is not None
+            else torch.zeros_like(batch.input_ids)
+        )
+        x = (
+            self.word_embeddings(batch.input_ids)
+            + self.position_embeddings(batch.positions + self.config.position_offset)
+            + self.token_type_embeddings(types)
+        )
+        return self.embed_norm(x)
+
+    def _use_attention(self, attend: Callable) -> None:
+        for layer in self.layers:
+            layer.attention.attend = attend
+
+
+class Encoder(EncoderBackbone):
+    """Embeddings + layers + classification head → raw scores (N,) in float32."""
+
+    compiles = True  # `compiled_kernels`: models/kernels.py's contract
+
+    def __init__(self, config: EncoderConfig) -> None:
+        super().__init__(config)
+        c = config
         # BERT: pooler (dense + tanh) then classifier; RoBERTa: dense + tanh then out_proj
         self.head_dense = nn.Linear(c.hidden_size, c.hidden_size)
         self.head_out = nn.Linear(c.hidden_size, 1)
         self.kernels = EAGER
         self._compiled: EncoderKernels | None = None  # made on first use
-
-    def set_attention(self, backend: str) -> None:
-        """Choose the attention implementation (`sdpa` everywhere, `varlen` on CUDA)."""
-        for layer in self.layers:
-            layer.attention.attend = ATTENTION[backend]
 
     @property
     def attention_shape(self) -> AttentionShape:
@@ -113,24 +135,14 @@ class Encoder(nn.Module):
     def set_kernels(self, kernels: Kernels) -> None:
         """Run the engine's choice of kernels (models/kernels.py): every layer's attention
         kernel, and eager or compiled per-token functions (compiled on first use)."""
-        self.set_attention(kernels.attention)
+        refuse_unless(self, kernels)
+        self._use_attention(ATTENTION[kernels.attention])
         if kernels.compiled and self._compiled is None:
             self._compiled = compiled_kernels()
         self.kernels = self._compiled if kernels.compiled else EAGER
 
     def forward(self, batch: PackedBatch) -> Tensor:
-        c = self.config
-        types = (
-            batch.token_type_ids
-            if batch.token_type_ids is not None
-            else torch.zeros_like(batch.input_ids)
-        )
-        x = (
-            self.word_embeddings(batch.input_ids)
-            + self.position_embeddings(batch.positions + c.position_offset)
-            + self.token_type_embeddings(types)
-        )
-        x = self.embed_norm(x)
+        x = self.embed(batch)
         for layer in self.layers:
             x = layer(x, batch, self.kernels)
         first = x[batch.first]  # (N, hidden): [CLS] / <s>
@@ -224,15 +236,10 @@ def compiled_kernels() -> EncoderKernels:
 # --- checkpoint mapping -----------------------------------------------------------------------
 
 
-def load_encoder(
-    checkpoint: Checkpoint, config: EncoderConfig, dtype: torch.dtype, device: torch.device
-) -> Encoder:
-    """Map a BERT/XLM-R *ForSequenceClassification checkpoint onto `Encoder`."""
-    base = "bert." if config.head == "bert" else "roberta."
-
-    def get(name: str) -> Tensor:
-        return checkpoint.get(name).to(device=device, dtype=dtype)
-
+def backbone_state(get: Callable[[str], Tensor], base: str, num_layers: int) -> dict:
+    """`EncoderBackbone`'s state from a BERT/XLM-R checkpoint whose backbone tensors are
+    named under `base` (`get` reads one, on the model's device and dtype); q, k and v are
+    joined into one projection."""
     emb = base + "embeddings."
     state = {
         "word_embeddings.weight": get(emb + "word_embeddings.weight"),
@@ -241,7 +248,7 @@ def load_encoder(
         "embed_norm.weight": get(emb + "LayerNorm.weight"),
         "embed_norm.bias": get(emb + "LayerNorm.bias"),
     }
-    for i in range(config.num_layers):
+    for i in range(num_layers):
         src, dst = f"{base}encoder.layer.{i}.", f"layers.{i}."
         for kind in ("weight", "bias"):
             state[dst + f"attention.wqkv.{kind}"] = torch.cat(
@@ -252,6 +259,19 @@ def load_encoder(
             state[dst + f"mlp.w1.{kind}"] = get(src + f"intermediate.dense.{kind}")
             state[dst + f"mlp.w2.{kind}"] = get(src + f"output.dense.{kind}")
             state[dst + f"mlp_norm.{kind}"] = get(src + f"output.LayerNorm.{kind}")
+    return state
+
+
+def load_encoder(
+    checkpoint: Checkpoint, config: EncoderConfig, dtype: torch.dtype, device: torch.device
+) -> Encoder:
+    """Map a BERT/XLM-R *ForSequenceClassification checkpoint onto `Encoder`."""
+    base = "bert." if config.head == "bert" else "roberta."
+
+    def get(name: str) -> Tensor:
+        return checkpoint.get(name).to(device=device, dtype=dtype)
+
+    state = backbone_state(get, base, config.num_layers)
     dense, out = (
         ("bert.pooler.dense", "classifier")
         if config.head == "bert"

@@ -82,7 +82,7 @@ def test_every_packed_model_declares_whether_it_compiles(cls, compiles):
     assert callable(cls.set_kernels)
 
 
-@pytest.mark.parametrize("cls", [ModernBert, ColbertEncoder, LightweightReranker])
+@pytest.mark.parametrize("cls", [ModernBert, ColbertEncoder, LightweightReranker, Encoder])
 def test_set_attention_is_no_public_entry_point(cls):
     assert not hasattr(cls, "set_attention")
 
