@@ -161,6 +161,8 @@ def plot(out: dict, path: Path) -> None:
     right.set(xscale="log", xlabel="tokens per document", ylabel="peak RSS (GiB)")
     right.set_xticks(lengths, [str(n) for n in lengths])
     right.set_title("server peak RSS")
+    for axes in (left, right):  # only the measured lengths on the log axis, no minor labels
+        axes.minorticks_off()
     fig.suptitle(f"rerankd, Qwen3-Reranker {out['size']} shape, {out['dtype']}, CPU")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
