@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from rerankd.engine import listwise
 from rerankd.engine.compile_policy import (
     LISTWISE,
     LISTWISE_MEASURED,
@@ -18,6 +17,7 @@ from rerankd.engine.compile_policy import (
     compile_pays,
     cpu_class,
     model_family,
+    wants_compile,
 )
 from rerankd.engine.packed_engine import PackedEngine
 from rerankd.metrics import Metrics
@@ -148,8 +148,8 @@ def test_the_listwise_engine_decides_from_the_same_policy(monkeypatch, cls, dtyp
     # its own measured row (bf16 on AMX); every other class and precision unmeasured: eager
     monkeypatch.setenv(CPU_FLAGS_ENV, FLAGS[cls])
     measured = (cls, LISTWISE, str(dtype).removeprefix("torch."), False) in LISTWISE_MEASURED
-    assert listwise._wants_compile("auto", CPU, dtype) is measured
+    assert wants_compile("auto", LISTWISE, dtype, False, CPU) is measured
     assert measured is (cls == "amx" and dtype == torch.bfloat16)  # the behaviour kept
-    assert listwise._wants_compile("auto", CUDA, dtype) is False
-    assert listwise._wants_compile("on", CPU, dtype) is True
-    assert listwise._wants_compile("off", CPU, dtype) is False
+    assert wants_compile("auto", LISTWISE, dtype, False, CUDA) is False
+    assert wants_compile("on", LISTWISE, dtype, False, CPU) is True
+    assert wants_compile("off", LISTWISE, dtype, False, CPU) is False

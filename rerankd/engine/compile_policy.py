@@ -108,6 +108,16 @@ def compile_pays(
     return _DECISIONS.get((cpu, family, name, quantized), False)
 
 
+def wants_compile(
+    mode: str, family: str, dtype: torch.dtype, quantized: bool, device: torch.device
+) -> bool:
+    """`--compile MODE` for a model of `family`: `auto` compiles where `compile_pays` says
+    (this CPU's class); `on`/`off` force either way. (`mode` is checked by the caller.)"""
+    if mode == "auto":
+        return compile_pays(cpu_class(), family, dtype, quantized, device)
+    return mode == "on"
+
+
 def scores_disagree(
     expected: Sequence[float] | torch.Tensor, got: Sequence[float] | torch.Tensor
 ) -> float:

@@ -55,7 +55,7 @@ from typing import Any, Protocol
 import torch
 
 from rerankd.engine.base import default_batch_tokens, split_on_oom
-from rerankd.engine.compile_policy import LISTWISE, compile_pays, cpu_class, scores_disagree
+from rerankd.engine.compile_policy import LISTWISE, scores_disagree, wants_compile
 from rerankd.engine.factory import ONEDNN_ROW_MULTIPLE
 from rerankd.engine.packed_engine import COMPILE_MODES, check_mode
 from rerankd.models.jina_v3 import load_jina_v3
@@ -108,9 +108,10 @@ class ListwiseEngine:
         self.max_batch_tokens = max_batch_tokens or self.default_batch_tokens
         #: listing → its documents' scores, while the listing lives
         self._scores: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-        self.compiled = _wants_compile(compile, device, dtype) and self._compile_agrees(
-            hf_config.vocab_size
-        )
+        # `auto`: this engine's own measured row (compile_policy.LISTWISE_MEASURED)
+        self.compiled = wants_compile(
+            compile, LISTWISE, dtype, False, device
+        ) and self._compile_agrees(hf_config.vocab_size)
 
     def score(self, batch: Batch) -> list[float]:
         """Each pair's document score in its listing, in batch order."""
@@ -187,14 +188,6 @@ def _probe(vocab_size: int, length: int, seed: int) -> _ProbeWindow:
     rng = random.Random(seed)
     ids = tuple(rng.randrange(vocab_size) for _ in range(length))
     return _ProbeWindow(ids, (length // 4, length // 2, 3 * length // 4), length - 2)
-
-
-def _wants_compile(mode: str, device: torch.device, dtype: torch.dtype) -> bool:
-    """`auto`: compile_policy's rule and this engine's row of it (`LISTWISE_MEASURED`:
-    bf16 on AMX CPUs, measured; eager wherever it is unmeasured for this engine)."""
-    if mode == "auto":
-        return compile_pays(cpu_class(), LISTWISE, dtype, False, device)
-    return mode == "on"
 
 
 def merge_windows(parts: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:

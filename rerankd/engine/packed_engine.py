@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from rerankd.engine.base import PendingScores, default_batch_tokens, split_on_oom
-from rerankd.engine.compile_policy import compile_pays, cpu_class, model_family, scores_disagree
+from rerankd.engine.compile_policy import model_family, scores_disagree, wants_compile
 from rerankd.models.kernels import Kernels
 from rerankd.ops.attention import cpu_backends, cuda_backends, describe
 from rerankd.ops.attention_speed import speedup_over_sdpa
@@ -170,9 +170,7 @@ class PackedEngine:
             if mode == "on":
                 log.warning("--compile on: %s runs eager only", type(self.model).__name__)
             return False
-        if mode == "auto":
-            return compile_pays(cpu_class(), model_family(self.model), dtype, quantized, device)
-        return mode == "on"
+        return wants_compile(mode, model_family(self.model), dtype, quantized, device)
 
     def _compile_agrees(self) -> bool:
         """Compile the per-token work (this is the warm-up: it runs before the server
