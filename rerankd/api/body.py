@@ -45,17 +45,17 @@ async def read_json_body(
     request: Request,
     schema: Callable[[dict[str, Any]], type[ModelT]],
     max_documents: int,
-    max_values: int,
 ) -> tuple[ModelT, dict[str, Any]]:
     """The body parsed, checked and validated (as the schema `schema(data)` picks); and the
     raw object. Strict JSON: no NaN/Infinity, valid UTF-8, no lone surrogates.
 
     The JSON values (commas and brackets) are counted chunk by chunk as the body arrives: a
     body of millions of tiny values costs far more memory and CPU to parse than its size,
-    and once it is over `max_values` the rest is read and dropped, never kept, copied or
+    and once it is over `max_json_values` the rest is read and dropped, never kept, copied or
     counted (the client still gets its 400 after sending, not a reset connection). Large
     bodies are parsed and validated off the event loop.
     """
+    max_values = max_json_values(max_documents)
     body = _BodyBuffer(request.headers.get("content-length"))
     values = 0
     async for chunk in request.stream():
@@ -64,6 +64,7 @@ async def read_json_body(
         values += chunk.count(b",") + chunk.count(b"[") + chunk.count(b"{")
         body.add(chunk)
     if values > max_values:
+        body.close()
         raise HTTPError(
             400,
             f"the request body holds more than {max_values} JSON values (counting its commas "

@@ -14,7 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 
 from rerankd import __version__
-from rerankd.api.body import ModelT, max_json_values, read_json_body
+from rerankd.api.body import ModelT, read_json_body
 from rerankd.api.documents import document_inputs, input_text, query_input
 from rerankd.api.errors import HTTPError, error_response
 from rerankd.api.responses import JSONResponse, rerank_results, usage
@@ -47,10 +47,7 @@ async def read_request(
     request: Request, schema: Callable[[dict[str, Any]], type[ModelT]]
 ) -> tuple[ModelT, dict[str, Any]]:
     """The body read, parsed and validated under this server's limits (rerankd/api/body.py)."""
-    limits = _service(request).limits
-    return await read_json_body(
-        request, schema, limits.max_documents, max_json_values(limits.max_documents)
-    )
+    return await read_json_body(request, schema, _service(request).limits.max_documents)
 
 
 async def _wait_for_disconnect(request: Request) -> None:
