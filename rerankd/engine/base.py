@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import operator
 from collections.abc import Callable, Iterator, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 
@@ -132,3 +132,22 @@ def split_on_oom(
     left_groups, right_groups = (groups[:half], groups[half:]) if groups else (None, None)
     left = split_on_oom(forward, items[:half], left_groups, device, join, unit)
     return join(left, split_on_oom(forward, items[half:], right_groups, device, join, unit))
+
+
+def run_padded(
+    forward: Callable[[Sequence[T], list[int] | None], Any],
+    items: Sequence[T],
+    max_padded_tokens: int,
+    device: torch.device,
+    join: Callable = operator.add,
+    unit: str = "pairs",
+) -> list:
+    """`forward`'s per-item results for `items`, in their order: run in length-sorted padded
+    sub-batches (`padded_chunks`), each through `split_on_oom` (`join`, `unit` as there);
+    the padded engines (transformers, vision-language, embedding) all score this way."""
+    results: list = [None] * len(items)
+    for chunk in padded_chunks([len(item) for item in items], max_padded_tokens):
+        out = split_on_oom(forward, [items[i] for i in chunk], None, device, join, unit)
+        for index, value in zip(chunk, out, strict=True):
+            results[index] = value
+    return results

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModel
 
-from rerankd.engine.base import default_batch_tokens, padded_chunks, split_on_oom
+from rerankd.engine.base import default_batch_tokens, run_padded
 from rerankd.types import Batch, EncodedTwin
 
 log = logging.getLogger(__name__)
@@ -63,13 +63,9 @@ class EmbeddingEngine:
 
     def embed(self, sequences: list[tuple[int, ...]]) -> torch.Tensor:
         """Unit-length mean-pooled embeddings (float32, on the CPU), one row per sequence."""
-        rows: list[torch.Tensor | None] = [None] * len(sequences)
-        for chunk in padded_chunks([len(s) for s in sequences], self.max_padded_tokens):
-            pooled = split_on_oom(
-                self.forward, [sequences[i] for i in chunk], None, self._device, _cat, "sequences"
-            )
-            for i, row in zip(chunk, pooled, strict=True):
-                rows[i] = row
+        rows = run_padded(
+            self.forward, sequences, self.max_padded_tokens, self._device, _cat, "sequences"
+        )
         return F.normalize(torch.stack(rows), p=2, dim=-1)
 
     @torch.inference_mode()

@@ -35,8 +35,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from rerankd.engine.base import default_batch_tokens
-from rerankd.engine.transformers_engine import last_rows, lm_head_rows, padded, score_padded
+from rerankd.engine.base import default_batch_tokens, run_padded
+from rerankd.engine.transformers_engine import last_rows, lm_head_rows, padded
 from rerankd.types import Batch, EncodedPair, ScoreHead
 
 log = logging.getLogger(__name__)
@@ -104,7 +104,7 @@ class VisionLanguageEngine:
         pairs = batch.pairs
         if self.share_prefix and len(pairs) > 1 and len(set(batch.groups or [0])) == 1:
             self._prepare_prefix(pairs)
-        return score_padded(self.forward, pairs, self.max_padded_tokens, self._device)
+        return run_padded(self.forward, pairs, self.max_padded_tokens, self._device)
 
     @torch.inference_mode()
     def forward(self, pairs: list[EncodedPair], groups: list[int] | None = None) -> list[float]:

@@ -10,14 +10,13 @@ vocabulary. Encoders run their own classification head. Same contract as every e
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from rerankd.engine.base import default_batch_tokens, padded_chunks, split_on_oom
+from rerankd.engine.base import default_batch_tokens, run_padded
 from rerankd.types import Batch, EncodedPair, ScoreHead
 
 log = logging.getLogger(__name__)
@@ -68,7 +67,7 @@ class TransformersEngine:
 
     def score(self, batch: Batch) -> list[float]:
         """Raw scores in batch order; sub-batches sorted by length, split on OOM."""
-        return score_padded(self.forward, batch.pairs, self.max_padded_tokens, self._device)
+        return run_padded(self.forward, batch.pairs, self.max_padded_tokens, self._device)
 
     @torch.inference_mode()
     def forward(self, pairs: list[EncodedPair], groups: list[int] | None = None) -> list[float]:
@@ -104,19 +103,6 @@ def lm_head_rows(model: Any, head: ScoreHead, device: torch.device) -> torch.Ten
     if head.negative_token_id is not None:
         direction = direction - weight[head.negative_token_id].float()
     return direction[None, :].to(device)
-
-
-def score_padded(
-    forward: Callable, pairs: list[EncodedPair], budget: int, device: torch.device
-) -> list[float]:
-    """`forward`'s raw scores of `pairs` in their order, run in length-sorted padded
-    sub-batches of at most `budget` tokens, each split on OOM."""
-    scores: list[float] = [0.0] * len(pairs)
-    for chunk in padded_chunks([len(p) for p in pairs], budget):
-        chunk_scores = split_on_oom(forward, [pairs[i] for i in chunk], None, device)
-        for index, value in zip(chunk, chunk_scores, strict=True):
-            scores[index] = value
-    return scores
 
 
 def padded(pairs: list[EncodedPair], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
