@@ -10,6 +10,7 @@ from torch import nn
 from rerankd.ops.prepack import (
     PrepackedGatedLinear,
     PrepackedLinear,
+    activated_linear,
     prepack_linears,
     prepack_supported,
     residual_linear,
@@ -29,6 +30,16 @@ def test_prepacked_linear_equals_f_linear_for_any_token_count(tokens):
     assert torch.equal(PrepackedLinear(weight)(x), F.linear(x, weight))
 
 
+@pytest.mark.parametrize("tokens", [1, 7, 300, 1500])
+def test_prepacked_linear_with_bias_equals_f_linear(tokens):
+    """The bias is added on the float32 accumulator, and the result is still F.linear's."""
+    torch.manual_seed(tokens)
+    weight = (torch.randn(96, 64) * 0.05).bfloat16()
+    bias = torch.randn(96).bfloat16()
+    x = torch.randn(tokens, 64).bfloat16()
+    assert torch.equal(PrepackedLinear(weight, bias)(x), F.linear(x, weight, bias))
+
+
 def test_prepack_swaps_bias_free_bf16_linears_only():
     model = nn.Sequential(nn.Linear(16, 32, bias=False), nn.Linear(32, 8, bias=True))
     model = model.bfloat16()
@@ -40,6 +51,16 @@ def test_prepack_swaps_bias_free_bf16_linears_only():
     # float32 keeps F.linear (the exact reference path)
     plain = nn.Sequential(nn.Linear(16, 32, bias=False))
     assert prepack_linears(plain, CPU, torch.float32) == 0
+
+
+def test_prepack_with_bias_swaps_every_bf16_linear_and_keeps_outputs():
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(16, 32, bias=True), nn.Linear(32, 8, bias=False)).bfloat16()
+    x = torch.randn(5, 16).bfloat16()
+    expected = model(x)
+    assert prepack_linears(model, CPU, torch.bfloat16, with_bias=True) == 2
+    assert all(type(m) is PrepackedLinear for m in model)
+    assert torch.equal(model(x), expected)
 
 
 def test_the_packed_decoder_uses_prepacked_linears_in_bf16(qwen3_dir):
@@ -57,6 +78,22 @@ def test_the_packed_decoder_uses_prepacked_linears_in_bf16(qwen3_dir):
         }
 
     assert linears("bfloat16") == {PrepackedLinear, PrepackedGatedLinear}
+    assert linears("float32") == {nn.Linear}
+
+
+def test_the_packed_encoder_prepacks_its_biased_linears_in_bf16(xlmr_dir):
+    """XLM-R/BERT linears all have biases: without them prepacked, bf16 encoders ran
+    `addmm` (13 % of a forward copying the bias) plus separate GELU and residual passes."""
+    from rerankd.metrics import Metrics
+    from rerankd.runtime import load_model
+    from rerankd.settings import Settings
+
+    def linears(dtype: str) -> set[type]:
+        settings = Settings(model=str(xlmr_dir), dtype=dtype, device="cpu", compile="off")
+        model = load_model(settings, Metrics()).scheduler.engine.model
+        return {type(m) for m in model.modules() if isinstance(m, nn.Linear | PrepackedLinear)}
+
+    assert linears("bfloat16") == {PrepackedLinear}
     assert linears("float32") == {nn.Linear}
 
 
@@ -83,6 +120,23 @@ def test_plus_adds_the_residual_to_the_product():
     _close(PrepackedLinear(weight).plus(x, residual), product + residual.float())
 
 
+def test_every_epilogue_adds_the_bias_first():
+    weight, x, other, product = _inputs(6)
+    bias = torch.randn(weight.shape[0]).bfloat16()
+    linear, biased = PrepackedLinear(weight, bias), product + bias.float()
+    _close(linear.plus(x, other), biased + other.float())
+    _close(linear.times(x, other), biased * other.float())
+    _close(linear.activated(x, "gelu"), F.gelu(biased))
+
+
+def test_activated_linear_falls_back_to_the_separate_pass_for_plain_linears():
+    torch.manual_seed(7)
+    linear = nn.Linear(8, 8)
+    x = torch.randn(3, 8)
+    assert torch.equal(activated_linear(linear, x, "gelu"), F.gelu(linear(x)))
+    assert torch.equal(activated_linear(linear, x, "silu"), F.silu(linear(x)))
+
+
 def test_times_multiplies_the_product():
     weight, x, other, product = _inputs(1)
     _close(PrepackedLinear(weight).times(x, other), product * other.float())
@@ -90,7 +144,11 @@ def test_times_multiplies_the_product():
 
 @pytest.mark.parametrize(
     "activation, reference",
-    [("silu", F.silu), ("gelu_tanh", lambda t: F.gelu(t, approximate="tanh"))],
+    [
+        ("silu", F.silu),
+        ("gelu_tanh", lambda t: F.gelu(t, approximate="tanh")),
+        ("gelu", F.gelu),  # exact (erf): BERT-family encoders
+    ],
 )
 def test_activated_applies_the_activation(activation, reference):
     weight, x, _, product = _inputs(2)
@@ -182,6 +240,26 @@ def test_compiled_layer_code_has_no_graph_break_at_a_gemm(quantized):
             compiled, eager = (compiled,), (eager,)
         for got, want in zip(compiled, eager, strict=True):
             assert (got.float() - want.float()).abs().max() < (0.5 if quantized else 0.1)
+
+
+@torch.inference_mode()
+def test_compiled_encoder_layer_code_keeps_biased_gemms_in_one_graph():
+    from rerankd.models.encoder import Block, EncoderConfig, finish_tokens
+
+    config = EncoderConfig(
+        vocab_size=32, hidden_size=64, num_layers=1, num_heads=4, intermediate_size=96,
+        max_position_embeddings=64, type_vocab_size=1, layer_norm_eps=1e-5,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    block = Block(config).bfloat16()
+    assert prepack_linears(block, CPU, torch.bfloat16, with_bias=True) == 4
+    x, y = torch.randn(40, 64).bfloat16(), torch.randn(40, 64).bfloat16()
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(finish_tokens)(block, x, y)
+    assert not explained.break_reasons, explained.break_reasons
+    assert explained.graph_count == 1
+    compiled = torch.compile(finish_tokens, dynamic=True)(block, x, y)
+    assert (compiled.float() - finish_tokens(block, x, y).float()).abs().max() < 0.1
 
 
 def test_a_freed_packed_weight_is_a_clear_error():

