@@ -31,7 +31,7 @@ from rerankd.models.loader import UnsupportedCheckpoint
 from rerankd.models.weights import Checkpoint
 from rerankd.ops.attention import ATTENTION, PADDED_BUCKET_TOKENS, takes, torch_varlen_kernel
 from rerankd.ops.attention_speed import AttentionShape
-from rerankd.ops.batch import PackedBatch
+from rerankd.ops.batch import PackedBatch, upload
 from rerankd.ops.prepack import residual_linear
 
 #: transformers' ACT2FN names → the function they compute ("gelu" is the exact erf GELU)
@@ -408,7 +408,8 @@ def _band_buckets(batch: PackedBatch, span: int, window: int, dtype: torch.dtype
     rows in the stream (where their outputs go), and an additive mask (B, 1, L, L)
     that shows query i key j when j is real and |i − j| ≤ window (padded queries see the real
     keys: no empty row, no NaN; their outputs are dropped). Cached on the batch for every
-    local layer."""
+    local layer. The index lists are made here on the host and sent in one pinned copy
+    (`upload`): finding the real rows on the device (`nonzero`) would be a host sync."""
     cache = batch.__dict__.setdefault("_band_buckets", {})
     key = (span, window, dtype)
     if key in cache:
@@ -423,19 +424,27 @@ def _band_buckets(batch: PackedBatch, span: int, window: int, dtype: torch.dtype
             groups[-1].append(i)
         else:
             groups.append([i])
+    parts: list[list[int]] = []  # per group: lengths, rows, real, targets (host → one copy)
+    for group in groups:
+        width = batch.lengths[group[0]]
+        rows, real, targets = [], [], []
+        for b, i in enumerate(group):
+            start, n = batch.starts[i], batch.lengths[i]
+            rows += [*range(start, start + n), *[start] * (width - n)]
+            real += range(b * width, b * width + n)
+            targets += range(start, start + n)
+        parts += [[batch.lengths[i] for i in group], rows, real, targets]
+    tensors = iter(upload(parts, device))
     buckets = []
     for group in groups:
-        lengths = torch.tensor([batch.lengths[i] for i in group], device=device)[:, None]
-        starts = torch.tensor([batch.starts[i] for i in group], device=device)[:, None]
+        lengths, rows, flat_real, targets = (next(tensors) for _ in range(4))
         index = torch.arange(batch.lengths[group[0]], device=device)
-        real = index[None, :] < lengths  # (B, L)
+        real = index[None, :] < lengths[:, None]  # (B, L)
         near = (index[:, None] - index[None, :]).abs() <= window  # (L, L)
         visible = real[:, None, :] & (near[None] | ~real[:, :, None])  # (B, L, L)
         mask = torch.zeros(visible.shape, dtype=dtype, device=device)
         mask.masked_fill_(~visible, float("-inf"))
-        rows = (starts + torch.where(real, index[None, :], 0)).flatten()  # (B·L,)
-        flat_real = real.flatten().nonzero()[:, 0]  # real positions of the (B·L) rows
-        buckets.append((rows, flat_real, rows[flat_real], mask[:, None]))
+        buckets.append((rows, flat_real, targets, mask[:, None]))
     cache[key] = buckets
     return buckets
 

@@ -22,6 +22,7 @@ import importlib.util
 import inspect
 import logging
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from types import ModuleType
 
 import torch
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 
 from rerankd.ops import avx512_kernel
 from rerankd.ops.amx_kernel import load_kernel, sequence_table
-from rerankd.ops.batch import PackedBatch, VarlenLayout
+from rerankd.ops.batch import PackedBatch, VarlenLayout, upload
 from rerankd.ops.cpu import cpu_has_amx
 
 log = logging.getLogger(__name__)
@@ -219,21 +220,25 @@ def flash_attn_attention(
     return result if out is None else out.copy_(result)
 
 
+def _key_lengths(batch: PackedBatch) -> list[int]:
+    """Keys per sequence: its prefix's (if any) and its own tokens."""
+    spans = (batch.prefix_span(i) for i in range(batch.num_sequences))
+    return [n + (s[1] if s else 0) for n, s in zip(batch.lengths, spans, strict=True)]
+
+
 def _document_rows(batch: PackedBatch) -> tuple[torch.Tensor, ...]:
     """Per flat row: (query's sequence, query's last visible key index within its sequence,
     key's sequence, key's index within its sequence), cached on the batch. Keys of sequence
-    i are [prefix, own], queries its own tokens: query j sees keys 0 .. P_i + j."""
+    i are [prefix, own], queries its own tokens: query j sees keys 0 .. P_i + j. The lengths
+    go up in one pinned copy and every size is given (`output_size`): no host sync."""
     cache = batch.__dict__.setdefault("_document_rows", {})
     if not cache:
         device = batch.input_ids.device
-        q_lengths = torch.tensor(batch.lengths, device=device)
-        k_lengths = torch.tensor(
-            [n + (s[1] if (s := batch.prefix_span(i)) else 0) for i, n in enumerate(batch.lengths)],
-            device=device,
-        )
+        k_list = _key_lengths(batch)
+        q_lengths, k_lengths = upload([batch.lengths, k_list], device)
         seq = torch.arange(len(batch.lengths), device=device)
-        q_doc = seq.repeat_interleave(q_lengths)
-        k_doc = seq.repeat_interleave(k_lengths)
+        q_doc = seq.repeat_interleave(q_lengths, output_size=sum(batch.lengths))
+        k_doc = seq.repeat_interleave(k_lengths, output_size=sum(k_list))
         q_first = torch.cumsum(q_lengths, 0) - q_lengths
         k_first = torch.cumsum(k_lengths, 0) - k_lengths
         q_index = torch.arange(len(q_doc), device=device) - q_first[q_doc]
@@ -314,36 +319,61 @@ def length_buckets(lengths: list[int]) -> list[list[int]]:
     return buckets
 
 
-def _padded_buckets(batch: PackedBatch, causal: bool, device: torch.device) -> list[tuple]:
-    """Per bucket: (query rows (B, Lq), key rows (B, Lk), mask (B, 1, Lq, Lk)), cached on the
-    batch. Padding rows index one past the end (a zero row); padded queries see every real
-    key, so no row of the mask is empty (no NaN)."""
+@dataclass(frozen=True)
+class PaddedBucket:
+    """One bucket of `padded_sdpa_attention` on the device: rows (B, Lq) of the queries and
+    (B, Lk) of the keys to gather (padding: one past the end, a zero row), the mask
+    (B, 1, Lq, Lk), and where the real outputs go: their indices among the B·Lq padded
+    rows (`real`) and their rows in the stream (`targets`). Index lists, not a boolean
+    mask over the output: selecting with a boolean mask is a host sync, in every layer."""
+
+    q_rows: torch.Tensor
+    k_rows: torch.Tensor
+    mask: torch.Tensor
+    real: torch.Tensor
+    targets: torch.Tensor
+
+
+def _padded_buckets(batch: PackedBatch, causal: bool, device: torch.device) -> list[PaddedBucket]:
+    """The batch's `PaddedBucket`s, cached on it: index lists computed here on the host and
+    sent in one pinned copy (`upload`), masks built on the device from the bucket's
+    lengths; padded queries see every real key, so no row of the mask is empty (no NaN)."""
     cache = batch.__dict__.setdefault("_padded_buckets", {})
     if causal in cache:
         return cache[causal]
-    spans = [batch.prefix_span(i) for i in range(batch.num_sequences)]
-    k_lengths = [n + (s[1] if s else 0) for n, s in zip(batch.lengths, spans, strict=True)]
+    k_lengths = _key_lengths(batch)
     k_starts = [0]
     for n in k_lengths[:-1]:
         k_starts.append(k_starts[-1] + n)
     q_total, k_total = sum(batch.lengths), sum(k_lengths)
-    out = []
-    for bucket in length_buckets(k_lengths):
+    buckets = length_buckets(k_lengths)
+    parts: list[list[int]] = []
+    for bucket in buckets:
         lq = max(batch.lengths[i] for i in bucket)
         lk = max(k_lengths[i] for i in bucket)
-        q_rows = torch.full((len(bucket), lq), q_total, dtype=torch.long)
-        k_rows = torch.full((len(bucket), lk), k_total, dtype=torch.long)
-        mask = torch.zeros((len(bucket), 1, lq, lk), dtype=torch.bool)
+        q_rows, k_rows, real, targets = [], [], [], []
         for b, i in enumerate(bucket):
-            nq, nk = batch.lengths[i], k_lengths[i]
-            q_rows[b, :nq] = torch.arange(batch.starts[i], batch.starts[i] + nq)
-            k_rows[b, :nk] = torch.arange(k_starts[i], k_starts[i] + nk)
-            cols = torch.arange(lk)[None, :]
-            allowed = cols < nk
-            if causal:
-                allowed = allowed & (cols <= torch.arange(lq)[:, None] + (nk - nq))
-            mask[b, 0] = allowed.expand(lq, lk)
-        out.append((q_rows.to(device), k_rows.to(device), mask.to(device)))
+            nq, nk, start = batch.lengths[i], k_lengths[i], batch.starts[i]
+            q_rows += [*range(start, start + nq), *[q_total] * (lq - nq)]
+            k_rows += [*range(k_starts[i], k_starts[i] + nk), *[k_total] * (lk - nk)]
+            real += range(b * lq, b * lq + nq)
+            targets += range(start, start + nq)
+        q_lengths = [batch.lengths[i] for i in bucket]
+        parts += [q_rows, k_rows, real, targets, q_lengths, [k_lengths[i] for i in bucket]]
+    tensors = iter(upload(parts, device))
+    out = []
+    for bucket in buckets:
+        q_rows, k_rows, real, targets, nq, nk = (next(tensors) for _ in range(6))
+        lq, lk = len(q_rows) // len(bucket), len(k_rows) // len(bucket)
+        nq, nk = nq[:, None, None], nk[:, None, None]  # (B, 1, 1)
+        cols = torch.arange(lk, device=device)[None, None, :]  # (1, 1, Lk)
+        allowed = cols < nk  # (B, 1, Lk)
+        if causal:  # query j sees keys 0 .. nk - nq + j (the prefix and its own past)
+            rows = torch.arange(lq, device=device)[None, :, None]  # (1, Lq, 1)
+            allowed = allowed & (cols <= rows + (nk - nq))
+        mask = allowed.expand(len(bucket), lq, lk).contiguous()[:, None]  # (B, 1, Lq, Lk)
+        q_view, k_view = q_rows.view(len(bucket), lq), k_rows.view(len(bucket), lk)
+        out.append(PaddedBucket(q_view, k_view, mask, real, targets))
     cache[causal] = out
     return out
 
@@ -368,15 +398,15 @@ def padded_sdpa_attention(
     zero_k = k.new_zeros(1, *k.shape[1:])
     q_ext, k_ext, v_ext = torch.cat((q, zero_q)), torch.cat((k, zero_k)), torch.cat((v, zero_k))
     out = torch.empty_like(q) if out is None else out
-    for q_rows, k_rows, mask in _padded_buckets(batch, causal, q.device):
+    for bucket in _padded_buckets(batch, causal, q.device):
+        q_rows, k_rows = bucket.q_rows, bucket.k_rows
         qb = q_ext[q_rows].transpose(1, 2)  # (B, H, Lq, D)
         kb = expand_kv(k_ext[k_rows].flatten(0, 1), heads).unflatten(0, k_rows.shape)
         vb = expand_kv(v_ext[k_rows].flatten(0, 1), heads).unflatten(0, k_rows.shape)
         ob = F.scaled_dot_product_attention(
-            qb, kb.transpose(1, 2), vb.transpose(1, 2), attn_mask=mask, scale=scale
+            qb, kb.transpose(1, 2), vb.transpose(1, 2), attn_mask=bucket.mask, scale=scale
         ).transpose(1, 2)  # (B, Lq, H, D)
-        real = q_rows < len(q)
-        out[q_rows[real]] = ob[real]
+        out.index_copy_(0, bucket.targets, ob.flatten(0, 1).index_select(0, bucket.real))
     return out
 
 

@@ -5,10 +5,12 @@ No padding is ever computed. Pairs of the same request usually start with the sa
 is split off, run once, and every sequence of the group attends to its keys/values.
 
 Host to device: every integer tensor of a batch is built in one host buffer and sent in one
-copy (`_upload`); on CUDA that buffer is page-locked and the copy non-blocking (`pin`, on by
+copy (`upload`); on CUDA that buffer is page-locked and the copy non-blocking (`pin`, on by
 default; `pin=False` copies from pageable memory, which waits for the stream: a host sync),
 so the engine thread goes on (packing the next batch) while the copy and the kernels queued
 after it run. On CPU `pin` changes nothing: the tensors are the same values either way.
+Attention kernels that build more per-batch metadata (bucket layouts, document ids) send it
+through `upload` too: no forward copies host data to the device any other way.
 """
 
 from __future__ import annotations
@@ -123,9 +125,9 @@ class VarlenLayout:
             index.extend(range(shared_total + start, shared_total + start + length))
             k_lengths.append(length + (span[1] if span else 0))
         # each its own allocation: varlen kernels get cu_seqlens at an allocation's start
-        (cu_seq_q,) = _upload([_offsets(batch.lengths, total=True)], device, pin, torch.int32)
-        (cu_seq_k,) = _upload([_offsets(k_lengths, total=True)], device, pin, torch.int32)
-        (gather,) = _upload([index], device, pin)
+        (cu_seq_q,) = upload([_offsets(batch.lengths, total=True)], device, pin, torch.int32)
+        (cu_seq_k,) = upload([_offsets(k_lengths, total=True)], device, pin, torch.int32)
+        (gather,) = upload([index], device, pin)
         return cls(
             cu_seq_q=cu_seq_q,
             cu_seq_k=cu_seq_k,
@@ -144,14 +146,15 @@ def _offsets(lengths: Sequence[int], total: bool = False) -> list[int]:
     return [*out, position] if total else out
 
 
-def _upload(
+def upload(
     parts: Sequence[Sequence[int]],
     device: torch.device,
     pin: bool = True,
     dtype: torch.dtype = torch.long,
 ) -> list[torch.Tensor]:
     """`parts` as 1-D tensors on `device`, from one host buffer in one copy: views of one
-    device tensor, in order. `pin` on CUDA: the buffer is page-locked and the copy
+    device tensor, in order. The one way host integers reach the device in a forward: a plain
+    `torch.tensor(..., device=cuda)` copies from pageable memory and waits for the stream. `pin` on CUDA: the buffer is page-locked and the copy
     non-blocking (the caching host allocator keeps the buffer alive until the copy is done);
     elsewhere `pin` is ignored."""
     sizes = [len(part) for part in parts]
@@ -206,7 +209,7 @@ def pack(
         lengths.append(len(pair) - skip)
         last.append(len(ids) - 1)
     # one host buffer, one copy: ids, positions, last, starts, lengths, prefixes, token types
-    tensors = _upload(
+    tensors = upload(
         [
             ids,
             positions,
