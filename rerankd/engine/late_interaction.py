@@ -36,6 +36,7 @@ from rerankd.models.loader import UnsupportedCheckpoint
 from rerankd.models.weights import open_checkpoint
 from rerankd.ops.attention import cuda_backends
 from rerankd.ops.batch import pack
+from rerankd.ops.prepack import prepack_linears
 from rerankd.types import Batch, EncodedPair, EncodedTwin
 
 log = logging.getLogger(__name__)
@@ -208,6 +209,9 @@ class _PackedBackbone:
                 )
             except KeyError as exc:
                 raise UnsupportedCheckpoint(f"unexpected checkpoint layout ({exc})") from exc
+        # bf16 on CPU: oneDNN-prepacked linears with bias, GELU and residual in the epilogue
+        # (exactly F.linear's output for the bias, checked by a probe; a no-op elsewhere)
+        prepack_linears(self.model, device, dtype, with_bias=True)
         self.device = device
         self.attention = "sdpa"
         if device.type == "cuda":  # the first fused kernel that agrees with SDPA

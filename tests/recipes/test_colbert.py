@@ -55,10 +55,12 @@ def fixture(name: str) -> Path:
 
 
 @functools.cache
-def served(name: str, engine: str = "auto", max_model_len: int | None = None):
+def served(
+    name: str, engine: str = "auto", max_model_len: int | None = None, dtype: str = "float32"
+):
     settings = Settings(
         model=str(fixture(name)),
-        dtype="float32",
+        dtype=dtype,
         device="cpu",
         engine=engine,
         max_model_len=max_model_len,
@@ -217,6 +219,38 @@ def test_float32_maxsim_matches_pylate_to_1e4(name, engine):
         row = scores[q * len(DOCUMENTS) : (q + 1) * len(DOCUMENTS)]
         order = sorted(range(len(row)), key=lambda i: -row[i])
         assert order == PYLATE[name]["rerank"][q]
+
+
+@pytest.mark.parametrize("name", ["bert", "xlmr"])
+def test_bfloat16_prepacked_backbone_is_as_close_to_pylate_as_the_unpacked_one(name, monkeypatch):
+    """bf16 on CPU runs oneDNN-prepacked linears (bias, GELU and residual on the float32
+    accumulator): no further from PyLate's float32 scores than plain bf16 linears, within
+    1 % of the scores' size, and the same order wherever PyLate's scores differ clearly."""
+    from rerankd.engine import late_interaction
+    from rerankd.ops.prepack import PrepackedLinear, prepack_supported
+
+    if not prepack_supported(torch.device("cpu"), torch.bfloat16):
+        pytest.skip("this torch build has no oneDNN prepack")
+    expected = torch.tensor([s for row in PYLATE[name]["scores"] for s in row])
+    prepacked = served(name, dtype="bfloat16")
+    assert any(
+        isinstance(m, PrepackedLinear) for m in prepacked.scheduler.engine._backbone.model.modules()
+    )
+    monkeypatch.setattr(late_interaction, "prepack_linears", lambda *args, **kwargs: 0)
+    plain = load_model(
+        Settings(model=str(fixture(name)), dtype="bfloat16", device="cpu"), Metrics()
+    )
+    got = torch.tensor(_score(prepacked, *_all_pairs())[1])
+    error = (got - expected).abs().max()
+    plain_error = (torch.tensor(_score(plain, *_all_pairs())[1]) - expected).abs().max()
+    assert error <= 1.25 * plain_error + 1e-3, (error, plain_error)
+    bound = 1e-2 * expected.abs().max()
+    assert error <= bound
+    for i in range(len(expected)):  # pairs of one query's documents
+        for j in range(len(expected)):
+            same_query = i // len(DOCUMENTS) == j // len(DOCUMENTS)
+            if same_query and expected[i] - expected[j] > 2 * bound:
+                assert got[i] > got[j], (i, j)
 
 
 @pytest.mark.parametrize("name", list(BUILDERS))
