@@ -347,10 +347,9 @@ def _padded_buckets(batch: PackedBatch, causal: bool, device: torch.device) -> l
         k_starts.append(k_starts[-1] + n)
     q_total, k_total = sum(batch.lengths), sum(k_lengths)
     buckets = length_buckets(k_lengths)
-    parts: list[list[int]] = []
-    for bucket in buckets:
-        lq = max(batch.lengths[i] for i in bucket)
-        lk = max(k_lengths[i] for i in bucket)
+    sizes = [(max(batch.lengths[i] for i in b), max(k_lengths[i] for i in b)) for b in buckets]
+    parts: list[list[int]] = []  # per bucket: 4 index lists, query and key lengths
+    for bucket, (lq, lk) in zip(buckets, sizes, strict=True):
         q_rows, k_rows, real, targets = [], [], [], []
         for b, i in enumerate(bucket):
             nq, nk, start = batch.lengths[i], k_lengths[i], batch.starts[i]
@@ -358,13 +357,12 @@ def _padded_buckets(batch: PackedBatch, causal: bool, device: torch.device) -> l
             k_rows += [*range(k_starts[i], k_starts[i] + nk), *[k_total] * (lk - nk)]
             real += range(b * lq, b * lq + nq)
             targets += range(start, start + nq)
-        q_lengths = [batch.lengths[i] for i in bucket]
-        parts += [q_rows, k_rows, real, targets, q_lengths, [k_lengths[i] for i in bucket]]
+        parts += [q_rows, k_rows, real, targets]
+        parts += [[batch.lengths[i] for i in bucket], [k_lengths[i] for i in bucket]]
     tensors = iter(upload(parts, device))
     out = []
-    for bucket in buckets:
+    for bucket, (lq, lk) in zip(buckets, sizes, strict=True):
         q_rows, k_rows, real, targets, nq, nk = (next(tensors) for _ in range(6))
-        lq, lk = len(q_rows) // len(bucket), len(k_rows) // len(bucket)
         nq, nk = nq[:, None, None], nk[:, None, None]  # (B, 1, 1)
         cols = torch.arange(lk, device=device)[None, None, :]  # (1, 1, Lk)
         allowed = cols < nk  # (B, 1, Lk)
