@@ -2,6 +2,7 @@
 
     python -m benchmarks.bench_compile --json compile.json            # every class and model
     python -m benchmarks.bench_compile --classes zen4 --families encoder --rounds 2
+    python -m benchmarks.bench_compile --classes avx2 --families listwise --listwise-layers 7
 
 For each CPU class (`rerankd.ops.cpu.CPU_CLASSES`: the AMX Xeon itself, AMD EPYC Zen 4
 emulated, AVX2-only emulated) × model × precision, one worker process, started with the
@@ -11,7 +12,10 @@ read before torch imports), builds rerankd's service in-process as the server do
 scores the same requests with the compiled and the eager per-token kernels, swapped on the
 live engine between requests. Models: the Qwen3-Reranker-0.6B shape (28 layers,
 `benchmarks/make_model.py`) and the bge-reranker-v2-m3 shape (XLM-R large,
-`benchmarks/make_encoder.py`, `--encoder-layers` of its 24). ModernBERT has no compiled
+`benchmarks/make_encoder.py`, `--encoder-layers` of its 24), and for the listwise engine
+(jina-reranker-v3: our decoder's per-token work on window prompts; its own table,
+`compile_policy.LISTWISE_MEASURED`) the jina-reranker-v3 shape
+(`benchmarks/family_checkpoints.py`, `--listwise-layers` of its 28). ModernBERT has no compiled
 kernels (`ModernBert.compiles` is False), so `--compile` does not apply to it and it is not
 measured.
 
@@ -41,7 +45,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ("amx", "zen4", "avx2")
-FAMILIES = ("decoder", "encoder")
+FAMILIES = ("decoder", "encoder", "listwise")
 #: precisions measured per class: bf16 only where the class has bf16 instructions (rerankd's
 #: `--dtype auto` serves float32 on AVX2); "int8" is `--quantize int8` with `--dtype auto`,
 #: "int8-float32" with `--dtype float32`
@@ -49,6 +53,12 @@ PRECISIONS = {
     "amx": ("bfloat16", "int8", "float32", "int8-float32"),
     "zen4": ("bfloat16", "int8", "float32", "int8-float32"),
     "avx2": ("float32", "int8"),
+}
+#: the listwise engine has no int8 (engine/listwise.py)
+LISTWISE_PRECISIONS = {
+    "amx": ("bfloat16", "float32"),
+    "zen4": ("bfloat16", "float32"),
+    "avx2": ("float32",),
 }
 #: compiling pays when the median paired speedup is at least this: the compiled path costs
 #: start-up time (the C++ compile) and a compiler on the host, so a gain inside the run's
@@ -67,14 +77,20 @@ def _log(msg: str) -> None:
 
 
 class _Warnings(logging.Handler):
-    """rerankd's start-up warnings (why compiling or a kernel was refused), kept."""
+    """rerankd's start-up warnings (why compiling or a kernel was refused), kept, and the
+    start-up compile check's verdict when it passed (its max |Δ| on the probe batch)."""
 
     def __init__(self) -> None:
-        super().__init__(logging.WARNING)
+        super().__init__(logging.INFO)
         self.messages: list[str] = []
+        self.compile_check: str | None = None
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage()[:500])
+        message = record.getMessage()
+        if record.levelno >= logging.WARNING:
+            self.messages.append(message[:500])
+        elif message.startswith("compiled the per-token work"):
+            self.compile_check = message[:200]
 
 
 def _limit_inductor_isa() -> str:
@@ -113,6 +129,17 @@ def _build(model_dir: str, precision: str):
     return loop, service, service.resolve(None)
 
 
+def _use_compiled(engine, family: str, compiled: bool) -> None:
+    """Swap the live engine's per-token kernels: the packed engine's model keeps the attention
+    kernel its start-up picked; the listwise engine's decoder runs SDPA."""
+    from rerankd.models.kernels import Kernels
+
+    if family == "listwise":
+        engine.model.decoder.set_kernels(Kernels("sdpa", compiled=compiled))
+    else:
+        engine.model.set_kernels(Kernels(engine.attention, compiled=compiled))
+
+
 def _timed(loop, service, model, request) -> tuple[float, list[float]]:
     started = time.perf_counter()
     scored = loop.run_until_complete(service.rerank(model, request.query, list(request.documents)))
@@ -124,12 +151,13 @@ def worker(family: str, model_dir: str, precision: str, docs: int, rounds: int) 
     import torch
 
     from benchmarks.workload import sweep_request
-    from rerankd.models.kernels import Kernels
     from rerankd.ops.cpu import cpu_flags
 
     isa = _limit_inductor_isa()
     warnings = _Warnings()
-    logging.getLogger("rerankd").addHandler(warnings)
+    rerankd_log = logging.getLogger("rerankd")
+    rerankd_log.addHandler(warnings)
+    rerankd_log.setLevel(logging.INFO)  # the compile check's verdict is an INFO line
     started = time.perf_counter()
     loop, service, model = _build(model_dir, precision)
     engine = model.scheduler.engine
@@ -137,24 +165,24 @@ def worker(family: str, model_dir: str, precision: str, docs: int, rounds: int) 
         "family": family,
         "precision": precision,
         "engine_dtype": engine.dtype,
-        "attention": engine.attention,
+        "attention": getattr(engine, "attention", "sdpa"),  # the listwise engine: SDPA
         "compiled": engine.compiled,
         "inductor_isa": isa,
         "aten_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_flags": sorted(cpu_flags()),
         "load_and_compile_s": round(time.perf_counter() - started, 1),
         "warnings": warnings.messages,
+        "compile_check": warnings.compile_check,
     }
     if not engine.compiled:  # the compiler failed or disagreed: nothing to compare
         return out
-    kernels = {mode: Kernels(engine.attention, compiled=mode == "on") for mode in ("on", "off")}
     times: dict[str, list[float]] = {"on": [], "off": []}
     worst = 0.0
     for r in range(-1, rounds):  # round -1: the warm-up, not counted
         request = sweep_request(docs, seed=WARMUP_SEED if r < 0 else FIRST_SEED + r)
         scores = {}
         for mode in ("on", "off") if r % 2 == 0 else ("off", "on"):
-            engine.model.set_kernels(kernels[mode])
+            _use_compiled(engine, family, mode == "on")
             seconds, scores[mode] = _timed(loop, service, model, request)
             if r >= 0:
                 times[mode].append(seconds)
@@ -178,13 +206,15 @@ def worker(family: str, model_dir: str, precision: str, docs: int, rounds: int) 
 # --- driver -----------------------------------------------------------------------------------
 
 
-def _model_dirs(families: list[str], encoder_layers: int) -> dict[str, str]:
+def _model_dirs(families: list[str], encoder_layers: int, listwise_layers: int) -> dict[str, str]:
+    from benchmarks.family_checkpoints import ensure_checkpoint
     from benchmarks.make_encoder import ensure_encoder
     from benchmarks.make_model import ensure_model
 
     build = {
         "decoder": lambda: ensure_model("0.6b"),
         "encoder": lambda: ensure_encoder(encoder_layers),
+        "listwise": lambda: ensure_checkpoint("jina-v3", layers=listwise_layers),
     }
     return {f: str(build[f]()) for f in families}
 
@@ -261,11 +291,12 @@ def markdown(rows: list[dict]) -> str:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--classes", default=",".join(CLASSES), help="comma-separated CPU classes")
-    p.add_argument("--families", default=",".join(FAMILIES), help="decoder,encoder")
+    p.add_argument("--families", default=",".join(FAMILIES), help="decoder,encoder,listwise")
     p.add_argument("--precisions", default="", help="only these (default: per class)")
     p.add_argument("--docs", type=int, default=16, help="documents per request (16)")
     p.add_argument("--rounds", type=int, default=3, help="paired rounds per model (3)")
     p.add_argument("--encoder-layers", type=int, default=6, help="XLM-R layers of 24 (6)")
+    p.add_argument("--listwise-layers", type=int, default=7, help="jina-v3 layers of 28 (7)")
     p.add_argument("--json", type=Path, help="append each result as a JSON line here")
     p.add_argument("--table", nargs="+", type=Path, help="only print the docs table of these")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -282,18 +313,21 @@ def main(argv=None) -> int:
         print(markdown(rows))
         return 0
     families = args.families.split(",")
-    dirs = _model_dirs(families, args.encoder_layers)
+    dirs = _model_dirs(families, args.encoder_layers, args.listwise_layers)
     wanted = set(args.precisions.split(",")) - {""}
     rows = []
     for cpu_class in args.classes.split(","):
         for family in families:
-            for precision in PRECISIONS[cpu_class]:
+            table = LISTWISE_PRECISIONS if family == "listwise" else PRECISIONS
+            for precision in table[cpu_class]:
                 if wanted and precision not in wanted:
                     continue
                 row = run_one(cpu_class, family, dirs[family], precision, args)
                 row.update(docs=args.docs, rounds=args.rounds, loadavg=os.getloadavg())
                 if family == "encoder":
                     row["encoder_layers"] = args.encoder_layers
+                if family == "listwise":
+                    row["listwise_layers"] = args.listwise_layers
                 rows.append(row)
                 if args.json:
                     with args.json.open("a") as f:
