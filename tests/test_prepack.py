@@ -40,27 +40,17 @@ def test_prepacked_linear_with_bias_equals_f_linear(tokens):
     assert torch.equal(PrepackedLinear(weight, bias)(x), F.linear(x, weight, bias))
 
 
-def test_prepack_swaps_bias_free_bf16_linears_only():
-    model = nn.Sequential(nn.Linear(16, 32, bias=False), nn.Linear(32, 8, bias=True))
-    model = model.bfloat16()
-    x = torch.randn(5, 16).bfloat16()
-    expected = model(x)
-    assert prepack_linears(model, CPU, torch.bfloat16) == 1
-    assert isinstance(model[0], PrepackedLinear) and type(model[1]) is nn.Linear
-    assert torch.equal(model(x), expected)
-    # float32 keeps F.linear (the exact reference path)
-    plain = nn.Sequential(nn.Linear(16, 32, bias=False))
-    assert prepack_linears(plain, CPU, torch.float32) == 0
-
-
-def test_prepack_with_bias_swaps_every_bf16_linear_and_keeps_outputs():
+def test_prepack_swaps_every_bf16_linear_and_keeps_outputs():
     torch.manual_seed(5)
     model = nn.Sequential(nn.Linear(16, 32, bias=True), nn.Linear(32, 8, bias=False)).bfloat16()
     x = torch.randn(5, 16).bfloat16()
     expected = model(x)
-    assert prepack_linears(model, CPU, torch.bfloat16, with_bias=True) == 2
+    assert prepack_linears(model, CPU, torch.bfloat16) == 2
     assert all(type(m) is PrepackedLinear for m in model)
     assert torch.equal(model(x), expected)
+    # float32 keeps F.linear (the exact reference path)
+    plain = nn.Sequential(nn.Linear(16, 32, bias=False))
+    assert prepack_linears(plain, CPU, torch.float32) == 0
 
 
 def test_the_packed_decoder_uses_prepacked_linears_in_bf16(qwen3_dir):
@@ -252,7 +242,7 @@ def test_compiled_encoder_layer_code_keeps_biased_gemms_in_one_graph():
     )  # fmt: skip
     torch.manual_seed(0)
     block = Block(config).bfloat16()
-    assert prepack_linears(block, CPU, torch.bfloat16, with_bias=True) == 4
+    assert prepack_linears(block, CPU, torch.bfloat16) == 4
     x, y = torch.randn(40, 64).bfloat16(), torch.randn(40, 64).bfloat16()
     torch._dynamo.reset()
     explained = torch._dynamo.explain(finish_tokens)(block, x, y)

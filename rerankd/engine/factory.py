@@ -180,10 +180,8 @@ def _fast_linears(
     """The model with its linears prepacked (bf16 CPU decoders) or quantized, the decoder
     stream padded for oneDNN's row counts; and the activation dtype the engine runs."""
     dtype, onednn = q.dtype, False
-    if impl.decoder and q.mode == "none":
+    if (impl.decoder or impl.prepack) and q.mode == "none":  # a no-op off CPU / in float32
         onednn = prepack_linears(model, device, dtype) > 0
-    if impl.prepack and q.mode == "none":  # a no-op off CPU or in float32
-        prepack_linears(model, device, dtype, with_bias=True)
     if q.mode == "int8":
         model, dtype = quantize_int8(model, dtype, q.int8)
         onednn = q.int8 is not None and q.int8.w8a8

@@ -211,7 +211,7 @@ class _PackedBackbone:
                 raise UnsupportedCheckpoint(f"unexpected checkpoint layout ({exc})") from exc
         # bf16 on CPU: oneDNN-prepacked linears with bias, GELU and residual in the epilogue
         # (exactly F.linear's output for the bias, checked by a probe; a no-op elsewhere)
-        prepack_linears(self.model, device, dtype, with_bias=True)
+        prepack_linears(self.model, device, dtype)
         self.device = device
         self.attention = "sdpa"
         if device.type == "cuda":  # the first fused kernel that agrees with SDPA

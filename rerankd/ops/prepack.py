@@ -123,12 +123,10 @@ def residual_linear(residual: Tensor, linear: nn.Module, x: Tensor) -> Tensor:
     return residual + linear(x)
 
 
-def prepack_linears(
-    model: nn.Module, device: torch.device, dtype: torch.dtype, with_bias: bool = False
-) -> int:
-    """Swap every bias-free `nn.Linear` of `model` (and those with a bias when `with_bias`)
-    for a `PrepackedLinear` when this device and dtype support it and a probe gives
-    `F.linear`'s output exactly; returns how many."""
+def prepack_linears(model: nn.Module, device: torch.device, dtype: torch.dtype) -> int:
+    """Swap every `nn.Linear` of `model` for a `PrepackedLinear` (its bias, if any, added on
+    the accumulator) when this device and dtype support it and a probe gives `F.linear`'s
+    output exactly; returns how many."""
     if not prepack_supported(device, dtype):
         return 0
     try:
@@ -153,24 +151,18 @@ def prepack_linears(
             if activation
             else PrepackedLinear(linear.weight.detach(), linear.bias)
         ),
-        with_bias=with_bias,
     )
 
 
-def swap_linears(
-    model: nn.Module,
-    build: Callable[[nn.Linear, str | None], nn.Module],
-    with_bias: bool = True,
-) -> int:
-    """Replace each `nn.Linear` of `model` (bias-free ones only unless `with_bias`) by
-    `build(linear, activation)`; returns how many. `activation` is set for a module's gate ‖
+def swap_linears(model: nn.Module, build: Callable[[nn.Linear, str | None], nn.Module]) -> int:
+    """Replace each `nn.Linear` of `model` by `build(linear, activation)`; returns how many. `activation` is set for a module's gate ‖
     up projection (the one it names in `GATED_LINEAR`, bias-free, with an activation oneDNN
     applies), so `build` may fuse it; None for every other linear."""
     swaps = [
         (parent, name, child)
         for parent in model.modules()
         for name, child in parent.named_children()
-        if type(child) is nn.Linear and (with_bias or child.bias is None)
+        if type(child) is nn.Linear
     ]
     for parent, name, child in swaps:
         setattr(parent, name, build(child, _gated_activation(parent, name, child)))

@@ -187,3 +187,24 @@ def test_a_hub_download_is_detected_by_its_repo_id(tmp_path):
 
 def test_packed_engine_serves_qwen2_by_default():
     assert _model(128, "auto").scheduler.engine.name == "packed"
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["unshared", "shared-prefix"])
+def test_bfloat16_packed_scores_with_prepacked_biased_qkv_stay_close_to_the_package(shared):
+    """bf16 on CPU prepacks Qwen2's biased q ‖ k ‖ v projection too (the bias on oneDNN's
+    accumulator, bit-identical to F.linear): scores within bf16's 2e-2 of the package's
+    float32 ones, and as close as the transformers engine's own bf16."""
+    import torch
+
+    from rerankd.ops.prepack import PrepackedLinear, prepack_supported
+
+    model = _model(512, "packed", "bfloat16")
+    if prepack_supported(torch.device("cpu"), torch.bfloat16):
+        wqkv = model.scheduler.engine.model.decoder.layers[0].self_attn.wqkv
+        assert isinstance(wqkv, PrepackedLinear) and wqkv.bias is not None
+    expected = torch.tensor([raw for _, raw in _reference(512)])
+    ours = (torch.tensor(_score(model, shared=shared)[1]) - expected).abs().max()
+    theirs = (
+        (torch.tensor(_score(_model(512, "transformers", "bfloat16"))[1]) - expected).abs().max()
+    )
+    assert ours <= max(2e-2, 1.5 * theirs), (ours, theirs)
