@@ -219,8 +219,23 @@ class Attention(nn.Module):
         return y.reshape(seqlen, c.hidden_size)
 
 
+#: the config's activation by its name in the GEMM epilogues (ops/prepack.py), for those
+#: oneDNN applies
+_EPILOGUE_ACTIVATIONS = {
+    "gelu": "gelu",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "silu": "silu",
+    "swish": "silu",
+}
+
+
 class MLP(nn.Module):
     """GeGLU: wi → (input ‖ gate) → act(input) · gate → wo (`wo` applied by the block)."""
+
+    #: the input ‖ gate projection: prepacked (or int8) with `activation` in its epilogue,
+    #: it computes act(input) · gate itself (`fuses_activation`), not a (T, 2 · inter) output
+    #: split by a separate activation and product pass
+    GATED_LINEAR = "wi"
 
     def __init__(self, config: ModernBertConfig) -> None:
         super().__init__()
@@ -228,10 +243,13 @@ class MLP(nn.Module):
         self.wi = nn.Linear(h, 2 * inter, bias=bias)
         self.wo = nn.Linear(inter, h, bias=bias)
         self.act = ACTIVATIONS[config.hidden_act]
+        self.activation = _EPILOGUE_ACTIVATIONS.get(config.hidden_act)
 
     def gated(self, x: Tensor) -> Tensor:
         """act(input) · gate, (T, inter): the MLP before `wo` (the block fuses `wo` with
         the residual add)."""
+        if getattr(self.wi, "fuses_activation", False):  # prepacked or int8: act inside
+            return self.wi(x)
         input, gate = self.wi(x).chunk(2, dim=-1)  # (T, inter) each
         return self.act(input).mul_(gate)
 

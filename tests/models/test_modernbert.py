@@ -33,7 +33,7 @@ from rerankd.models.modernbert import (
 from rerankd.models.weights import open_checkpoint
 from rerankd.ops.amx_kernel import load_kernel
 from rerankd.ops.batch import pack
-from rerankd.ops.prepack import PrepackedLinear, prepack_supported
+from rerankd.ops.prepack import PrepackedGatedLinear, PrepackedLinear, prepack_supported
 from rerankd.recipes import sigmoid
 from rerankd.runtime import load_model
 from rerankd.settings import Settings
@@ -235,6 +235,28 @@ def test_bf16_scores_within_tolerance_and_ranked_on_clear_gaps(engine):
             isinstance(m, PrepackedLinear) for m in model.scheduler.engine.model.modules()
         )
         assert prepacked == prepack_supported(torch.device("cpu"), torch.bfloat16)
+        if prepacked:  # GeGLU: gelu(input) · gate in the two GEMMs' epilogues
+            wi = model.scheduler.engine.model.layers[0].mlp.wi
+            assert isinstance(wi, PrepackedGatedLinear) and wi.activation == "gelu"
+
+
+def test_int8_scores_rank_like_the_reference_with_the_gated_projection_fused():
+    """`--quantize int8`: the input ‖ gate projection becomes one int8 gated linear (gelu in
+    the epilogue) whatever int8 path this CPU takes; scores stay near float32's."""
+    settings = Settings(
+        model=_dir("mean"), dtype="bfloat16", quantize="int8", max_model_len=128, device="cpu"
+    )
+    model = load_model(settings, Metrics())
+    from rerankd.ops.quantize import Int8Linear
+
+    # oneDNN W8A8 (this CPU's default int8 path) applies gelu in the gate GEMM's epilogue;
+    # a plain int8 linear there means the split-and-activate pass came back
+    assert not isinstance(model.scheduler.engine.model.layers[0].mlp.wi, Int8Linear)
+    _, raw = _score(model)
+    expected = [x for _, x in _reference()]
+    scores, want = [sigmoid(x) for x in raw], [sigmoid(x) for x in expected]
+    assert scores == pytest.approx(want, abs=0.1)
+    assert _order(scores)[0] == _order(want)[0]
 
 
 #: pairs that all fit in one local window (≤ 9 tokens): local layers take the global kernel
