@@ -273,6 +273,15 @@ def worker(name: str, model: str, cache: str) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+def _die_with_parent() -> None:
+    """In the forked worker: SIGKILL when the harness dies, however it dies. A frozen
+    (SIGSTOPped) worker cannot act on anything else, and was left holding gigabytes."""
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 class Worker:
     """A worker process kept frozen (SIGSTOP) except while it is being measured."""
 
@@ -283,7 +292,13 @@ class Worker:
         cmd = [python, str(Path(__file__).resolve()), "--worker", name, "--model", str(model)]
         cmd += ["--cache", str(cache)]
         self.proc = subprocess.Popen(
-            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True, cwd=REPO
+            cmd,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=env,
+            text=True,
+            cwd=REPO,
+            preexec_fn=_die_with_parent,
         )
         line = self.proc.stdout.readline()
         if not line:
