@@ -17,7 +17,7 @@ batch). No CPU run can time that, but the calls that cause it are visible on CPU
 `HostSyncs` records them in a block (a dispatch mode for the aten ops, a function mode for
 the Python-level reads and copies, which never reach the dispatcher on CPU). `opaque` hides
 a kernel's insides: flex_attention's eager CPU fallback (one compiled kernel on CUDA) and
-stand-ins for CUDA-only kernels. `random_modernbert` is the model both checks run.
+stand-ins for CUDA-only kernels. `tests.fixtures.modernbert.random_modernbert` is the model both checks run.
 tests/gpu/test_host_syncs_cuda.py checks the same paths on
 a device with `torch.cuda.set_sync_debug_mode("error")`.
 """
@@ -38,7 +38,6 @@ import torch
 from torch.overrides import TorchFunctionMode, _pop_mode_temporarily
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
-from rerankd.models.modernbert import ModernBert, ModernBertConfig, inv_freq
 from rerankd.ops import batch as batch_module
 
 aten = torch.ops.aten
@@ -199,39 +198,3 @@ def opaque(kernel: Callable) -> Callable:
             return kernel(*args, **kwargs)
 
     return run
-
-
-def random_modernbert(
-    layers: int,
-    hidden: int = 32,
-    heads: int = 2,
-    device: torch.device | str = "cpu",
-    dtype: torch.dtype = torch.float32,
-) -> ModernBert:
-    """A random ModernBERT with the card's layer pattern (every third layer global, the first
-    included) and a ±8-token window: the model the sync checks run (no checkpoint needed)."""
-    config = ModernBertConfig(
-        vocab_size=100,
-        hidden_size=hidden,
-        num_layers=layers,
-        num_heads=heads,
-        intermediate_size=hidden * 3 // 2,
-        norm_eps=1e-5,
-        norm_bias=False,
-        attention_bias=False,
-        mlp_bias=False,
-        classifier_bias=False,
-        hidden_act="gelu",
-        classifier_act="gelu",
-        global_rope_theta=160_000.0,
-        local_rope_theta=10_000.0,
-        global_layers=tuple(i % 3 == 0 for i in range(layers)),
-        window=8,
-        pooling="mean",
-    )
-    torch.manual_seed(0)
-    model = ModernBert(config).to(device, dtype)
-    # float32 RoPE frequencies whatever the weights' dtype, as `load_modernbert` sets them
-    model.global_inv_freq = inv_freq(config.global_rope_theta, config).to(device)
-    model.local_inv_freq = inv_freq(config.local_rope_theta, config).to(device)
-    return model.eval()

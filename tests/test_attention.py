@@ -3,7 +3,6 @@ with a reference kernel that follows flash-attention's varlen semantics."""
 
 from __future__ import annotations
 
-import functools
 import logging
 
 import pytest
@@ -19,6 +18,7 @@ from rerankd.ops.attention import (
 )
 from rerankd.ops.batch import pack
 from rerankd.types import EncodedPair
+from tests.loaded import loaded_fixture
 
 
 def reference_varlen_kernel(q, k, v, cu_q, cu_k, max_q, max_k, *, scale, window_size, enable_gqa):
@@ -254,25 +254,6 @@ def test_cuda_backends_fall_back_in_order_with_warnings(monkeypatch, caplog):
 FAMILY_FIXTURES = {"qwen3": 512, "gemma": 128, "xlmr": 128}  # GQA 4:2, GQA 4:1, encoder
 
 
-@functools.cache
-def _served(fixture: str):
-    from rerankd.metrics import Metrics
-    from rerankd.runtime import load_model
-    from rerankd.settings import Settings
-    from tests.fixtures.paths import fixture_dir
-
-    settings = Settings(
-        model=str(fixture_dir(fixture)),
-        dtype="float32",
-        device="cpu",
-        engine="packed",
-        max_model_len=FAMILY_FIXTURES[fixture],
-        attention="sdpa",
-        compile="off",
-    )
-    return load_model(settings, Metrics())
-
-
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 @pytest.mark.parametrize("backend", ["varlen", "sdpa_padded", "flex"])
 @pytest.mark.parametrize("fixture", FAMILY_FIXTURES)
@@ -284,7 +265,7 @@ def test_cuda_backends_give_sdpa_scores_through_the_model(monkeypatch, fixture, 
     from rerankd.types import Batch
 
     monkeypatch.setattr(varlen_module, "varlen_attn", varlen_attn_2_11)
-    served = _served(fixture)
+    served = loaded_fixture(fixture, FAMILY_FIXTURES[fixture])
     engine = served.scheduler.engine
     documents = ["Beijing is the capital.", "Paris lies on the Seine " * 6, "", "yes no"]
     pairs = served.recipe.encode(["capital of china?"] * 4, documents)

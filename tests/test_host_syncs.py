@@ -7,7 +7,6 @@ of torch 2.11's signature), on a fresh batch, so the per-batch metadata the kern
 
 from __future__ import annotations
 
-import functools
 import random
 
 import pytest
@@ -19,7 +18,9 @@ from rerankd.models.modernbert import CHUNK_SPAN
 from rerankd.ops.attention import ATTENTION
 from rerankd.ops.batch import pack, upload
 from rerankd.types import Batch, EncodedPair
-from tests.host_syncs import HostSyncs, opaque, random_modernbert
+from tests.fixtures.modernbert import random_modernbert
+from tests.host_syncs import HostSyncs, opaque
+from tests.loaded import loaded_fixture
 
 CPU = torch.device("cpu")
 #: the CUDA kernels of `ops.attention.cuda_backends` that run on CPU (flash_attn: CUDA only)
@@ -157,32 +158,13 @@ def test_modernbert_forward_never_syncs(backend, layers, monkeypatch):
 ENGINE_FIXTURES = {"qwen3": 512, "xlmr": 128}  # decoder (shared prefixes, GQA), encoder
 
 
-@functools.cache
-def _served(fixture: str):
-    from rerankd.metrics import Metrics
-    from rerankd.runtime import load_model
-    from rerankd.settings import Settings
-    from tests.fixtures.paths import fixture_dir
-
-    settings = Settings(
-        model=str(fixture_dir(fixture)),
-        dtype="float32",
-        device="cpu",
-        engine="packed",
-        max_model_len=ENGINE_FIXTURES[fixture],
-        attention="sdpa",
-        compile="off",
-    )
-    return load_model(settings, Metrics())
-
-
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 @pytest.mark.parametrize("backend", CUDA_BACKENDS)
 @pytest.mark.parametrize("fixture", ENGINE_FIXTURES)
 def test_a_packed_engine_batch_syncs_once_to_read_its_scores(fixture, backend):
     """Pack, forward and scores of one batch with two shared-prefix groups: the one host
     sync is the read of the scores."""
-    served = _served(fixture)
+    served = loaded_fixture(fixture, ENGINE_FIXTURES[fixture])
     engine = served.scheduler.engine
     documents = ["Beijing is the capital.", "Paris lies on the Seine " * 6, "", "yes no"]
     pairs = served.recipe.encode(["capital of china?"] * 4, documents)

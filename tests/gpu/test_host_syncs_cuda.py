@@ -9,7 +9,6 @@ tests/test_host_syncs.py checks the same paths on CPU with a recorder."""
 from __future__ import annotations
 
 import contextlib
-import functools
 import random
 
 import pytest
@@ -18,7 +17,6 @@ import torch
 from rerankd.ops.attention import ATTENTION, cuda_backends
 from rerankd.ops.batch import pack
 from rerankd.types import EncodedPair
-from tests.fixtures.paths import fixture_dir
 
 pytestmark = pytest.mark.gpu
 CUDA = torch.device("cuda")
@@ -77,7 +75,7 @@ def test_modernbert_forward_never_syncs(backend):
     buckets, and a sequence past `CHUNK_SPAN` in query chunks), bf16, head dim 64."""
     from rerankd.models.kernels import Kernels
     from rerankd.models.modernbert import CHUNK_SPAN
-    from tests.host_syncs import random_modernbert
+    from tests.fixtures.modernbert import random_modernbert
 
     model = random_modernbert(4, hidden=128, heads=2, device=CUDA, dtype=torch.bfloat16)
     model.set_kernels(Kernels(backend))
@@ -90,31 +88,17 @@ def test_modernbert_forward_never_syncs(backend):
     torch.testing.assert_close(got, expected, atol=1e-2, rtol=0)  # index_add_ order may vary
 
 
-@functools.cache
-def _served(fixture: str):
-    from rerankd.metrics import Metrics
-    from rerankd.runtime import load_model
-    from rerankd.settings import Settings
-
-    settings = Settings(
-        model=str(fixture_dir(fixture)),
-        device="cuda",
-        dtype="bfloat16",
-        engine="packed",
-        max_model_len=FIXTURES[fixture],
-        compile="off",
-    )
-    return load_model(settings, Metrics())
-
-
 @pytest.mark.parametrize("backend", cuda_backends())
 @pytest.mark.parametrize("fixture", FIXTURES)
 def test_packed_engine_prepare_and_launch_never_sync(fixture, backend):
     """The scheduler's pipeline on each backend, shared prefixes included: `prepare` and
     `launch` queue work without waiting; `collect` is the batch's one sync."""
     from rerankd.types import Batch
+    from tests.loaded import loaded_fixture
 
-    served = _served(fixture)
+    served = loaded_fixture(
+        fixture, FIXTURES[fixture], device="cuda", dtype="bfloat16", attention="auto"
+    )
     engine = served.scheduler.engine
     documents = ["Beijing is the capital.", "Paris lies on the Seine " * 6, "", "yes no"]
     pairs = served.recipe.encode(["capital of china?"] * 4, documents)

@@ -14,7 +14,8 @@ from rerankd.models.encoder import Encoder, EncoderConfig
 from rerankd.models.gemma2_lightweight import LightweightConfig, LightweightReranker
 from rerankd.models.kernels import Kernels
 from rerankd.models.minicpm import LayerwiseReranker
-from rerankd.models.modernbert import ModernBert, ModernBertConfig
+from rerankd.models.modernbert import ModernBert
+from tests.fixtures.modernbert import random_modernbert
 
 PACKED_MODELS = {
     Decoder: True,
@@ -41,28 +42,6 @@ def _decoder_config() -> DecoderConfig:
         gemma_norm=True,
         activation="gelu_tanh",
     )
-
-
-def _modernbert() -> ModernBert:
-    config = ModernBertConfig(
-        vocab_size=50,
-        hidden_size=32,
-        num_layers=3,
-        num_heads=2,
-        intermediate_size=48,
-        norm_eps=1e-5,
-        norm_bias=False,
-        attention_bias=False,
-        mlp_bias=False,
-        classifier_bias=False,
-        hidden_act="gelu",
-        classifier_act="gelu",
-        global_rope_theta=160000.0,
-        local_rope_theta=10000.0,
-        global_layers=(True, False, False),
-        window=4,
-    )
-    return ModernBert(config)
 
 
 def _colbert() -> ColbertEncoder:
@@ -95,7 +74,7 @@ def _attention_state(model) -> tuple:
     return attends, getattr(model, "kernels", None)
 
 
-@pytest.mark.parametrize("build", [_modernbert, _colbert, _lightweight])
+@pytest.mark.parametrize("build", [lambda: random_modernbert(3), _colbert, _lightweight])
 def test_models_without_compiled_functions_refuse_them_and_change_nothing(build):
     model = build()
     model.set_kernels(Kernels("sdpa"))
@@ -113,7 +92,7 @@ def test_the_lightweight_model_refuses_any_attention_but_sdpa():
 
 
 def test_modernbert_takes_the_attention_kernel_in_global_and_local_layers():
-    model = _modernbert()
+    model = random_modernbert(3)
     before = _attention_state(model)[0]
     model.set_kernels(Kernels("sdpa_padded"))
     after = _attention_state(model)[0]
@@ -153,7 +132,7 @@ def _engine(model) -> PackedEngine:
 
 
 def test_the_engine_never_asks_a_model_that_does_not_compile(caplog):
-    engine = _engine(_modernbert())
+    engine = _engine(random_modernbert(3))
     cpu = torch.device("cpu")
     assert engine._wants_compile("on", cpu, torch.bfloat16) is False
     assert "runs eager only" in caplog.text
