@@ -1,6 +1,8 @@
 """Compiled per-token kernels stay correct when Inductor's on-disk cache is shared by
-processes of different vector ISAs (rerankd/ops/compile_cache.py), and a compiled path that
-gives non-finite scores is refused (`compile_policy.scores_disagree`).
+processes of different vector ISAs (rerankd/ops/compile_cache.py); a compiled path that
+gives non-finite scores is refused (`compile_policy.scores_disagree`); and a float32 model
+served compiled under the emulated AVX2 class (`--compile auto` compiles it there) scores as
+eager.
 
 The bug (issue 18): a cache entry generated for AVX2 (8 float lanes) and loaded by an AVX512
 process was compiled with AVX512 flags, wrote past its buffers and aborted the process
@@ -24,6 +26,7 @@ import torch
 from rerankd.engine.compile_policy import scores_disagree
 from rerankd.engine.packed_engine import PackedEngine
 from rerankd.ops.compile_cache import TAG_PREFIX, key_compile_cache_by_cpu_isa
+from rerankd.ops.cpu import CPU_CLASSES
 
 REPO = Path(__file__).resolve().parent.parent
 WORKER_TIMEOUT_S = 300
@@ -79,13 +82,15 @@ def _native_bits() -> int:
     return isa.bit_width() if isa else 0
 
 
-def _worker(cache_dir: Path, capability: str | None) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
+def _worker(
+    cache_dir: Path, capability: str | None, *args: str, env: dict[str, str] | None = None
+) -> dict:
+    env = {k: v for k, v in {**os.environ, **(env or {})}.items() if k != "ATEN_CPU_CAPABILITY"}
     env["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir)
     if capability:
         env["ATEN_CPU_CAPABILITY"] = capability
     done = subprocess.run(
-        [sys.executable, "-m", "tests.test_compile_correctness"],
+        [sys.executable, "-m", "tests.test_compile_correctness", *args],
         env=env,
         cwd=REPO,
         capture_output=True,
@@ -119,6 +124,52 @@ def test_compiled_encoder_kernels_survive_a_cache_shared_across_isas(tmp_path, o
     assert report["bits"] == (256 if order[1] == "avx2" else _native_bits())
 
 
+@pytest.mark.parametrize(
+    "fixture",
+    [
+        "qwen3",  # ~23 s on the shared 2-core machine (one compile)
+        # the encoder's float32 kernels are also compiled under AVX2 above: slow here
+        pytest.param("bert", marks=pytest.mark.slow),
+    ],
+)
+def test_compiled_float32_scores_equal_eager_under_the_avx2_class(tmp_path, fixture):
+    """`--compile auto` compiles float32 decoders and encoders on AVX2 CPUs
+    (compile_policy.MEASURED): a served model under the emulated AVX2 class
+    (`CPU_CLASSES["avx2"]`, Inductor's AVX2 code, a fresh cache) scores as eager, finite,
+    within 1e-4 (the engine's own start-up check allows 0.1)."""
+    avx2 = CPU_CLASSES["avx2"]
+    report = _worker(tmp_path, avx2["ATEN_CPU_CAPABILITY"], "served", fixture, env=avx2)
+    assert report["compiled"], report  # the start-up check kept the compiled kernels
+    assert report["bits"] == 256  # AVX2 code, not this machine's AVX512
+    assert report["worst"] <= FLOAT32_TOLERANCE, report
+
+
+def _served_worker(fixture: str) -> None:
+    """The float32 fixture served with `--compile on`; documents of uneven lengths scored
+    compiled, then eager on the same engine; prints the worst |Δ| (inf when not finite)."""
+    import asyncio
+
+    from rerankd.runtime import build_service
+    from rerankd.settings import Settings
+    from tests.fixtures.paths import fixture_dir
+
+    settings = Settings(model=str(fixture_dir(fixture)), dtype="float32", compile="on")
+    service = build_service(settings)
+    loop = asyncio.new_event_loop()
+    loop.run_until_complete(service.start())
+    model = service.models[0]
+    engine = model.scheduler.engine
+    documents = [" ".join(f"word{i} panda bamboo" for i in range(n)) for n in (1, 7, 40, 3, 90)]
+    scores = {}
+    for compiled in (True, False):
+        engine.use_kernels(engine.attention, compiled=compiled)
+        scored = loop.run_until_complete(service.rerank(model, "where do pandas live", documents))
+        scores[compiled] = scored.raw_scores
+    loop.run_until_complete(service.stop())
+    worst = scores_disagree(scores[False], scores[True])
+    print(json.dumps({"worst": worst, "bits": _native_bits(), "compiled": engine.compiled}))
+
+
 def _worker_main() -> None:
     """A tiny float32 BERT block's `finish_tokens`, compiled through rerankd and eager, on
     token counts with remainders; prints the worst |Δ| (inf when not finite)."""
@@ -138,4 +189,7 @@ def _worker_main() -> None:
 
 
 if __name__ == "__main__":
-    _worker_main()
+    if sys.argv[1:2] == ["served"]:
+        _served_worker(sys.argv[2])
+    else:
+        _worker_main()
