@@ -4,9 +4,9 @@
     python -m benchmarks.bench_compile --classes zen4 --families encoder --rounds 2
     python -m benchmarks.bench_compile --classes avx2 --families listwise --listwise-layers 7
 
-For each CPU class (`rerankd.ops.cpu.CPU_CLASSES`: the AMX Xeon itself, AMD EPYC Zen 4
-emulated, AVX2-only emulated) × model × precision, one worker process, started with the
-class's caps in its environment (oneDNN, ATen, MKL, fbgemm and rerankd's own CPU flags are
+For each CPU class (`rerankd.ops.cpu.CPU_CLASSES`: the AMX Xeon itself, and emulated: AMD
+EPYC Zen 4, Cascade/Ice Lake AVX512-VNNI, AVX2-only) × model × precision, one worker
+process, started with the class's caps in its environment (oneDNN, ATen, MKL, fbgemm and rerankd's own CPU flags are
 read before torch imports), builds rerankd's service in-process as the server does
 (`Settings` → `runtime.build_service`, `--compile on`, everything else default) and then
 scores the same requests with the compiled and the eager per-token kernels, swapped on the
@@ -44,20 +44,22 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-CLASSES = ("amx", "zen4", "avx2")
+CLASSES = ("amx", "zen4", "avx512-vnni", "avx2")
 FAMILIES = ("decoder", "encoder", "listwise")
 #: precisions measured per class: bf16 only where the class has bf16 instructions (rerankd's
-#: `--dtype auto` serves float32 on AVX2); "int8" is `--quantize int8` with `--dtype auto`,
+#: `--dtype auto` serves float32 on AVX512-VNNI and AVX2); "int8" is `--quantize int8` with `--dtype auto`,
 #: "int8-float32" with `--dtype float32`
 PRECISIONS = {
     "amx": ("bfloat16", "int8", "float32", "int8-float32"),
     "zen4": ("bfloat16", "int8", "float32", "int8-float32"),
+    "avx512-vnni": ("float32", "int8"),
     "avx2": ("float32", "int8"),
 }
 #: the listwise engine has no int8 (engine/listwise.py)
 LISTWISE_PRECISIONS = {
     "amx": ("bfloat16", "float32"),
     "zen4": ("bfloat16", "float32"),
+    "avx512-vnni": ("float32",),
     "avx2": ("float32",),
 }
 #: compiling pays when the median paired speedup is at least this: the compiled path costs
@@ -77,13 +79,15 @@ def _log(msg: str) -> None:
 
 
 class _Warnings(logging.Handler):
-    """rerankd's start-up warnings (why compiling or a kernel was refused), kept, and the
-    start-up compile check's verdict when it passed (its max |Δ| on the probe batch)."""
+    """rerankd's start-up warnings (why compiling or a kernel was refused), kept, and two
+    INFO lines: the start-up compile check's verdict when it passed (its max |Δ| on the probe
+    batch) and `--quantize int8`'s kernel choice (which int8 path the row measured)."""
 
     def __init__(self) -> None:
         super().__init__(logging.INFO)
         self.messages: list[str] = []
         self.compile_check: str | None = None
+        self.int8_choice: str | None = None
 
     def emit(self, record: logging.LogRecord) -> None:
         message = record.getMessage()
@@ -91,6 +95,8 @@ class _Warnings(logging.Handler):
             self.messages.append(message[:500])
         elif message.startswith("compiled the per-token work"):
             self.compile_check = message[:200]
+        elif message.startswith("int8: "):
+            self.int8_choice = message[:500]
 
 
 def _limit_inductor_isa() -> str:
@@ -173,6 +179,7 @@ def worker(family: str, model_dir: str, precision: str, docs: int, rounds: int) 
         "load_and_compile_s": round(time.perf_counter() - started, 1),
         "warnings": warnings.messages,
         "compile_check": warnings.compile_check,
+        "int8_choice": warnings.int8_choice,
     }
     if not engine.compiled:  # the compiler failed or disagreed: nothing to compare
         return out

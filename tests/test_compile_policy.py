@@ -93,8 +93,14 @@ def test_the_table_covers_each_class_family_and_precision_measured():
         for dtype in ("bfloat16", "float32")
         for quantized in (False, True)
     }
-    avx2 = {("avx2", f, "float32", q) for f in ("decoder", "encoder") for q in (False, True)}
-    assert set(MEASURED) == bf16_classes | avx2
+    # no bf16 instructions: float32 activations (`--dtype auto`), with and without int8
+    float32_classes = {
+        (cls, family, "float32", quantized)
+        for cls in ("avx512-vnni", "avx2")
+        for family in ("decoder", "encoder")
+        for quantized in (False, True)
+    }
+    assert set(MEASURED) == bf16_classes | float32_classes
 
 
 @pytest.mark.parametrize("cls", list(FLAGS))
@@ -147,13 +153,14 @@ def test_the_listwise_table_covers_each_class_and_precision_measured():
     bf16_classes = {
         (c, LISTWISE, d, False) for c in ("amx", "zen4") for d in ("bfloat16", "float32")
     }
-    assert set(LISTWISE_MEASURED) == bf16_classes | {("avx2", LISTWISE, "float32", False)}
+    float32_classes = {(c, LISTWISE, "float32", False) for c in ("avx512-vnni", "avx2")}
+    assert set(LISTWISE_MEASURED) == bf16_classes | float32_classes
 
 
 @pytest.mark.parametrize("cls", list(FLAGS))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_the_listwise_engine_decides_from_its_own_rows(monkeypatch, cls, dtype):
-    # LISTWISE_MEASURED, not the packed decoder's rows; unlisted (avx2 bf16, avx512-vnni): eager
+    # LISTWISE_MEASURED, not the packed decoder's rows; unlisted (bf16 without bf16 ISA): eager
     monkeypatch.setenv(CPU_FLAGS_ENV, FLAGS[cls])
     key = (cls, LISTWISE, str(dtype).removeprefix("torch."), False)
     assert wants_compile("auto", LISTWISE, dtype, False, CPU) is LISTWISE_MEASURED.get(key, False)

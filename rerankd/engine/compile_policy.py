@@ -23,10 +23,10 @@ from rerankd.models.minicpm import LayerwiseReranker
 from rerankd.ops.cpu import cpu_flags
 
 #: (CPU class, model family, activation dtype, int8 linears) -> compile. The comment is the
-#: median paired speedup of compiled over eager (eager time / compiled time, 3 rounds; 5 for
-#: the avx2 float32 rows) of `benchmarks/bench_compile.py --docs 8` on a shared 2-core Xeon
-#: with AMX, the other classes emulated on it (`rerankd.ops.cpu.CPU_CLASSES`); compiled at
-#: >= 1.05 (`bench_compile.PAYS_AT`).
+#: median paired speedup of compiled over eager (eager time / compiled time, 3 rounds; the
+#: rows measured 2026-12-04 say theirs) of `benchmarks/bench_compile.py --docs 8` on a shared
+#: 2-core Xeon with AMX, the other classes emulated on it (`rerankd.ops.cpu.CPU_CLASSES`);
+#: compiled at >= 1.05 (`bench_compile.PAYS_AT`).
 MEASURED: dict[tuple[str, str, str, bool], bool] = {
     # Intel Xeon with AMX (Sapphire Rapids and later)
     ("amx", "decoder", "bfloat16", False): True,  # 1.22
@@ -48,6 +48,14 @@ MEASURED: dict[tuple[str, str, str, bool], bool] = {
     ("zen4", "encoder", "float32", False): True,  # 1.44
     ("zen4", "encoder", "bfloat16", True): True,  # 1.30
     ("zen4", "encoder", "float32", True): False,  # 0.96
+    # AVX512-VNNI without BF16 (Cascade Lake, Ice Lake server), emulated, 2026-12-04: float32
+    # activations (`--dtype auto`), int8 on rerankd's brgemm kernel; median over the paired
+    # rounds of two runs (3 + 5 rounds, load 2.5-6; each run's median in brackets)
+    ("avx512-vnni", "decoder", "float32", False): True,  # 1.10 (1.33, 1.09)
+    # run 2 only: in run 1 (1.43) the kernel failed to build (a tree mid-edit), another path ran
+    ("avx512-vnni", "decoder", "float32", True): True,  # 1.36
+    ("avx512-vnni", "encoder", "float32", False): False,  # 1.00 (0.98, 1.02)
+    ("avx512-vnni", "encoder", "float32", True): True,  # 1.18 (1.16, 1.21)
     # AVX2 only, emulated (float32 activations; int8 is torch.ao's dynamic quantization)
     ("avx2", "decoder", "float32", True): False,  # 0.88
     ("avx2", "encoder", "float32", True): False,  # 0.98
@@ -70,6 +78,7 @@ LISTWISE_MEASURED: dict[tuple[str, str, str, bool], bool] = {
     ("amx", LISTWISE, "float32", False): True,  # 1.10 (1.21, 1.09)
     ("zen4", LISTWISE, "bfloat16", False): True,  # 1.09 (1.06, 1.03, 1.10)
     ("zen4", LISTWISE, "float32", False): True,  # 1.12 (1.10, 1.10, 1.12)
+    ("avx512-vnni", LISTWISE, "float32", False): True,  # 1.10 (1.11, 1.09)
     # no gain shown: 5 of 13 rounds < 1, the quietest run (load 2.5) 0.88, a same-request
     # recheck at load 1.2 0.58; the pooled 1.06 is the threshold, not a resolved gain: eager
     ("avx2", LISTWISE, "float32", False): False,  # 1.06 (1.13, 1.06, 0.88)
