@@ -113,7 +113,8 @@ class Settings:
         "torch.compile the packed models' per-token work (norms, RoPE, residuals, "
         "activations, int8 input quantization): on, off, or auto (= where "
         "benchmarks/bench_compile.py measured it faster for this CPU class (AMX, "
-        "AVX512-BF16 such as EPYC Zen 4, AVX2), model family and precision, the table in "
+        "AVX512-BF16 such as EPYC Zen 4, AVX512-VNNI such as Ice Lake, AVX2), model family and "
+        "precision, the table in "
         "docs/benchmarks.md, e.g. the 0.6B decoder in bf16 on AMX: 22% faster; eager on CUDA "
         "and wherever unmeasured). Compiling happens during "
         "warm-up, before /health turns ready, and falls back to eager if the compiler fails.",

@@ -36,8 +36,9 @@ carries token ids and positions (read by attribute: engine/ imports no recipe).
 
 What it lacks of the packed engine: shared prefixes (each window is its own prompt), the AMX
 and varlen attention kernels (SDPA per window) and int8; it has its prepacked bf16 linears on
-CPU and, with `--compile auto` on bf16 AMX CPUs (or `on`), the decoder's compiled per-token
-work, kept only if a probe window's scores agree with eager ones. Eager, the norms, RoPE and
+CPU and, with `--compile auto` where its measured row says so (compile_policy's
+`LISTWISE_MEASURED`: AMX and Zen 4 in bf16 and float32, AVX512-VNNI in float32) or `on`, the
+decoder's compiled per-token work, kept only if a probe window's scores agree with eager ones. Eager, the norms, RoPE and
 activations were 70 % of a window's time (one 3k-token window of 14 layers: 36-76 s eager,
 9.3 s compiled, on the shared machine; docs/benchmarks.md).
 """

@@ -226,7 +226,7 @@ def recipe_ids(server, text: str) -> list[int]:
 @pytest.mark.parametrize("case", ["cut-documents-close-windows", "125-document-cap"])
 def test_bf16_is_close_and_keeps_the_order(model_dir, server, reference, case, compile):
     """bf16, eager and with the decoder's compiled per-token work (`--compile on`; `auto`
-    picks it on bf16 AMX CPUs), against the float32 and the bf16 reference."""
+    picks it where compile_policy.LISTWISE_MEASURED says), against the float32 and the bf16 reference."""
     query, documents, instruction = CASES[case]
     exact = reference.rerank(query, documents, instruction)
     bf16_reference = Reference(model_dir, torch.bfloat16).rerank(query, documents, instruction)
