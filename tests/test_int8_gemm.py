@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from rerankd.engine import factory
 from rerankd.metrics import Metrics
 from rerankd.ops import int8_gemm as g
+from rerankd.ops import quantize
 from rerankd.ops.cpu import CPU_CLASSES
 from rerankd.ops.quantize import BRGEMM_PATH, Int8Choice
 from rerankd.recipes import sigmoid
@@ -211,6 +212,36 @@ def test_agreement_probe_passes_here_and_fails_on_a_broken_kernel(monkeypatch):
 
     monkeypatch.setattr(g, "int8_gemm", off_by_one_step)
     assert not g.agrees(x, weight, bias, residual, 1e-4)
+
+
+@pytest.mark.parametrize(
+    ("ours_ms", "onednn_ms", "winner"),
+    [(10.0, 12.0, BRGEMM_PATH), (10.4, 10.0, BRGEMM_PATH), (12.0, 10.0, "w8a8-uint8")],
+)
+def test_the_layer_race_takes_ours_unless_slower_than_its_margin(
+    ours_ms, onednn_ms, winner, monkeypatch
+):
+    """Both sides run a decoder layer's linears; rerankd's kernel serves unless it is slower
+    than oneDNN's by more than the fused epilogue saves (`_BRGEMM_MARGIN`); the loser is
+    refused with both times."""
+    ran = []
+
+    def timed(runs, repeats, budget_s=0.0):
+        for run in runs.values():
+            ran.append(run())
+        return {BRGEMM_PATH: ours_ms / 1e3, "w8a8-uint8": onednn_ms / 1e3}
+
+    monkeypatch.setattr(quantize, "_best_times", timed)
+    refused = []
+    ours, onednn = (BRGEMM_PATH, ("brgemm:x",), 1.7), ("w8a8-uint8", ("brg_matmul:x",), 1.6)
+    assert quantize._layer_race(torch.bfloat16, ours, onednn, refused)[0] == winner
+    hidden = quantize._LAYER_SHAPE[:2]
+    assert [tuple(out.shape) for out in ran] == [hidden, hidden]  # both ran down + residual
+    loser = onednn[0] if winner == BRGEMM_PATH else BRGEMM_PATH
+    assert refused == [
+        (loser, f"slower on a decoder layer's linears {quantize._LAYER_SHAPE}: "
+                f"{ours_ms:.2f} ms ours vs {onednn_ms:.2f} ms oneDNN"),
+    ]  # fmt: skip
 
 
 @pytest.mark.skipif(
