@@ -426,8 +426,9 @@ def _brgemm_probe(dtype: torch.dtype) -> _Probe:
 #: the fused epilogue saves: in the whole model (bench_int8_gemm, 0.6B shape) the compiled
 #: graphs around the GEMMs took 24.9 ms/layer with rerankd's kernel and 38.0 with oneDNN's,
 #: 14 % of oneDNN's 91 ms/layer of GEMMs on AMX; under the Zen 4 caps the same 13 ms would
-#: be 6 % of its 221 ms, so 5 %. Measured (docs/benchmarks.md "int8 GEMM with fused
-#: epilogue"): race 1.12x / whole model 1.15x on AMX, race 1.01x / whole model 1.01x Zen 4.
+#: be 6 % of its 221 ms (that profile did not show it), so 5 %. Measured (docs/benchmarks.md
+#: "int8 GEMM with fused epilogue"): race 1.12x / whole model 1.15x on AMX, race 1.01x /
+#: whole model 1.01x under the Zen 4 caps.
 _BRGEMM_MARGIN = 0.95
 #: the decoder layer whose linears the two W8A8 kernels race on (tokens, hidden, attention
 #: width (query heads x head dim), key/value width, intermediate): the Qwen3-0.6B widths, on
