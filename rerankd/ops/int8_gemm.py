@@ -63,8 +63,9 @@ SCALE_BYTES = 4
 #: fused rows are padded (zeros) to a multiple of this, so each starts on a cache line: the
 #: down GEMM ran 18 % slower on rows of K + 4 bytes (one thread, 3,072 x 3,072 x 1,024, AMX)
 ROW_ALIGN = 64
-#: gate activations the fused epilogue computes (the kernel's `act` argument)
-ACTIVATIONS = {"silu": 0, "gelu_tanh": 1}
+#: activations the fused epilogue computes (the kernel's `act` argument): the decoders' gates,
+#: and the exact (erf) GELU of BERT-family encoders and ModernBERT's GeGLU
+ACTIVATIONS = {"silu": 0, "gelu_tanh": 1, "gelu": 2}
 
 
 def missing_flags() -> list[str]:
@@ -201,6 +202,30 @@ def _(q, scale, gate, gate_correction, gate_scale, up, up_correction, up_scale, 
     return q.new_empty(q.shape[0], width)
 
 
+@torch.library.custom_op("rerankd::int8_activated", mutates_args=())
+def int8_activated(
+    q: Tensor,
+    scale: Tensor | None,
+    packed: Tensor,
+    correction: Tensor,
+    w_scale: Tensor,
+    out_features: int,
+    bias: Tensor | None,
+    activation: int,
+    width: int,
+) -> Tensor:
+    """act(q W (+ bias)) quantized per row: fused rows (T, `width`) uint8, as `int8_gated`
+    writes them (`width`: see there)."""
+    return _kernel().int8_activated(
+        q, scale, packed, correction, w_scale, out_features, bias, activation, width
+    )
+
+
+@int8_activated.register_fake
+def _(q, scale, packed, correction, w_scale, out_features, bias, activation, width):
+    return q.new_empty(q.shape[0], width)
+
+
 class PackedInt8Weight(nn.Module):
     """One int8 weight (N, K) with its per-channel scales (N,), packed for the kernel: VNNI
     panels, the zero-point correction and the scales (padded columns: scale 0)."""
@@ -244,13 +269,29 @@ class BrgemmInt8Linear(nn.Module):
         """`residual + x @ W.T`, the add done in the GEMM's epilogue."""
         return self._gemm(x, residual)
 
+    def activated(self, x: Tensor, activation: str) -> Tensor:
+        """`act(x @ W.T + bias)` as fused uint8 rows (quantized per token in the epilogue),
+        which only the next `BrgemmInt8Linear` reads: an encoder's GELU and the quantization
+        of its output make no pass over the (T, intermediate) activations (compiled, they
+        cost as much as the GEMMs: erf computed twice around a row maximum)."""
+        lead = x.shape[:-1]
+        q, scale = self._quantized(x)
+        out = int8_activated(
+            q, scale, *self.weight.tensors(), self.out_features, self.bias,
+            ACTIVATIONS[activation], fused_width(self.out_features),
+        )  # fmt: skip
+        return out.reshape(*lead, out.shape[-1])
+
+    def _quantized(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """uint8 rows and their scales (None: fused rows, the scales inside)."""
+        if x.dtype == torch.uint8:  # fused rows: already quantized, scales inside
+            return x.reshape(-1, x.shape[-1]), None
+        return quantize_per_token(x.reshape(-1, x.shape[-1]), self.weight.k_pad)
+
     def _gemm(self, x: Tensor, residual: Tensor | None) -> Tensor:
         lead = x.shape[:-1]
-        if x.dtype == torch.uint8:  # fused rows: already quantized, scales inside
-            q, scale, dtype = x.reshape(-1, x.shape[-1]), None, self.dtype
-        else:
-            q, scale = quantize_per_token(x.reshape(-1, x.shape[-1]), self.weight.k_pad)
-            dtype = x.dtype
+        q, scale = self._quantized(x)
+        dtype = self.dtype if x.dtype == torch.uint8 else x.dtype
         if residual is not None:
             residual, dtype = residual.reshape(-1, self.out_features), residual.dtype
         out = int8_gemm(
@@ -297,11 +338,17 @@ def exact_per_token(q: Tensor, scale: Tensor, quantized: tuple[Tensor, Tensor]) 
     return acc * scale.double()[:, None] * sw.double()
 
 
+def split_fused_rows(fused: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Fused rows (T, width) → their uint8 columns (T, k) and float32 scales (T,)."""
+    scale = fused[:, padded_k(k) : padded_k(k) + SCALE_BYTES].contiguous().view(torch.float32)
+    return fused[:, :k], scale[:, 0]
+
+
 def agrees(x: Tensor, weight: Tensor, bias: Tensor, residual: Tensor, tolerance: float) -> bool:
     """Whether the kernel computes the int8 arithmetic on `x` (T, K) with the square
     `weight` (K, K) in every configuration the models use: plain, bias, residual, a few
-    rows, one column; both gate activations, the act·up product quantized per token (within
-    half a step) and the down GEMM on those fused rows. Relative `tolerance` (x's dtype)."""
+    rows, one column; every activation, the act·up product and the activated biased output
+    quantized per token (within half a step) and the down GEMM on those fused rows. Relative `tolerance` (x's dtype)."""
     dtype, quantized, k = x.dtype, quantize_weight(weight), x.shape[1]
     plain = BrgemmInt8Linear(*quantized, None, dtype)
     biased = BrgemmInt8Linear(*quantized, bias, dtype)
@@ -316,18 +363,22 @@ def agrees(x: Tensor, weight: Tensor, bias: Tensor, residual: Tensor, tolerance:
     ]
     pairs = quantize_weight(torch.cat([weight, weight]))
     for name in ACTIVATIONS:
-        fused = BrgemmInt8GatedLinear(pairs, name)(x)
-        q = fused[:, :k]
-        scale = fused[:, k : k + SCALE_BYTES].contiguous().view(torch.float32)[:, 0]
-        want = _ACT[name](exact) * exact
-        step = 0.51 * float(scale.max())  # rounding to the int8 grid: half a step
-        checks.append(((q.double() - ZERO_POINT) * scale.double()[:, None], want, tolerance + step))
-        down = exact_per_token(q, scale, quantized) + residual.double()
-        checks.append((plain.plus(fused, residual), down, tolerance))
+        gated = BrgemmInt8GatedLinear(pairs, name)(x)
+        activated = biased.activated(x, name)
+        for fused, want in (
+            (gated, _ACT[name](exact) * exact),
+            (activated, _ACT[name](exact + bias.double())),
+        ):
+            q, scale = split_fused_rows(fused, k)
+            step = 0.51 * float(scale.max())  # rounding to the int8 grid: half a step
+            got = (q.double() - ZERO_POINT) * scale.double()[:, None]
+            checks.append((got, want, tolerance + step))
+            down = exact_per_token(q, scale, quantized) + residual.double()
+            checks.append((plain.plus(fused, residual), down, tolerance))
     return all(
         bool(((got.double() - want).abs() <= bound * (1 + want.abs())).all())
         for got, want, bound in checks
     )
 
 
-_ACT = {"silu": F.silu, "gelu_tanh": lambda v: F.gelu(v, approximate="tanh")}
+_ACT = {"silu": F.silu, "gelu_tanh": lambda v: F.gelu(v, approximate="tanh"), "gelu": F.gelu}

@@ -106,8 +106,10 @@ class PrepackedGatedLinear(nn.Module):
 
 
 def activated_linear(linear: nn.Module, x: Tensor, activation: str) -> Tensor:
-    """`act(linear(x))`: one oneDNN call when `linear` is prepacked (the activation applied
-    to its float32 accumulator, within one bf16 rounding of the separate pass)."""
+    """`act(linear(x))`: one GEMM call when `linear` is prepacked or int8 (the activation
+    applied to its float32 accumulator, within one bf16 rounding of the separate pass). From
+    rerankd's int8 kernel the result is fused uint8 rows, already quantized per token, which
+    only the next int8 linear reads (ops/int8_gemm.py)."""
     activated = getattr(linear, "activated", None)
     if activated is not None:
         return activated(x, activation)

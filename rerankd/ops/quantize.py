@@ -118,6 +118,12 @@ class Int8Linear(nn.Module):
             residual,
         )  # fmt: skip
 
+    def activated(self, x: Tensor, activation: str) -> Tensor:
+        """`act(x @ W.T + bias)`, the activation in the GEMM's epilogue (an encoder's GELU:
+        compiled, a separate GELU before the next quantization computed erf twice)."""
+        q, scale = quantize_per_tensor(x, self.unsigned)
+        return self.gemm(q, scale, x.dtype, activation)
+
     def gemm(
         self, q: Tensor, scale: Tensor, dtype: torch.dtype, activation: str | None = None
     ) -> Tensor:
@@ -395,6 +401,7 @@ def _w8a8_probe(dtype: torch.dtype, unsigned: bool) -> _Probe:
                 (gated(x), silu(exact) * exact, 2 * tolerance),
                 (plain.gemm(q, scale, dtype, "gelu_tanh"), gelu(exact, approximate="tanh"),
                  tolerance),
+                (biased.activated(x, "gelu"), gelu(exact + bias.double()), tolerance),
             )
         )  # fmt: skip
         return agrees, lambda: plain.gemm(q, scale, dtype)

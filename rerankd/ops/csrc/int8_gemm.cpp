@@ -341,9 +341,11 @@ at::Tensor int8_gemm(const at::Tensor& qx, const c10::optional<at::Tensor>& sx,
 
 namespace {
 
-// act(g) in float: SiLU g / (1 + e^-g), or GELU with the tanh approximation.
+// act(g) in float: 0 SiLU g / (1 + e^-g), 1 GELU with the tanh approximation, 2 the exact
+// (erf) GELU of BERT-family encoders, with ATen's vectorized erf (as torch's own gelu).
 inline Vec activate(Vec g, int64_t act) {
   if (act == 0) return g / (Vec(1.f) + g.neg().exp_u20());
+  if (act == 2) return Vec(0.5f) * g * (Vec(1.f) + (g * Vec(0.7071067811865476f)).erf());
   const Vec inner = Vec(0.7978845608028654f) * (g + Vec(0.044715f) * g * g * g);
   return Vec(0.5f) * g * (Vec(1.f) + inner.tanh());
 }
@@ -374,21 +376,13 @@ void quantize_rows(const float* h, int64_t m, int64_t i, int64_t i_pad, uint8_t*
   }
 }
 
-}  // namespace
-
-// act(x Wg^T) * (x Wu^T) for uint8 rows `qx` (scales `sx`, or fused rows), quantized per row:
-// (T, width) uint8, each row I_pad columns (padding: the zero point), its float32 scale, then
-// zeros to `fused_width` (`width`, checked), ready for `int8_gemm` without `sx`. `act`: 0 SiLU,
-// 1 GELU (tanh).
-at::Tensor int8_gated(const at::Tensor& qx, const c10::optional<at::Tensor>& sx,
-                      const at::Tensor& gate, const at::Tensor& gate_correction,
-                      const at::Tensor& gate_scale, const at::Tensor& up,
-                      const at::Tensor& up_correction, const at::Tensor& up_scale, int64_t i,
-                      int64_t act, int64_t width) {
-  const Weight wg = view(gate, gate_correction, gate_scale, i);
-  const Weight wu = view(up, up_correction, up_scale, i);
-  TORCH_CHECK(wg.k_pad == wu.k_pad && gate.sizes() == up.sizes(), "gate/up shapes differ");
-  TORCH_CHECK(act == 0 || act == 1, "activation: 0 silu, 1 gelu_tanh");
+// act(x Wg^T (+ bias)) (* (x Wu^T) where `wu` is given) for uint8 rows `qx`, quantized per
+// row into fused rows (T, width): the gated MLP's product, or an activated linear's output
+// (an encoder's GELU), written ready for the next `int8_gemm` without a pass over (T, I).
+at::Tensor activated_rows(const at::Tensor& qx, const c10::optional<at::Tensor>& sx,
+                          const Weight& wg, const float* gate_bias, const Weight* wu,
+                          int64_t i, int64_t act, int64_t width) {
+  TORCH_CHECK(act >= 0 && act <= 2, "activation: 0 silu, 1 gelu_tanh, 2 gelu");
   const RowScales scales = row_scales(qx, sx, wg.k_pad);
   const int64_t rows = qx.size(0), i_pad = round_up(i, 4), lda = qx.stride(0);
   const int64_t ldo = fused_width(i_pad);
@@ -403,13 +397,14 @@ at::Tensor int8_gated(const at::Tensor& qx, const c10::optional<at::Tensor>& sx,
   const int64_t groups = (rows + group - 1) / group;
   struct Scratch {
     std::vector<int32_t> acc_g, acc_u;
-    std::vector<float> h;  // the group's act(g) * u, all columns
+    std::vector<float> h;  // the group's activated (gated) rows, all columns
     std::vector<float> xs;
   };
   run_tasks<Scratch>(
       groups,
       [&] {
-        return Scratch{std::vector<int32_t>(call * kPanel), std::vector<int32_t>(call * kPanel),
+        return Scratch{std::vector<int32_t>(call * kPanel),
+                       std::vector<int32_t>(wu ? call * kPanel : 0),
                        std::vector<float>(group * i_pad), std::vector<float>(group)};
       },
       [&](int64_t gi, Scratch& sc) {
@@ -420,15 +415,17 @@ at::Tensor int8_gated(const at::Tensor& qx, const c10::optional<at::Tensor>& sx,
           for (int64_t m0 = g0; m0 < g1; m0 += call) {
             const int64_t m = std::min(call, g1 - m0);
             panel_gemm(a + m0 * lda, lda, m, wg, p, sc.acc_g.data());
-            panel_gemm(a + m0 * lda, lda, m, wu, p, sc.acc_u.data());
+            if (wu) panel_gemm(a + m0 * lda, lda, m, *wu, p, sc.acc_u.data());
             for (int64_t r = 0; r < m; ++r) {
               const float x_scale = sc.xs[m0 - g0 + r];
               float* hr = sc.h.data() + (m0 - g0 + r) * i_pad + n0;
               for (int64_t j = 0; j < cols; j += 16) {
-                const Vec gv = dequant(sc.acc_g.data() + r * kPanel + j, wg, n0 + j, x_scale);
-                const Vec uv = dequant(sc.acc_u.data() + r * kPanel + j, wu, n0 + j, x_scale);
-                store_masked<false>(hr + j, activate(gv, act) * uv,
-                                    std::min<int64_t>(16, cols - j));
+                const int64_t count = std::min<int64_t>(16, cols - j);
+                Vec gv = dequant(sc.acc_g.data() + r * kPanel + j, wg, n0 + j, x_scale);
+                if (gate_bias) gv = gv + load_masked(gate_bias + n0 + j, count);
+                Vec hv = activate(gv, act);
+                if (wu) hv = hv * dequant(sc.acc_u.data() + r * kPanel + j, *wu, n0 + j, x_scale);
+                store_masked<false>(hr + j, hv, count);
               }
             }
           }
@@ -436,6 +433,38 @@ at::Tensor int8_gated(const at::Tensor& qx, const c10::optional<at::Tensor>& sx,
         quantize_rows(sc.h.data(), g1 - g0, i, i_pad, o + g0 * ldo, ldo);
       });
   return out;
+}
+
+}  // namespace
+
+// act(x Wg^T) * (x Wu^T) for uint8 rows `qx` (scales `sx`, or fused rows), quantized per row:
+// (T, width) uint8, each row I_pad columns (padding: the zero point), its float32 scale, then
+// zeros to `fused_width` (`width`, checked), ready for `int8_gemm` without `sx`. `act`: 0 SiLU,
+// 1 GELU (tanh), 2 GELU (erf).
+at::Tensor int8_gated(const at::Tensor& qx, const c10::optional<at::Tensor>& sx,
+                      const at::Tensor& gate, const at::Tensor& gate_correction,
+                      const at::Tensor& gate_scale, const at::Tensor& up,
+                      const at::Tensor& up_correction, const at::Tensor& up_scale, int64_t i,
+                      int64_t act, int64_t width) {
+  const Weight wg = view(gate, gate_correction, gate_scale, i);
+  const Weight wu = view(up, up_correction, up_scale, i);
+  TORCH_CHECK(wg.k_pad == wu.k_pad && gate.sizes() == up.sizes(), "gate/up shapes differ");
+  return activated_rows(qx, sx, wg, nullptr, &wu, i, act, width);
+}
+
+// act(x W^T + bias) for uint8 rows `qx`, quantized per row into fused rows as `int8_gated`
+// writes them (an encoder's GELU feeding its down projection).
+at::Tensor int8_activated(const at::Tensor& qx, const c10::optional<at::Tensor>& sx,
+                          const at::Tensor& packed, const at::Tensor& correction,
+                          const at::Tensor& w_scale, int64_t n,
+                          const c10::optional<at::Tensor>& bias, int64_t act, int64_t width) {
+  const Weight w = view(packed, correction, w_scale, n);
+  const float* b = nullptr;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == n);
+    b = bias->data_ptr<float>();
+  }
+  return activated_rows(qx, sx, w, b, nullptr, n, act, width);
 }
 
 // Whether the int8 brgemm ukernels run here (ATen: oneDNN's effective ISA >= AVX512-VNNI;
@@ -469,6 +498,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack_weight", &pack_weight, "int8 (N, K) weight -> VNNI panels, zero-point correction");
   m.def("int8_gemm", &int8_gemm, "uint8 x int8 GEMM with per-row/per-column scales");
   m.def("int8_gated", &int8_gated, "act(x Wg) * (x Wu), quantized per row (fused rows)");
+  m.def("int8_activated", &int8_activated, "act(x W + b), quantized per row (fused rows)");
   m.def("pack_reference", &pack_reference, "the same panels by cpublas::pack (AMX only)");
   m.def("available", &available, "whether the int8 brgemm ukernels run on this CPU");
 }
