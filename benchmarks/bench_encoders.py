@@ -569,6 +569,51 @@ def report(out: dict) -> None:
     print(f"\ncommand: {out['command']}")
 
 
+#: bar colours by precision (rerankd's bars are outlined)
+_COLOURS = {"fp32": "#9e9e9e", "bf16": "#4c72b0", "int8": "#dd8452"}
+
+
+def plot(out: dict, path: Path) -> None:
+    """docs/s per engine, rerankd first, coloured by precision, with each bar's max |Δ|
+    against torch fp32: the W-ENC figure of docs/benchmarks.md."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        _log("matplotlib missing (pip install matplotlib): no plot")
+        return
+    res = out["results"]
+    names = sorted(res, key=lambda n: (not n.startswith("rerankd-"), -res[n]["docs_per_s"]))
+    fig, ax = plt.subplots(figsize=(9, 4.2))
+    for i, name in enumerate(names):
+        r = res[name]
+        precision = r["info"].get("inference_precision", r["precision"])  # OpenVINO's pick
+        precision = {"bfloat16": "bf16", "float32": "fp32"}.get(precision, precision)
+        ax.bar(
+            i, r["docs_per_s"], color=_COLOURS.get(precision, "#55a868"),
+            edgecolor="black" if name.startswith("rerankd-") else "none", linewidth=1.5,
+        )  # fmt: skip
+        fid = f"Δ {r['max_abs_diff']:.3f}" if "max_abs_diff" in r else "reference"
+        ax.annotate(f"{r['docs_per_s']:.1f}\n{fid}", (i, r["docs_per_s"]), ha="center",
+                    va="bottom", fontsize=8)  # fmt: skip
+    ax.set_xticks(range(len(names)), names, rotation=25, ha="right", fontsize=8)
+    ax.set_ylabel("documents / s (higher is better)")
+    cpu = out["cpu"]
+    ax.set_title(
+        f"W-ENC: bge-reranker-v2-m3 shape, {out['layers']} of 24 layers, "
+        f"{out['workload']['requests']} x 32 docs; {cpu['cores']}-core {cpu.get('model', '?')}",
+        fontsize=9,
+    )
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in _COLOURS.values()]
+    ax.legend(handles, list(_COLOURS), title="precision", fontsize=8)
+    ax.margins(y=0.15)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _log(f"plot written: {path}")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -581,6 +626,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--openvino-venv", help=f"default {DEFAULT_VENVS['openvino']}")
     p.add_argument("--infinity-venv", help=f"default {DEFAULT_VENVS['infinity']}")
     p.add_argument("--json", help="write the results here")
+    p.add_argument("--plot", help="write docs/s per engine as a PNG here")
+    p.add_argument("--replot", metavar="JSON", help="only re-print and plot a saved --json file")
     # internal: a worker process
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
@@ -595,8 +642,10 @@ def main(argv=None) -> int:
         return 0
     if __package__ in (None, ""):
         sys.path.insert(0, str(REPO))
-    out = run(args)
+    out = json.loads(Path(args.replot).read_text()) if args.replot else run(args)
     report(out)
+    if args.plot:
+        plot(out, Path(args.plot))
     if args.json:
         Path(args.json).expanduser().write_text(json.dumps(out, indent=2) + "\n")
     return 0
