@@ -177,8 +177,9 @@ def _own_config(config_class: Any, hf_config: Any, family: str) -> Any:
 def _fast_linears(
     model: nn.Module, impl: _Implementation, q: _Quantization, device: torch.device
 ) -> tuple[nn.Module, torch.dtype]:
-    """The model with its linears prepacked (bf16 CPU decoders) or quantized, the decoder
-    stream padded for oneDNN's row counts; and the activation dtype the engine runs."""
+    """The model with its linears prepacked (bf16 on CPU: decoders and encoders) or
+    quantized, the decoder stream padded for oneDNN's row counts; and the activation dtype
+    the engine runs."""
     dtype, onednn = q.dtype, False
     if (impl.decoder or impl.prepack) and q.mode == "none":  # a no-op off CPU / in float32
         onednn = prepack_linears(model, device, dtype) > 0

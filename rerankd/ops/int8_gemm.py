@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from rerankd.ops.amx_kernel import build_directory
 from rerankd.ops.cpu import cpu_flags
+from rerankd.ops.prepack import ACTIVATION_FUNCTIONS
 
 log = logging.getLogger(__name__)
 
@@ -366,8 +367,8 @@ def agrees(x: Tensor, weight: Tensor, bias: Tensor, residual: Tensor, tolerance:
         gated = BrgemmInt8GatedLinear(pairs, name)(x)
         activated = biased.activated(x, name)
         for fused, want in (
-            (gated, _ACT[name](exact) * exact),
-            (activated, _ACT[name](exact + bias.double())),
+            (gated, ACTIVATION_FUNCTIONS[name](exact) * exact),
+            (activated, ACTIVATION_FUNCTIONS[name](exact + bias.double())),
         ):
             q, scale = split_fused_rows(fused, k)
             step = 0.51 * float(scale.max())  # rounding to the int8 grid: half a step
@@ -379,6 +380,3 @@ def agrees(x: Tensor, weight: Tensor, bias: Tensor, residual: Tensor, tolerance:
         bool(((got.double() - want).abs() <= bound * (1 + want.abs())).all())
         for got, want, bound in checks
     )
-
-
-_ACT = {"silu": F.silu, "gelu_tanh": lambda v: F.gelu(v, approximate="tanh"), "gelu": F.gelu}

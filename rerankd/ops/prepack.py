@@ -76,8 +76,9 @@ ONEDNN_ACTIVATIONS = {
     "gelu": ("gelu", "none"),
 }
 
-#: the activations as separate functions, for linears without an epilogue
-_ACTIVATION_FUNCTIONS: dict[str, Callable[[Tensor], Tensor]] = {
+#: the activations as separate functions: for linears without an epilogue, and as the
+#: reference the int8 kernel's epilogues are checked against (ops/int8_gemm.py)
+ACTIVATION_FUNCTIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "silu": nn.functional.silu,
     "gelu_tanh": lambda x: nn.functional.gelu(x, approximate="tanh"),
     "gelu": nn.functional.gelu,
@@ -113,7 +114,7 @@ def activated_linear(linear: nn.Module, x: Tensor, activation: str) -> Tensor:
     activated = getattr(linear, "activated", None)
     if activated is not None:
         return activated(x, activation)
-    return _ACTIVATION_FUNCTIONS[activation](linear(x))
+    return ACTIVATION_FUNCTIONS[activation](linear(x))
 
 
 def residual_linear(residual: Tensor, linear: nn.Module, x: Tensor) -> Tensor:
