@@ -1,0 +1,177 @@
+"""Where a W-GPU request's time goes on CUDA (issue 17): the numbers that decide the next
+optimisation, taken in the same device run as the benchmark.
+
+For one W-GPU request (benchmarks/bench_gpu.py's workload) through rerankd's real scheduler:
+- docs/s eager, and with `--compile on` (Inductor on the per-token work) when it compiles
+  and agrees with eager;
+- torch.profiler of one eager request: wall time, the GPU's busy time (the sum of kernel
+  times), kernel launches, the top kernels by GPU time; a GPU busy share far below 1 means
+  the request is launch/host bound, near 1 that the kernels themselves are the cost;
+- the bf16 GEMM ceiling on the model's linear shapes at the request's token count, and the
+  request's effective rate against it (FLOPs of the unshared tokens, bench_cpu's formula).
+
+    python -m benchmarks.profile_gpu --size 0.6b --json profile.json     # needs CUDA
+    python -m benchmarks.profile_gpu --device cpu --model DIR --docs 8   # a smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.bench_cpu import unshared_flops
+from benchmarks.bench_gpu import PREFIX_TOKENS, run_rerankd, sync, timed, workload
+from benchmarks.make_model import SHAPES, ensure_model
+
+LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")
+
+
+def _speed(model_dir: Path, pairs, device: torch.device, compile: str, repeats: int) -> dict:
+    """docs/s of one W-GPU request with `--compile compile`, and what the engine chose."""
+    started = time.perf_counter()
+    run, _, engine = run_rerankd(model_dir, pairs, device, None, compile)
+    load_s = time.perf_counter() - started
+    times = timed(run, device, repeats)
+    return {
+        "docs_per_s": len(pairs) / statistics.median(times),
+        "seconds": times,
+        "compiled": bool(getattr(engine, "compiled", False)),
+        "kernel": getattr(engine, "kernel", engine.attention),
+        "load_and_warmup_s": load_s,
+        "run": run,
+    }
+
+
+def _device_time(event) -> float:
+    """An event's own GPU time in microseconds, under either of torch's attribute names."""
+    for name in ("self_device_time_total", "self_cuda_time_total"):
+        if hasattr(event, name):
+            return float(getattr(event, name))
+    return 0.0
+
+
+def profile_request(run, device: torch.device) -> dict:
+    """torch.profiler over one request: wall, summed kernel time, launches, top kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    sync(device)
+    with profile(activities=activities) as prof:
+        started = time.perf_counter()
+        run()
+        sync(device)
+        wall = time.perf_counter() - started
+    averages = prof.key_averages()
+    kernels = [e for e in averages if _device_time(e) > 0 and not e.key.startswith("cuda")]
+    busy_us = sum(_device_time(e) for e in kernels)
+    launches = sum(e.count for e in averages if e.key in LAUNCHES)
+    top = sorted(kernels, key=_device_time, reverse=True)[:25]
+    return {
+        "wall_ms": 1000 * wall,
+        "gpu_busy_ms": busy_us / 1000,
+        "gpu_busy_share": busy_us / 1e6 / wall if wall else 0.0,
+        "kernel_launches": launches,
+        "top_kernels": [
+            {"name": e.key[:120], "count": e.count, "gpu_ms": _device_time(e) / 1000} for e in top
+        ],
+    }
+
+
+def gemm_ceiling(size: str, tokens: int, device: torch.device, repeats: int = 10) -> dict:
+    """bf16 F.linear TFLOP/s per linear shape of the model at `tokens` rows, and overall
+    (total FLOPs over total time, as a forward weights them)."""
+    s = SHAPES[size]
+    h, q, kv, inter = (
+        s["hidden_size"],
+        s["num_attention_heads"] * s["head_dim"],
+        s["num_key_value_heads"] * s["head_dim"],
+        s["intermediate_size"],
+    )
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    shapes = {"qkv": (h, q + 2 * kv), "o": (q, h), "gate_up": (h, 2 * inter), "down": (inter, h)}
+    rows, flops, seconds = {}, 0.0, 0.0
+    for name, (k, n) in shapes.items():
+        x = torch.randn(tokens, k, device=device, dtype=dtype)
+        w = torch.randn(n, k, device=device, dtype=dtype) * 0.02
+        times = timed(lambda x=x, w=w: F.linear(x, w), device, repeats)
+        t = statistics.median(times)
+        rows[name] = 2 * tokens * k * n / t / 1e12
+        flops, seconds = flops + 2 * tokens * k * n, seconds + t
+        del x, w
+    return {"per_shape_tflops": rows, "tflops": flops / seconds / 1e12}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", default="0.6b", choices=sorted(SHAPES))
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--model", type=Path, default=None)
+    parser.add_argument("--docs", type=int, default=100)
+    parser.add_argument("--doc-min", type=int, default=128)
+    parser.add_argument("--doc-max", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--skip-compile", action="store_true", help="eager only")
+    parser.add_argument(
+        "--compile-only", action="store_true", help="only eager vs --compile on docs/s"
+    )
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    model_dir = args.model or ensure_model(args.size)
+    vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    pairs = workload(vocab, args.docs, seed=0, doc_range=(args.doc_min, args.doc_max))
+    tokens = sum(map(len, pairs))
+    stats = {
+        "shared_per_request": [PREFIX_TOKENS],
+        "docs_per_request": [len(pairs)],
+        "pair_lens": [len(p) for p in pairs],
+    }
+    flops = unshared_flops(args.size, stats)
+    summary: dict = {"size": args.size, "docs": len(pairs), "tokens": tokens, "flops": flops}
+
+    eager = _speed(model_dir, pairs, device, "off", args.repeats)
+    run = eager.pop("run")
+    summary["eager"] = eager
+    print(f"eager: {eager['docs_per_s']:.1f} docs/s, kernel {eager['kernel']}")
+    if not args.compile_only:
+        summary["profile"] = p = profile_request(run, device)
+        print(
+            f"profile: wall {p['wall_ms']:.1f} ms, GPU busy {p['gpu_busy_ms']:.1f} ms "
+            f"({p['gpu_busy_share']:.0%}), {p['kernel_launches']} launches"
+        )
+        for row in p["top_kernels"][:15]:
+            print(f"  {row['gpu_ms']:8.2f} ms  x{row['count']:<5d} {row['name']}")
+    del run
+    if not args.skip_compile:
+        try:
+            compiled = _speed(model_dir, pairs, device, "on", args.repeats)
+            compiled.pop("run")
+        except Exception as exc:  # a compiler failure is a finding, not a crash
+            compiled = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+        summary["compiled"] = compiled
+        print("compile on:", {k: v for k, v in compiled.items() if k != "seconds"})
+    if not args.compile_only:
+        ceiling = gemm_ceiling(args.size, tokens, device)
+        summary["gemm_ceiling"] = ceiling
+        rate = flops / statistics.median(eager["seconds"]) / 1e12
+        summary["effective_tflops"] = rate
+        summary["effective_share_of_gemm_ceiling"] = rate / ceiling["tflops"]
+        print(
+            f"GEMM ceiling {ceiling['tflops']:.0f} TFLOP/s "
+            f"({ {k: round(v) for k, v in ceiling['per_shape_tflops'].items()} }); "
+            f"eager effective {rate:.1f} TFLOP/s = {rate / ceiling['tflops']:.0%} of it"
+        )
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()
