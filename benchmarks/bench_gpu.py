@@ -254,9 +254,14 @@ def main() -> None:
     }
     fp8 = {}
     if args.quantize == "fp8":
-        fp8_run, _, fp8_engine = run_rerankd(
-            model_dir, pairs, device, args.max_batch_tokens, args.compile, "fp8"
-        )
+        try:
+            fp8_run, _, fp8_engine = run_rerankd(
+                model_dir, pairs, device, args.max_batch_tokens, args.compile, "fp8"
+            )
+        except Exception as exc:  # a refused fp8 engine is a finding; bf16 and peers still run
+            fp8 = {"error": f"{type(exc).__name__}: {exc}"[:800]}
+            print(f"rerankd --quantize fp8 did not load: {fp8['error']}")
+    if args.quantize == "fp8" and not fp8:
         fp8["path"] = fp8_path(device)
         if fp8_refusal(device) is None:
             reference = raw_scores(engine, pairs)
@@ -297,7 +302,7 @@ def main() -> None:
     ratios = {name: ours / value for name, value in results.items() if name.startswith("trans")}
     for name, ratio in ratios.items():
         print(f"rerankd / {name}: {ratio:.2f}x")
-    if fp8:
+    if FP8_NAME in results:
         fp8["over_bf16"] = results[FP8_NAME] / ours
         print(f"rerankd fp8 / rerankd bf16: {fp8['over_bf16']:.2f}x ({fp8['path']})")
     if args.json:
