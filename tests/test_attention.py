@@ -137,6 +137,17 @@ def varlen_attn_2_11(
     )
 
 
+def aten_flash_2_11(q, k, v, cu_q, cu_k, max_q, max_k, dropout, causal, debug, *, scale=None):
+    """A stand-in for torch 2.11's `aten::_flash_attention_forward` (CUDA only there): GQA
+    native, causal aligned bottom-right; returns (output, logsumexp, ...) as the op does."""
+    assert dropout == 0.0 and not debug
+    window = (-1, 0) if causal else (-1, -1)
+    out = reference_varlen_kernel(
+        q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, window_size=window, enable_gqa=True
+    )
+    return out, None, None, None, None
+
+
 def _unshared_batch():
     pairs = [EncodedPair(tuple(range(i, i + n))) for i, n in enumerate((7, 1, 12, 3))]
     return pack(pairs, None, torch.device("cpu"))
@@ -199,6 +210,38 @@ def test_varlen_with_the_2_11_signature_matches_sdpa(monkeypatch, make_batch, he
     assert describe("varlen") == "varlen_attn (KV heads expanded)"
 
 
+@pytest.mark.parametrize("heads", HEADS.values(), ids=HEADS.keys())
+@pytest.mark.parametrize("make_batch", BATCHES.values(), ids=BATCHES.keys())
+def test_aten_flash_with_native_gqa_matches_sdpa(monkeypatch, make_batch, heads):
+    """flash_gqa hands the op the key/value heads as they are (no expanded copies) and
+    writes every row of `out`."""
+    monkeypatch.setattr(attention, "aten_flash_kernel", lambda: aten_flash_2_11)
+    batch, q, k, v, prefix = _inputs(make_batch, heads)
+    for causal in (True, False):
+        expected = sdpa_attention(q, k, v, batch, prefix, causal=causal, scale=0.3)
+        out = torch.full_like(q, float("nan"))
+        got = ATTENTION["flash_gqa"](q, k, v, batch, prefix, causal=causal, scale=0.3, out=out)
+        assert got is out
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_prefix_keys_adjacent_to_the_stream_are_joined_without_a_copy():
+    from rerankd.ops.attention import _rows_before
+
+    stream = torch.randn(10, 2, 4)
+    prefix, rows = stream[:3], stream[3:8]
+    joined = _rows_before(prefix, rows)
+    assert joined is not None and joined.data_ptr() == stream.data_ptr()
+    torch.testing.assert_close(joined, torch.cat((prefix, rows)), rtol=0, atol=0)
+    # strided rows (v: a split of the fused projection) join the same way
+    fused = torch.randn(10, 3, 2, 4)
+    assert torch.equal(_rows_before(fused[:3, 2], fused[3:, 2]), fused[:, 2])
+    # not adjacent, another tensor, or another layout: no view
+    assert _rows_before(stream[:3], stream[4:8]) is None
+    assert _rows_before(stream[:3], torch.randn(5, 2, 4)) is None
+    assert _rows_before(stream[:3, :1], stream[3:8, :1].contiguous()) is None
+
+
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 @pytest.mark.parametrize("backend", ["sdpa_padded", "flex"])
 @pytest.mark.parametrize("heads", HEADS.values(), ids=HEADS.keys())
@@ -247,6 +290,9 @@ def test_cuda_backends_fall_back_in_order_with_warnings(monkeypatch, caplog):
     monkeypatch.setattr(attention, "torch_varlen_kernel", lambda: varlen_attn_2_11)
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="rerankd.ops.attention"):
+        # torch 2.11: varlen_attn without enable_gqa, so the op itself first (GQA native)
+        assert attention.cuda_backends() == ["flash_gqa", "varlen", "sdpa_padded"]
+        monkeypatch.setattr(attention, "aten_flash_kernel", lambda: None)
         assert attention.cuda_backends() == ["varlen", "sdpa_padded"]
     assert caplog.text == ""
 
@@ -255,16 +301,17 @@ FAMILY_FIXTURES = {"qwen3": 512, "gemma": 128, "xlmr": 128}  # GQA 4:2, GQA 4:1,
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
-@pytest.mark.parametrize("backend", ["varlen", "sdpa_padded", "flex"])
+@pytest.mark.parametrize("backend", ["flash_gqa", "varlen", "sdpa_padded", "flex"])
 @pytest.mark.parametrize("fixture", FAMILY_FIXTURES)
 def test_cuda_backends_give_sdpa_scores_through_the_model(monkeypatch, fixture, backend):
-    """Whole-model float32 scores with each CUDA backend (varlen: the 2.11 stand-in) equal
-    per-sequence SDPA's, with and without shared prefixes."""
+    """Whole-model float32 scores with each CUDA backend (varlen and flash_gqa: the 2.11
+    stand-ins) equal per-sequence SDPA's, with and without shared prefixes."""
     import torch.nn.attention.varlen as varlen_module
 
     from rerankd.types import Batch
 
     monkeypatch.setattr(varlen_module, "varlen_attn", varlen_attn_2_11)
+    monkeypatch.setattr(attention, "aten_flash_kernel", lambda: aten_flash_2_11)
     served = loaded_fixture(fixture, FAMILY_FIXTURES[fixture])
     engine = served.scheduler.engine
     documents = ["Beijing is the capital.", "Paris lies on the Seine " * 6, "", "yes no"]

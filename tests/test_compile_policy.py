@@ -12,6 +12,7 @@ import torch
 
 from rerankd.engine.compile_policy import (
     LISTWISE,
+    CUDA_MEASURED,
     LISTWISE_MEASURED,
     MEASURED,
     compile_pays,
@@ -76,8 +77,10 @@ def test_auto_follows_the_measured_table_on_each_class(monkeypatch, key, pays):
     monkeypatch.setenv(CPU_FLAGS_ENV, FLAGS[cls])
     engine = _engine(MODELS[family])
     assert engine._wants_compile("auto", CPU, dtype, quantized) is pays
-    # CUDA is unmeasured: eager under auto; `on` and `off` force either way everywhere
-    assert engine._wants_compile("auto", CUDA, dtype, quantized) is False
+    # CUDA reads its own table (CUDA_MEASURED), whatever the CPU; `on` and `off` force
+    # either way everywhere
+    on_cuda = CUDA_MEASURED.get((family, dtype_name, quantized), False)
+    assert engine._wants_compile("auto", CUDA, dtype, quantized) is on_cuda
     for device in (CPU, CUDA):
         assert engine._wants_compile("on", device, dtype, quantized) is True
         assert engine._wants_compile("off", device, dtype, quantized) is False
@@ -112,6 +115,17 @@ def test_what_was_not_measured_runs_eager(monkeypatch, cls):
     # a model with no compiled kernels (ModernBERT) never compiles, not even with `on`
     assert _engine(ModernBert)._wants_compile("on", CPU, torch.bfloat16) is False
     assert _engine(ModernBert)._wants_compile("auto", CPU, torch.bfloat16, True) is False
+
+
+def test_cuda_compiles_only_what_was_measured_on_the_gpu_machine():
+    # measured on one H200 (W-GPU 0.6B): the bf16 decoder compiles; the rest runs eager
+    assert compile_pays("amx", "decoder", torch.bfloat16, False, CUDA) is True
+    assert compile_pays("other", "decoder", torch.bfloat16, False, CUDA) is True  # any host CPU
+    assert compile_pays("amx", "encoder", torch.bfloat16, False, CUDA) is False
+    assert compile_pays("amx", "decoder", torch.float16, False, CUDA) is False
+    assert compile_pays("amx", "decoder", torch.float32, False, CUDA) is False
+    assert compile_pays("amx", LISTWISE, torch.bfloat16, False, CUDA) is False
+    assert compile_pays("amx", "decoder", torch.bfloat16, False, torch.device("meta")) is False
 
 
 def _docs_table() -> dict[tuple[str, str, str, bool], bool]:

@@ -4,8 +4,9 @@ The packed models run the work around their GEMMs and attention (norms, RoPE, re
 activations, int8 input quantization) eager or `torch.compile`d. Whether the compiled
 kernels are faster depends on the CPU's instruction sets, the model family and the
 precision, so `auto` reads a table measured per CPU class by `benchmarks/bench_compile.py`
-(docs/benchmarks.md, "--compile auto, per CPU class"). What the table does not list (CUDA,
-fp16, a CPU class not measured) runs eager: compiling costs start-up time and a C++ compiler,
+(docs/benchmarks.md, "--compile auto, per CPU class"), and on CUDA a table measured on the
+GPU machine (`CUDA_MEASURED`). What the tables do not list (fp16, a CPU class not measured,
+CUDA encoders) runs eager: compiling costs start-up time and a C++ compiler,
 so it is chosen only where a measurement showed a gain. `on`/`off` force either way.
 """
 
@@ -85,6 +86,15 @@ LISTWISE_MEASURED: dict[tuple[str, str, str, bool], bool] = {
 }
 _DECISIONS = {**MEASURED, **LISTWISE_MEASURED}
 
+#: CUDA: (model family, activation dtype, int8 linears) -> compile, measured on the GPU
+#: machine (one H200, torch 2.11, `benchmarks/profile_gpu.py --compile-only` in
+#: scripts/device_check.sh; docs/benchmarks.md "W-GPU"): one W-GPU request (1 x 100
+#: documents, Qwen3-Reranker-0.6B shape), eager vs compiled per-token work, 5 timed requests
+#: each. What is not listed (encoders, fp16, fp8) runs eager under `auto`.
+CUDA_MEASURED: dict[tuple[str, str, bool], bool] = {
+    ("decoder", "bfloat16", False): True,  # 1.15 (623.5 -> 714.7 docs/s), 2026-12-04
+}
+
 
 def cpu_class(flags: set[str] | None = None) -> str:
     """This CPU's class, named as in `rerankd.ops.cpu.CPU_CLASSES`, from rerankd's CPU flags
@@ -116,11 +126,14 @@ def model_family(model: nn.Module) -> str:
 def compile_pays(
     cpu: str, family: str, dtype: torch.dtype, quantized: bool, device: torch.device
 ) -> bool:
-    """Whether `--compile auto` compiles: only on CPU, and only where `MEASURED` (or, for
-    the listwise engine's family `LISTWISE`, `LISTWISE_MEASURED`) says so."""
-    if device.type != "cpu":  # unmeasured on CUDA
-        return False
+    """Whether `--compile auto` compiles: on CPU where `MEASURED` (or, for the listwise
+    engine's family `LISTWISE`, `LISTWISE_MEASURED`) says so for this CPU class, on CUDA
+    where `CUDA_MEASURED` does; nowhere else."""
     name = str(dtype).removeprefix("torch.")
+    if device.type == "cuda":
+        return CUDA_MEASURED.get((family, name, quantized), False)
+    if device.type != "cpu":
+        return False
     return _DECISIONS.get((cpu, family, name, quantized), False)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from rerankd.engine.packed_engine import PackedEngine
+from rerankd.ops.attention import VARLEN_BACKENDS
 from rerankd.ops.batch import pack
 from rerankd.types import EncodedPair, LayerwisePair
 
@@ -20,7 +21,7 @@ class LayerwiseEngine(PackedEngine):
     @torch.inference_mode()
     def forward(self, pairs: list[EncodedPair], groups: list[int] | None) -> list[float]:
         packed = pack(pairs, groups, self._device, share_prefix=self.share_prefix)
-        if self.attention == "varlen":
+        if self.attention in VARLEN_BACKENDS:
             packed.with_varlen_layout()
         layers = [pair.layer if isinstance(pair, LayerwisePair) else None for pair in pairs]
         return self.model(packed, layers).tolist()

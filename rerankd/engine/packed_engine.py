@@ -20,7 +20,7 @@ from torch import nn
 from rerankd.engine.base import PendingScores, default_batch_tokens, split_on_oom
 from rerankd.engine.compile_policy import model_family, scores_disagree, wants_compile
 from rerankd.models.kernels import Kernels
-from rerankd.ops.attention import cpu_backends, cuda_backends, describe
+from rerankd.ops.attention import VARLEN_BACKENDS, cpu_backends, cuda_backends, describe
 from rerankd.ops.attention_speed import speedup_over_sdpa
 from rerankd.ops.batch import PackedBatch, pack
 from rerankd.ops.quantize import QUANTIZE_MODES
@@ -123,7 +123,7 @@ class PackedEngine:
         """Pack `batch` and start its upload (page-locked, non-blocking): `forward`'s first
         half, run while the previous batch's kernels still run."""
         packed = pack(batch.pairs, batch.groups, self._device, share_prefix=self.share_prefix)
-        if self.attention == "varlen":
+        if self.attention in VARLEN_BACKENDS:
             packed.with_varlen_layout()
         return packed
 
@@ -142,7 +142,7 @@ class PackedEngine:
     def forward(self, pairs: list[EncodedPair], groups: list[int] | None) -> list[float]:
         """Raw scores of one sub-batch: the seam `split_on_oom` and engine/faults.py wrap."""
         packed = pack(pairs, groups, self._device, share_prefix=self.share_prefix)
-        if self.attention == "varlen":
+        if self.attention in VARLEN_BACKENDS:
             packed.with_varlen_layout()
         return self.model(packed).tolist()
 

@@ -363,13 +363,17 @@ LocalAttention = Callable[[Tensor, Tensor, Tensor, PackedBatch, int, float], Ten
 
 def local_attention(backend: str) -> LocalAttention:
     """The windowed kernel that goes with a global `backend`: torch's varlen kernel with
-    `window_size` where the engine runs `varlen` and this torch's kernel takes it (CUDA),
+    `window_size` where the engine runs `varlen` or `flash_gqa` and this torch's kernel takes
+    it (CUDA),
     else SDPA with a band mask (`band_sdpa_attention`; the AMX kernel and the other CUDA
     backends have no window) — except for a batch whose sequences all fit in one
     window, which the global kernel attends exactly (short documents: rerankd's AMX kernel
     instead of SDPA in every layer)."""
     kernel = torch_varlen_kernel()
-    if backend == "varlen" and kernel is not None and takes(kernel, "window_size"):
+    # flash_gqa's op is varlen_attn's; ModernBERT has no GQA, so its window goes through
+    # varlen_attn itself
+    windowed = backend in ("varlen", "flash_gqa")
+    if windowed and kernel is not None and takes(kernel, "window_size"):
         return functools.partial(windowed_varlen_attention, kernel=kernel)
     if backend == "sdpa":  # the band path is SDPA too, one call per bucket
         return band_sdpa_attention

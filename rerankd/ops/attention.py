@@ -111,13 +111,38 @@ def _layout(batch: PackedBatch) -> VarlenLayout:
     return batch.varlen if batch.varlen is not None else batch.with_varlen_layout().varlen
 
 
+def _rows_before(prefix: torch.Tensor, rows: torch.Tensor) -> torch.Tensor | None:
+    """`torch.cat((prefix, rows))` as a view, where `prefix` ends in memory where `rows`
+    begins (the decoder's stream: the shared prefixes' rows are the first rows of the same
+    projection); None otherwise."""
+    if (
+        prefix.dim() != rows.dim()
+        or prefix.shape[1:] != rows.shape[1:]
+        or prefix.stride() != rows.stride()
+        or prefix.dtype != rows.dtype
+        or prefix.device != rows.device
+        or prefix.untyped_storage().data_ptr() != rows.untyped_storage().data_ptr()
+        or prefix.storage_offset() + len(prefix) * prefix.stride(0) != rows.storage_offset()
+    ):
+        return None
+    size = (len(prefix) + len(rows), *rows.shape[1:])
+    return prefix.as_strided(size, prefix.stride(), prefix.storage_offset())
+
+
 def _sequence_keys(
     k: torch.Tensor, v: torch.Tensor, layout: VarlenLayout, prefix_kv: PrefixKV | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys/values (T_k, KVH, D) with each sequence's [prefix, own] rows contiguous."""
+    """Keys/values (T_k, KVH, D) with each sequence's [prefix, own] rows contiguous: one
+    gather from [prefixes, stream] (a view where they are adjacent, `_rows_before`; a copy
+    otherwise)."""
     if prefix_kv is None:
         return k, v
-    return torch.cat((prefix_kv[0], k))[layout.gather], torch.cat((prefix_kv[1], v))[layout.gather]
+
+    def keys(prefix: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        joined = _rows_before(prefix, rows)
+        return (torch.cat((prefix, rows)) if joined is None else joined)[layout.gather]
+
+    return keys(prefix_kv[0], k), keys(prefix_kv[1], v)
 
 
 def torch_varlen_kernel() -> Callable | None:
@@ -187,6 +212,48 @@ def varlen_attention(
     if expand:
         k, v = expand_kv(k, q.shape[1]), expand_kv(v, q.shape[1])
     result = kernel(q, k, v, layout.cu_seq_q, layout.cu_seq_k, layout.max_q, layout.max_k, **kwargs)
+    return result if out is None else out.copy_(result)
+
+
+def aten_flash_kernel() -> Callable | None:
+    """PyTorch's own flash-attention varlen op (`aten::_flash_attention_forward`, which
+    `varlen_attn` calls), whose kernel takes fewer key/value heads than query heads (GQA)
+    where torch 2.11's `varlen_attn` wrapper does not; None where this torch lacks it."""
+    return getattr(torch.ops.aten, "_flash_attention_forward", None)
+
+
+def aten_flash_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    batch: PackedBatch,
+    prefix_kv: PrefixKV | None,
+    causal: bool,
+    scale: float,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Same contract, as one call of PyTorch's flash-attention varlen op with the key/value
+    heads as they are (GQA native, causal aligned bottom-right): `varlen` without copying
+    every key and value per query head group in every layer, where `varlen_attn` has no
+    `enable_gqa` (torch 2.11). Probed against SDPA at start-up like every backend."""
+    kernel = aten_flash_kernel()
+    if kernel is None:
+        raise RuntimeError(f"torch {torch.__version__} has no aten::_flash_attention_forward")
+    layout = _layout(batch)
+    k, v = _sequence_keys(k, v, layout, prefix_kv)
+    result = kernel(
+        q,
+        k,
+        v,
+        layout.cu_seq_q,
+        layout.cu_seq_k,
+        layout.max_q,
+        layout.max_k,
+        0.0,  # dropout
+        causal,
+        False,  # debug mask
+        scale=scale,
+    )[0]
     return result if out is None else out.copy_(result)
 
 
@@ -412,7 +479,10 @@ def cuda_backends() -> list[str]:
     """Fused CUDA attention backends to probe, fastest first; logs at WARNING why each one
     ahead of what remains is missing. `sdpa_padded` needs only SDPA, so it always remains."""
     backends = []
-    if torch_varlen_kernel() is not None:
+    varlen = torch_varlen_kernel()
+    if varlen is not None and not takes(varlen, "enable_gqa") and aten_flash_kernel():
+        backends.append("flash_gqa")  # GQA without expanded heads; varlen stays behind it
+    if varlen is not None:
         backends.append("varlen")
     else:
         log.warning("torch %s has no varlen_attn; trying flash-attn", torch.__version__)
@@ -438,6 +508,7 @@ def describe(backend: str) -> str:
         "amx": "amx (rerankd AMX bf16)",
         "avx512": "avx512 (rerankd AVX512-BF16)",
         "flash_attn": "flash_attn varlen",
+        "flash_gqa": "aten flash varlen (GQA native)",
         "flex": "flex_attention (document mask)",
         "sdpa_padded": "sdpa (padded buckets)",
     }.get(backend, backend)
@@ -506,10 +577,15 @@ amx_attention = _cpu_kernel_attention(lambda: load_kernel(), "amx")
 avx512_attention = _cpu_kernel_attention(lambda: avx512_kernel.load_kernel(), "avx512")
 
 #: every attention implementation by the name engines and `/v1/models` use
+#: backends that read the batch's varlen layout (cu_seqlens, key gather): the engine builds
+#: it when it packs a batch, ahead of the forward (`PackedBatch.with_varlen_layout`)
+VARLEN_BACKENDS = frozenset({"varlen", "flash_gqa", "flash_attn"})
+
 ATTENTION = {
     "sdpa": sdpa_attention,
     "varlen": varlen_attention,
     "flash_attn": flash_attn_attention,
+    "flash_gqa": aten_flash_attention,
     "flex": flex_document_attention,
     "sdpa_padded": padded_sdpa_attention,
     "amx": amx_attention,
