@@ -32,10 +32,12 @@ from benchmarks.make_model import SHAPES, ensure_model
 LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")
 
 
-def _speed(model_dir: Path, pairs, device: torch.device, compile: str, repeats: int) -> dict:
+def _speed(
+    model_dir: Path, pairs, device: torch.device, compile: str, repeats: int, quantize: str
+) -> dict:
     """docs/s of one W-GPU request with `--compile compile`, and what the engine chose."""
     started = time.perf_counter()
-    run, _, engine = run_rerankd(model_dir, pairs, device, None, compile)
+    run, _, engine = run_rerankd(model_dir, pairs, device, None, compile, quantize)
     load_s = time.perf_counter() - started
     times = timed(run, device, repeats)
     return {
@@ -136,6 +138,9 @@ def main() -> None:
         action="store_true",
         help="only eager vs --compile on docs/s, and the compiled request's profile",
     )
+    parser.add_argument(
+        "--quantize", default="none", choices=["none", "fp8"], help="the engine's --quantize"
+    )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -149,9 +154,15 @@ def main() -> None:
         "pair_lens": [len(p) for p in pairs],
     }
     flops = unshared_flops(args.size, stats)
-    summary: dict = {"size": args.size, "docs": len(pairs), "tokens": tokens, "flops": flops}
+    summary: dict = {
+        "size": args.size,
+        "quantize": args.quantize,
+        "docs": len(pairs),
+        "tokens": tokens,
+        "flops": flops,
+    }
 
-    eager = _speed(model_dir, pairs, device, "off", args.repeats)
+    eager = _speed(model_dir, pairs, device, "off", args.repeats, args.quantize)
     run = eager.pop("run")
     summary["eager"] = eager
     print(f"eager: {eager['docs_per_s']:.1f} docs/s, kernel {eager['kernel']}")
@@ -160,7 +171,7 @@ def main() -> None:
     del run
     if not args.skip_compile:
         try:
-            compiled = _speed(model_dir, pairs, device, "on", args.repeats)
+            compiled = _speed(model_dir, pairs, device, "on", args.repeats, args.quantize)
             run = compiled.pop("run")
             if compiled["compiled"]:  # where the compiled request's time goes, as for eager
                 compiled["profile"] = _report("compiled", profile_request(run, device))
