@@ -148,6 +148,17 @@ def test_the_startup_probe_refuses_a_wrong_kernel(monkeypatch):
     monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **k: 1.01 * real(*a, **k))
     with pytest.raises(RuntimeError, match="disagrees with the e4m3 arithmetic"):
         probe_fp8(torch.device("cpu"), torch.float32)
+    # 16-bit outputs allow for fp8 tensor cores' accumulation (2^-5), not for a wrong scale
+    monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **k: 1.1 * real(*a, **k))
+    with pytest.raises(RuntimeError, match="bias fused: disagrees.*bias added: disagrees"):
+        probe_fp8(torch.device("cpu"), torch.bfloat16)
+
+
+def test_the_startup_probe_refuses_a_kernel_that_drops_the_bias(monkeypatch):
+    real = torch._scaled_mm
+    monkeypatch.setattr(torch, "_scaled_mm", lambda *a, bias=None, **k: real(*a, **k))
+    fused, _ = probe_fp8(torch.device("cpu"), torch.bfloat16)
+    assert not fused  # the bias is then added after the GEMM, where it is not lost
 
 
 def test_swap_covers_fused_gate_up_and_leaves_unaligned_heads():

@@ -19,16 +19,18 @@ MiB = 1 << 20
 @pytest.fixture
 def memory_cap():
     """Set a per-process memory cap in bytes above what is reserved now; lifted afterwards."""
-    total = torch.cuda.get_device_properties(CUDA).total_memory
+    # an index, not torch.device("cuda"): torch 2.11 refuses a device without one here
+    index = torch.cuda.current_device()
+    total = torch.cuda.get_device_properties(index).total_memory
 
     def cap(extra_bytes: int) -> None:
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
-        limit = torch.cuda.memory_reserved(CUDA) + extra_bytes
-        torch.cuda.set_per_process_memory_fraction(limit / total, CUDA)
+        limit = torch.cuda.memory_reserved(index) + extra_bytes
+        torch.cuda.set_per_process_memory_fraction(limit / total, index)
 
     yield cap
-    torch.cuda.set_per_process_memory_fraction(1.0, CUDA)
+    torch.cuda.set_per_process_memory_fraction(1.0, index)
     torch.cuda.empty_cache()
 
 
