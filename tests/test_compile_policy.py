@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from rerankd.engine.compile_policy import (
-    LISTWISE,
     CUDA_MEASURED,
+    LISTWISE,
     LISTWISE_MEASURED,
     MEASURED,
     compile_pays,
