@@ -162,8 +162,8 @@ class PackedEngine:
         self, mode: str, device: torch.device, dtype: torch.dtype, quantized: bool = False
     ) -> bool:
         """`auto` compiles where it was measured faster: `compile_policy`'s table (CPU class
-        × model family × precision, benchmarks/bench_compile.py, docs/benchmarks.md); eager
-        where it was not, and on CUDA (unmeasured). `on`/`off` force either way, except on
+        × model family × precision, benchmarks/bench_compile.py, docs/benchmarks.md; on CUDA
+        `CUDA_MEASURED`); eager where it was not. `on`/`off` force either way, except on
         a model without compiled per-token functions (its `compiles`), which runs eager."""
         check_mode("compile", mode, COMPILE_MODES)
         if not self.model.compiles:
