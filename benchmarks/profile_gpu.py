@@ -12,6 +12,8 @@ For one W-GPU request (benchmarks/bench_gpu.py's workload) through rerankd's rea
 
     python -m benchmarks.profile_gpu --size 0.6b --json profile.json     # needs CUDA
     python -m benchmarks.profile_gpu --device cpu --model DIR --docs 8   # a smoke test
+    python -m benchmarks.profile_gpu --device cpu --size 0.6b --docs 16  # a CPU request:
+        # the ops' own time (mkldnn linears, compiled glue, attention) and the bf16 ceiling
 """
 
 from __future__ import annotations
