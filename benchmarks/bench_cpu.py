@@ -58,7 +58,13 @@ if __package__ in (None, ""):  # run as a file: make `benchmarks` importable
 
 import httpx  # noqa: E402
 
-from benchmarks.make_model import SHAPES, cache_root, ensure_model, non_embedding_params  # noqa: E402
+from benchmarks.make_model import (  # noqa: E402
+    SHAPES,
+    cache_root,
+    ensure_model,
+    linear_widths,
+    non_embedding_params,
+)
 from benchmarks.workload import (  # noqa: E402
     DEFAULT_INSTRUCTION,
     QWEN3_PREFIX,
@@ -123,13 +129,7 @@ def gemm_peak(size: str, reps: int, min_time: float = 0.25) -> dict:
     import torch
     import torch.nn.functional as F
 
-    s = SHAPES[size]
-    h, q, kv, inter = (
-        s["hidden_size"],
-        s["num_attention_heads"] * s["head_dim"],
-        s["num_key_value_heads"] * s["head_dim"],
-        s["intermediate_size"],
-    )
+    h, q, kv, inter = linear_widths(size)
     # (K, N): q, k/v, o, gate|up fused, gate or up, down
     shapes = [(h, q), (h, kv), (q, h), (h, 2 * inter), (h, inter), (inter, h)]
     rows = []

@@ -67,6 +67,14 @@ def workload(
     ]
 
 
+def request_from_args(args) -> tuple[Path, list[tuple[int, ...]]]:
+    """The checkpoint (`--model` or `--size`'s) and the W-GPU request's token ids for the
+    parsed `--docs`, `--doc-min`, `--doc-max` (seed 0): shared by bench_gpu and profile_gpu."""
+    model_dir = args.model or ensure_model(args.size)
+    vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    return model_dir, workload(vocab, args.docs, seed=0, doc_range=(args.doc_min, args.doc_max))
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -231,9 +239,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     device = torch.device(args.device)
-    model_dir = args.model or ensure_model(args.size)
-    vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
-    pairs = workload(vocab, args.docs, seed=0, doc_range=(args.doc_min, args.doc_max))
+    model_dir, pairs = request_from_args(args)
     tokens = sum(map(len, pairs))
     print(
         f"device {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, "

@@ -76,6 +76,18 @@ def _log(msg: str) -> None:
     print(f"[make_model] {msg}", file=sys.stderr, flush=True)
 
 
+def linear_widths(size: str) -> tuple[int, int, int, int]:
+    """(hidden, query heads x head dim, key/value heads x head dim, intermediate) of a shape:
+    the widths of its linears, for GEMM ceilings."""
+    s = SHAPES[size]
+    return (
+        s["hidden_size"],
+        s["num_attention_heads"] * s["head_dim"],
+        s["num_key_value_heads"] * s["head_dim"],
+        s["intermediate_size"],
+    )
+
+
 def non_embedding_params(size: str) -> int:
     """Weights of the linear layers every token passes (q, k, v, o, gate, up, down)."""
     s = SHAPES[size]

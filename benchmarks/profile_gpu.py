@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.bench_cpu import unshared_flops
-from benchmarks.bench_gpu import PREFIX_TOKENS, run_rerankd, sync, timed, workload
-from benchmarks.make_model import SHAPES, ensure_model
+from benchmarks.bench_gpu import PREFIX_TOKENS, request_from_args, run_rerankd, sync, timed
+from benchmarks.make_model import SHAPES, linear_widths
 from rerankd.types import Batch, EncodedPair
 
 LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")
@@ -120,13 +120,7 @@ def _report(name: str, profile: dict) -> dict:
 def gemm_ceiling(size: str, tokens: int, device: torch.device, repeats: int = 10) -> dict:
     """bf16 F.linear TFLOP/s per linear shape of the model at `tokens` rows, and overall
     (total FLOPs over total time, as a forward weights them)."""
-    s = SHAPES[size]
-    h, q, kv, inter = (
-        s["hidden_size"],
-        s["num_attention_heads"] * s["head_dim"],
-        s["num_key_value_heads"] * s["head_dim"],
-        s["intermediate_size"],
-    )
+    h, q, kv, inter = linear_widths(size)
     dtype = torch.bfloat16  # the engine's default on CUDA and on CPUs with bf16 (AMX, Zen 4)
     shapes = {"qkv": (h, q + 2 * kv), "o": (q, h), "gate_up": (h, 2 * inter), "down": (inter, h)}
     rows, flops, seconds = {}, 0.0, 0.0
@@ -162,9 +156,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     device = torch.device(args.device)
-    model_dir = args.model or ensure_model(args.size)
-    vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
-    pairs = workload(vocab, args.docs, seed=0, doc_range=(args.doc_min, args.doc_max))
+    model_dir, pairs = request_from_args(args)
     tokens = sum(map(len, pairs))
     stats = {
         "shared_per_request": [PREFIX_TOKENS],

@@ -239,21 +239,20 @@ def aten_flash_attention(
     kernel = aten_flash_kernel()
     if kernel is None:
         raise RuntimeError(f"torch {torch.__version__} has no aten::_flash_attention_forward")
+
+    def call(q, k, v, cu_q, cu_k, max_q, max_k):
+        return kernel(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, causal, False, scale=scale)[0]
+
+    return _varlen_call(call, q, k, v, batch, prefix_kv, out)
+
+
+def _varlen_call(kernel, q, k, v, batch, prefix_kv, out) -> torch.Tensor:
+    """`kernel(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k)` over the batch's varlen layout,
+    each sequence's keys [prefix, own] (`_sequence_keys`); the result written into `out`
+    when given."""
     layout = _layout(batch)
     k, v = _sequence_keys(k, v, layout, prefix_kv)
-    result = kernel(
-        q,
-        k,
-        v,
-        layout.cu_seq_q,
-        layout.cu_seq_k,
-        layout.max_q,
-        layout.max_k,
-        0.0,  # dropout
-        causal,
-        False,  # debug mask
-        scale=scale,
-    )[0]
+    result = kernel(q, k, v, layout.cu_seq_q, layout.cu_seq_k, layout.max_q, layout.max_k)
     return result if out is None else out.copy_(result)
 
 
@@ -271,20 +270,10 @@ def flash_attn_attention(
     for a torch without `varlen_attn` where the flash-attn package is installed."""
     from flash_attn import flash_attn_varlen_func
 
-    layout = _layout(batch)
-    k, v = _sequence_keys(k, v, layout, prefix_kv)
-    result = flash_attn_varlen_func(
-        q,
-        k,
-        v,
-        layout.cu_seq_q,
-        layout.cu_seq_k,
-        layout.max_q,
-        layout.max_k,
-        softmax_scale=scale,
-        causal=causal,
-    )
-    return result if out is None else out.copy_(result)
+    def call(*args):
+        return flash_attn_varlen_func(*args, softmax_scale=scale, causal=causal)
+
+    return _varlen_call(call, q, k, v, batch, prefix_kv, out)
 
 
 def _key_lengths(batch: PackedBatch) -> list[int]:
