@@ -61,6 +61,14 @@ def test_device_check_dry_run_writes_sane_results(tmp_path, qwen3_dir):
     assert 0 < fp8["fidelity"]["max_abs_raw_diff"] < 5
     assert fp8["fidelity"]["pairwise_order_agreement"] >= 0.75
     assert (tmp_path / "device_check.log").read_text().count("rc 0") >= 4
+    # where a request's time goes: on CPU the engine's ops by their own time, eager and
+    # compiled, and the GEMM ceiling (the device run reads kernels instead)
+    profiles = summary["profiles"]
+    assert {"profile-0.6b", "compile-0.6b"} <= set(profiles)
+    eager = profiles["profile-0.6b"]
+    assert eager["profile"]["top_cpu_ops"] and eager["gemm_ceiling"]["tflops"] > 0
+    compiled = profiles["compile-0.6b"]["compiled"]
+    assert compiled["compiled"] and compiled["profile"]["top_cpu_ops"]
 
 
 def test_gpu_tests_collect_without_the_server_stack(tmp_path):
