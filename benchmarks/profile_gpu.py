@@ -44,18 +44,20 @@ def _speed(
     run, _, engine = run_rerankd(model_dir, pairs, device, None, compile, quantize)
     load_s = time.perf_counter() - started
     times = timed(run, device, repeats)
-    if device.type == "cpu":
-        # the profiler records CPU ops on its own thread only, and the scheduler runs the
-        # engine on another: profile the engine's call for the same batch here instead
-        batch = Batch([EncodedPair(p) for p in pairs], [0] * len(pairs))
-        run = functools.partial(engine.score, batch)
+    # the profiler records CPU ops on its own thread only, and the scheduler runs the engine
+    # on another: the engine's call for the same batch, here, shows the host's side (on CPU
+    # all of the work; on CUDA what keeps the GPU waiting)
+    direct = functools.partial(
+        engine.score, Batch([EncodedPair(p) for p in pairs], [0] * len(pairs))
+    )
     return {
         "docs_per_s": len(pairs) / statistics.median(times),
         "seconds": times,
         "compiled": bool(getattr(engine, "compiled", False)),
         "kernel": getattr(engine, "kernel", engine.attention),
         "load_and_warmup_s": load_s,
-        "run": run,
+        "run": run if device.type == "cuda" else direct,
+        "direct": direct,
     }
 
 
@@ -117,6 +119,15 @@ def _report(name: str, profile: dict) -> dict:
     return profile
 
 
+def _host_report(name: str, profile: dict) -> dict:
+    """Print the engine call's wall time and the ops taking the most host time in it (on
+    CUDA: the host-side cost of launching the work); returns the profile."""
+    print(f"{name} engine call on this thread: wall {profile['wall_ms']:.1f} ms, host ops:")
+    for row in profile["top_cpu_ops"][:12]:
+        print(f"  {row['cpu_ms']:8.2f} ms  x{row['count']:<5d} {row['name']}")
+    return profile
+
+
 def gemm_ceiling(size: str, tokens: int, device: torch.device, repeats: int = 10) -> dict:
     """bf16 F.linear TFLOP/s per linear shape of the model at `tokens` rows, and overall
     (total FLOPs over total time, as a forward weights them)."""
@@ -173,25 +184,31 @@ def main() -> None:
     }
 
     eager = _speed(model_dir, pairs, device, "off", args.repeats, args.quantize)
-    run = eager.pop("run")
+    run, direct = eager.pop("run"), eager.pop("direct")
     summary["eager"] = eager
     print(f"eager: {eager['docs_per_s']:.1f} docs/s, kernel {eager['kernel']}")
     if not args.compile_only:
         summary["profile"] = _report("eager", profile_request(run, device))
-    del run
+        if device.type == "cuda":  # the host's side, on this thread
+            summary["host_profile"] = _host_report("eager", profile_request(direct, device))
+    del run, direct
     if not args.skip_compile:
         try:
             compiled = _speed(model_dir, pairs, device, "on", args.repeats, args.quantize)
-            run = compiled.pop("run")
+            run, direct = compiled.pop("run"), compiled.pop("direct")
             if compiled["compiled"]:  # where the compiled request's time goes, as for eager
                 compiled["profile"] = _report("compiled", profile_request(run, device))
-            del run
+                if device.type == "cuda":
+                    compiled["host_profile"] = _host_report(
+                        "compiled", profile_request(direct, device)
+                    )
+            del run, direct
         except Exception as exc:  # a compiler failure is a finding, not a crash
             compiled = {"error": f"{type(exc).__name__}: {exc}"[:500]}
         summary["compiled"] = compiled
         print(
             "compile on:",
-            {k: v for k, v in compiled.items() if k not in ("seconds", "profile")},
+            {k: v for k, v in compiled.items() if k not in ("seconds", "profile", "host_profile")},
             f"({compiled.get('docs_per_s', 0) / eager['docs_per_s']:.2f}x eager)",
         )
     if not args.compile_only:

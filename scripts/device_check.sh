@@ -240,7 +240,7 @@ for key in ("compile-0.6b", "compile-fp8-0.6b"):
         continue
     on = compiled.get("compiled", {})
     print(key, "eager", round(compiled["eager"]["docs_per_s"], 1), "docs/s; compile on:",
-          {k: v for k, v in on.items() if k not in ("seconds", "profile")})
+          {k: v for k, v in on.items() if k not in ("seconds", "profile", "host_profile")})
     if "profile" in on:
         p = on["profile"]
         print(f"{key} compiled profile: wall {p['wall_ms']:.1f} ms, GPU busy "
