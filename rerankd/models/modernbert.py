@@ -364,9 +364,8 @@ LocalAttention = Callable[[Tensor, Tensor, Tensor, PackedBatch, int, float], Ten
 def local_attention(backend: str) -> LocalAttention:
     """The windowed kernel that goes with a global `backend`: torch's varlen kernel with
     `window_size` where the engine runs `varlen` or `flash_gqa` and this torch's kernel takes
-    it (CUDA),
-    else SDPA with a band mask (`band_sdpa_attention`; the AMX kernel and the other CUDA
-    backends have no window) — except for a batch whose sequences all fit in one
+    it (CUDA), else SDPA with a band mask (`band_sdpa_attention`; the AMX kernel and the
+    other CUDA backends have no window) — except for a batch whose sequences all fit in one
     window, which the global kernel attends exactly (short documents: rerankd's AMX kernel
     instead of SDPA in every layer)."""
     kernel = torch_varlen_kernel()

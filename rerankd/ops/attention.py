@@ -565,11 +565,11 @@ def _cpu_kernel_attention(load: Callable[[], ModuleType | None], name: str) -> C
 amx_attention = _cpu_kernel_attention(lambda: load_kernel(), "amx")
 avx512_attention = _cpu_kernel_attention(lambda: avx512_kernel.load_kernel(), "avx512")
 
-#: every attention implementation by the name engines and `/v1/models` use
 #: backends that read the batch's varlen layout (cu_seqlens, key gather): the engine builds
 #: it when it packs a batch, ahead of the forward (`PackedBatch.with_varlen_layout`)
 VARLEN_BACKENDS = frozenset({"varlen", "flash_gqa", "flash_attn"})
 
+#: every attention implementation by the name engines and `/v1/models` use
 ATTENTION = {
     "sdpa": sdpa_attention,
     "varlen": varlen_attention,
