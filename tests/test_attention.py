@@ -279,6 +279,12 @@ def test_cuda_backends_fall_back_in_order_with_warnings(monkeypatch, caplog):
     monkeypatch.setattr(
         attention.importlib.util, "find_spec", lambda n: None if n in missing else real(n)
     )
+    # torch < 2.10: no varlen_attn, but its flash varlen op (probed like every backend)
+    with caplog.at_level(logging.WARNING, logger="rerankd.ops.attention"):
+        assert attention.cuda_backends() == ["flash_gqa", "flex", "sdpa_padded"]
+    assert "no varlen_attn; trying its flash-attention op" in caplog.text
+    monkeypatch.setattr(attention, "aten_flash_kernel", lambda: None)
+    caplog.clear()
     with caplog.at_level(logging.WARNING, logger="rerankd.ops.attention"):
         assert attention.cuda_backends() == ["flex", "sdpa_padded"]
     assert "no varlen_attn" in caplog.text and "flash-attn is not installed" in caplog.text
@@ -287,13 +293,14 @@ def test_cuda_backends_fall_back_in_order_with_warnings(monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, logger="rerankd.ops.attention"):
         assert attention.cuda_backends() == ["sdpa_padded"]
     assert "no flex_attention" in caplog.text
+    missing.discard("torch.nn.attention.flex_attention")
     monkeypatch.setattr(attention, "torch_varlen_kernel", lambda: varlen_attn_2_11)
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="rerankd.ops.attention"):
+        assert attention.cuda_backends() == ["varlen", "flex", "sdpa_padded"]
         # torch 2.11: varlen_attn without enable_gqa, so the op itself first (GQA native)
-        assert attention.cuda_backends() == ["flash_gqa", "varlen", "sdpa_padded"]
-        monkeypatch.setattr(attention, "aten_flash_kernel", lambda: None)
-        assert attention.cuda_backends() == ["varlen", "sdpa_padded"]
+        monkeypatch.setattr(attention, "aten_flash_kernel", lambda: aten_flash_2_11)
+        assert attention.cuda_backends() == ["flash_gqa", "varlen", "flex", "sdpa_padded"]
     assert caplog.text == ""
 
 

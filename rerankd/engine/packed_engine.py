@@ -275,7 +275,9 @@ class PackedEngine:
             self.use_kernels("sdpa")
         worst = max(abs(a - b) for a, b in zip(expected, got, strict=True))
         if worst > self.tolerance:
-            log.warning("%s attention disagrees with SDPA by %.3g; using SDPA", backend, worst)
+            log.warning(
+                "%s attention disagrees with SDPA by %.3g; trying the next kernel", backend, worst
+            )
             return False
         log.info("%s attention agrees with SDPA (max |Δ| %.2g); using it", backend, worst)
         return True

@@ -218,7 +218,8 @@ def varlen_attention(
 def aten_flash_kernel() -> Callable | None:
     """PyTorch's own flash-attention varlen op (`aten::_flash_attention_forward`, which
     `varlen_attn` calls), whose kernel takes fewer key/value heads than query heads (GQA)
-    where torch 2.11's `varlen_attn` wrapper does not; None where this torch lacks it."""
+    where torch 2.11's `varlen_attn` wrapper does not, and which torch < 2.10 has without that
+    wrapper; None where this torch lacks it."""
     return getattr(torch.ops.aten, "_flash_attention_forward", None)
 
 
@@ -235,7 +236,9 @@ def aten_flash_attention(
     """Same contract, as one call of PyTorch's flash-attention varlen op with the key/value
     heads as they are (GQA native, causal aligned bottom-right): `varlen` without copying
     every key and value per query head group in every layer, where `varlen_attn` has no
-    `enable_gqa` (torch 2.11). Probed against SDPA at start-up like every backend."""
+    `enable_gqa` (torch 2.11: measured on an H200, docs/benchmarks.md), and the varlen path
+    where torch has no `varlen_attn` at all. Probed against SDPA at start-up like every
+    backend, so a torch whose op takes other arguments falls through to the next one."""
     kernel = aten_flash_kernel()
     if kernel is None:
         raise RuntimeError(f"torch {torch.__version__} has no aten::_flash_attention_forward")
@@ -469,12 +472,18 @@ def cuda_backends() -> list[str]:
     ahead of what remains is missing. `sdpa_padded` needs only SDPA, so it always remains."""
     backends = []
     varlen = torch_varlen_kernel()
-    if varlen is not None and not takes(varlen, "enable_gqa") and aten_flash_kernel():
-        backends.append("flash_gqa")  # GQA without expanded heads; varlen stays behind it
+    # PyTorch's flash varlen op itself: GQA without expanded heads where varlen_attn has no
+    # enable_gqa (2.10, 2.11), and the varlen path where torch has no varlen_attn (< 2.10)
+    if aten_flash_kernel() is not None and (varlen is None or not takes(varlen, "enable_gqa")):
+        backends.append("flash_gqa")
     if varlen is not None:
         backends.append("varlen")
     else:
-        log.warning("torch %s has no varlen_attn; trying flash-attn", torch.__version__)
+        log.warning(
+            "torch %s has no varlen_attn; trying %s",
+            torch.__version__,
+            "its flash-attention op (aten::_flash_attention_forward)" if backends else "flash-attn",
+        )
     if importlib.util.find_spec("flash_attn") is not None:
         backends.append("flash_attn")
     elif not backends:
