@@ -7,7 +7,7 @@
 # profiler, GEMM ceiling, eager vs --compile on). Everything within $DEVICE_CHECK_BUDGET_S
 # (480 s), each step under its own `timeout`. Results under $OUT: device_check.json (steps,
 # rc, seconds, GPU test counts and failures, W-GPU figures, profiles), w-gpu-<size>.json,
-# profile-0.6b.json, compile-0.6b.json, env.json, junit-<module>.xml, device_check.log and
+# profile-0.6b.json, compile-0.6b.json, compile-fp8-0.6b.json, profile-4b.json, env.json, junit-<module>.xml, device_check.log and
 # one log per step; on the GPU machine all but the summary and its log packed into
 # device_check.tgz (the device tool returns at most 8 files).
 #
@@ -165,6 +165,9 @@ step profile-0.6b 90 "$PY" -m benchmarks.profile_gpu --size 0.6b $PROFILE_ARGS -
 # CPU the engine refuses fp8, so the dry run skips it
 ((DRY)) || step compile-fp8-0.6b 120 "$PY" -m benchmarks.profile_gpu --size 0.6b \
     --quantize fp8 --compile-only --json "$OUT/compile-fp8-0.6b.json"
+# and the 4B request's profile and GEMM ceiling (eager; never taken yet)
+((DRY)) || step profile-4b 120 "$PY" -m benchmarks.profile_gpu --size 4b --skip-compile \
+    --json "$OUT/profile-4b.json"
 
 "$PY" - "$OUT" "$DRY" "$BUDGET_S" "$(($(date +%s) - START))" <<'PY'
 import json, sys
@@ -181,7 +184,7 @@ results = {
 }
 profiles = {
     name: json.loads((out / f"{name}.json").read_text())
-    for name in ("profile-0.6b", "compile-0.6b", "compile-fp8-0.6b")
+    for name in ("profile-0.6b", "compile-0.6b", "compile-fp8-0.6b", "profile-4b")
     if (out / f"{name}.json").is_file()
 }
 pytest = {k: 0 for k in ("tests", "skipped", "failures", "errors")}
@@ -226,14 +229,15 @@ for size, r in results.items():
             f"{size} fp8 {r['fp8']['over_bf16']:.2f}x bf16, max |d raw| {f['max_abs_raw_diff']:.4f}, "
             f"pair order {f['pairwise_order_agreement']:.1%} ({r['fp8']['path']})"
         )
-profile = profiles.get("profile-0.6b", {})
-if "profile" in profile:
-    p = profile["profile"]
-    print(
-        f"0.6b profile: wall {p['wall_ms']:.1f} ms, GPU busy {p['gpu_busy_share']:.0%}, "
-        f"{p['kernel_launches']} launches, effective {profile['effective_tflops']:.0f} TFLOP/s = "
-        f"{profile['effective_share_of_gemm_ceiling']:.0%} of the GEMM ceiling"
-    )
+for key in ("profile-0.6b", "profile-4b"):
+    profile = profiles.get(key, {})
+    if "profile" in profile:
+        p = profile["profile"]
+        print(
+            f"{key}: wall {p['wall_ms']:.1f} ms, GPU busy {p['gpu_busy_share']:.0%}, "
+            f"{p['kernel_launches']} launches, effective {profile['effective_tflops']:.0f} "
+            f"TFLOP/s = {profile['effective_share_of_gemm_ceiling']:.0%} of the GEMM ceiling"
+        )
 for key in ("compile-0.6b", "compile-fp8-0.6b"):
     compiled = profiles.get(key, {})
     if not compiled:
