@@ -7,8 +7,9 @@
 # profiler, GEMM ceiling, eager vs --compile on). Everything within $DEVICE_CHECK_BUDGET_S
 # (480 s), each step under its own `timeout`. Results under $OUT: device_check.json (steps,
 # rc, seconds, GPU test counts and failures, W-GPU figures, profiles), w-gpu-<size>.json,
-# profile-0.6b.json, compile-0.6b.json, compile-fp8-0.6b.json, profile-4b.json, env.json, junit-<module>.xml, device_check.log and
-# one log per step; on the GPU machine all but the summary and its log packed into
+# profile-0.6b.json, compile-0.6b.json, compile-fp8-0.6b.json, profile-4b.json, env.json,
+# junit-<module>.xml, device_check.log and one log per step; on the GPU machine all but the
+# summary and its log packed into
 # device_check.tgz (the device tool returns at most 8 files).
 #
 #   scripts/device_check.sh             # on the GPU machine (see docs/benchmarks.md)
