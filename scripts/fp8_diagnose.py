@@ -17,12 +17,7 @@ import json
 
 import torch
 
-from rerankd.ops.fp8 import Fp8Linear, quantize_rows
-
-
-def _exact(qx, sx, qw, sw, bias) -> torch.Tensor:
-    out = (qx.double().cpu() * sx.double().cpu()) @ (qw.double().cpu() * sw.double().cpu()).T
-    return out if bias is None else out + bias.double().cpu()
+from rerankd.ops.fp8 import Fp8Linear, exact_product, quantize_rows, worst_relative_error
 
 
 def main() -> None:
@@ -48,19 +43,19 @@ def main() -> None:
                 layer = Fp8Linear(w.to(device), bias, fuse_bias=mode == "fused")
                 differ_w = int((layer.qweight.cpu().float() != qw_cpu.float()).sum())
                 try:
-                    got = layer(x.to(device)).double().cpu()
+                    got = layer(x.to(device))
                 except RuntimeError as exc:
                     rows_out.append({"rows": rows, "loud": loud, "bias": mode, "error": str(exc)})
                     continue
-                dev = _exact(qx_dev, sx_dev, layer.qweight, layer.w_scale.T, bias)
-                cpu = _exact(qx_cpu, sx_cpu, qw_cpu, sw_cpu, bias)
+                dev = exact_product(qx_dev, sx_dev, layer.qweight, layer.w_scale.T, bias)
+                cpu = exact_product(qx_cpu, sx_cpu, qw_cpu, sw_cpu, bias)
                 rows_out.append(
                     {
                         "rows": rows,
                         "loud": loud,
                         "bias": mode,
-                        "vs_device_operands": float(((got - dev).abs() / (1 + dev.abs())).max()),
-                        "vs_cpu_operands": float(((got - cpu).abs() / (1 + cpu.abs())).max()),
+                        "vs_device_operands": worst_relative_error(got, dev),
+                        "vs_cpu_operands": worst_relative_error(got, cpu),
                         "x_values_differ": differ_x,
                         "w_values_differ": differ_w,
                     }

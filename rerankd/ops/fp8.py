@@ -149,6 +149,21 @@ def quantize_fp8(model: nn.Module, fuse_bias: bool = True) -> int:
 _PROBE_SHAPE = (37, 256, 128)
 
 
+def exact_product(
+    qx: Tensor, sx: Tensor, qw: Tensor, sw: Tensor, bias: Tensor | None = None
+) -> Tensor:
+    """The float64 product (on the CPU) of e4m3 rows `qx` with scales `sx` (M, 1) and e4m3
+    weight rows `qw` with scales `sw` (N, 1), plus `bias`: what the fp8 GEMM must compute."""
+    out = (qx.double().cpu() * sx.double().cpu()) @ (qw.double().cpu() * sw.double().cpu()).T
+    return out if bias is None else out + bias.double().cpu()
+
+
+def worst_relative_error(got: Tensor, exact: Tensor) -> float:
+    """max |got - exact| / (1 + |exact|): the probe's measure of a kernel's error."""
+    got = got.double().cpu()
+    return float(((got - exact).abs() / (1 + exact.abs())).max())
+
+
 def probe_fp8(device: torch.device, dtype: torch.dtype) -> tuple[bool, float]:
     """Run `Fp8Linear` on `device` against the exact product of its own quantized operands
     (float64); returns (bias fused in the epilogue?, worst relative error). Raises
@@ -173,19 +188,17 @@ def probe_fp8(device: torch.device, dtype: torch.dtype) -> tuple[bool, float]:
     # (scripts/fp8_diagnose.py), against 0.0037 / 0.0069 for torch's CPU reference. A faulty
     # kernel is off by far more: operands quantized elsewhere alone gave 0.19-0.26 there
     tolerance = 2.0**-5 if dtype in (torch.bfloat16, torch.float16) else 1e-4
+    qx, sx = quantize_rows(x)  # as the layer quantizes x on `device`
     failures: list[str] = []
     for fuse in (True, False):
         layer = Fp8Linear(weight, bias, fuse_bias=fuse)
         try:
-            got = layer(x).double().cpu()
+            got = layer(x)
         except RuntimeError as exc:
             failures.append(f"bias {'fused' if fuse else 'added'}: {exc}")
             continue
-        qx, sx = quantize_rows(x)
-        exact = (qx.double().cpu() * sx.double().cpu()) @ (
-            layer.qweight.double().cpu() * layer.w_scale.double().cpu().T
-        ).T + bias.double().cpu()
-        worst = float(((got - exact).abs() / (1 + exact.abs())).max())
+        exact = exact_product(qx, sx, layer.qweight, layer.w_scale.T, bias)
+        worst = worst_relative_error(got, exact)
         if worst <= tolerance:
             return fuse, worst
         failures.append(
