@@ -92,7 +92,8 @@ _DECISIONS = {**MEASURED, **LISTWISE_MEASURED}
 #: documents, Qwen3-Reranker-0.6B shape), eager vs compiled per-token work, 5 timed requests
 #: each. What is not listed (encoders, fp16, fp8) runs eager under `auto`.
 CUDA_MEASURED: dict[tuple[str, str, bool], bool] = {
-    ("decoder", "bfloat16", False): True,  # 1.15 (623.5 -> 714.7 docs/s), 2026-12-04
+    # 1.15 (623.5 -> 714.7 docs/s) and 1.17 (704.1 -> 823.3) in two device runs, 2026-12-04
+    ("decoder", "bfloat16", False): True,
 }
 
 
