@@ -96,6 +96,20 @@ CUDA_MEASURED: dict[tuple[str, str, bool], bool] = {
     ("decoder", "bfloat16", False): True,
 }
 
+#: CUDA graphs of the decoder's forward (engine/cuda_graphs.py) under `--cuda-graphs auto`:
+#: (model family, activation dtype, int8 linears) -> capture, measured like `CUDA_MEASURED`
+#: (W-GPU with and without graphs, `benchmarks/bench_gpu.py`). Empty until a device run
+#: measures them: `auto` runs without graphs, `on` captures them (each checked against
+#: the uncaptured forward at start-up).
+CUDA_GRAPHS_MEASURED: dict[tuple[str, str, bool], bool] = {}
+
+
+def graphs_pay(family: str, dtype: torch.dtype, quantized: bool) -> bool:
+    """Whether `--cuda-graphs auto` captures graphs for this model on CUDA
+    (`CUDA_GRAPHS_MEASURED`)."""
+    name = str(dtype).removeprefix("torch.")
+    return CUDA_GRAPHS_MEASURED.get((family, name, quantized), False)
+
 
 def cpu_class(flags: set[str] | None = None) -> str:
     """This CPU's class, named as in `rerankd.ops.cpu.CPU_CLASSES`, from rerankd's CPU flags

@@ -18,12 +18,19 @@ import torch
 from torch import nn
 
 from rerankd.engine.base import PendingScores, default_batch_tokens, split_on_oom
-from rerankd.engine.compile_policy import model_family, scores_disagree, wants_compile
+from rerankd.engine.compile_policy import (
+    graphs_pay,
+    model_family,
+    scores_disagree,
+    wants_compile,
+)
+from rerankd.engine.cuda_graphs import DEFAULT_CAPACITY, Capture, GraphRunner, cuda_capture
 from rerankd.models.kernels import Kernels
 from rerankd.ops.attention import VARLEN_BACKENDS, cpu_backends, cuda_backends, describe
 from rerankd.ops.attention_speed import speedup_over_sdpa
 from rerankd.ops.batch import PackedBatch, pack
 from rerankd.ops.quantize import QUANTIZE_MODES
+from rerankd.ops.static_batch import RowLayout
 from rerankd.types import EncodedPair
 
 log = logging.getLogger(__name__)
@@ -37,6 +44,7 @@ _BACKEND_TOLERANCE = 0.1
 _INT8_BACKEND_TOLERANCE = 0.25
 
 COMPILE_MODES = ("auto", "on", "off")
+GRAPH_MODES = ("auto", "on", "off")
 ATTENTION_MODES = ("auto", "sdpa", "amx", "avx512")
 
 
@@ -47,11 +55,12 @@ def check_mode(flag: str, mode: str, modes: tuple[str, ...]) -> None:
         raise ValueError(f"unknown --{flag} {mode!r}; use {_choices(modes)}")
 
 
-def check_modes(quantize: str, compile: str, attention: str) -> None:
-    """`check_mode` of the three packed-engine flags, in this order."""
+def check_modes(quantize: str, compile: str, attention: str, cuda_graphs: str = "auto") -> None:
+    """`check_mode` of the packed-engine flags, in this order."""
     check_mode("quantize", quantize, QUANTIZE_MODES)
     check_mode("compile", compile, COMPILE_MODES)
     check_mode("attention", attention, ATTENTION_MODES)
+    check_mode("cuda-graphs", cuda_graphs, GRAPH_MODES)
 
 
 def _choices(modes: tuple[str, ...]) -> str:
@@ -71,6 +80,7 @@ class PackedEngine:
         compile: str = "off",
         quantized: bool = False,
         attention: str = "auto",
+        cuda_graphs: str = "off",
     ) -> None:
         self.model = model
         self.device = str(device)
@@ -87,6 +97,10 @@ class PackedEngine:
         self.compiled = (
             self._wants_compile(compile, device, dtype, quantized) and self._compile_agrees()
         )
+        #: replays captured CUDA graphs when set (`enable_graphs`)
+        self.graphs: GraphRunner | None = None
+        if self._wants_graphs(cuda_graphs, dtype, quantized):
+            self.enable_graphs()
 
     @property
     def kernel(self) -> str:
@@ -119,17 +133,22 @@ class PackedEngine:
         )
 
     @torch.inference_mode()
-    def prepare(self, batch) -> PackedBatch:
+    def prepare(self, batch) -> PackedBatch | RowLayout:
         """Pack `batch` and start its upload (page-locked, non-blocking): `forward`'s first
-        half, run while the previous batch's kernels still run."""
+        half, run while the previous batch's kernels still run. With CUDA graphs, the
+        bucketed layout on the host (the upload goes into the graph's buffers at launch)."""
+        if self.graphs is not None:
+            return self.graphs.layout(batch.pairs, batch.groups)
         packed = pack(batch.pairs, batch.groups, self._device, share_prefix=self.share_prefix)
         if self.attention in VARLEN_BACKENDS:
             packed.with_varlen_layout()
         return packed
 
     @torch.inference_mode()
-    def launch(self, packed: PackedBatch) -> PendingScores:
+    def launch(self, packed: PackedBatch | RowLayout) -> PendingScores:
         """Queue the model's kernels on `packed`; returns without waiting for them."""
+        if isinstance(packed, RowLayout):
+            return PendingScores(self._replay(packed))
         return PendingScores(self.model(packed))
 
     def collect(self, pending: PendingScores) -> list[float]:
@@ -141,10 +160,89 @@ class PackedEngine:
     @torch.inference_mode()
     def forward(self, pairs: list[EncodedPair], groups: list[int] | None) -> list[float]:
         """Raw scores of one sub-batch: the seam `split_on_oom` and engine/faults.py wrap."""
+        if self.graphs is not None:
+            try:
+                return self._replay(self.graphs.layout(pairs, groups)).tolist()
+            except Exception:  # logged by `_replay`; this batch runs without the graph
+                pass
         packed = pack(pairs, groups, self._device, share_prefix=self.share_prefix)
         if self.attention in VARLEN_BACKENDS:
             packed.with_varlen_layout()
         return self.model(packed).tolist()
+
+    # --- CUDA graphs ---------------------------------------------------------------------
+
+    def _wants_graphs(self, mode: str, dtype: torch.dtype, quantized: bool) -> bool:
+        """`auto` captures where `compile_policy.CUDA_GRAPHS_MEASURED` says they pay (nowhere
+        yet: unmeasured); `on` wherever they can run: CUDA, a model with a bucketed forward
+        (`forward_rows`: the decoders), a varlen attention kernel; `off` never."""
+        check_mode("cuda-graphs", mode, GRAPH_MODES)
+        if mode == "off":
+            return False
+        reason = None
+        if self._device.type != "cuda":
+            reason = "they run on CUDA only"
+        elif not hasattr(self.model, "forward_rows"):
+            reason = f"{type(self.model).__name__} has no bucketed forward"
+        elif self.attention not in VARLEN_BACKENDS:
+            reason = f"they need a varlen attention kernel, not {describe(self.attention)}"
+        if reason is not None:
+            if mode == "on":
+                log.warning("--cuda-graphs on: %s; running without", reason)
+            return False
+        return mode == "on" or graphs_pay(model_family(self.model), dtype, quantized)
+
+    def enable_graphs(
+        self, capture: Capture = cuda_capture, capacity: int = DEFAULT_CAPACITY
+    ) -> bool:
+        """Replay captured graphs from now on (engine/cuda_graphs.py) if they give the
+        uncaptured forward's scores on the probe batch and on the same batch reversed (the
+        same bucket, so the second replays the first one's graph with other offsets);
+        otherwise log why and keep running without. This is start-up work: it runs before
+        the server reports ready. `capture`: CPU tests pass a stand-in."""
+        runner = GraphRunner(self.model, self._device, self.share_prefix, capacity, capture)
+        pairs, groups = self._probe_batch()
+        probes = [(pairs, groups), (pairs[::-1], groups[::-1])]
+        started = time.perf_counter()
+        try:
+            expected = [s for probe in probes for s in self.forward(*probe)]
+            got = [s for p in probes for s in runner.launch(runner.layout(*p)).tolist()]
+        except Exception as exc:
+            log.warning(
+                "CUDA graphs unavailable (%s: %s); running without",
+                type(exc).__name__,
+                str(exc).splitlines()[0] if str(exc) else "",
+            )
+            return False
+        worst = scores_disagree(expected, got)
+        if worst > self.tolerance:
+            log.warning(
+                "CUDA graph replays disagree with the forward by %.3g; not using them", worst
+            )
+            return False
+        self.graphs = runner
+        log.info(
+            "CUDA graphs on: probe captured and replayed in %.1fs (max |Δ| %.2g); each new "
+            "batch shape bucket is captured on first use, at most %d kept",
+            time.perf_counter() - started,
+            worst,
+            capacity,
+        )
+        return True
+
+    def _replay(self, layout: RowLayout) -> torch.Tensor:
+        """The graph runner's scores for `layout`; any failure (a capture that cannot run, out
+        of memory while capturing) turns graphs off for good, logged, and is raised."""
+        try:
+            return self.graphs.launch(layout)
+        except Exception as exc:
+            self.graphs = None
+            log.warning(
+                "CUDA graph failed (%s: %s); running without graphs from now on",
+                type(exc).__name__,
+                str(exc).splitlines()[0] if str(exc) else "",
+            )
+            raise
 
     def _probe_batch(self) -> tuple[list[EncodedPair], list[int]]:
         """A small seeded batch with shared prefixes, to compare two code paths on."""

@@ -27,6 +27,7 @@ from rerankd.ops.attention_speed import AttentionShape
 from rerankd.ops.batch import PackedBatch
 from rerankd.ops.compile_cache import key_compile_cache_by_cpu_isa
 from rerankd.ops.prepack import residual_linear
+from rerankd.ops.static_batch import StaticInputs
 
 #: the `model_type`s `DecoderConfig.from_hf_config` reads
 DECODER_TYPES = ("qwen3", "qwen2", "gemma")
@@ -240,6 +241,18 @@ class Decoder(nn.Module):
         start = stream.shared - stream.keep
         return x[start : start + len(batch.input_ids)]
 
+    def forward_rows(self, inputs: StaticInputs) -> Tensor:
+        """Hidden states (rows, hidden) of a bucketed stream (ops/static_batch.py): every row
+        computed, attention one varlen call per layer over prefixes, documents and padding.
+        Nothing in it depends on the batch but the buffers' contents, so one captured CUDA
+        graph of it serves every batch of its bucket (engine/cuda_graphs.py)."""
+        x = self.embed(inputs.input_ids)
+        cos, sin = rotary(inputs.positions, self.inv_freq, self.embed_tokens.weight.dtype)
+        attend = ATTENTION[self.kernels.attention]
+        for layer in self.layers:
+            x = layer.rows(x, cos, sin, attend, inputs.batch, self.tokens)
+        return x
+
     def prefix_stream(self, batch: PackedBatch) -> PackedBatch:
         """The batch's shared prefixes as their own packed stream (positions from 0)."""
         lengths = batch.prefix_lengths
@@ -284,6 +297,21 @@ class Block(nn.Module):
         for s, e in spans:
             out[s:e] = stream.tokens.finish(self, x[s:e], y[s:e])
         return out
+
+    def rows(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        attend: Callable,
+        batch: PackedBatch,
+        tokens: TokenFunctions,
+    ) -> Tensor:
+        """The block over all rows of a bucketed stream (`Decoder.forward_rows`): one call of
+        each per-token function, one attention call over `batch`'s varlen layout."""
+        q, k, v = tokens.project(self, x, cos, sin)
+        y = attend(q, k, v, batch, None, True, self.self_attn.config.scale)
+        return tokens.finish(self, x, y.reshape(len(x), self.self_attn.q_size))
 
     def _project(self, x: Tensor, stream: Stream) -> tuple[Tensor, Tensor, Tensor]:
         """`project_tokens` over the stream's rows, chunk by chunk."""
@@ -414,7 +442,15 @@ class DecoderReranker(nn.Module):
         return self.decoder.attention_shape
 
     def forward(self, batch: PackedBatch) -> Tensor:
-        hidden = self.decoder(batch)[batch.last]  # (N, hidden)
+        return self._score(self.decoder(batch)[batch.last])
+
+    def forward_rows(self, inputs: StaticInputs) -> Tensor:
+        """Raw scores (sequence slots,) of a bucketed stream, read at `inputs.last` (unused
+        slots read row 0: the caller keeps the first N)."""
+        return self._score(self.decoder.forward_rows(inputs)[inputs.last])
+
+    def _score(self, hidden: Tensor) -> Tensor:
+        """The score head on each sequence's last hidden state (N, hidden)."""
         h = self.decoder.norm(hidden).float()
         raw = h @ self.head_weight.T  # (N, hidden) x (hidden, 1) -> (N, 1)
         if self.head_bias is not None:

@@ -134,9 +134,10 @@ def _sequence_keys(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys/values (T_k, KVH, D) with each sequence's [prefix, own] rows contiguous: one
     gather from [prefixes, stream] (a view where they are adjacent, `_rows_before`; a copy
-    otherwise)."""
+    otherwise), or from the stream alone where the layout says its keys are there
+    (`VarlenLayout.stream_keys`)."""
     if prefix_kv is None:
-        return k, v
+        return (k[layout.gather], v[layout.gather]) if layout.stream_keys else (k, v)
 
     def keys(prefix: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         joined = _rows_before(prefix, rows)

@@ -111,6 +111,9 @@ class VarlenLayout:
     max_q: int
     max_k: int
     gather: torch.Tensor  # (T_k,) long
+    #: keys are the stream's own rows picked by `gather`, with no separate prefix keys (a
+    #: captured CUDA graph's layout, ops/static_batch.py: prefixes and documents in one call)
+    stream_keys: bool = False
 
     @classmethod
     def build(cls, batch: PackedBatch, pin: bool = True) -> VarlenLayout:
@@ -178,15 +181,12 @@ def upload(
     return list(flat.split(sizes))
 
 
-def pack(
-    pairs: Sequence[EncodedPair],
-    groups: Sequence[int] | None,
-    device: torch.device,
-    share_prefix: bool = True,
-    pin: bool = True,
-) -> PackedBatch:
-    """Pack pairs into one stream; pairs with the same group id may share a prefix. `pin`:
-    send it through a page-locked buffer, without waiting (CUDA; ignored elsewhere)."""
+def shared_prefixes(
+    pairs: Sequence[EncodedPair], groups: Sequence[int] | None, share_prefix: bool = True
+) -> tuple[list[int], list[int], list[Sequence[int]]]:
+    """Per pair: the length of its shared prefix (0: none) and that prefix's index (-1:
+    none); and the prefixes' token ids. Pairs with the same group id share their longest
+    common token prefix, if it has at least `MIN_SHARED_PREFIX` tokens."""
     prefix_len = [0] * len(pairs)
     prefix_of = [-1] * len(pairs)
     prefix_ids: list[Sequence[int]] = []
@@ -206,6 +206,19 @@ def pack(
                 prefix_len[i] = shared
                 prefix_of[i] = len(prefix_ids)
             prefix_ids.append(seqs[0][:shared])
+    return prefix_len, prefix_of, prefix_ids
+
+
+def pack(
+    pairs: Sequence[EncodedPair],
+    groups: Sequence[int] | None,
+    device: torch.device,
+    share_prefix: bool = True,
+    pin: bool = True,
+) -> PackedBatch:
+    """Pack pairs into one stream; pairs with the same group id may share a prefix. `pin`:
+    send it through a page-locked buffer, without waiting (CUDA; ignored elsewhere)."""
+    prefix_len, prefix_of, prefix_ids = shared_prefixes(pairs, groups, share_prefix)
     ids: list[int] = []
     positions: list[int] = []
     types: list[int] | None = [] if pairs and pairs[0].token_type_ids is not None else None

@@ -1,0 +1,213 @@
+"""A batch in a fixed shape (a bucket), for the replay of a captured CUDA graph.
+
+A captured graph replays the same kernels, with the same launch sizes, on the same memory.
+Every batch it serves must therefore look alike to the host: the same number of rows,
+sequences and gathered keys, and the same maximum lengths (flash attention sizes its grid by
+them). Here a batch becomes that shape:
+
+- one stream of rows: the shared prefixes', then each document's own tokens, then padding
+  rows up to the bucket's row count;
+- one varlen attention call per layer over every row. Each prefix is a sequence of its own
+  (causal over itself). Each document is a sequence whose keys are its prefix's rows and
+  then its own (`gather` picks them from the stream). The padding rows form sequences of at
+  most `PAD_SEQUENCE` rows, so every row is computed from finite values. Unused sequence
+  slots are empty (`cu_seqlens` repeats its last offset);
+- the score rows: each document's last row, then row 0 for unused slots.
+
+`Bucket` rounds every count up on a grid (`bucket_size`), so that a steady workload reuses a
+few captured graphs. `StaticInputs` holds one bucket's device buffers, which the graph reads,
+and `StaticInputs.fill` copies a batch into them: two page-locked, non-blocking copies, in
+stream order after whatever replay came before.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from rerankd.ops.batch import PackedBatch, VarlenLayout, shared_prefixes
+from rerankd.types import EncodedPair
+
+#: padding rows form sequences of at most this many rows: short causal sequences (a long one
+#: would cost attention work quadratic in the padding), one flash-attention block each
+PAD_SEQUENCE = 128
+#: grid steps per doubling of rows and keys: at most ~6 % padding (W-GPU's 41k rows: 2,048)
+ROW_STEPS = 16
+#: the same for sequences (prefixes, documents and padding sequences)
+SEQUENCE_STEPS = 8
+#: smallest row and sequence buckets, and the smallest maximum length
+MIN_ROWS = 64
+MIN_SEQUENCES = 16
+MIN_LENGTH = 128
+
+
+def bucket_size(n: int, steps: int, minimum: int) -> int:
+    """The smallest value >= `n` on the grid of `steps` values per doubling (multiples of
+    2^floor(log2 n) / steps), and at least `minimum` (itself rounded to the grid)."""
+    n = max(n, minimum)
+    step = max(1, (1 << (n.bit_length() - 1)) // steps)
+    return -(-n // step) * step
+
+
+def length_bucket(n: int) -> int:
+    """A maximum sequence length rounded up to a power of two (at least `MIN_LENGTH`): the
+    kernel's grid over-covers by at most 2x, and its extra blocks return at once."""
+    return max(MIN_LENGTH, 1 << max(0, n - 1).bit_length())
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """The shapes a captured graph was made for."""
+
+    rows: int
+    sequences: int
+    keys: int
+    max_q: int
+    max_k: int
+
+
+@dataclass
+class RowLayout:
+    """A batch as the rows of one stream, on the host (numpy), before bucketing."""
+
+    ids: np.ndarray  # (rows,) int64, padding included
+    positions: np.ndarray  # (rows,)
+    cu_q: list[int]  # (sequences + 1,) query offsets in the stream
+    cu_k: list[int]  # (sequences + 1,) key offsets in `gather`
+    gather: np.ndarray  # (keys,) stream row of each key, sequence by sequence
+    last: list[int]  # the stream row of each document's last token, in pair order
+    bucket: Bucket
+
+    @property
+    def documents(self) -> int:
+        return len(self.last)
+
+
+def row_layout(
+    pairs: Sequence[EncodedPair], groups: Sequence[int] | None, share_prefix: bool = True
+) -> RowLayout:
+    """`pairs` as one bucketed stream of rows (module docstring), shared prefixes as in
+    `batch.pack`."""
+    prefix_len, prefix_of, prefix_ids = shared_prefixes(pairs, groups, share_prefix)
+    prefix_starts = np.cumsum([0, *map(len, prefix_ids)]).tolist()
+    shared = prefix_starts[-1]
+    ids = [np.asarray(p, dtype=np.int64) for p in prefix_ids]
+    positions = [np.arange(len(p)) for p in prefix_ids]
+    q_lengths = [len(p) for p in prefix_ids]
+    keys = [
+        np.arange(start, start + len(p))
+        for start, p in zip(prefix_starts[:-1], prefix_ids, strict=True)
+    ]
+    row, last = shared, []
+    for pair, skip, prefix in zip(pairs, prefix_len, prefix_of, strict=True):
+        own = len(pair) - skip
+        ids.append(np.asarray(pair.input_ids[skip:], dtype=np.int64))
+        positions.append(np.arange(skip, len(pair)))
+        q_lengths.append(own)
+        if prefix >= 0:
+            keys.append(np.arange(prefix_starts[prefix], prefix_starts[prefix] + skip))
+        keys.append(np.arange(row, row + own))
+        row += own
+        last.append(row - 1)
+    rows = bucket_size(row, ROW_STEPS, MIN_ROWS)
+    for start in range(row, rows, PAD_SEQUENCE):  # padding: short sequences of their own
+        n = min(PAD_SEQUENCE, rows - start)
+        ids.append(np.zeros(n, dtype=np.int64))
+        positions.append(np.arange(n))
+        q_lengths.append(n)
+        keys.append(np.arange(start, start + n))
+    gather = np.concatenate(keys)
+    k_lengths = _key_lengths(q_lengths, prefix_len, len(prefix_ids))
+    bucket = Bucket(
+        rows=rows,
+        sequences=bucket_size(len(q_lengths), SEQUENCE_STEPS, MIN_SEQUENCES),
+        keys=bucket_size(len(gather), ROW_STEPS, MIN_ROWS),
+        max_q=length_bucket(max(q_lengths)),
+        max_k=length_bucket(max(k_lengths)),
+    )
+    return RowLayout(
+        ids=np.concatenate(ids),
+        positions=np.concatenate(positions),
+        cu_q=np.cumsum([0, *q_lengths]).tolist(),
+        cu_k=np.cumsum([0, *k_lengths]).tolist(),
+        gather=gather,
+        last=last,
+        bucket=bucket,
+    )
+
+
+def _key_lengths(q_lengths: list[int], prefix_len: list[int], prefixes: int) -> list[int]:
+    """Keys per sequence: a prefix's and a padding sequence's are its queries; a document's
+    are its prefix's rows and its own."""
+    documents = len(prefix_len)
+    extra = [0] * prefixes + list(prefix_len) + [0] * (len(q_lengths) - prefixes - documents)
+    return [q + p for q, p in zip(q_lengths, extra, strict=True)]
+
+
+def _padded(values: Sequence[int] | np.ndarray, size: int, fill: int) -> np.ndarray:
+    out = np.full(size, fill, dtype=np.int64)
+    out[: len(values)] = values
+    return out
+
+
+class StaticInputs:
+    """One bucket's input buffers on the device, which a captured graph reads: token ids,
+    positions, key gather and score rows (int64, one allocation), query and key offsets
+    (int32, one allocation), and the batch view the model's attention reads."""
+
+    def __init__(self, bucket: Bucket, device: torch.device) -> None:
+        self.bucket = bucket
+        b = bucket
+        self._long_sizes = [b.rows, b.rows, b.keys, b.sequences]
+        self._int_sizes = [b.sequences + 1, b.sequences + 1]
+        self._long = torch.zeros(sum(self._long_sizes), dtype=torch.long, device=device)
+        self._int = torch.zeros(sum(self._int_sizes), dtype=torch.int32, device=device)
+        self.input_ids, self.positions, gather, self.last = self._long.split(self._long_sizes)
+        cu_q, cu_k = self._int.split(self._int_sizes)
+        varlen = VarlenLayout(cu_q, cu_k, b.max_q, b.max_k, gather, stream_keys=True)
+        self.batch = PackedBatch(
+            input_ids=self.input_ids,
+            positions=self.positions,
+            starts=[],
+            lengths=[],
+            last=self.last,
+            prefix_of=[],
+            prefixes=[],
+            varlen=varlen,
+        )
+
+    def fill(self, layout: RowLayout) -> None:
+        """Copy `layout` into the buffers (its bucket must be theirs): unused sequence slots
+        repeat the last offset (empty sequences), unused keys and score rows read row 0."""
+        if layout.bucket != self.bucket:
+            raise ValueError(f"layout of {layout.bucket} into buffers of {self.bucket}")
+        b = self.bucket
+        longs = np.concatenate(
+            [
+                layout.ids,
+                layout.positions,
+                _padded(layout.gather, b.keys, 0),
+                _padded(layout.last, b.sequences, 0),
+            ]
+        )
+        ints = np.concatenate(
+            [
+                _padded(layout.cu_q, b.sequences + 1, layout.cu_q[-1]),
+                _padded(layout.cu_k, b.sequences + 1, layout.cu_k[-1]),
+            ]
+        ).astype(np.int32)
+        _copy_in(self._long, longs)
+        _copy_in(self._int, ints)
+
+
+def _copy_in(target: torch.Tensor, values: np.ndarray) -> None:
+    """`target.copy_(values)`: on CUDA from page-locked memory without waiting (in stream
+    order: after the replay queued before it, before the one queued after it)."""
+    host = torch.from_numpy(values)
+    if target.device.type == "cuda":
+        target.copy_(host.pin_memory(), non_blocking=True)
+    else:
+        target.copy_(host)
