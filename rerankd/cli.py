@@ -181,6 +181,7 @@ _LOCAL_ENGINE = (
     "quantize",
     "compile",
     "attention",
+    "cuda_graphs",
 )
 
 

@@ -45,6 +45,7 @@ def load_model(settings: Settings, metrics: Metrics) -> ServedModel:
     )
     kernels = [f"{engine.attention} attention"] if hasattr(engine, "attention") else []
     kernels += ["compiled"] if getattr(engine, "compiled", False) else []
+    kernels += ["CUDA graphs"] if getattr(engine, "graphs", None) is not None else []
     log.info(
         "loaded %s (recipe %s, %s engine, %s, max %d tokens/pair) in %.1fs",
         settings.model,
@@ -139,7 +140,7 @@ def build_engine(kind: str, model_dir, config, recipe, device, dtype, settings: 
     if kind not in ("auto", "packed", "transformers"):
         raise ModelLoadError(f"unknown engine {kind!r}; use auto, packed or transformers")
     try:
-        check_modes(settings.quantize, settings.compile, settings.attention)
+        check_modes(settings.quantize, settings.compile, settings.attention, settings.cuda_graphs)
     except ValueError as exc:
         raise ModelLoadError(str(exc)) from exc
     if settings.quantize != "none" and kind == "transformers":
@@ -163,6 +164,7 @@ def build_engine(kind: str, model_dir, config, recipe, device, dtype, settings: 
                 settings.quantize,
                 settings.compile,
                 settings.attention,
+                settings.cuda_graphs,
             )
         except ValueError as exc:
             raise ModelLoadError(str(exc)) from exc

@@ -128,9 +128,20 @@ class Settings:
         "SDPA on the model's shape (~0.2 s at start-up); SDPA elsewhere), sdpa, or amx / "
         "avx512 (that kernel whatever its speed, if it loads and agrees; SDPA otherwise).",
     )
+    cuda_graphs: str = _opt(
+        "auto",
+        "CUDA graphs for the packed decoders (Qwen3, Qwen2, Gemma) on CUDA: each batch is "
+        "laid out in one of a few bucketed shapes and replayed from a graph captured on "
+        "its bucket's first batch (one launch per forward instead of ~40 per layer; a "
+        "bucket pads up to ~6 % more rows). on: capture, checked against the uncaptured "
+        "forward at start-up (off with a warning if they disagree or cannot run); off; auto "
+        "(= off until a device run measures them faster, benchmarks/bench_gpu.py "
+        "--cuda-graphs). Ignored on CPU.",
+    )
     max_batch_tokens: int | None = _opt(
         None,
-        "Token budget of one engine batch (default: 8192 on CPU, 32768 on CUDA). Larger "
+        "Token budget of one engine batch (default: 8192 on CPU; on CUDA 65536 for the "
+        "packed engine, 32768 for engines that compute padding). Larger "
         "batches raise throughput and memory use.",
     )
     # --- HTTP ----------------------------------------------------------------------------

@@ -79,6 +79,7 @@ def build_packed_engine(
     quantize: str = "none",
     compile: str = "off",
     attention: str = "auto",
+    cuda_graphs: str = "off",
 ) -> PackedEngine:
     """Our packed engine for this checkpoint, or UnsupportedCheckpoint saying why not."""
     q = _quantization(quantize, device, dtype)
@@ -98,6 +99,7 @@ def build_packed_engine(
         compile=compile,
         quantized=q.mode != "none",
         attention=attention,
+        cuda_graphs=cuda_graphs,
     )
     if q.mode == "int8":
         engine.dtype = f"int8-dynamic ({engine.dtype} activations)"

@@ -1,0 +1,201 @@
+"""CUDA graphs of the packed decoder (engine/cuda_graphs.py), checked on CPU around the
+capture: the bucketed forward gives the engine's scores, a graph serves every batch of its
+bucket, start-up refuses graphs that disagree or fail, and a failure while serving falls
+back without losing the batch. The capture itself is a stand-in that runs the same function
+again on the bucket's buffers (a Python value of the capturing batch leaking into the
+function would give the next batch wrong scores, as a replay would); tests/gpu/
+test_graphs_cuda.py captures real graphs."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from rerankd.engine.cuda_graphs import GraphRunner
+from rerankd.engine.packed_engine import PackedEngine, check_modes
+from rerankd.ops import attention
+from rerankd.ops.static_batch import StaticInputs, row_layout
+from rerankd.types import Batch, EncodedPair
+from tests.host_syncs import HostSyncs, opaque
+from tests.loaded import loaded_fixture
+from tests.test_attention import aten_flash_2_11
+
+FIXTURES = {"qwen3": 512, "gemma": 128}  # GQA 4:2 with q/k norms; GQA 4:1, Gemma's norms
+
+
+def stand_in_capture(fn, pool):
+    """A "graph" whose replay runs `fn` again into the output of its first run."""
+    output = fn()
+    return (lambda: output.copy_(fn())), output
+
+
+def failing_capture(fn, pool):
+    raise RuntimeError("operation not permitted when stream is capturing")
+
+
+@pytest.fixture(autouse=True)
+def flash_stand_in(monkeypatch):
+    """PyTorch's flash varlen op as torch 2.11 has it (CUDA only there): a math stand-in."""
+    monkeypatch.setattr(attention, "aten_flash_kernel", lambda: aten_flash_2_11)
+
+
+@pytest.fixture
+def _restored():
+    """`serve`'s fixtures (cached per process) put back as they were: SDPA, no graphs."""
+    engines = []
+    yield engines
+    for engine in engines:
+        engine.graphs = None
+        engine.use_kernels("sdpa")
+
+
+@pytest.fixture
+def serve(_restored):
+    def load(fixture: str):
+        served = loaded_fixture(fixture, FIXTURES[fixture])
+        served.scheduler.engine.use_kernels("flash_gqa")
+        _restored.append(served.scheduler.engine)
+        return served
+
+    return load
+
+
+def _pairs(served, seed: int = 0) -> tuple[list[EncodedPair], list[int]]:
+    documents = ["Beijing is the capital.", "Paris lies on the Seine " * 6, "", "yes no"]
+    queries = ["capital of china?", "where is paris"][seed % 2 :] + ["capital of china?"]
+    pairs = served.recipe.encode([queries[0]] * 4, documents)
+    pairs += served.recipe.encode([queries[1]] * 2, documents[seed % 2 : seed % 2 + 2])
+    return pairs, [0, 0, 0, 0, 1, 1]
+
+
+def _without_graphs(engine: PackedEngine, batch: Batch) -> list[float]:
+    graphs, engine.graphs = engine.graphs, None
+    try:
+        return engine.score(batch)
+    finally:
+        engine.graphs = graphs
+
+
+@pytest.mark.parametrize("fixture", FIXTURES)
+def test_graph_replays_give_the_engines_scores(serve, fixture):
+    served = serve(fixture)
+    engine = served.scheduler.engine
+    assert engine.enable_graphs(capture=stand_in_capture)
+    pairs, groups = _pairs(served)
+    for batch in (Batch(pairs, groups), Batch(pairs, None), Batch(pairs[:1], None)):
+        expected = _without_graphs(engine, batch)
+        assert engine.score(batch) == pytest.approx(expected, abs=1e-5)
+        if len(expected) > 1:  # distinct scores, or a constant output would pass
+            assert max(expected) - min(expected) > 1e-3
+    assert engine.graphs is not None and engine.graphs.captures >= 2
+
+
+def test_one_graph_serves_every_batch_of_its_bucket(serve):
+    served = serve("qwen3")
+    engine = served.scheduler.engine
+    runner = GraphRunner(engine.model, torch.device("cpu"), True, capture=stand_in_capture)
+    first, groups = _pairs(served)
+    second = [EncodedPair(tuple(t % 97 + 3 for t in p.input_ids)) for p in first]
+    layouts = [runner.layout(first, groups), runner.layout(second[::-1], groups[::-1])]
+    assert layouts[0].bucket == layouts[1].bucket
+    got = [runner.launch(layout).tolist() for layout in layouts]
+    assert runner.captures == 1
+    assert got[0] == pytest.approx(engine.forward(first, groups), abs=1e-5)
+    assert got[1] == pytest.approx(engine.forward(second[::-1], groups[::-1]), abs=1e-5)
+    assert got[0] != pytest.approx(got[1][::-1], abs=1e-3)  # other tokens, other scores
+
+
+def test_least_recently_used_graph_is_dropped_at_capacity(serve):
+    served = serve("qwen3")
+    engine = served.scheduler.engine
+    runner = GraphRunner(engine.model, torch.device("cpu"), True, 2, stand_in_capture)
+    pairs, groups = _pairs(served)
+    batches = [pairs[:1], pairs[:3], pairs]  # three buckets
+    layouts = [runner.layout(b, groups[: len(b)]) for b in batches]
+    assert len({layout.bucket for layout in layouts}) == 3
+    for layout in (layouts[0], layouts[1], layouts[0], layouts[2]):
+        runner.launch(layout)
+    assert runner.buckets() == [layouts[0].bucket, layouts[2].bucket]
+    assert runner.captures == 3
+    with pytest.raises(ValueError, match="capacity"):
+        GraphRunner(engine.model, torch.device("cpu"), True, 0)
+
+
+def test_bucketed_forward_never_syncs_the_host(serve, monkeypatch):
+    """A capture fails on a host sync: the forward a graph records must have none."""
+    served = serve("qwen3")
+    model = served.scheduler.engine.model
+    pairs, groups = _pairs(served)
+    layout = row_layout(pairs, groups)
+    inputs = StaticInputs(layout.bucket, torch.device("cpu"))
+    inputs.fill(layout)
+    monkeypatch.setattr(attention, "aten_flash_kernel", lambda: opaque(aten_flash_2_11))
+    with torch.inference_mode(), HostSyncs() as syncs:
+        model.forward_rows(inputs)
+    assert syncs.found == [], syncs.report()
+
+
+def test_start_up_refuses_graphs_that_disagree(serve, monkeypatch, caplog):
+    served = serve("qwen3")
+    engine = served.scheduler.engine
+    rows = engine.model.forward_rows
+    monkeypatch.setattr(engine.model, "forward_rows", lambda inputs: rows(inputs) + 1.0)
+    with caplog.at_level(logging.WARNING):
+        assert not engine.enable_graphs(capture=stand_in_capture)
+    assert engine.graphs is None
+    assert "disagree with the forward by 1" in caplog.text
+
+
+def test_start_up_refuses_graphs_that_cannot_be_captured(serve, caplog):
+    served = serve("qwen3")
+    engine = served.scheduler.engine
+    with caplog.at_level(logging.WARNING):
+        assert not engine.enable_graphs(capture=failing_capture)
+    assert engine.graphs is None
+    assert "CUDA graphs unavailable (RuntimeError: operation not permitted" in caplog.text
+
+
+def test_a_capture_failing_while_serving_loses_no_batch(serve, caplog):
+    """A new bucket whose capture fails (e.g. out of memory) is scored without the graph,
+    and graphs stay off from then on."""
+    served = serve("qwen3")
+    engine = served.scheduler.engine
+    assert engine.enable_graphs(capture=stand_in_capture)
+    engine.graphs._capture = failing_capture
+    pairs, _ = _pairs(served)
+    batch = Batch(pairs * 4, None)  # a new bucket
+    with caplog.at_level(logging.WARNING):
+        got = engine.score(batch)
+    assert engine.graphs is None
+    assert "running without graphs from now on" in caplog.text
+    assert got == pytest.approx(engine.score(batch), abs=1e-6)
+
+
+def test_pipelined_batches_replay_graphs(serve):
+    """The scheduler's one-ahead path (prepare on the host, launch, collect) gives `score`'s
+    scores through the graphs."""
+    served = serve("qwen3")
+    engine = served.scheduler.engine
+    assert engine.enable_graphs(capture=stand_in_capture)
+    pairs, groups = _pairs(served)
+    batches = [Batch(pairs, groups), Batch(pairs[::-1], None)]
+    prepared = [engine.prepare(b) for b in batches]
+    assert all(p.bucket is not None for p in prepared)  # host layouts, not packed batches
+    got = [engine.collect(engine.launch(p)) for p in prepared]
+    for scores, batch in zip(got, batches, strict=True):
+        assert scores == pytest.approx(_without_graphs(engine, batch), abs=1e-5)
+
+
+@pytest.mark.parametrize(("mode", "warns"), [("on", True), ("auto", False), ("off", False)])
+def test_graphs_stay_off_on_cpu(mode, warns, caplog):
+    with caplog.at_level(logging.WARNING):
+        served = loaded_fixture("qwen3", 512, cuda_graphs=mode)
+    assert served.scheduler.engine.graphs is None
+    assert ("--cuda-graphs on: they run on CUDA only" in caplog.text) == warns
+
+
+def test_unknown_graph_mode_names_the_flag():
+    with pytest.raises(ValueError, match="unknown --cuda-graphs 'yes'; use auto, on or off"):
+        check_modes("none", "auto", "auto", "yes")
