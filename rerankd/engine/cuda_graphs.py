@@ -53,7 +53,9 @@ def cuda_capture(
             fn()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
+    # thread-local: another engine thread on this GPU (`--models`) may allocate or wait
+    # meanwhile; only this thread's calls are barred from the capture
+    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
         output = fn()
     return graph.replay, output
 
@@ -104,7 +106,7 @@ class GraphRunner:
     def launch(self, layout: RowLayout) -> torch.Tensor:
         """Queue the batch's forward (capturing its bucket first if new); its raw scores
         (N,), a copy out of the graph's memory, not yet waited for."""
-        graph = self._graph(layout.bucket)
+        graph = self._graph(layout)
         graph.inputs.fill(layout)
         graph.replay()
         return graph.output[: layout.documents].clone()
@@ -113,7 +115,10 @@ class GraphRunner:
         """The buckets captured and kept, least recently used first."""
         return list(self._graphs)
 
-    def _graph(self, bucket: Bucket) -> _Graph:
+    def _graph(self, layout: RowLayout) -> _Graph:
+        """The graph of `layout`'s bucket, captured now if new (its warm-up runs on
+        `layout`: real lengths, as served)."""
+        bucket = layout.bucket
         graph = self._graphs.get(bucket)
         if graph is not None:
             self._graphs.move_to_end(bucket)
@@ -122,6 +127,7 @@ class GraphRunner:
             self._graphs.popitem(last=False)
         started = time.perf_counter()
         inputs = StaticInputs(bucket, self.device)
+        inputs.fill(layout)
         if self._pool is None and self.device.type == "cuda":
             self._pool = cuda_pool()
         replay, output = self._capture(lambda: self.model.forward_rows(inputs), self._pool)
