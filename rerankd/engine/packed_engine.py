@@ -93,12 +93,12 @@ class PackedEngine:
         self.quantized = quantized
         self.tolerance = _INT8_BACKEND_TOLERANCE if quantized else _BACKEND_TOLERANCE
         self.attention = "sdpa"  # what `forward` reads while the probes below run
+        #: replays captured CUDA graphs when set (`enable_graphs`, after the probes below)
+        self.graphs: GraphRunner | None = None
         self.use_kernels(self._pick_attention(attention, device, dtype))
         self.compiled = (
             self._wants_compile(compile, device, dtype, quantized) and self._compile_agrees()
         )
-        #: replays captured CUDA graphs when set (`enable_graphs`)
-        self.graphs: GraphRunner | None = None
         if self._wants_graphs(cuda_graphs, dtype, quantized):
             self.enable_graphs()
 
