@@ -132,8 +132,9 @@ class Settings:
         "auto",
         "CUDA graphs for the packed decoders (Qwen3, Qwen2, Gemma) on CUDA: each batch is "
         "laid out in one of a few bucketed shapes and replayed from a graph captured on "
-        "its bucket's first batch (one launch per forward instead of ~40 per layer; a "
-        "bucket pads up to ~6 % more rows). on: capture, checked against the uncaptured "
+        "its bucket's first batch: one launch per forward instead of one per kernel (434 in "
+        "a compiled W-GPU request); a bucket pads up to ~6 % more rows. on: capture, "
+        "checked against the uncaptured "
         "forward at start-up (off with a warning if they disagree or cannot run); off; auto "
         "(= off until a device run measures them faster, benchmarks/bench_gpu.py "
         "--cuda-graphs). Ignored on CPU.",
