@@ -22,19 +22,25 @@ path, and says so in its output (`fp8.path`).
     python -m benchmarks.bench_gpu --size 0.6b            # needs a CUDA device
     python -m benchmarks.bench_gpu --size 4b
     python -m benchmarks.bench_gpu --size 0.6b --quantize fp8   # + fp8 speed and fidelity
+    python -m benchmarks.bench_gpu --size 0.6b --cuda-graphs on --no-peers  # graphs vs not
     python -m benchmarks.bench_gpu --device cpu --model DIR --docs 8   # a smoke test
 
 `--json` writes what was measured (docs/s, ratios, p50 of a 1 x 16 request, the attention
-kernel, peak CUDA memory); scripts/device_check.sh runs both sizes on the GPU machine.
+kernel, peak CUDA memory, `fp8`, `cuda_graphs`); scripts/device_check.sh runs both sizes
+on the GPU machine.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import dataclasses
 import json
+import logging
 import random
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -52,6 +58,8 @@ from rerankd.types import Batch, EncodedPair
 PREFIX_TOKENS = 80
 #: the fp8 engine's row in `docs_per_s` (`--quantize fp8`)
 FP8_NAME = "rerankd fp8"
+#: the two arms of the CUDA graphs measurement (`--cuda-graphs on`)
+GRAPHS, NO_GRAPHS = "graphs", "no graphs"
 
 
 def workload(
@@ -82,13 +90,20 @@ def sync(device: torch.device) -> None:
 
 def timed(fn, device: torch.device, repeats: int) -> list[float]:
     fn()  # warm-up (kernels, allocator, varlen validation)
-    out = []
+    return paired({"": fn}, device, repeats)[""]
+
+
+def paired(fns: dict, device: torch.device, repeats: int) -> dict[str, list[float]]:
+    """Seconds of `repeats` calls of each of `fns` (already warmed up), taken in turn call
+    by call, so that drifts of the clock or of the machine fall on every one alike."""
+    out: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        out.append(time.perf_counter() - start)
+        for name, fn in fns.items():
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            out[name].append(time.perf_counter() - start)
     return out
 
 
@@ -99,6 +114,7 @@ def run_rerankd(
     batch_tokens: int | None,
     compile: str = "auto",
     quantize: str = "none",
+    cuda_graphs: str = "auto",
 ):
     """(one W-GPU request through a fresh scheduler, one 1 x 16 request, the engine).
 
@@ -110,6 +126,7 @@ def run_rerankd(
         max_batch_tokens=batch_tokens,
         compile=compile,
         quantize=quantize,
+        cuda_graphs=cuda_graphs,
     )
     if quantize == "fp8" and fp8_refusal(device) is not None:
         settings.dtype, settings.quantize = "float32", "none"
@@ -180,6 +197,104 @@ def fidelity(reference: list[float], other: list[float]) -> dict:
     }
 
 
+@contextlib.contextmanager
+def warnings_logged(name: str = "rerankd"):
+    """The messages of the warnings logged under `name` in the block (still printed)."""
+    messages: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(record.getMessage())
+            print(f"{record.levelname} {record.name}: {messages[-1]}", file=sys.stderr)
+
+    handler = Keep(logging.WARNING)
+    logging.getLogger(name).addHandler(handler)
+    try:
+        yield messages
+    finally:
+        logging.getLogger(name).removeHandler(handler)
+
+
+def measure_graphs(engine, requests: dict, pairs, device: torch.device, repeats: dict) -> dict:
+    """The engine with and without its CUDA graphs (`engine.graphs`), paired: for each of
+    `requests` ({"w_gpu": fn, "1x16": fn}, through the scheduler), one call per arm to warm
+    up (and capture) then `repeats[name]` calls in turn. Leaves the engine's graphs as they
+    were unless a replay failed (then the engine has turned them off, as a server would)."""
+    runner = getattr(engine, "graphs", None)  # not a packed engine: no graphs
+    result: dict = {"on": runner is not None}
+    if runner is None:
+        return result
+    result["captures_at_start"] = runner.captures
+
+    def arm(graphs, fn):
+        def run():
+            engine.graphs = graphs
+            out = fn()
+            if graphs is not None and engine.graphs is not graphs:
+                raise RuntimeError("a replay failed and the engine turned graphs off")
+            return out
+
+        return run
+
+    try:
+        direct = {
+            name: arm(graphs, lambda: raw_scores(engine, pairs))()
+            for name, graphs in ((NO_GRAPHS, None), (GRAPHS, runner))
+        }
+        result["fidelity"] = fidelity(direct[NO_GRAPHS], direct[GRAPHS])
+        arms = {
+            request: {GRAPHS: arm(runner, fn), NO_GRAPHS: arm(None, fn)}
+            for request, fn in requests.items()
+        }
+        served = {request: {name: fn() for name, fn in a.items()} for request, a in arms.items()}
+        scheduler = served["w_gpu"]
+        result["max_abs_score_diff"] = result["fidelity"]["max_abs_raw_diff"]
+        result["max_abs_scheduler_diff"] = max(
+            abs(a - b) for a, b in zip(scheduler[GRAPHS], scheduler[NO_GRAPHS], strict=True)
+        )
+        warmed = runner.captures
+        seconds = {request: paired(a, device, repeats[request]) for request, a in arms.items()}
+        result["captures_while_timed"] = runner.captures - warmed
+    except Exception as exc:  # a failing replay is a finding: the run goes on without
+        result["error"] = f"{type(exc).__name__}: {exc}"[:800]
+        engine.graphs = None
+        return result
+    finally:
+        result["captures"] = runner.captures
+        result["buckets"] = [dataclasses.asdict(b) for b in runner.buckets()]
+    engine.graphs = runner
+    median = {r: {k: statistics.median(v) for k, v in t.items()} for r, t in seconds.items()}
+    docs = len(pairs)
+    result["docs_per_s"] = {k: docs / v for k, v in median["w_gpu"].items()}
+    result["over_no_graphs"] = median["w_gpu"][NO_GRAPHS] / median["w_gpu"][GRAPHS]
+    result["p50_ms_1x16"] = {k: 1000 * v for k, v in median["1x16"].items()}
+    result["seconds"] = seconds
+    return result
+
+
+def report_graphs(graphs: dict) -> None:
+    """Print `measure_graphs`' result (or why there is none)."""
+    if not graphs["on"]:
+        why = "; ".join(graphs["warnings"])
+        print(f"CUDA graphs (--cuda-graphs {graphs['mode']}): off{': ' + why if why else ''}")
+        return
+    captures = (
+        f"{graphs['captures']} captures ({graphs['captures_at_start']} at start-up, "
+        f"{graphs.get('captures_while_timed', '?')} while timed), "
+        f"{len(graphs['buckets'])} buckets kept"
+    )
+    if "error" in graphs:
+        print(f"CUDA graphs failed: {graphs['error']}; {captures}")
+        return
+    d, p50 = graphs["docs_per_s"], graphs["p50_ms_1x16"]
+    print(
+        f"CUDA graphs: {d[GRAPHS]:.1f} vs {d[NO_GRAPHS]:.1f} docs/s without = "
+        f"{graphs['over_no_graphs']:.2f}x (paired); 1 x 16 p50 {p50[GRAPHS]:.1f} vs "
+        f"{p50[NO_GRAPHS]:.1f} ms; max |Δ raw| {graphs['max_abs_score_diff']:.4f} (score), "
+        f"{graphs['max_abs_scheduler_diff']:.4f} (scheduler); {captures}"
+    )
+
+
 def run_transformers(model_dir: Path, pairs, device: torch.device, batch: int, best_effort: bool):
     from transformers import AutoModelForCausalLM
 
@@ -237,6 +352,14 @@ def main() -> None:
         choices=["none", "fp8"],
         help="fp8: also run rerankd --quantize fp8 (speed and fidelity vs bf16)",
     )
+    parser.add_argument(
+        "--cuda-graphs",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="rerankd's --cuda-graphs; where the engine turns graphs on, also time it "
+        "without them, paired (docs/s ratio, captures, max |Δ score|)",
+    )
+    parser.add_argument("--no-peers", action="store_true", help="leave out the transformers peers")
     args = parser.parse_args()
     device = torch.device(args.device)
     model_dir, pairs = request_from_args(args)
@@ -246,10 +369,22 @@ def main() -> None:
         f"{args.size}, {args.docs} docs, {tokens} tokens ({tokens / args.docs:.0f}/pair, {PREFIX_TOKENS} shared)"
     )
     results, seconds, peak_bytes = {}, {}, {}
-    rerankd_run, rerankd_16, engine = run_rerankd(
-        model_dir, pairs, device, args.max_batch_tokens, args.compile
-    )
+    with warnings_logged() as warned:
+        rerankd_run, rerankd_16, engine = run_rerankd(
+            model_dir, pairs, device, args.max_batch_tokens, args.compile, "none", args.cuda_graphs
+        )
+        graphs = {"mode": args.cuda_graphs} | measure_graphs(
+            engine,
+            {"w_gpu": rerankd_run, "1x16": rerankd_16},
+            pairs,
+            device,
+            {"w_gpu": args.repeats, "1x16": args.latency_repeats},
+        )
+    graphs["warnings"] = [m for m in warned if "CUDA graph" in m or "--cuda-graphs" in m]
+    report_graphs(graphs)
     kernel = getattr(engine, "kernel", engine.attention)
+    if getattr(engine, "graphs", None) is not None:
+        kernel += ", CUDA graphs"
     latency = timed(rerankd_16, device, args.latency_repeats)
     p50_ms = 1000 * statistics.median(latency)
     print(f"rerankd 1 x 16 request: p50 {p50_ms:.1f} ms ({args.latency_repeats} requests)")
@@ -262,7 +397,13 @@ def main() -> None:
     if args.quantize == "fp8":
         try:
             fp8_run, _, fp8_engine = run_rerankd(
-                model_dir, pairs, device, args.max_batch_tokens, args.compile, "fp8"
+                model_dir,
+                pairs,
+                device,
+                args.max_batch_tokens,
+                args.compile,
+                "fp8",
+                args.cuda_graphs,
             )
         except Exception as exc:  # a refused fp8 engine is a finding; bf16 and peers still run
             fp8 = {"error": f"{type(exc).__name__}: {exc}"[:800]}
@@ -283,14 +424,18 @@ def main() -> None:
             f"{f['pairwise_order_agreement']:.1%}, same top document {f['same_top1']}"
         )
         engines[FP8_NAME] = lambda: fp8_run
-    engines |= {
-        "transformers model-card": lambda: run_transformers(
-            model_dir, pairs, device, args.batch, False
-        ),
-        "transformers best-effort": lambda: run_transformers(
-            model_dir, pairs, device, args.batch, True
-        ),
-    }
+    engines |= (
+        {}
+        if args.no_peers
+        else {
+            "transformers model-card": lambda: run_transformers(
+                model_dir, pairs, device, args.batch, False
+            ),
+            "transformers best-effort": lambda: run_transformers(
+                model_dir, pairs, device, args.batch, True
+            ),
+        }
+    )
     for name, build in engines.items():
         fn = build()
         if device.type == "cuda":
@@ -330,6 +475,7 @@ def main() -> None:
             "p50_ms_1x16": p50_ms,
             "peak_cuda_bytes": peak_bytes,
             "fp8": fp8,
+            "cuda_graphs": graphs,
         }
         args.json.write_text(json.dumps(summary, indent=2))
 

@@ -10,7 +10,13 @@ For one W-GPU request (benchmarks/bench_gpu.py's workload) through rerankd's rea
 - the bf16 GEMM ceiling on the model's linear shapes at the request's token count, and the
   request's effective rate against it (FLOPs of the unshared tokens, bench_cpu's formula).
 
+`--cuda-graphs on` builds both engines with rerankd's `--cuda-graphs on` (captured CUDA
+graphs of the forward): compare its GPU busy share with a run without. Each engine's
+`cuda_graphs` says whether it turned them on (it runs without where they fail to), and
+`graph_captures` how many it captured.
+
     python -m benchmarks.profile_gpu --size 0.6b --json profile.json     # needs CUDA
+    python -m benchmarks.profile_gpu --size 0.6b --compile-only --cuda-graphs on
     python -m benchmarks.profile_gpu --device cpu --model DIR --docs 8   # a smoke test
     python -m benchmarks.profile_gpu --device cpu --size 0.6b --docs 16  # a CPU request:
         # the ops' own time (mkldnn linears, compiled glue, attention) and the bf16 ceiling
@@ -37,11 +43,17 @@ LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaun
 
 
 def _speed(
-    model_dir: Path, pairs, device: torch.device, compile: str, repeats: int, quantize: str
+    model_dir: Path,
+    pairs,
+    device: torch.device,
+    compile: str,
+    repeats: int,
+    quantize: str,
+    cuda_graphs: str = "auto",
 ) -> dict:
     """docs/s of one W-GPU request with `--compile compile`, and what the engine chose."""
     started = time.perf_counter()
-    run, _, engine = run_rerankd(model_dir, pairs, device, None, compile, quantize)
+    run, _, engine = run_rerankd(model_dir, pairs, device, None, compile, quantize, cuda_graphs)
     load_s = time.perf_counter() - started
     times = timed(run, device, repeats)
     # the profiler records CPU ops on its own thread only, and the scheduler runs the engine
@@ -50,8 +62,11 @@ def _speed(
     direct = functools.partial(
         engine.score, Batch([EncodedPair(p) for p in pairs], [0] * len(pairs))
     )
+    graphs = getattr(engine, "graphs", None)
     return {
         "docs_per_s": len(pairs) / statistics.median(times),
+        "cuda_graphs": graphs is not None,
+        "graph_captures": graphs.captures if graphs is not None else 0,
         "seconds": times,
         "compiled": bool(getattr(engine, "compiled", False)),
         "kernel": getattr(engine, "kernel", engine.attention),
@@ -164,6 +179,9 @@ def main() -> None:
     parser.add_argument(
         "--quantize", default="none", choices=["none", "fp8"], help="the engine's --quantize"
     )
+    parser.add_argument(
+        "--cuda-graphs", default="auto", choices=["auto", "on", "off"], help="rerankd's flag"
+    )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -178,15 +196,19 @@ def main() -> None:
     summary: dict = {
         "size": args.size,
         "quantize": args.quantize,
+        "cuda_graphs": args.cuda_graphs,
         "docs": len(pairs),
         "tokens": tokens,
         "flops": flops,
     }
 
-    eager = _speed(model_dir, pairs, device, "off", args.repeats, args.quantize)
+    eager = _speed(model_dir, pairs, device, "off", args.repeats, args.quantize, args.cuda_graphs)
     run, direct = eager.pop("run"), eager.pop("direct")
     summary["eager"] = eager
-    print(f"eager: {eager['docs_per_s']:.1f} docs/s, kernel {eager['kernel']}")
+    print(
+        f"eager: {eager['docs_per_s']:.1f} docs/s, kernel {eager['kernel']}, CUDA graphs "
+        f"{eager['cuda_graphs']} ({eager['graph_captures']} captures)"
+    )
     if not args.compile_only:
         summary["profile"] = _report("eager", profile_request(run, device))
         if device.type == "cuda":  # the host's side, on this thread
@@ -194,7 +216,9 @@ def main() -> None:
     del run, direct
     if not args.skip_compile:
         try:
-            compiled = _speed(model_dir, pairs, device, "on", args.repeats, args.quantize)
+            compiled = _speed(
+                model_dir, pairs, device, "on", args.repeats, args.quantize, args.cuda_graphs
+            )
             run, direct = compiled.pop("run"), compiled.pop("direct")
             if compiled["compiled"]:  # where the compiled request's time goes, as for eager
                 compiled["profile"] = _report("compiled", profile_request(run, device))
