@@ -2,12 +2,14 @@
 # The GPU machine's checks (issue 17), run from the repository root, installing only from
 # .device/ (scripts/device_kit.sh): `pytest -m gpu`, then W-GPU (benchmarks/bench_gpu.py) for
 # the 0.6B and 4B shapes against the two transformers peers, the 0.6B one with rerankd
-# `--quantize fp8` too (its docs/s over bf16 and its fidelity). The benchmark checkpoints are
-# built while the tests run; then where the 0.6B request's time goes (benchmarks/profile_gpu.py:
-# profiler, GEMM ceiling, eager vs --compile on). Everything within $DEVICE_CHECK_BUDGET_S
-# (480 s), each step under its own `timeout`. Results under $OUT: device_check.json (steps,
-# rc, seconds, GPU test counts and failures, W-GPU figures, profiles), w-gpu-<size>.json,
-# profile-0.6b.json, compile-0.6b.json, compile-fp8-0.6b.json, profile-4b.json, env.json,
+# `--quantize fp8` too (its docs/s over bf16 and its fidelity), and the 0.6B one with and
+# without CUDA graphs (`--cuda-graphs on`, paired). The benchmark checkpoints are built while
+# the tests run; then where the 0.6B request's time goes (benchmarks/profile_gpu.py:
+# profiler, GEMM ceiling, eager vs --compile on, and with graphs). Everything within
+# $DEVICE_CHECK_BUDGET_S (480 s), each step under its own `timeout`. Results under $OUT:
+# device_check.json (steps, rc, seconds, GPU test counts and failures, W-GPU figures,
+# profiles), w-gpu-<size>.json, w-gpu-graphs-0.6b.json, profile-0.6b.json, compile-0.6b.json,
+# compile-graphs-0.6b.json, compile-fp8-0.6b.json, profile-4b.json, env.json,
 # junit-<module>.xml, device_check.log and one log per step; on the GPU machine all but the
 # summary and its log packed into
 # device_check.tgz (the device tool returns at most 8 files).
@@ -139,19 +141,23 @@ gpu_tests() {
 }
 export -f gpu_module gpu_tests
 export OUT PER_TEST
-step pytest-gpu 150 bash -c gpu_tests
+step pytest-gpu 180 bash -c gpu_tests
 # the fp8 GEMM's agreement table (bias fused/added/none, rows aligned or not, device vs CPU
 # quantization): why a refused fp8 probe refused
 step fp8-diagnose 30 "$PY" scripts/fp8_diagnose.py --device "$( ((DRY)) && echo cpu || echo cuda)"
 
-# W-GPU, most wanted first: 0.6B (bf16 as `--compile auto` runs it, fp8, both peers); eager
-# vs --compile on with the compiled request's profile; 4B; then the eager request's profile
-# and the GEMM ceiling. The 0.6B run takes fp8 (issue 17's target: >= 1.5x bf16); the dry run
+# W-GPU, most wanted first: 0.6B (bf16 as `--compile auto` runs it, fp8, both peers); the
+# same with and without CUDA graphs (paired in one process, no peers); eager vs --compile on
+# with the compiled request's profile; 4B; then the eager request's profile and the GEMM
+# ceiling. The 0.6B run takes fp8 (issue 17's target: >= 1.5x bf16); the dry run
 # takes the benchmark's CPU stand-in (quantize_fp8 in place, torch's reference kernel).
 ((DRY)) || wait "$BUILD_06"
 # shellcheck disable=SC2086
 step w-gpu-0.6b 180 "$PY" -m benchmarks.bench_gpu --size 0.6b ${MODEL_ARGS[0.6b]} \
     --quantize fp8 --json "$OUT/w-gpu-0.6b.json"
+# shellcheck disable=SC2086
+step w-gpu-graphs-0.6b 150 "$PY" -m benchmarks.bench_gpu --size 0.6b ${MODEL_ARGS[0.6b]} \
+    --cuda-graphs on --no-peers --json "$OUT/w-gpu-graphs-0.6b.json"
 # shellcheck disable=SC2086
 step compile-0.6b 150 "$PY" -m benchmarks.profile_gpu --size 0.6b $PROFILE_ARGS \
     --compile-only --json "$OUT/compile-0.6b.json"
@@ -162,7 +168,12 @@ step w-gpu-4b 200 "$PY" -m benchmarks.bench_gpu --size 4b ${MODEL_ARGS[4b]} \
 # shellcheck disable=SC2086
 step profile-0.6b 90 "$PY" -m benchmarks.profile_gpu --size 0.6b $PROFILE_ARGS --skip-compile \
     --json "$OUT/profile-0.6b.json"
-# with what is left: fp8 eager vs compiled (fp8 runs eager under `auto`: unmeasured); on
+# with what is left: where the request's time goes with CUDA graphs (eager and compiled, the
+# compiled one profiled: its GPU busy share against compile-0.6b's); on CPU graphs stay off,
+# so the dry run skips it
+((DRY)) || step compile-graphs-0.6b 120 "$PY" -m benchmarks.profile_gpu --size 0.6b \
+    --cuda-graphs on --compile-only --json "$OUT/compile-graphs-0.6b.json"
+# fp8 eager vs compiled (fp8 runs eager under `auto`: unmeasured); on
 # CPU the engine refuses fp8, so the dry run skips it
 ((DRY)) || step compile-fp8-0.6b 120 "$PY" -m benchmarks.profile_gpu --size 0.6b \
     --quantize fp8 --compile-only --json "$OUT/compile-fp8-0.6b.json"
@@ -185,7 +196,9 @@ results = {
 }
 profiles = {
     name: json.loads((out / f"{name}.json").read_text())
-    for name in ("profile-0.6b", "compile-0.6b", "compile-fp8-0.6b", "profile-4b")
+    for name in (
+        "profile-0.6b", "compile-0.6b", "compile-graphs-0.6b", "compile-fp8-0.6b", "profile-4b"
+    )
     if (out / f"{name}.json").is_file()
 }
 pytest = {k: 0 for k in ("tests", "skipped", "failures", "errors")}
@@ -230,6 +243,19 @@ for size, r in results.items():
             f"{size} fp8 {r['fp8']['over_bf16']:.2f}x bf16, max |d raw| {f['max_abs_raw_diff']:.4f}, "
             f"pair order {f['pairwise_order_agreement']:.1%} ({r['fp8']['path']})"
         )
+    g = r.get("cuda_graphs", {})
+    if g.get("docs_per_s"):
+        d, p50 = g["docs_per_s"], g["p50_ms_1x16"]
+        print(
+            f"{size} CUDA graphs {g['over_no_graphs']:.2f}x without ({d['graphs']:.1f} vs "
+            f"{d['no graphs']:.1f} docs/s; 1x16 p50 {p50['graphs']:.1f} vs "
+            f"{p50['no graphs']:.1f} ms), max |d raw| {g['max_abs_score_diff']:.4f} "
+            f"(scheduler {g['max_abs_scheduler_diff']:.4f}), {g['captures']} captures "
+            f"({g['captures_while_timed']} while timed)"
+        )
+    elif g.get("mode") == "on":
+        why = g.get("error") or "; ".join(g.get("warnings", [])) or "no warning"
+        print(f"{size} CUDA graphs not measured (on at start-up: {g.get('on')}): {why[:400]}")
 for key in ("profile-0.6b", "profile-4b"):
     profile = profiles.get(key, {})
     if "profile" in profile:
@@ -239,12 +265,14 @@ for key in ("profile-0.6b", "profile-4b"):
             f"{p['kernel_launches']} launches, effective {profile['effective_tflops']:.0f} "
             f"TFLOP/s = {profile['effective_share_of_gemm_ceiling']:.0%} of the GEMM ceiling"
         )
-for key in ("compile-0.6b", "compile-fp8-0.6b"):
+for key in ("compile-0.6b", "compile-graphs-0.6b", "compile-fp8-0.6b"):
     compiled = profiles.get(key, {})
     if not compiled:
         continue
     on = compiled.get("compiled", {})
-    print(key, "eager", round(compiled["eager"]["docs_per_s"], 1), "docs/s; compile on:",
+    eager = compiled["eager"]
+    graphs = f" (CUDA graphs {eager['cuda_graphs']})" if "cuda_graphs" in eager else ""
+    print(key, "eager", round(eager["docs_per_s"], 1), f"docs/s{graphs}; compile on:",
           {k: v for k, v in on.items() if k not in ("seconds", "profile", "host_profile")})
     if "profile" in on:
         p = on["profile"]

@@ -36,11 +36,13 @@ def test_device_check_dry_run_writes_sane_results(tmp_path, qwen3_dir):
     assert summary["dry_run"] and summary["ok"]
     assert summary["elapsed_s"] <= summary["budget_s"]
     names = [s["name"] for s in summary["steps"]]
-    assert {"env", "pytest-gpu", "w-gpu-0.6b", "w-gpu-4b"} <= set(names)
+    assert {"env", "pytest-gpu", "w-gpu-0.6b", "w-gpu-graphs-0.6b", "w-gpu-4b"} <= set(names)
     # every GPU test collected, and skipped here (no CUDA)
     tests = summary["pytest_gpu"]
     assert tests["tests"] >= 30 and tests["skipped"] == tests["tests"], tests
     assert tests["failures"] == tests["errors"] == 0
+    modules = {path.stem for path in (ROOT / "tests" / "gpu").glob("test_*.py")}
+    assert {path.stem.removeprefix("junit-") for path in tmp_path.glob("junit-*.xml")} == modules
     for size in ("0.6b", "4b"):
         result = json.loads((tmp_path / f"w-gpu-{size}.json").read_text())
         assert result == summary["w_gpu"][size]
@@ -54,6 +56,13 @@ def test_device_check_dry_run_writes_sane_results(tmp_path, qwen3_dir):
             "transformers best-effort",
         }
         assert result["p50_ms_1x16"] > 0 and result["kernel"]
+    # CUDA graphs, paired with and without: on CPU they stay off, reported and not raised
+    graphs = summary["w_gpu"]["graphs-0.6b"]
+    assert graphs["device"] == "cpu" and len(graphs["docs_per_s"]) == 1
+    assert graphs["rerankd_over"] == {} and graphs["p50_ms_1x16"] > 0
+    assert graphs["cuda_graphs"]["mode"] == "on" and not graphs["cuda_graphs"]["on"]
+    assert "they run on CUDA only" in graphs["cuda_graphs"]["warnings"][0]
+    assert not summary["w_gpu"]["0.6b"]["cuda_graphs"]["on"]
     fp8 = summary["w_gpu"]["0.6b"]["fp8"]
     assert fp8["path"].startswith("stand-in, not served") and fp8["over_bf16"] > 0
     assert "fp8-e4m3" in fp8["dtype"] and fp8["fidelity"]["documents"] == 8
