@@ -63,6 +63,12 @@ def check_modes(quantize: str, compile: str, attention: str, cuda_graphs: str = 
     check_mode("cuda-graphs", cuda_graphs, GRAPH_MODES)
 
 
+def _reason(exc: BaseException) -> str:
+    """An exception in one line for a log: its type and the first line of its message."""
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
 def _choices(modes: tuple[str, ...]) -> str:
     """("auto", "on", "off") -> "auto, on or off"."""
     return f"{', '.join(modes[:-1])} or {modes[-1]}" if len(modes) > 1 else modes[0]
@@ -210,9 +216,8 @@ class PackedEngine:
             got = [s for p in probes for s in runner.launch(runner.layout(*p)).tolist()]
         except Exception as exc:
             log.warning(
-                "CUDA graphs unavailable (%s: %s); running without",
-                type(exc).__name__,
-                str(exc).splitlines()[0] if str(exc) else "",
+                "CUDA graphs unavailable (%s); running without",
+                _reason(exc),
             )
             return False
         worst = scores_disagree(expected, got)
@@ -239,9 +244,8 @@ class PackedEngine:
         except Exception as exc:
             self.graphs = None
             log.warning(
-                "CUDA graph failed (%s: %s); running without graphs from now on",
-                type(exc).__name__,
-                str(exc).splitlines()[0] if str(exc) else "",
+                "CUDA graph failed (%s); running without graphs from now on",
+                _reason(exc),
             )
             raise
 
@@ -287,10 +291,9 @@ class PackedEngine:
         except Exception as exc:
             self.use_kernels(self.attention)
             log.warning(
-                "torch.compile unavailable (%s: %s); running eager (use --compile off to "
+                "torch.compile unavailable (%s); running eager (use --compile off to "
                 "skip the attempt)",
-                type(exc).__name__,
-                str(exc).splitlines()[0] if str(exc) else "",
+                _reason(exc),
             )
             return False
         worst = scores_disagree(expected, got)
