@@ -16,8 +16,8 @@ them). Here a batch becomes that shape:
 
 `Bucket` rounds every count up on a grid (`bucket_size`), so that a steady workload reuses a
 few captured graphs. `StaticInputs` holds one bucket's device buffers, which the graph reads,
-and `StaticInputs.fill` copies a batch into them: two page-locked, non-blocking copies, in
-stream order after whatever replay came before.
+and `StaticInputs.fill` copies a batch into them: three page-locked, non-blocking copies,
+in stream order after whatever replay came before.
 """
 
 from __future__ import annotations
@@ -156,17 +156,17 @@ def _padded(values: Sequence[int] | np.ndarray, size: int, fill: int) -> np.ndar
 class StaticInputs:
     """One bucket's input buffers on the device, which a captured graph reads: token ids,
     positions, key gather and score rows (int64, one allocation), query and key offsets
-    (int32, one allocation), and the batch view the model's attention reads."""
+    (int32, each its own allocation, as `VarlenLayout.build` gives them to varlen kernels),
+    and the batch view the model's attention reads."""
 
     def __init__(self, bucket: Bucket, device: torch.device) -> None:
         self.bucket = bucket
         b = bucket
         self._long_sizes = [b.rows, b.rows, b.keys, b.sequences]
-        self._int_sizes = [b.sequences + 1, b.sequences + 1]
         self._long = torch.zeros(sum(self._long_sizes), dtype=torch.long, device=device)
-        self._int = torch.zeros(sum(self._int_sizes), dtype=torch.int32, device=device)
         self.input_ids, self.positions, gather, self.last = self._long.split(self._long_sizes)
-        cu_q, cu_k = self._int.split(self._int_sizes)
+        cu_q, cu_k = (torch.zeros(b.sequences + 1, dtype=torch.int32, device=device) for _ in "qk")
+        self._offsets = (cu_q, cu_k)
         varlen = VarlenLayout(cu_q, cu_k, b.max_q, b.max_k, gather, stream_keys=True)
         self.batch = PackedBatch(
             input_ids=self.input_ids,
@@ -193,14 +193,9 @@ class StaticInputs:
                 _padded(layout.last, b.sequences, 0),
             ]
         )
-        ints = np.concatenate(
-            [
-                _padded(layout.cu_q, b.sequences + 1, layout.cu_q[-1]),
-                _padded(layout.cu_k, b.sequences + 1, layout.cu_k[-1]),
-            ]
-        ).astype(np.int32)
         _copy_in(self._long, longs)
-        _copy_in(self._int, ints)
+        for target, offsets in zip(self._offsets, (layout.cu_q, layout.cu_k), strict=True):
+            _copy_in(target, _padded(offsets, b.sequences + 1, offsets[-1]).astype(np.int32))
 
 
 def _copy_in(target: torch.Tensor, values: np.ndarray) -> None:
