@@ -130,7 +130,8 @@ class Settings:
     )
     cuda_graphs: str = _opt(
         "auto",
-        "CUDA graphs for the packed decoders (Qwen3, Qwen2, Gemma) on CUDA: each batch is "
+        "CUDA graphs for the packed decoders (Qwen3, Qwen2, Gemma) and BERT/XLM-R "
+        "cross-encoders on CUDA: each batch is "
         "laid out in one of a few bucketed shapes and replayed from a graph captured on "
         "its bucket's first batch: one launch per forward instead of one per kernel (434 in "
         "a compiled W-GPU request); a bucket pads up to ~6 % more rows. on: capture, "

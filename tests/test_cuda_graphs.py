@@ -22,7 +22,10 @@ from tests.host_syncs import HostSyncs, opaque
 from tests.loaded import loaded_fixture
 from tests.test_attention import aten_flash_2_11
 
-FIXTURES = {"qwen3": 512, "gemma": 128}  # GQA 4:2 with q/k norms; GQA 4:1, Gemma's norms
+#: decoders (GQA 4:2 with q/k norms; GQA 4:1 with Gemma's norms), encoders (XLM-R; BERT,
+#: whose pairs carry token type ids)
+FIXTURES = {"qwen3": 512, "gemma": 128, "xlmr": 128, "bert": 128}
+ENCODERS = {"xlmr", "bert"}
 
 
 def stand_in_capture(fn, pool):
@@ -90,6 +93,9 @@ def test_graph_replays_give_the_engines_scores(serve, fixture):
         if len(expected) > 1:  # distinct scores, or a constant output would pass
             assert max(expected) - min(expected) > 1e-3
     assert engine.graphs is not None and engine.graphs.captures >= 2
+    bucket = engine.graphs.buckets()[-1]
+    assert (bucket.keys == 0) == (fixture in ENCODERS)  # encoders gather no keys
+    assert bucket.types == (fixture == "bert")
 
 
 def test_one_graph_serves_every_batch_of_its_bucket(serve):

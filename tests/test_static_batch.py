@@ -83,6 +83,7 @@ def _check_layout(pairs, groups):
         assert q1 - q0 == len(pair) - prefix_len[d]
         assert keys[-(q1 - q0) :].tolist() == list(range(q0, q1))  # its own rows, last
         assert layout.last[d] == q1 - 1
+        assert layout.first[d] == q0
     # padding: short sequences of their own, attending to themselves only
     for s in range(len(prefix_ids) + len(pairs), sequences):
         assert q_lengths[s] <= PAD_SEQUENCE
@@ -131,16 +132,43 @@ def test_static_inputs_hold_a_layout_with_unused_slots_empty():
     inputs = StaticInputs(layout.bucket, CPU)
     inputs.fill(layout)
     b, varlen = layout.bucket, inputs.batch.varlen
-    assert inputs.input_ids.tolist() == layout.ids.tolist()
-    assert inputs.positions.tolist() == layout.positions.tolist()
+    assert inputs.batch.input_ids.tolist() == layout.ids.tolist()
+    assert inputs.batch.positions.tolist() == layout.positions.tolist()
+    assert inputs.batch.token_type_ids is None
     cu_q = varlen.cu_seq_q.tolist()
     assert len(cu_q) == b.sequences + 1 and varlen.cu_seq_q.dtype == torch.int32
     assert cu_q[: len(layout.cu_q)] == layout.cu_q
     assert set(cu_q[len(layout.cu_q) :]) <= {layout.cu_q[-1]}  # empty sequences
     assert varlen.cu_seq_k.tolist()[-1] == layout.cu_k[-1]
     assert inputs.last.tolist() == layout.last + [0] * (b.sequences - len(pairs))
+    assert inputs.first.tolist() == layout.first + [0] * (b.sequences - len(pairs))
     assert varlen.gather.tolist()[: len(layout.gather)] == layout.gather.tolist()
     assert (varlen.max_q, varlen.max_k, varlen.stream_keys) == (b.max_q, b.max_k, True)
+
+
+def test_encoder_layout_gathers_no_keys_and_carries_token_types():
+    """Without prefix sharing (encoders: bidirectional) each sequence's keys are its own
+    rows, where its queries are: no gather, key offsets = query offsets; token types ride
+    along (padding: type 0), and the [CLS] rows are each sequence's first."""
+    pairs = [
+        EncodedPair(p.input_ids, tuple(i % 2 for i in range(len(p))))
+        for p in _pairs([5, 9, 3, 140], shared=10)
+    ]
+    layout = row_layout(pairs, [0, 0, 0, 0], share_prefix=False)
+    b = layout.bucket
+    assert b.keys == 0 and b.types and layout.gather is None
+    assert layout.cu_k == layout.cu_q and b.max_k == b.max_q
+    assert layout.first == layout.cu_q[: len(pairs)]
+    assert layout.types.tolist()[: layout.cu_q[len(pairs)]] == [
+        t for p in pairs for t in p.token_type_ids
+    ]
+    assert set(layout.types.tolist()[layout.cu_q[len(pairs)] :]) <= {0}
+    inputs = StaticInputs(b, CPU)
+    inputs.fill(layout)
+    assert inputs.batch.token_type_ids.tolist() == layout.types.tolist()
+    assert inputs.batch.varlen.gather.numel() == 0 and not inputs.batch.varlen.stream_keys
+    assert inputs.batch.varlen.cu_seq_k.tolist() == inputs.batch.varlen.cu_seq_q.tolist()
+    assert inputs.first.tolist()[: len(pairs)] == layout.first
 
 
 def test_static_inputs_refuse_a_layout_of_another_bucket():

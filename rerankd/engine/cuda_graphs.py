@@ -1,4 +1,4 @@
-"""Captured CUDA graphs of the packed decoder's forward, one per bucket of batch shapes.
+"""Captured CUDA graphs of a packed model's forward, one per bucket of batch shapes.
 
 Measured on an H200 (docs/benchmarks.md, "GPU (W-GPU)"): with the per-token work compiled,
 a W-GPU request kept the GPU busy only 68 % of its wall time. The host, issuing ~40
@@ -75,7 +75,7 @@ class _Graph:
 
 class GraphRunner:
     """Scores batches by replaying captured forwards of `model` (a model with
-    `forward_rows`, e.g. `DecoderReranker`), one graph per bucket."""
+    `forward_rows`: `DecoderReranker`, `Encoder`), one graph per bucket."""
 
     def __init__(
         self,

@@ -181,7 +181,8 @@ class PackedEngine:
     def _wants_graphs(self, mode: str, dtype: torch.dtype, quantized: bool) -> bool:
         """`auto` captures where `compile_policy.CUDA_GRAPHS_MEASURED` says they pay (nowhere
         yet: unmeasured); `on` wherever they can run: CUDA, a model with a bucketed forward
-        (`forward_rows`: the decoders), a varlen attention kernel; `off` never."""
+        (`forward_rows`: the Qwen3/Qwen2/Gemma decoders, the BERT/XLM-R
+        encoders), a varlen attention kernel; `off` never."""
         check_mode("cuda-graphs", mode, GRAPH_MODES)
         if mode == "off":
             return False

@@ -246,11 +246,12 @@ class Decoder(nn.Module):
         computed, attention one varlen call per layer over prefixes, documents and padding.
         Nothing in it depends on the batch but the buffers' contents, so one captured CUDA
         graph of it serves every batch of its bucket (engine/cuda_graphs.py)."""
-        x = self.embed(inputs.input_ids)
-        cos, sin = rotary(inputs.positions, self.inv_freq, self.embed_tokens.weight.dtype)
+        batch = inputs.batch
+        x = self.embed(batch.input_ids)
+        cos, sin = rotary(batch.positions, self.inv_freq, self.embed_tokens.weight.dtype)
         attend = ATTENTION[self.kernels.attention]
         for layer in self.layers:
-            x = layer.rows(x, cos, sin, attend, inputs.batch, self.tokens)
+            x = layer.rows(x, cos, sin, attend, batch, self.tokens)
         return x
 
     def prefix_stream(self, batch: PackedBatch) -> PackedBatch:

@@ -28,6 +28,7 @@ from rerankd.ops.attention_speed import AttentionShape
 from rerankd.ops.batch import PackedBatch
 from rerankd.ops.compile_cache import key_compile_cache_by_cpu_isa
 from rerankd.ops.prepack import activated_linear, residual_linear
+from rerankd.ops.static_batch import StaticInputs
 
 #: position ids of RoBERTa-family models start after the padding index
 _ROBERTA_TYPES = {"xlm-roberta": "roberta", "roberta": "roberta", "camembert": "roberta"}
@@ -139,6 +140,12 @@ class Encoder(EncoderBackbone):
         if kernels.compiled and self._compiled is None:
             self._compiled = compiled_kernels()
         self.kernels = self._compiled if kernels.compiled else EAGER
+
+    def forward_rows(self, inputs: StaticInputs) -> Tensor:
+        """Raw scores (sequence slots,) of a bucketed stream (ops/static_batch.py, unused
+        slots read row 0: the caller keeps the first N): the same forward, every shape set
+        by the bucket, so one captured CUDA graph serves its batches (engine/cuda_graphs.py)."""
+        return self(inputs.batch)
 
     def forward(self, batch: PackedBatch) -> Tensor:
         x = self.embed(batch)

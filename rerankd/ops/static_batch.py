@@ -12,7 +12,11 @@ them). Here a batch becomes that shape:
   then its own (`gather` picks them from the stream). The padding rows form sequences of at
   most `PAD_SEQUENCE` rows, so every row is computed from finite values. Unused sequence
   slots are empty (`cu_seqlens` repeats its last offset);
-- the score rows: each document's last row, then row 0 for unused slots.
+- the score rows: each document's first row (an encoder's [CLS]) and last row (a decoder's
+  score token), then row 0 for unused slots.
+
+Encoders share no prefix (their attention is bidirectional): their sequences' keys are
+their own rows, where the queries are, and nothing is gathered (`Bucket.keys` 0).
 
 `Bucket` rounds every count up on a grid (`bucket_size`), so that a steady workload reuses a
 few captured graphs. `StaticInputs` holds one bucket's device buffers, which the graph reads,
@@ -60,13 +64,15 @@ def length_bucket(n: int) -> int:
 
 @dataclass(frozen=True)
 class Bucket:
-    """The shapes a captured graph was made for."""
+    """The shapes a captured graph was made for. `keys` 0: no key gather (no shared
+    prefixes, keys are the stream's rows); `types`: token type ids (BERT-style encoders)."""
 
     rows: int
     sequences: int
     keys: int
     max_q: int
     max_k: int
+    types: bool = False
 
 
 @dataclass
@@ -75,9 +81,11 @@ class RowLayout:
 
     ids: np.ndarray  # (rows,) int64, padding included
     positions: np.ndarray  # (rows,)
+    types: np.ndarray | None  # (rows,) token type ids, where the pairs have them
     cu_q: list[int]  # (sequences + 1,) query offsets in the stream
-    cu_k: list[int]  # (sequences + 1,) key offsets in `gather`
-    gather: np.ndarray  # (keys,) stream row of each key, sequence by sequence
+    cu_k: list[int]  # (sequences + 1,) key offsets in `gather` (in the stream without it)
+    gather: np.ndarray | None  # (keys,) stream row of each key, sequence by sequence
+    first: list[int]  # the stream row of each document's first unshared token, pair order
     last: list[int]  # the stream row of each document's last token, in pair order
     bucket: Bucket
 
@@ -90,26 +98,31 @@ def row_layout(
     pairs: Sequence[EncodedPair], groups: Sequence[int] | None, share_prefix: bool = True
 ) -> RowLayout:
     """`pairs` as one bucketed stream of rows (module docstring), shared prefixes as in
-    `batch.pack`."""
+    `batch.pack`. Without `share_prefix` (encoders: bidirectional attention) no key is
+    gathered: each sequence's keys are its own rows, where its queries are."""
     prefix_len, prefix_of, prefix_ids = shared_prefixes(pairs, groups, share_prefix)
     prefix_starts = np.cumsum([0, *map(len, prefix_ids)]).tolist()
-    shared = prefix_starts[-1]
+    typed = bool(pairs) and pairs[0].token_type_ids is not None
     ids = [np.asarray(p, dtype=np.int64) for p in prefix_ids]
     positions = [np.arange(len(p)) for p in prefix_ids]
+    types = [np.zeros(len(p), dtype=np.int64) for p in prefix_ids]
     q_lengths = [len(p) for p in prefix_ids]
     keys = [
         np.arange(start, start + len(p))
         for start, p in zip(prefix_starts[:-1], prefix_ids, strict=True)
     ]
-    row, last = shared, []
+    row, first, last = prefix_starts[-1], [], []
     for pair, skip, prefix in zip(pairs, prefix_len, prefix_of, strict=True):
         own = len(pair) - skip
         ids.append(np.asarray(pair.input_ids[skip:], dtype=np.int64))
         positions.append(np.arange(skip, len(pair)))
+        if typed:
+            types.append(np.asarray(pair.token_type_ids[skip:], dtype=np.int64))
         q_lengths.append(own)
         if prefix >= 0:
             keys.append(np.arange(prefix_starts[prefix], prefix_starts[prefix] + skip))
         keys.append(np.arange(row, row + own))
+        first.append(row)
         row += own
         last.append(row - 1)
     rows = bucket_size(row, ROW_STEPS, MIN_ROWS)
@@ -117,23 +130,28 @@ def row_layout(
         n = min(PAD_SEQUENCE, rows - start)
         ids.append(np.zeros(n, dtype=np.int64))
         positions.append(np.arange(n))
+        types.append(np.zeros(n, dtype=np.int64))
         q_lengths.append(n)
         keys.append(np.arange(start, start + n))
-    gather = np.concatenate(keys)
     k_lengths = _key_lengths(q_lengths, prefix_len, len(prefix_ids))
+    gather = np.concatenate(keys) if share_prefix else None
     bucket = Bucket(
         rows=rows,
         sequences=bucket_size(len(q_lengths), SEQUENCE_STEPS, MIN_SEQUENCES),
-        keys=bucket_size(len(gather), ROW_STEPS, MIN_ROWS),
+        keys=0 if gather is None else bucket_size(len(gather), ROW_STEPS, MIN_ROWS),
         max_q=length_bucket(max(q_lengths)),
         max_k=length_bucket(max(k_lengths)),
+        types=typed,
     )
+    cu_q = np.cumsum([0, *q_lengths]).tolist()
     return RowLayout(
         ids=np.concatenate(ids),
         positions=np.concatenate(positions),
-        cu_q=np.cumsum([0, *q_lengths]).tolist(),
-        cu_k=np.cumsum([0, *k_lengths]).tolist(),
+        types=np.concatenate(types) if typed else None,
+        cu_q=cu_q,
+        cu_k=np.cumsum([0, *k_lengths]).tolist() if share_prefix else cu_q,
         gather=gather,
+        first=first,
         last=last,
         bucket=bucket,
     )
@@ -155,29 +173,42 @@ def _padded(values: Sequence[int] | np.ndarray, size: int, fill: int) -> np.ndar
 
 class StaticInputs:
     """One bucket's input buffers on the device, which a captured graph reads: token ids,
-    positions, key gather and score rows (int64, one allocation), query and key offsets
-    (int32, each its own allocation, as `VarlenLayout.build` gives them to varlen kernels),
-    and the batch view the model's attention reads."""
+    positions, token types (where the bucket has them), key gather (where it has one) and
+    the rows the score head reads (first and last token of each sequence slot), int64 in
+    one allocation; query and key offsets (int32, each its own allocation, as
+    `VarlenLayout.build` gives them to varlen kernels); and the batch view the model reads
+    (`PackedBatch`: its attention, embeddings and score rows)."""
 
     def __init__(self, bucket: Bucket, device: torch.device) -> None:
-        self.bucket = bucket
-        b = bucket
-        self._long_sizes = [b.rows, b.rows, b.keys, b.sequences]
-        self._long = torch.zeros(sum(self._long_sizes), dtype=torch.long, device=device)
-        self.input_ids, self.positions, gather, self.last = self._long.split(self._long_sizes)
+        self.bucket = b = bucket
+        sizes = [b.rows, b.rows, b.rows if b.types else 0, b.keys, b.sequences, b.sequences]
+        self._long = torch.zeros(sum(sizes), dtype=torch.long, device=device)
+        ids, positions, types, gather, first, last = self._long.split(sizes)
         cu_q, cu_k = (torch.zeros(b.sequences + 1, dtype=torch.int32, device=device) for _ in "qk")
         self._offsets = (cu_q, cu_k)
-        varlen = VarlenLayout(cu_q, cu_k, b.max_q, b.max_k, gather, stream_keys=True)
+        varlen = VarlenLayout(cu_q, cu_k, b.max_q, b.max_k, gather, stream_keys=b.keys > 0)
         self.batch = PackedBatch(
-            input_ids=self.input_ids,
-            positions=self.positions,
+            input_ids=ids,
+            positions=positions,
             starts=[],
             lengths=[],
-            last=self.last,
+            last=last,
             prefix_of=[],
             prefixes=[],
+            token_type_ids=types if b.types else None,
             varlen=varlen,
+            first=first,
         )
+
+    @property
+    def last(self) -> torch.Tensor:
+        """Each sequence slot's last row (a decoder's score row; unused slots: row 0)."""
+        return self.batch.last
+
+    @property
+    def first(self) -> torch.Tensor:
+        """Each sequence slot's first row (an encoder's [CLS]; unused slots: row 0)."""
+        return self.batch.first
 
     def fill(self, layout: RowLayout) -> None:
         """Copy `layout` into the buffers (its bucket must be theirs): unused sequence slots
@@ -185,15 +216,11 @@ class StaticInputs:
         if layout.bucket != self.bucket:
             raise ValueError(f"layout of {layout.bucket} into buffers of {self.bucket}")
         b = self.bucket
-        longs = np.concatenate(
-            [
-                layout.ids,
-                layout.positions,
-                _padded(layout.gather, b.keys, 0),
-                _padded(layout.last, b.sequences, 0),
-            ]
-        )
-        _copy_in(self._long, longs)
+        parts = [layout.ids, layout.positions]
+        parts += [layout.types] if b.types else []
+        parts += [_padded(layout.gather, b.keys, 0)] if b.keys else []
+        parts += [_padded(layout.first, b.sequences, 0), _padded(layout.last, b.sequences, 0)]
+        _copy_in(self._long, np.concatenate(parts))
         for target, offsets in zip(self._offsets, (layout.cu_q, layout.cu_k), strict=True):
             _copy_in(target, _padded(offsets, b.sequences + 1, offsets[-1]).astype(np.int32))
 

@@ -1,5 +1,5 @@
-"""CUDA graphs of the packed decoder captured for real (engine/cuda_graphs.py), bf16 on the
-tiny fixtures: `--cuda-graphs on` turns them on and they give the scores of the same engine
+"""CUDA graphs of the packed decoders and encoders captured for real
+(engine/cuda_graphs.py), bf16 on the tiny fixtures: `--cuda-graphs on` turns them on and they give the scores of the same engine
 without them, one graph serves every batch of its bucket, the scheduler's one-ahead path
 replays them, and a replay never waits for the device. tests/test_cuda_graphs.py checks
 the same around a stand-in capture on CPU; benchmarks/bench_gpu.py --cuda-graphs on
