@@ -13,6 +13,7 @@ import logging
 import pytest
 import torch
 
+from rerankd.engine import cuda_graphs
 from rerankd.engine.cuda_graphs import GraphRunner
 from rerankd.engine.packed_engine import PackedEngine, check_modes
 from rerankd.ops import attention
@@ -113,20 +114,47 @@ def test_one_graph_serves_every_batch_of_its_bucket(serve):
     assert got[0] != pytest.approx(got[1][::-1], abs=1e-3)  # other tokens, other scores
 
 
-def test_least_recently_used_graph_is_dropped_at_capacity(serve):
+def test_a_full_runner_replaces_only_a_stale_graph(serve, monkeypatch):
+    """At capacity a new bucket takes the least recently used graph's place only once that
+    one has gone `STALE_AFTER` batches unused: shapes that keep changing never recapture
+    batch after batch (a capture costs about three forwards)."""
+    monkeypatch.setattr(cuda_graphs, "STALE_AFTER", 3)
     served = serve("qwen3")
     engine = served.scheduler.engine
     runner = GraphRunner(engine.model, torch.device("cpu"), True, 2, stand_in_capture)
     pairs, groups = _pairs(served)
-    batches = [pairs[:1], pairs[:3], pairs]  # three buckets
-    layouts = [runner.layout(b, groups[: len(b)]) for b in batches]
-    assert len({layout.bucket for layout in layouts}) == 3
-    for layout in (layouts[0], layouts[1], layouts[0], layouts[2]):
-        runner.launch(layout)
-    assert runner.buckets() == [layouts[0].bucket, layouts[2].bucket]
+    a, b, c = (runner.layout(p, groups[: len(p)]) for p in (pairs[:1], pairs[:3], pairs))
+    assert len({a.bucket, b.bucket, c.bucket}) == 3
+    runner.launch(a)
+    runner.launch(b)
+    assert not runner.admits(c.bucket)  # a served one batch ago
+    with pytest.raises(RuntimeError, match="ask `admits` first"):
+        runner.launch(c)
+    runner.launch(b)
+    assert not runner.admits(c.bucket)  # two batches ago
+    runner.launch(b)
+    assert runner.admits(c.bucket)  # three: stale
+    runner.launch(c)
+    assert runner.buckets() == [b.bucket, c.bucket]
     assert runner.captures == 3
     with pytest.raises(ValueError, match="capacity"):
         GraphRunner(engine.model, torch.device("cpu"), True, 0)
+
+
+def test_a_batch_without_a_graph_place_is_scored_without_capturing(serve):
+    served = serve("qwen3")
+    engine = served.scheduler.engine
+    assert engine.enable_graphs(capture=stand_in_capture, capacity=1)
+    captures = engine.graphs.captures
+    pairs, _ = _pairs(served)
+    batch = Batch(pairs * 3, None)  # another bucket than the start-up probe's
+    assert engine.score(batch) == pytest.approx(_without_graphs(engine, batch), abs=1e-6)
+    assert engine.graphs is not None and engine.graphs.captures == captures
+    prepared = engine.prepare(batch)
+    assert not hasattr(prepared, "bucket")  # packed as without graphs
+    assert engine.collect(engine.launch(prepared)) == pytest.approx(
+        _without_graphs(engine, batch), abs=1e-6
+    )
 
 
 def test_bucketed_forward_never_syncs_the_host(serve, monkeypatch):

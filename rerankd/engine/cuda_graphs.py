@@ -1,16 +1,20 @@
 """Captured CUDA graphs of a packed model's forward, one per bucket of batch shapes.
 
 Measured on an H200 (docs/benchmarks.md, "GPU (W-GPU)"): with the per-token work compiled,
-a W-GPU request kept the GPU busy only 68 % of its wall time. The host, issuing ~40
-kernels per layer through Python, dynamo's guards and Inductor's launchers, was the
-limit. A captured graph replays all of a forward's kernels in one launch.
+a W-GPU request kept the GPU busy only 68 % of its wall time. The host, issuing ~16
+kernels per layer (434 per request) through Python, dynamo's guards and Inductor's
+launchers, was the limit. A captured graph replays all of a forward's kernels in one launch.
 
 A graph replays fixed shapes on fixed memory, so a batch is first laid out as a bucketed
 stream (`ops.static_batch`), copied into that bucket's input buffers and replayed. The
 first batch of a bucket captures it: two warm-up runs on a side stream (compiled kernels
 and the allocator settle), then the capture. The graphs share one memory pool (one replay
-at a time, each one's scores copied out right after it), and at most `capacity` are kept,
-the least recently used dropped first.
+at a time, each one's scores copied out right after it), and at most `capacity` are kept.
+
+A capture costs about three forwards, so traffic whose shapes keep changing must not
+recapture batch after batch. When all places are taken, a new bucket replaces the least
+recently used graph only if that one has served none of the last `STALE_AFTER` batches;
+otherwise the batch runs without a graph (`admits` says which, before it is packed).
 
 `capture` is a parameter so that CPU tests can check everything around the capture with
 a stand-in that runs the same function again (a Python value of the first batch leaking
@@ -36,6 +40,8 @@ log = logging.getLogger(__name__)
 DEFAULT_CAPACITY = 16
 #: runs before a capture: the first may compile kernels or grow the allocator's pool
 WARMUP_RUNS = 2
+#: batches a graph must have gone unused before a new bucket may take its place
+STALE_AFTER = 64
 
 #: `capture(fn, pool) -> (replay, output)`: after `replay()`, `output` holds `fn()`'s result
 #: for the input buffers' current contents
@@ -71,6 +77,8 @@ class _Graph:
         self.inputs = inputs
         self.replay = replay
         self.output = output
+        #: the runner's batch count when this graph last served
+        self.used = 0
 
 
 class GraphRunner:
@@ -97,18 +105,32 @@ class GraphRunner:
         self._graphs: collections.OrderedDict[Bucket, _Graph] = collections.OrderedDict()
         #: graphs captured since start (a bucket dropped and seen again counts twice)
         self.captures = 0
+        #: batches replayed since start
+        self.batches = 0
 
     def layout(self, pairs: Sequence[EncodedPair], groups: Sequence[int] | None) -> RowLayout:
         """The batch as a bucketed stream (host only: safe while a replay runs)."""
         return row_layout(pairs, groups, self.share_prefix)
 
+    def admits(self, bucket: Bucket) -> bool:
+        """Whether a batch of `bucket` replays a graph: one is kept for it, a place is free,
+        or the least recently used graph is stale (module docstring)."""
+        if bucket in self._graphs or len(self._graphs) < self.capacity:
+            return True
+        oldest = next(iter(self._graphs.values()))
+        return self.batches - oldest.used >= STALE_AFTER
+
     @torch.inference_mode()
     def launch(self, layout: RowLayout) -> torch.Tensor:
-        """Queue the batch's forward (capturing its bucket first if new); its raw scores
-        (N,), a copy out of the graph's memory, not yet waited for."""
+        """Queue the batch's forward (capturing its bucket first if new, where `admits`
+        it); its raw scores (N,), a copy out of the graph's memory, not yet waited for."""
+        if not self.admits(layout.bucket):
+            raise RuntimeError(f"no graph place for {layout.bucket}: ask `admits` first")
         graph = self._graph(layout)
         graph.inputs.fill(layout)
         graph.replay()
+        self.batches += 1
+        graph.used = self.batches
         return graph.output[: layout.documents].clone()
 
     def buckets(self) -> list[Bucket]:

@@ -143,8 +143,9 @@ class PackedEngine:
         """Pack `batch` and start its upload (page-locked, non-blocking): `forward`'s first
         half, run while the previous batch's kernels still run. With CUDA graphs, the
         bucketed layout on the host (the upload goes into the graph's buffers at launch)."""
-        if self.graphs is not None:
-            return self.graphs.layout(batch.pairs, batch.groups)
+        layout = self._graph_layout(batch.pairs, batch.groups)
+        if layout is not None:
+            return layout
         packed = pack(batch.pairs, batch.groups, self._device, share_prefix=self.share_prefix)
         if self.attention in VARLEN_BACKENDS:
             packed.with_varlen_layout()
@@ -166,9 +167,10 @@ class PackedEngine:
     @torch.inference_mode()
     def forward(self, pairs: list[EncodedPair], groups: list[int] | None) -> list[float]:
         """Raw scores of one sub-batch: the seam `split_on_oom` and engine/faults.py wrap."""
-        if self.graphs is not None:
+        layout = self._graph_layout(pairs, groups)
+        if layout is not None:
             try:
-                return self._replay(self.graphs.layout(pairs, groups)).tolist()
+                return self._replay(layout).tolist()
             except Exception:  # logged by `_replay`; this batch runs without the graph
                 pass
         packed = pack(pairs, groups, self._device, share_prefix=self.share_prefix)
@@ -236,6 +238,14 @@ class PackedEngine:
             capacity,
         )
         return True
+
+    def _graph_layout(self, pairs, groups) -> RowLayout | None:
+        """The batch's bucketed layout where a CUDA graph will score it, else None (graphs
+        off, or no graph place for its bucket: `GraphRunner.admits`)."""
+        if self.graphs is None:
+            return None
+        layout = self.graphs.layout(pairs, groups)
+        return layout if self.graphs.admits(layout.bucket) else None
 
     def _replay(self, layout: RowLayout) -> torch.Tensor:
         """The graph runner's scores for `layout`; any failure (a capture that cannot run, out
