@@ -15,7 +15,7 @@ import torch
 
 from rerankd.engine import cuda_graphs
 from rerankd.engine.cuda_graphs import GraphRunner
-from rerankd.engine.packed_engine import PackedEngine, check_modes
+from rerankd.engine.packed_engine import GraphBatch, PackedEngine, check_modes
 from rerankd.ops import attention
 from rerankd.ops.static_batch import StaticInputs, row_layout
 from rerankd.types import Batch, EncodedPair
@@ -94,9 +94,10 @@ def test_graph_replays_give_the_engines_scores(serve, fixture):
         if len(expected) > 1:  # distinct scores, or a constant output would pass
             assert max(expected) - min(expected) > 1e-3
     assert engine.graphs is not None and engine.graphs.captures >= 2
-    bucket = engine.graphs.buckets()[-1]
-    assert (bucket.keys == 0) == (fixture in ENCODERS)  # encoders gather no keys
-    assert bucket.types == (fixture == "bert")
+    buckets = engine.graphs.buckets()
+    # keys are gathered only where prefixes are shared: never for encoders
+    assert any(b.keys for b in buckets) == (fixture not in ENCODERS)
+    assert any(b.types for b in buckets) == (fixture == "bert")  # (not the probe's)
 
 
 def test_one_graph_serves_every_batch_of_its_bucket(serve):
@@ -125,20 +126,39 @@ def test_a_full_runner_replaces_only_a_stale_graph(serve, monkeypatch):
     pairs, groups = _pairs(served)
     a, b, c = (runner.layout(p, groups[: len(p)]) for p in (pairs[:1], pairs[:3], pairs))
     assert len({a.bucket, b.bucket, c.bucket}) == 3
-    runner.launch(a)
-    runner.launch(b)
-    assert not runner.admits(c.bucket)  # a served one batch ago
+
+    def serve_batch(layout) -> bool:  # as the engine does: offer, then replay if admitted
+        admitted = runner.offer(layout.bucket)
+        if admitted:
+            runner.launch(layout)
+        return admitted
+
+    assert serve_batch(a) and serve_batch(b)
+    assert not serve_batch(c)  # a served two batches ago
     with pytest.raises(RuntimeError, match="ask `admits` first"):
         runner.launch(c)
-    runner.launch(b)
-    assert not runner.admits(c.bucket)  # two batches ago
-    runner.launch(b)
-    assert runner.admits(c.bucket)  # three: stale
-    runner.launch(c)
+    assert serve_batch(b)
+    assert serve_batch(c)  # a: three batches unused, stale
     assert runner.buckets() == [b.bucket, c.bucket]
     assert runner.captures == 3
     with pytest.raises(ValueError, match="capacity"):
         GraphRunner(engine.model, torch.device("cpu"), True, 0)
+
+
+def test_graphs_the_traffic_left_grow_stale_even_when_nothing_replays(serve, monkeypatch):
+    """Every batch offered counts: a runner filled by early traffic (warm-up, health
+    checks) frees its places for the real load, even though that load, not admitted, never
+    replays."""
+    monkeypatch.setattr(cuda_graphs, "STALE_AFTER", 5)
+    served = serve("qwen3")
+    engine = served.scheduler.engine
+    runner = GraphRunner(engine.model, torch.device("cpu"), True, 1, stand_in_capture)
+    pairs, groups = _pairs(served)
+    early, load = runner.layout(pairs[:1], groups[:1]), runner.layout(pairs, groups)
+    assert runner.offer(early.bucket)
+    runner.launch(early)
+    admitted = [runner.offer(load.bucket) for _ in range(6)]
+    assert admitted == [False, False, False, False, True, True]
 
 
 def test_a_batch_without_a_graph_place_is_scored_without_capturing(serve):
@@ -151,15 +171,66 @@ def test_a_batch_without_a_graph_place_is_scored_without_capturing(serve):
     assert engine.score(batch) == pytest.approx(_without_graphs(engine, batch), abs=1e-6)
     assert engine.graphs is not None and engine.graphs.captures == captures
     prepared = engine.prepare(batch)
-    assert not hasattr(prepared, "bucket")  # packed as without graphs
+    assert not isinstance(prepared, GraphBatch)  # packed as without graphs
     assert engine.collect(engine.launch(prepared)) == pytest.approx(
         _without_graphs(engine, batch), abs=1e-6
     )
 
 
-def test_bucketed_forward_never_syncs_the_host(serve, monkeypatch):
-    """A capture fails on a host sync: the forward a graph records must have none."""
+def test_a_graph_gone_between_prepare_and_launch_runs_the_batch_without_it(serve):
+    """The one-ahead pipeline prepares batch n+1 before batch n is collected (and maybe
+    scored again through `score`): if by launch its graph place is gone, or graphs are
+    off, the batch runs without a graph, and graphs are not turned off for it."""
     served = serve("qwen3")
+    engine = served.scheduler.engine
+    assert engine.enable_graphs(capture=stand_in_capture)
+    pairs, groups = _pairs(served)
+    batch = Batch(pairs, groups)
+    expected = _without_graphs(engine, batch)
+    prepared = engine.prepare(batch)
+    assert isinstance(prepared, GraphBatch)
+    engine.graphs.refuse(prepared.layout.bucket)  # its place gone meanwhile
+    assert engine.collect(engine.launch(prepared)) == pytest.approx(expected, abs=1e-6)
+    assert engine.graphs is not None
+    prepared = engine.prepare(Batch(pairs[::-1], groups[::-1]))
+    graphs, engine.graphs = engine.graphs, None  # turned off meanwhile
+    assert engine.collect(engine.launch(prepared)) == pytest.approx(expected[::-1], abs=1e-6)
+    engine.graphs = graphs
+
+
+def test_a_capture_out_of_memory_splits_the_batch_and_keeps_graphs_on(serve, caplog):
+    """Out of memory while capturing refuses that bucket only: `split_on_oom` halves the
+    batch, the halves (other buckets) replay graphs, and later batches of the refused
+    shape run without one."""
+    served = serve("qwen3")
+    engine = served.scheduler.engine
+    assert engine.enable_graphs(capture=stand_in_capture)
+    pairs, _ = _pairs(served)
+    batch = Batch(pairs * 4, None)
+    expected = _without_graphs(engine, batch)
+    failures = []
+
+    def out_of_memory_once(fn, pool):
+        if not failures:
+            failures.append(1)
+            raise torch.OutOfMemoryError("CUDA out of memory (test)")
+        return stand_in_capture(fn, pool)
+
+    engine.graphs._capture = out_of_memory_once
+    with caplog.at_level(logging.WARNING):
+        assert engine.score(batch) == pytest.approx(expected, abs=1e-5)
+    assert "batches of that shape run without a graph" in caplog.text
+    assert "splitting the batch" in caplog.text
+    assert engine.graphs is not None
+    refused = engine.graphs.layout(batch.pairs, batch.groups).bucket
+    assert not engine.graphs.admits(refused)
+    assert engine.score(batch) == pytest.approx(expected, abs=1e-5)
+
+
+@pytest.mark.parametrize("fixture", FIXTURES)
+def test_bucketed_forward_never_syncs_the_host(serve, monkeypatch, fixture):
+    """A capture fails on a host sync: the forward a graph records must have none."""
+    served = serve(fixture)
     model = served.scheduler.engine.model
     pairs, groups = _pairs(served)
     layout = row_layout(pairs, groups)
@@ -216,7 +287,7 @@ def test_pipelined_batches_replay_graphs(serve):
     pairs, groups = _pairs(served)
     batches = [Batch(pairs, groups), Batch(pairs[::-1], None)]
     prepared = [engine.prepare(b) for b in batches]
-    assert all(p.bucket is not None for p in prepared)  # host layouts, not packed batches
+    assert all(isinstance(p, GraphBatch) for p in prepared)  # host layouts, not packed
     got = [engine.collect(engine.launch(p)) for p in prepared]
     for scores, batch in zip(got, batches, strict=True):
         assert scores == pytest.approx(_without_graphs(engine, batch), abs=1e-5)

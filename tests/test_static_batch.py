@@ -4,6 +4,7 @@ its prefix's, and every row belongs to a sequence."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -64,7 +65,11 @@ def _check_layout(pairs, groups):
     # shapes within the bucket; every row in exactly one sequence, in row order
     assert len(ids) == len(positions) == b.rows
     assert layout.cu_q[0] == 0 and layout.cu_q[-1] == b.rows
-    assert len(layout.cu_k) == len(layout.cu_q) and layout.cu_k[-1] == len(gather) <= b.keys
+    if gather is None:  # no prefix formed: keys are the queries' own rows, not gathered
+        assert not prefix_ids and b.keys == 0 and layout.cu_k == layout.cu_q
+        gather = np.arange(b.rows)
+    assert len(layout.cu_k) == len(layout.cu_q) and layout.cu_k[-1] == len(gather)
+    assert b.keys == 0 or len(gather) <= b.keys
     assert sequences <= b.sequences
     q_lengths = [e - s for s, e in zip(layout.cu_q, layout.cu_q[1:], strict=False)]
     k_lengths = [e - s for s, e in zip(layout.cu_k, layout.cu_k[1:], strict=False)]
@@ -99,10 +104,11 @@ def test_layout_of_documents_sharing_prefixes_in_two_groups():
     assert layout.documents == 5
 
 
-def test_layout_without_groups_shares_nothing():
+def test_layout_without_groups_shares_nothing_and_gathers_nothing():
     pairs = _pairs([5, 1, 30], shared=12)
     layout = _check_layout(pairs, None)
     assert layout.cu_q[1] == len(pairs[0])  # the first document is the first sequence
+    assert layout.gather is None and layout.bucket.keys == 0
 
 
 @settings(max_examples=40, deadline=None)

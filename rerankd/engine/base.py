@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import operator
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
@@ -54,6 +55,11 @@ CPU_BATCH_TOKENS = 8192
 #: their padding too, so they keep half of that
 CUDA_BATCH_TOKENS = 65536
 CUDA_PADDED_BATCH_TOKENS = 32768
+
+
+#: held while a CUDA graph is captured (engine/cuda_graphs.py) and while the allocator's
+#: cache is emptied: torch forbids emptying it during a capture, from any thread
+CUDA_CAPTURE_LOCK = threading.RLock()
 
 
 def default_batch_tokens(device: torch.device, padded: bool = False) -> int:
@@ -127,7 +133,8 @@ def split_on_oom(
             raise
     log.warning("out of memory on %d %s; splitting the batch and retrying", len(items), unit)
     if device.type == "cuda":
-        torch.cuda.empty_cache()
+        with CUDA_CAPTURE_LOCK:  # emptying the cache during a capture is an error
+            torch.cuda.empty_cache()
     half = len(items) // 2
     left_groups, right_groups = (groups[:half], groups[half:]) if groups else (None, None)
     left = split_on_oom(forward, items[:half], left_groups, device, join, unit)

@@ -13,8 +13,10 @@ at a time, each one's scores copied out right after it), and at most `capacity` 
 
 A capture costs about three forwards, so traffic whose shapes keep changing must not
 recapture batch after batch. When all places are taken, a new bucket replaces the least
-recently used graph only if that one has served none of the last `STALE_AFTER` batches;
-otherwise the batch runs without a graph (`admits` says which, before it is packed).
+recently used graph only if that one has served none of the last `STALE_AFTER` batches
+(every batch counts, replayed or not: `offer`); otherwise the batch runs without a graph
+(`admits` says which, before it is packed). A bucket whose capture ran out of memory runs
+without a graph from then on (`refuse`).
 
 `capture` is a parameter so that CPU tests can check everything around the capture with
 a stand-in that runs the same function again (a Python value of the first batch leaking
@@ -31,6 +33,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from rerankd.engine.base import CUDA_CAPTURE_LOCK
 from rerankd.ops.static_batch import Bucket, RowLayout, StaticInputs, row_layout
 from rerankd.types import EncodedPair
 
@@ -48,22 +51,63 @@ STALE_AFTER = 64
 Capture = Callable[[Callable[[], torch.Tensor], object], tuple[Callable[[], None], torch.Tensor]]
 
 
-def cuda_capture(
-    fn: Callable[[], torch.Tensor], pool: object
-) -> tuple[Callable[[], None], torch.Tensor]:
-    """`fn` captured as a CUDA graph in memory pool `pool` (warm-up runs first)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(WARMUP_RUNS):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    # thread-local: another engine thread on this GPU (`--models`) may allocate or wait
-    # meanwhile; only this thread's calls are barred from the capture
-    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
-        output = fn()
-    return graph.replay, output
+class CudaCapture:
+    """Captures CUDA graphs on a stream of its own (one per runner: engines of several
+    models on one GPU never share a capture stream), warm-up runs first on that stream.
+
+    Torch's graph context empties the allocator's cache on entry, which must not happen
+    while another thread captures (nor may `split_on_oom`'s `empty_cache`): captures hold
+    `CUDA_CAPTURE_LOCK`, which `split_on_oom` takes too. The capture is thread-local:
+    another engine thread may allocate or wait meanwhile. If a capture fails, the context
+    leaves the allocator routing this thread's allocations to the graph's pool and the
+    capture stream current: both are undone here (`_abandon`), so the process goes on
+    without that graph."""
+
+    def __init__(self) -> None:
+        self.stream = torch.cuda.Stream()
+
+    def __call__(
+        self, fn: Callable[[], torch.Tensor], pool: object
+    ) -> tuple[Callable[[], None], torch.Tensor]:
+        previous = torch.cuda.current_stream()
+        graph = torch.cuda.CUDAGraph()
+        with CUDA_CAPTURE_LOCK:
+            self.stream.wait_stream(previous)
+            began = False
+            try:
+                with torch.cuda.stream(self.stream):
+                    for _ in range(WARMUP_RUNS):
+                        fn()
+                began = True
+                with torch.cuda.graph(
+                    graph, pool=pool, stream=self.stream, capture_error_mode="thread_local"
+                ):
+                    output = fn()
+            except BaseException:
+                if began:
+                    _abandon(graph)
+                raise
+            finally:
+                torch.cuda.set_stream(previous)
+            previous.wait_stream(self.stream)
+        return graph.replay, output
+
+
+def _abandon(graph: torch.cuda.CUDAGraph) -> None:
+    """What torch's graph context leaves undone when `capture_end` raises: this thread's
+    allocations still go to the graph's pool. Best effort, through torch's private call
+    (its name varies across versions); a torch without it keeps the state (logged)."""
+    device = torch.cuda.current_device()
+    for name in ("_cuda_endAllocateToPool", "_cuda_endAllocateCurrentStreamToPool"):
+        end = getattr(torch._C, name, None)
+        if end is None:
+            continue
+        try:
+            end(device, graph.pool())
+            return
+        except Exception:  # never began, or another signature: nothing more to undo here
+            continue
+    log.warning("a failed CUDA graph capture may leave the allocator routing to its pool")
 
 
 def cuda_pool() -> object:
@@ -83,7 +127,8 @@ class _Graph:
 
 class GraphRunner:
     """Scores batches by replaying captured forwards of `model` (a model with
-    `forward_rows`: `DecoderReranker`, `Encoder`), one graph per bucket."""
+    `forward_rows`: `DecoderReranker`, `Encoder`), one graph per bucket. `capture`: how
+    (default: a `CudaCapture` of its own; CPU tests pass a stand-in)."""
 
     def __init__(
         self,
@@ -91,7 +136,7 @@ class GraphRunner:
         device: torch.device,
         share_prefix: bool,
         capacity: int = DEFAULT_CAPACITY,
-        capture: Capture = cuda_capture,
+        capture: Capture | None = None,
         pool: object | None = None,
     ) -> None:
         if capacity < 1:
@@ -100,25 +145,44 @@ class GraphRunner:
         self.device = device
         self.share_prefix = share_prefix
         self.capacity = capacity
-        self._capture = capture
+        self._capture = capture  # made on the first capture when None
         self._pool = pool
         self._graphs: collections.OrderedDict[Bucket, _Graph] = collections.OrderedDict()
+        #: buckets whose capture ran out of memory: their batches run without a graph
+        self._refused: set[Bucket] = set()
         #: graphs captured since start (a bucket dropped and seen again counts twice)
         self.captures = 0
-        #: batches replayed since start
-        self.batches = 0
+        #: batches offered since start (`offer`), replayed or not: the staleness clock
+        self.seen = 0
 
     def layout(self, pairs: Sequence[EncodedPair], groups: Sequence[int] | None) -> RowLayout:
         """The batch as a bucketed stream (host only: safe while a replay runs)."""
         return row_layout(pairs, groups, self.share_prefix)
 
+    def offer(self, bucket: Bucket) -> bool:
+        """Count one batch of `bucket` and say whether it replays a graph (`admits`): every
+        batch is offered once, so graphs the traffic no longer uses grow stale even while
+        no batch replays."""
+        self.seen += 1
+        return self.admits(bucket)
+
     def admits(self, bucket: Bucket) -> bool:
-        """Whether a batch of `bucket` replays a graph: one is kept for it, a place is free,
-        or the least recently used graph is stale (module docstring)."""
-        if bucket in self._graphs or len(self._graphs) < self.capacity:
+        """Whether a batch of `bucket` replays a graph: one is kept for it, or a place is
+        free, or the least recently used graph is stale (module docstring); never for a
+        bucket whose capture ran out of memory."""
+        if bucket in self._graphs:
+            return True
+        if bucket in self._refused:
+            return False
+        if len(self._graphs) < self.capacity:
             return True
         oldest = next(iter(self._graphs.values()))
-        return self.batches - oldest.used >= STALE_AFTER
+        return self.seen - oldest.used >= STALE_AFTER
+
+    def refuse(self, bucket: Bucket) -> None:
+        """Run `bucket`'s batches without a graph from now on (its capture ran out of
+        memory: smaller batches, e.g. `split_on_oom`'s halves, have their own buckets)."""
+        self._refused.add(bucket)
 
     @torch.inference_mode()
     def launch(self, layout: RowLayout) -> torch.Tensor:
@@ -129,8 +193,7 @@ class GraphRunner:
         graph = self._graph(layout)
         graph.inputs.fill(layout)
         graph.replay()
-        self.batches += 1
-        graph.used = self.batches
+        graph.used = self.seen
         return graph.output[: layout.documents].clone()
 
     def buckets(self) -> list[Bucket]:
@@ -139,20 +202,23 @@ class GraphRunner:
 
     def _graph(self, layout: RowLayout) -> _Graph:
         """The graph of `layout`'s bucket, captured now if new (its warm-up runs on
-        `layout`: real lengths, as served)."""
+        `layout`: real lengths, as served); the least recently used graph is dropped only
+        once the new one is captured."""
         bucket = layout.bucket
         graph = self._graphs.get(bucket)
         if graph is not None:
             self._graphs.move_to_end(bucket)
             return graph
-        while len(self._graphs) >= self.capacity:
-            self._graphs.popitem(last=False)
         started = time.perf_counter()
         inputs = StaticInputs(bucket, self.device)
         inputs.fill(layout)
+        if self._capture is None:
+            self._capture = CudaCapture()
         if self._pool is None and self.device.type == "cuda":
             self._pool = cuda_pool()
         replay, output = self._capture(lambda: self.model.forward_rows(inputs), self._pool)
+        while len(self._graphs) >= self.capacity:
+            self._graphs.popitem(last=False)
         graph = self._graphs[bucket] = _Graph(inputs, replay, output)
         self.captures += 1
         log.info(

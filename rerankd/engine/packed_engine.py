@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -24,7 +25,7 @@ from rerankd.engine.compile_policy import (
     scores_disagree,
     wants_compile,
 )
-from rerankd.engine.cuda_graphs import DEFAULT_CAPACITY, Capture, GraphRunner, cuda_capture
+from rerankd.engine.cuda_graphs import DEFAULT_CAPACITY, Capture, GraphRunner
 from rerankd.models.kernels import Kernels
 from rerankd.ops.attention import VARLEN_BACKENDS, cpu_backends, cuda_backends, describe
 from rerankd.ops.attention_speed import speedup_over_sdpa
@@ -46,6 +47,16 @@ _INT8_BACKEND_TOLERANCE = 0.25
 COMPILE_MODES = ("auto", "on", "off")
 GRAPH_MODES = ("auto", "on", "off")
 ATTENTION_MODES = ("auto", "sdpa", "amx", "avx512")
+
+
+@dataclass(frozen=True)
+class GraphBatch:
+    """A prepared batch for a CUDA graph: its bucketed layout, and the batch itself in case
+    it must run without the graph after all (`PackedEngine.launch`)."""
+
+    layout: RowLayout
+    pairs: list[EncodedPair]
+    groups: list[int] | None
 
 
 def check_mode(flag: str, mode: str, modes: tuple[str, ...]) -> None:
@@ -139,23 +150,24 @@ class PackedEngine:
         )
 
     @torch.inference_mode()
-    def prepare(self, batch) -> PackedBatch | RowLayout:
+    def prepare(self, batch) -> PackedBatch | GraphBatch:
         """Pack `batch` and start its upload (page-locked, non-blocking): `forward`'s first
         half, run while the previous batch's kernels still run. With CUDA graphs, the
         bucketed layout on the host (the upload goes into the graph's buffers at launch)."""
         layout = self._graph_layout(batch.pairs, batch.groups)
         if layout is not None:
-            return layout
-        packed = pack(batch.pairs, batch.groups, self._device, share_prefix=self.share_prefix)
-        if self.attention in VARLEN_BACKENDS:
-            packed.with_varlen_layout()
-        return packed
+            return GraphBatch(layout, batch.pairs, batch.groups)
+        return self._pack(batch.pairs, batch.groups)
 
     @torch.inference_mode()
-    def launch(self, packed: PackedBatch | RowLayout) -> PendingScores:
-        """Queue the model's kernels on `packed`; returns without waiting for them."""
-        if isinstance(packed, RowLayout):
-            return PendingScores(self._replay(packed))
+    def launch(self, packed: PackedBatch | GraphBatch) -> PendingScores:
+        """Queue the model's kernels on `packed`; returns without waiting for them. A batch
+        laid out for a graph that is no longer there (graphs turned off, or its place
+        taken by a batch scored in between) is packed and run without one."""
+        if isinstance(packed, GraphBatch):
+            if self.graphs is not None and self.graphs.admits(packed.layout.bucket):
+                return PendingScores(self._replay(packed.layout))
+            packed = self._pack(packed.pairs, packed.groups)
         return PendingScores(self.model(packed))
 
     def collect(self, pending: PendingScores) -> list[float]:
@@ -171,12 +183,19 @@ class PackedEngine:
         if layout is not None:
             try:
                 return self._replay(layout).tolist()
+            except torch.OutOfMemoryError:  # `split_on_oom` halves the batch
+                raise
             except Exception:  # logged by `_replay`; this batch runs without the graph
                 pass
+        return self.model(self._pack(pairs, groups)).tolist()
+
+    def _pack(self, pairs: list[EncodedPair], groups: list[int] | None) -> PackedBatch:
+        """The batch packed for the uncaptured forward (with the varlen layout if the
+        attention kernel reads one)."""
         packed = pack(pairs, groups, self._device, share_prefix=self.share_prefix)
         if self.attention in VARLEN_BACKENDS:
             packed.with_varlen_layout()
-        return self.model(packed).tolist()
+        return packed
 
     # --- CUDA graphs ---------------------------------------------------------------------
 
@@ -202,7 +221,7 @@ class PackedEngine:
         return mode == "on" or graphs_pay(model_family(self.model), dtype, quantized)
 
     def enable_graphs(
-        self, capture: Capture = cuda_capture, capacity: int = DEFAULT_CAPACITY
+        self, capture: Capture | None = None, capacity: int = DEFAULT_CAPACITY
     ) -> bool:
         """Replay captured graphs from now on (engine/cuda_graphs.py) if they give the
         uncaptured forward's scores on the probe batch and on the same batch reversed (the
@@ -245,13 +264,22 @@ class PackedEngine:
         if self.graphs is None:
             return None
         layout = self.graphs.layout(pairs, groups)
-        return layout if self.graphs.admits(layout.bucket) else None
+        return layout if self.graphs.offer(layout.bucket) else None
 
     def _replay(self, layout: RowLayout) -> torch.Tensor:
-        """The graph runner's scores for `layout`; any failure (a capture that cannot run, out
-        of memory while capturing) turns graphs off for good, logged, and is raised."""
+        """The graph runner's scores for `layout`; raises what fails. Out of memory (while
+        capturing, most likely) leaves graphs on but that bucket without one; any other
+        failure (a capture that cannot run) turns graphs off for good, logged."""
         try:
             return self.graphs.launch(layout)
+        except torch.OutOfMemoryError:
+            self.graphs.refuse(layout.bucket)
+            log.warning(
+                "out of memory on a CUDA graph of %d rows; batches of that shape run "
+                "without a graph from now on",
+                layout.bucket.rows,
+            )
+            raise
         except Exception as exc:
             self.graphs = None
             log.warning(

@@ -15,8 +15,9 @@ them). Here a batch becomes that shape:
 - the score rows: each document's first row (an encoder's [CLS]) and last row (a decoder's
   score token), then row 0 for unused slots.
 
-Encoders share no prefix (their attention is bidirectional): their sequences' keys are
-their own rows, where the queries are, and nothing is gathered (`Bucket.keys` 0).
+Where no prefix is shared (always for encoders, whose attention is bidirectional) each
+sequence's keys are its own rows, where its queries are, and nothing is gathered
+(`Bucket.keys` 0).
 
 `Bucket` rounds every count up on a grid (`bucket_size`), so that a steady workload reuses a
 few captured graphs. `StaticInputs` holds one bucket's device buffers, which the graph reads,
@@ -100,8 +101,9 @@ def row_layout(
     pairs: Sequence[EncodedPair], groups: Sequence[int] | None, share_prefix: bool = True
 ) -> RowLayout:
     """`pairs` as one bucketed stream of rows (module docstring), shared prefixes as in
-    `batch.pack`. Without `share_prefix` (encoders: bidirectional attention) no key is
-    gathered: each sequence's keys are its own rows, where its queries are."""
+    `batch.pack`. Where no prefix is shared (always without `share_prefix`: encoders,
+    whose attention is bidirectional) no key is gathered: each sequence's keys are its own
+    rows, where its queries are."""
     prefix_len, prefix_of, prefix_ids = shared_prefixes(pairs, groups, share_prefix)
     prefix_starts = np.cumsum([0, *map(len, prefix_ids)]).tolist()
     typed = bool(pairs) and pairs[0].token_type_ids is not None
@@ -136,7 +138,9 @@ def row_layout(
         q_lengths.append(n)
         keys.append(np.arange(start, start + n))
     k_lengths = _key_lengths(q_lengths, prefix_len, len(prefix_ids))
-    gather = np.concatenate(keys) if share_prefix else None
+    # no prefix formed (encoders never share one): each sequence's keys are its own rows,
+    # where its queries are; gathering them would copy every key and value for nothing
+    gather = np.concatenate(keys) if prefix_ids else None
     bucket = Bucket(
         rows=rows,
         sequences=bucket_size(len(q_lengths), SEQUENCE_STEPS, MIN_SEQUENCES),
@@ -151,7 +155,7 @@ def row_layout(
         positions=np.concatenate(positions),
         types=np.concatenate(types) if typed else None,
         cu_q=cu_q,
-        cu_k=np.cumsum([0, *k_lengths]).tolist() if share_prefix else cu_q,
+        cu_k=cu_q if gather is None else np.cumsum([0, *k_lengths]).tolist(),
         gather=gather,
         first=first,
         last=last,

@@ -25,9 +25,9 @@ CUDA = torch.device("cuda")
 TOLERANCE = 2e-2
 
 
-def _served(fixture: str = "qwen3"):
+def _served(fixture: str = "qwen3", compile: str = "off"):
     """The fixture as `serve --device cuda --dtype bfloat16 --cuda-graphs on` loads it
-    (eager: the benchmark measures graphs over compiled kernels)."""
+    (eager unless `compile`: `--compile auto` compiles the decoders on CUDA)."""
     return loaded_fixture(
         fixture,
         FIXTURES[fixture],
@@ -35,6 +35,7 @@ def _served(fixture: str = "qwen3"):
         dtype="bfloat16",
         attention="auto",
         cuda_graphs="on",
+        compile=compile,
     )
 
 
@@ -44,9 +45,12 @@ def _engine(served):
     return engine
 
 
-@pytest.mark.parametrize("fixture", FIXTURES)
-def test_graphs_turn_on_and_give_the_scores_without_them(fixture):
-    served = _served(fixture)
+@pytest.mark.parametrize(("fixture", "compile"), [*((f, "off") for f in FIXTURES), ("qwen3", "on")])
+def test_graphs_turn_on_and_give_the_scores_without_them(fixture, compile):
+    """Every family eager, and the decoder as served by default on CUDA: Inductor's
+    compiled per-token kernels inside the captured graph."""
+    served = _served(fixture, compile)
+    assert served.scheduler.engine.compiled == (compile == "on")
     engine = _engine(served)
     assert engine.graphs.captures >= 1  # the start-up probe's bucket
     pairs, groups = _pairs(served)
