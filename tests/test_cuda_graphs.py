@@ -304,3 +304,48 @@ def test_graphs_stay_off_on_cpu(mode, warns, caplog):
 def test_unknown_graph_mode_names_the_flag():
     with pytest.raises(ValueError, match="unknown --cuda-graphs 'yes'; use auto, on or off"):
         check_modes("none", "auto", "auto", "yes")
+
+
+def test_the_scheduler_one_ahead_with_graphs_scores_diverse_traffic_exactly(serve, monkeypatch):
+    """Many requests of many shapes through the real scheduler, one batch ahead (forced
+    on CPU), graphs on with few places and a short staleness window: batches replay,
+    capture, replace stale graphs or run without one, prepared one ahead of the collect
+    that may change the places; every request gets the scores the engine gives without
+    graphs."""
+    import asyncio
+    import random
+
+    from rerankd.metrics import Metrics
+    from rerankd.scheduler import Scheduler
+
+    monkeypatch.setattr(cuda_graphs, "STALE_AFTER", 2)
+    monkeypatch.setattr(PackedEngine, "pipelined", property(lambda self: True))
+    served = serve("qwen3")
+    engine = served.scheduler.engine
+    rng = random.Random(0)
+    words = ["capital", "china", "paris", "seine", "gravity", "force", "yes", "no", "the"]
+    requests = []
+    for _ in range(24):
+        documents = [" ".join(rng.choices(words, k=rng.randint(0, 30))) for _ in range(4)]
+        documents = documents[: rng.randint(1, 4)]
+        query = " ".join(rng.choices(words, k=rng.randint(1, 6)))
+        requests.append(served.recipe.encode([query] * len(documents), documents))
+    expected = [engine.score(Batch(pairs, [0] * len(pairs))) for pairs in requests]
+    assert engine.enable_graphs(capture=stand_in_capture, capacity=2)
+
+    async def main():
+        scheduler = Scheduler(engine, Metrics(), "qwen3", max_batch_tokens=300)
+        tasks = [asyncio.create_task(scheduler.submit(p)) for p in requests]
+        await asyncio.sleep(0)
+        scheduler.start()
+        try:
+            return await asyncio.gather(*tasks)
+        finally:
+            await scheduler.stop()
+
+    got = asyncio.run(main())
+    for scores, want in zip(got, expected, strict=True):
+        assert scores == pytest.approx(want, abs=1e-5)
+    runner = engine.graphs
+    assert runner is not None and runner.captures > 2  # places were taken over
+    assert runner.seen > runner.captures  # and some batches replayed or ran without one
