@@ -66,6 +66,7 @@ def load_model(settings: Settings, metrics: Metrics) -> ServedModel:
         dtype=engine.dtype,
         quantization=None if settings.quantize == "none" else settings.quantize,
         compiled=bool(getattr(engine, "compiled", False)),
+        cuda_graphs=lambda: getattr(engine, "graphs", None) is not None,
     )
 
 

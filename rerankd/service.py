@@ -12,7 +12,7 @@ import functools
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -55,6 +55,9 @@ class ServedModel:
     dtype: str | None = None
     quantization: str | None = None
     compiled: bool | None = None
+    #: whether the engine replays CUDA graphs now, read live (they turn off, logged, if a
+    #: capture fails while serving); None where not known
+    cuda_graphs: Callable[[], bool] | None = None
 
     @property
     def max_length(self) -> int:

@@ -318,6 +318,7 @@ async def models(request: Request) -> JSONResponse:
             "dtype": m.dtype,
             "quantization": m.quantization,
             "compiled": m.compiled,
+            "cuda_graphs": m.cuda_graphs() if m.cuda_graphs is not None else None,
         }
         for m in _service(request).models
     ]

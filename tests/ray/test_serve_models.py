@@ -87,7 +87,7 @@ def requests_for(model_dirs: dict[str, Path]) -> list[tuple[str, str, Any]]:
 
 
 #: how a model runs, which only its engine replica knows: the Ray ingress lists them as null
-ENGINE_FACTS = ("device", "dtype", "quantization", "compiled")
+ENGINE_FACTS = ("device", "dtype", "quantization", "compiled", "cuda_graphs")
 
 
 def _without_engine_facts(response: httpx.Response, ray: bool = True) -> httpx.Response:
