@@ -117,6 +117,11 @@ def load_engine(settings: Settings, model_dir: Path, config: Any, recipe: Recipe
         raise ModelLoadError(
             f"could not load the weights in {str(model_dir)!r}: {type(exc).__name__}: {exc}"
         ) from exc
+    if settings.cuda_graphs == "on" and not hasattr(engine, "graphs"):
+        # the packed engine says itself why it runs without; other engines have no graphs
+        log.warning(
+            "--cuda-graphs on: the %s engine has no CUDA graphs; running without", engine.name
+        )
     if settings.fault_injection:
         from rerankd.engine.faults import FaultInjectingEngine, FaultPlan
 

@@ -301,6 +301,12 @@ def test_graphs_stay_off_on_cpu(mode, warns, caplog):
     assert ("--cuda-graphs on: they run on CUDA only" in caplog.text) == warns
 
 
+def test_an_engine_without_graphs_says_so_under_graphs_on(caplog):
+    with caplog.at_level(logging.WARNING):
+        loaded_fixture("qwen3", 512, engine="transformers", cuda_graphs="on")
+    assert "--cuda-graphs on: the transformers engine has no CUDA graphs" in caplog.text
+
+
 def test_unknown_graph_mode_names_the_flag():
     with pytest.raises(ValueError, match="unknown --cuda-graphs 'yes'; use auto, on or off"):
         check_modes("none", "auto", "auto", "yes")
