@@ -45,7 +45,11 @@ def load_model(settings: Settings, metrics: Metrics) -> ServedModel:
     )
     kernels = [f"{engine.attention} attention"] if hasattr(engine, "attention") else []
     kernels += ["compiled"] if getattr(engine, "compiled", False) else []
-    kernels += ["CUDA graphs"] if getattr(engine, "graphs", None) is not None else []
+
+    def graphs_on() -> bool:  # read live: graphs turn off if a capture fails while serving
+        return getattr(engine, "graphs", None) is not None
+
+    kernels += ["CUDA graphs"] if graphs_on() else []
     log.info(
         "loaded %s (recipe %s, %s engine, %s, max %d tokens/pair) in %.1fs",
         settings.model,
@@ -66,7 +70,7 @@ def load_model(settings: Settings, metrics: Metrics) -> ServedModel:
         dtype=engine.dtype,
         quantization=None if settings.quantize == "none" else settings.quantize,
         compiled=bool(getattr(engine, "compiled", False)),
-        cuda_graphs=lambda: getattr(engine, "graphs", None) is not None,
+        cuda_graphs=graphs_on,
     )
 
 

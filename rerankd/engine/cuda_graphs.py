@@ -7,8 +7,8 @@ launchers, was the limit. A captured graph replays all of a forward's kernels in
 
 A graph replays fixed shapes on fixed memory, so a batch is first laid out as a bucketed
 stream (`ops.static_batch`), copied into that bucket's input buffers and replayed. The
-first batch of a bucket captures it: two warm-up runs on a side stream (compiled kernels
-and the allocator settle), then the capture. The graphs share one memory pool (one replay
+first batch of a bucket captures it: two warm-up runs (compiled kernels and the allocator
+settle), then the capture, both on the runner's own stream. The graphs share one memory pool (one replay
 at a time, each one's scores copied out right after it), and at most `capacity` are kept.
 
 A capture costs about three forwards, so traffic whose shapes keep changing must not
@@ -108,10 +108,6 @@ def _abandon(graph: torch.cuda.CUDAGraph) -> None:
         except Exception:  # never began, or another signature: nothing more to undo here
             continue
     log.warning("a failed CUDA graph capture may leave the allocator routing to its pool")
-
-
-def cuda_pool() -> object:
-    return torch.cuda.graph_pool_handle()
 
 
 class _Graph:
@@ -215,7 +211,7 @@ class GraphRunner:
         if self._capture is None:
             self._capture = CudaCapture()
         if self._pool is None and self.device.type == "cuda":
-            self._pool = cuda_pool()
+            self._pool = torch.cuda.graph_pool_handle()
         replay, output = self._capture(lambda: self.model.forward_rows(inputs), self._pool)
         while len(self._graphs) >= self.capacity:
             self._graphs.popitem(last=False)

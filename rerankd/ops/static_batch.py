@@ -43,7 +43,7 @@ PAD_SEQUENCE = 128
 ROW_STEPS = 16
 #: the same for sequences (prefixes, documents and padding sequences): powers of two, as an
 #: empty sequence slot costs attention blocks that return at once, and fewer buckets mean
-#: fewer captures (W-GPU's 102 sequences: 128)
+#: fewer captures (W-GPU's 109 sequences: 128)
 SEQUENCE_STEPS = 1
 #: smallest row and sequence buckets, and the smallest maximum length
 MIN_ROWS = 64
@@ -111,6 +111,7 @@ def row_layout(
     positions = [np.arange(len(p)) for p in prefix_ids]
     types = [np.zeros(len(p), dtype=np.int64) for p in prefix_ids]
     q_lengths = [len(p) for p in prefix_ids]
+    k_lengths = list(q_lengths)  # a prefix attends to itself
     keys = [
         np.arange(start, start + len(p))
         for start, p in zip(prefix_starts[:-1], prefix_ids, strict=True)
@@ -123,6 +124,7 @@ def row_layout(
         if typed:
             types.append(np.asarray(pair.token_type_ids[skip:], dtype=np.int64))
         q_lengths.append(own)
+        k_lengths.append(skip + own)  # its prefix's rows (skip is 0 without one), its own
         if prefix >= 0:
             keys.append(np.arange(prefix_starts[prefix], prefix_starts[prefix] + skip))
         keys.append(np.arange(row, row + own))
@@ -136,8 +138,8 @@ def row_layout(
         positions.append(np.arange(n))
         types.append(np.zeros(n, dtype=np.int64))
         q_lengths.append(n)
+        k_lengths.append(n)
         keys.append(np.arange(start, start + n))
-    k_lengths = _key_lengths(q_lengths, prefix_len, len(prefix_ids))
     # no prefix formed (encoders never share one): each sequence's keys are its own rows,
     # where its queries are; gathering them would copy every key and value for nothing
     gather = np.concatenate(keys) if prefix_ids else None
@@ -161,14 +163,6 @@ def row_layout(
         last=last,
         bucket=bucket,
     )
-
-
-def _key_lengths(q_lengths: list[int], prefix_len: list[int], prefixes: int) -> list[int]:
-    """Keys per sequence: a prefix's and a padding sequence's are its queries; a document's
-    are its prefix's rows and its own."""
-    documents = len(prefix_len)
-    extra = [0] * prefixes + list(prefix_len) + [0] * (len(q_lengths) - prefixes - documents)
-    return [q + p for q, p in zip(q_lengths, extra, strict=True)]
 
 
 def _padded(values: Sequence[int] | np.ndarray, size: int, fill: int) -> np.ndarray:
