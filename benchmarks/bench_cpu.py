@@ -58,6 +58,12 @@ if __package__ in (None, ""):  # run as a file: make `benchmarks` importable
 
 import httpx  # noqa: E402
 
+from benchmarks.cpu_classes import (  # noqa: E402
+    CLASS_ENV,
+    parse_classes,
+    run_per_class,
+    without_options,
+)
 from benchmarks.make_model import (  # noqa: E402
     SHAPES,
     cache_root,
@@ -75,6 +81,7 @@ from benchmarks.workload import (  # noqa: E402
     sweep_request,
     w_cpu,
 )
+from rerankd.ops.cpu import CPU_CLASSES  # noqa: E402
 from tests.harness import Server, free_port, spawn  # noqa: E402  (one harness: tests, scripts, benchmarks)
 
 PEERS = Path(__file__).resolve().parent / "peers"
@@ -681,6 +688,9 @@ def paired_ratios(runs: dict[str, dict[str, list]]) -> dict:
 
 def machine_info() -> dict:
     info = {"python": platform.python_version(), "cpus": os.cpu_count()}
+    if os.environ.get(CLASS_ENV):  # a child of --cpu-classes: the class it emulates
+        info["cpu_class"] = os.environ[CLASS_ENV]
+        info["cpu_caps"] = {k: v for k, v in CPU_CLASSES[info["cpu_class"]].items() if v}
     try:
         lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
         for line in lscpu.splitlines():
@@ -953,6 +963,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         "checkout (e.g. `git worktree add /tmp/base <commit>`) and print paired ratios "
         "against it",
     )
+    p.add_argument(
+        "--cpu-classes",
+        help="comma-separated CPU classes (rerankd.ops.cpu.CPU_CLASSES: "
+        + ", ".join(CPU_CLASSES)
+        + "): one run per class under its instruction-set caps (every engine, the GEMM peak "
+        "too), then one table; ratios are taken within a class (benchmarks/cpu_classes.py)",
+    )
     p.add_argument("--start-timeout", type=float, default=300)
     p.add_argument("--vllm-start-timeout", type=float, default=600)
     p.add_argument("--request-timeout", type=float, default=600)
@@ -963,6 +980,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.repeats, args.warmup, args.gemm_reps, args.sweep_repeats = 1, 1, 2, 1
         args.latency_samples = min(args.latency_samples, 5)
         args.tiny_latency_samples = min(args.tiny_latency_samples, 30)
+    if args.cpu_classes:
+        try:
+            args.cpu_classes = parse_classes(args.cpu_classes)
+        except ValueError as exc:
+            p.error(str(exc))
+        if args.replot or args.baseline_tree:
+            p.error("--cpu-classes runs fresh measurements of this tree only")
     if args.sweep and args.plot is None:
         args.plot = REPO / "docs" / "benchmarks-cpu.png"
     return args
@@ -987,10 +1011,88 @@ def replot(path: Path, out: Path) -> int:
     return 0
 
 
+def report_classes(by_class: dict[str, dict]) -> list[dict]:
+    """One row per CPU class from the children's JSON: each engine's docs/s (better mode),
+    the paired per-round ratio medians of that class's own run, rerankd's effective rate
+    against the class's own GEMM peak, and int8's fidelity."""
+    rows = []
+    for cpu_class, res in by_class.items():
+        best = {
+            e: max(
+                (res.get(e, {}).get(m, {}).get("docs_per_s") or 0.0)
+                for m in ("sequential", "concurrent")
+            )
+            for e in ENGINE_KEYS
+        }
+        peak = res.get("gemm", {}).get("peak_tflops") or float("nan")
+        per_doc = res.get("unshared_flops_per_run", float("nan")) / max(
+            res.get("docs_per_run", 1), 1
+        )
+        paired = {k: v["median"]["better"] for k, v in res.get("paired", {}).items()}
+        ratios = res.get("ratios", {})
+        fidelity = res.get(INT8_KEY, {}).get("fidelity_vs_bf16", {})
+        rows.append(
+            {
+                "cpu_class": cpu_class,
+                "gemm_peak_tflops": peak,
+                "docs_per_s": {e: r for e, r in best.items() if r},
+                "rerankd/vllm": paired.get("rerankd/vllm", ratios.get("rerankd/vllm")),
+                f"{INT8_KEY}/vllm": paired.get(f"{INT8_KEY}/vllm", ratios.get(f"{INT8_KEY}/vllm")),
+                "rerankd/transformers": ratios.get("rerankd/transformers"),
+                "rerankd_of_peak": best["rerankd"] * per_doc / 1e12 / peak
+                if best["rerankd"]
+                else None,
+                "int8_of_peak": best[INT8_KEY] * per_doc / 1e12 / peak if best[INT8_KEY] else None,
+                "int8_max_abs_diff": fidelity.get("max_abs_score_diff"),
+                "int8_pair_order": fidelity.get("pairwise_order_agreement"),
+                "failures": res.get("failures") or {},
+            }
+        )
+
+    def cell(x, fmt):
+        return "—" if x is None or x != x else format(x, fmt)
+
+    log("\n== W-CPU by CPU class (each class its own interleaved run; ratios within a class)")
+    log(
+        f"   {'class':<12}{'GEMM peak':>10}{'rerankd':>9}{'int8':>8}{'vllm':>8}{'transf.':>8}"
+        f"{'r/vllm':>8}{'i8/vllm':>8}{'r/tf':>7}{'r peak':>8}{'i8 peak':>8}{'i8 max|Δ|':>10}{'i8 order':>9}"
+    )
+    for r in rows:
+        d = r["docs_per_s"]
+        log(
+            f"   {r['cpu_class']:<12}{cell(r['gemm_peak_tflops'], '.3f'):>10}"
+            f"{cell(d.get('rerankd'), '.2f'):>9}{cell(d.get(INT8_KEY), '.2f'):>8}"
+            f"{cell(d.get('vllm'), '.2f'):>8}{cell(d.get('transformers'), '.2f'):>8}"
+            f"{cell(r['rerankd/vllm'], '.2f'):>8}{cell(r[f'{INT8_KEY}/vllm'], '.2f'):>8}"
+            f"{cell(r['rerankd/transformers'], '.2f'):>7}{cell(r['rerankd_of_peak'], '.0%'):>8}"
+            f"{cell(r['int8_of_peak'], '.0%'):>8}{cell(r['int8_max_abs_diff'], '.4f'):>10}"
+            f"{cell(r['int8_pair_order'], '.1%'):>9}"
+        )
+        for name, why in r["failures"].items():
+            log(f"   !! {r['cpu_class']} {name}: {why}")
+    log(
+        "   GEMM peak in TFLOP/s under the class's caps; docs/s in the better mode; r/vllm and "
+        "i8/vllm are paired per-round medians with --interleave. Classes other than the "
+        "machine's own are emulated (instruction sets capped, not the chip)."
+    )
+    return rows
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.replot:
         return replot(args.replot, args.plot or REPO / "docs" / "benchmarks-cpu.png")
+    if args.cpu_classes:
+        raw = sys.argv[1:] if argv is None else list(argv)
+        child = without_options(raw, ("--cpu-classes", "--json", "--plot"))
+        by_class = run_per_class("benchmarks.bench_cpu", child, args.cpu_classes, log, args.plot)
+        rows = report_classes(by_class)
+        if args.json:
+            args.json.write_text(
+                json.dumps({"classes": by_class, "table": rows}, indent=2, default=str) + "\n"
+            )
+            log(f"   results written: {args.json}")
+        return 0 if any(any(r["docs_per_s"].values()) for r in rows) else 1
     signal.signal(signal.SIGTERM, _on_signal)
     started = time.perf_counter()
     info = machine_info()
