@@ -81,6 +81,7 @@ from benchmarks.workload import (  # noqa: E402
     sweep_request,
     w_cpu,
 )
+from rerankd.allocator import allocator_in_use, find_tcmalloc  # noqa: E402
 from rerankd.ops.cpu import CPU_CLASSES  # noqa: E402
 from tests.harness import Server, free_port, spawn  # noqa: E402  (one harness: tests, scripts, benchmarks)
 
@@ -586,10 +587,17 @@ def vllm_server(args, model_dir: Path, logdir: Path, key: str) -> Server:
         # vLLM's default on x86 reserves one core for its scheduler/frontend and computes on
         # the rest: 1 of 2 cores here. "all" computes on every core, as rerankd does.
         env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
+    preload = []
+    tcmalloc = None if args.vllm_system_malloc else find_tcmalloc()
+    if tcmalloc:  # vLLM's CPU install advice, and what rerankd serve preloads itself
+        preload.append(tcmalloc)
     if args.vllm_iomp:
         iomp = Path(args.vllm_venv).expanduser() / "lib" / "libiomp5.so"
         if iomp.is_file():
-            env["LD_PRELOAD"] = str(iomp)
+            preload.append(str(iomp))
+    if preload:
+        env["LD_PRELOAD"] = " ".join(preload)
+        log(f"   {key}: LD_PRELOAD={env['LD_PRELOAD']}")
     return start_server(key, cmd, port, env, logdir)
 
 
@@ -618,7 +626,9 @@ def bench_interleaved(
                 wait_healthy(srv, args.start_timeout)
                 score = http_scorer(srv.url, "/v1/rerank", None, args.request_timeout)
                 warm(score, args.warmup, key)
-            results[key] = {"startup_s": srv.startup_s}
+            allocator = allocator_in_use(f"/proc/{srv.pid}/maps")
+            log(f"   {key}: memory allocator {allocator}")
+            results[key] = {"startup_s": srv.startup_s, "allocator": allocator}
             srv.pause()
             servers[key] = (srv, score)
         runs: dict[str, dict[str, list]] = {k: {"sequential": [], "concurrent": []} for k in keys}
@@ -943,6 +953,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--vllm-iomp",
         action="store_true",
         help="LD_PRELOAD the venv's libiomp5.so (vLLM's CPU install advice)",
+    )
+    p.add_argument(
+        "--vllm-system-malloc",
+        action="store_true",
+        help="do not LD_PRELOAD tcmalloc into vLLM where it is installed (preloading it is "
+        "vLLM's CPU install advice; rerankd serve preloads it itself, rerankd/allocator.py)",
     )
     p.add_argument(
         "--vllm-arg",
