@@ -1,4 +1,4 @@
-"""`rerankd serve` runs on tcmalloc where the system has it.
+"""`rerankd serve` and `rerankd rerank` run on tcmalloc where the system has it.
 
 A reranking server allocates the same large activations batch after batch. glibc malloc
 serves a large aligned block (torch's tensors) from a fresh `mmap`, or cannot reuse a freed
@@ -11,7 +11,7 @@ docs/s with peak RSS 3.6 -> 2.7 GB; a Qwen3-4B-shaped model (6 layers) 6.17 -> 6
 jemalloc (5.3, default settings) was slower than glibc there (5.34 docs/s): it hands freed
 memory back to the OS.
 
-An allocator can only be chosen before the process starts, so `serve` re-executes itself once
+An allocator can only be chosen before the process starts, so the command re-executes itself once
 with tcmalloc in `LD_PRELOAD` when the library is installed (Debian/Ubuntu:
 `libtcmalloc-minimal4`; the Docker image has it) and no other allocator is preloaded.
 `RERANKD_ALLOCATOR=system` keeps the C library's malloc.
@@ -53,7 +53,7 @@ def find_tcmalloc(directories: Sequence[str] = _DIRECTORIES) -> str | None:
 def preload_plan(
     env: Mapping[str, str], find: Callable[[], str | None] = find_tcmalloc
 ) -> str | None:
-    """The `LD_PRELOAD` to re-execute `serve` with, or None to keep this process as it is.
+    """The `LD_PRELOAD` to re-execute the command with, or None to keep this process as it is.
     A `RERANKD_ALLOCATOR` other than auto or system is a ValueError."""
     choice = env.get(ALLOCATOR_ENV, "").strip().lower() or "auto"
     if choice not in ("auto", "system"):

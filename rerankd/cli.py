@@ -308,7 +308,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"rerankd: {exc}", file=sys.stderr)
         return 2
     args = parser.parse_args(argv)
-    if argv is None and args.handler is _serve:  # the `rerankd serve` command itself
+    if argv is None and args.handler in (_serve, _rerank):  # the command itself, not a test
         try:
             reexec_with_tcmalloc()  # returns where it does not re-execute
         except ValueError as exc:
