@@ -26,7 +26,6 @@ def _serve(args: argparse.Namespace) -> int:
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    _log_allocator()
     from rerankd.errors import ModelLoadError
 
     try:
@@ -46,6 +45,7 @@ def _serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"rerankd: cannot start: {exc}", file=sys.stderr)
         return 2
+    _log_allocator()  # after the usage checks: a refused start prints its one line only
     if settings.ray:
         return _serve_on_ray(settings)
     from rerankd.server import serve

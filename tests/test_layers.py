@@ -12,7 +12,7 @@ layer or from layers below it:
     engine/       Batch -> raw scores; builds our models (engine/factory.py)
     models/       our model code (decoder, encoder, weights, configs)
     ops/          leaf kernels: batch packing, attention, AMX, oneDNN, prepack, int8, CPU flags
-    foundation    types, errors, metrics, settings, client, the package root
+    foundation    types, errors, metrics, settings, client, allocator, the package root
 
 Besides:
 - recipes/ (prompts, tokenization) import foundation only. service and the entry points use
@@ -37,7 +37,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "rerankd"
 
 ENTRY = ("cli", "server", "http_server", "runtime", "offline", "evaluation", "ray")
-FOUNDATION = ("types", "errors", "metrics", "settings", "client", "static", "")
+FOUNDATION = ("types", "errors", "metrics", "settings", "client", "static", "allocator", "")
 #: rank of each layer: a module imports only layers of its rank or lower
 RANK = {
     **dict.fromkeys(FOUNDATION, 0),

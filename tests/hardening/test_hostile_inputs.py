@@ -258,23 +258,28 @@ def test_a_10_mb_rank_fields_value_with_truncation_is_cut_and_scored_fast(hostil
     assert abs(scores_of(response.json())[0] - scores_of(reference.json())[0]) <= 1e-6
 
 
-def test_memory_comes_back_to_a_plateau_over_20_oversized_requests(hostile):
-    """RSS after 20 oversized requests is where it was after the first 2 (freed memory is
-    reused, not held per request: the issue saw +1.5 GB per 10 MB instruction)."""
+def test_memory_comes_back_to_a_plateau_over_32_oversized_requests(hostile):
+    """RSS stops growing under oversized requests: over the last 16 of 32 it grows by at most
+    32 MiB (2 MiB a request; the issue saw +1.5 GB per 10 MB instruction), and 400 MiB in all.
+    The plateau is taken after 16 requests, not 2: tcmalloc (which `rerankd serve` preloads
+    where installed) settles later than glibc when the server's earlier hostile traffic left
+    its page heap fragmented (+77 MiB between requests 2 and 20 once in a full run; on a
+    fresh server +21, then flat to request 48), while a per-request leak still shows in the
+    second half."""
     cases = list(OVERSIZED.values()) + [
         ("/v1/rerank", {"query": "q", "documents": [TEN_MB]}),  # cut and scored
     ]
     with httpx.Client(base_url=hostile.url, timeout=60) as client:
         before = hostile.rss_bytes()
         after_each = []
-        for n in range(20):
+        for n in range(32):
             path, payload = cases[n % len(cases)]
             assert client.post(path, json=payload).status_code in (200, 400)
             after_each.append(hostile.rss_bytes())
-    plateau, final = after_each[1], after_each[-1]
-    assert final - plateau <= 64 * MIB, (
-        f"RSS kept growing: {before / MIB:.0f} MiB before, {plateau / MIB:.0f} after 2, "
-        f"{final / MIB:.0f} after 20 oversized requests"
+    plateau, final = after_each[15], after_each[-1]
+    assert final - plateau <= 32 * MIB, (
+        f"RSS kept growing: {before / MIB:.0f} MiB before, {plateau / MIB:.0f} after 16, "
+        f"{final / MIB:.0f} after 32 oversized requests"
     )
     assert final - before <= 400 * MIB, (before / MIB, final / MIB)
 
