@@ -60,6 +60,7 @@ import httpx  # noqa: E402
 
 from benchmarks.cpu_classes import (  # noqa: E402
     CLASS_ENV,
+    class_caps,
     parse_classes,
     run_per_class,
     without_options,
@@ -700,7 +701,7 @@ def machine_info() -> dict:
     info = {"python": platform.python_version(), "cpus": os.cpu_count()}
     if os.environ.get(CLASS_ENV):  # a child of --cpu-classes: the class it emulates
         info["cpu_class"] = os.environ[CLASS_ENV]
-        info["cpu_caps"] = {k: v for k, v in CPU_CLASSES[info["cpu_class"]].items() if v}
+        info["cpu_caps"] = class_caps(info["cpu_class"])
     try:
         lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
         for line in lscpu.splitlines():
@@ -1089,7 +1090,8 @@ def report_classes(by_class: dict[str, dict]) -> list[dict]:
     log(
         "   GEMM peak in TFLOP/s under the class's caps; docs/s in the better mode; r/vllm and "
         "i8/vllm are paired per-round medians with --interleave. Classes other than the "
-        "machine's own are emulated (instruction sets capped, not the chip)."
+        "machine's own are emulated (instruction sets capped, not the chip), and a peer's own "
+        "kernels that read CPUID themselves may ignore the caps."
     )
     return rows
 

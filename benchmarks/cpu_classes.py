@@ -10,8 +10,8 @@ sees the class's instruction sets, and gathers the children's JSON into one repo
 Ratios are only taken within a class: each child is its own interleaved run, and a capped
 Xeon is not the class's chip (caches, clocks and port counts stay the Xeon's), so rates
 across classes say which kernels run and roughly how they compare, not what a Zen 4 does.
-A peer's own kernels may ignore the caps where they read CPUID themselves; the report says
-so rather than assume otherwise.
+A peer's own kernels may ignore the caps where they read CPUID themselves; the table's
+footer says so rather than assume otherwise.
 """
 
 from __future__ import annotations
@@ -67,9 +67,14 @@ def class_environment(cpu_class: str, base: dict[str, str] | None = None) -> dic
     return {**clean, **CPU_CLASSES[cpu_class], CLASS_ENV: cpu_class}
 
 
+def class_caps(cpu_class: str) -> dict[str, str]:
+    """The variables a class sets to a value (none for the machine's own class)."""
+    return {k: v for k, v in CPU_CLASSES[cpu_class].items() if v}
+
+
 def caps_text(cpu_class: str) -> str:
-    """The caps a class sets, for the log ("none" for the machine's own class)."""
-    caps = {k: v for k, v in CPU_CLASSES[cpu_class].items() if v}
+    """The caps a class sets, for the log."""
+    caps = class_caps(cpu_class)
     return ", ".join(f"{k}={v}" for k, v in caps.items()) or "none (the machine itself)"
 
 

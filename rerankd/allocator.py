@@ -8,8 +8,8 @@ kernel. tcmalloc keeps and reuses them. Measured on the 2-core AMX Xeon (docs/be
 `engine/malloc.py` against `LD_PRELOAD` tcmalloc: the Qwen3-0.6B shape 7.44-7.72 -> 7.74-7.87
 docs/s with peak RSS 3.6 -> 2.7 GB; a Qwen3-4B-shaped model (6 layers) 6.17 -> 6.91 docs/s
 (150,000-230,000 page faults per 16-document request before) with peak RSS 4.6 -> 4.1 GB.
-jemalloc (5.3, default settings) was slower than glibc there (5.34 docs/s): it hands freed
-memory back to the OS.
+jemalloc (5.3, default settings) was slower than glibc there (5.34 docs/s on the 4B shape;
+likely its decay handing freed memory back to the OS, not measured).
 
 An allocator can only be chosen before the process starts, so the command re-executes itself once
 with tcmalloc in `LD_PRELOAD` when the library is installed (Debian/Ubuntu:

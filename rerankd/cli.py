@@ -69,7 +69,7 @@ def _log_allocator() -> None:
     elif sys.platform.startswith("linux") and find_tcmalloc() is None:
         log.info(
             "memory allocator: the C library's; with tcmalloc installed (Debian/Ubuntu: "
-            "libtcmalloc-minimal4) rerankd serve uses it: faster on CPU, less memory"
+            "libtcmalloc-minimal4) rerankd uses it: faster on CPU, less memory"
         )
 
 

@@ -8,8 +8,9 @@ launchers, was the limit. A captured graph replays all of a forward's kernels in
 A graph replays fixed shapes on fixed memory, so a batch is first laid out as a bucketed
 stream (`ops.static_batch`), copied into that bucket's input buffers and replayed. The
 first batch of a bucket captures it: two warm-up runs (compiled kernels and the allocator
-settle), then the capture, both on the runner's own stream. The graphs share one memory pool (one replay
-at a time, each one's scores copied out right after it), and at most `capacity` are kept.
+settle), then the capture, both on the runner's own stream. The graphs share one memory
+pool (one replay at a time, each one's scores copied out right after it), and at most
+`capacity` are kept.
 
 A capture costs about three forwards, so traffic whose shapes keep changing must not
 recapture batch after batch. When all places are taken, a new bucket replaces the least
