@@ -109,6 +109,33 @@ def test_key_rows_an_odd_number_of_elements_apart():
 
 
 @needs_kernel
+def test_softmax_over_scores_hundreds_apart_matches_float32():
+    """Scores spread over hundreds (exponents far below float's range, the kernel's own exp
+    clamps them) still give float32 SDPA's attention within bf16 rounding."""
+    batch = _batch([40, 130, 3], prefix_len=24)
+    q, k, v = _tensors(len(batch.input_ids), 4, 2, 32, seed=21)
+    _, pk, pv = _tensors(24, 4, 2, 32, seed=22)
+    q = (q.float() * 40).to(torch.bfloat16)  # scores of ±hundreds
+    reference = _float32_reference(q, k, v, batch, (pk, pv), True, 32**-0.5)
+    got = amx_attention(q, k, v, batch, (pk, pv), True, 32**-0.5)
+    assert torch.isfinite(got).all()
+    assert (got.float() - reference).abs().max().item() < 2e-2
+
+
+@needs_kernel
+def test_a_nan_key_poisons_its_own_sequence_only():
+    """A NaN reaching attention stays NaN in the sequences that attend to it (the engine
+    refuses NaN scores rather than serve them) and nowhere else."""
+    batch = _batch([20, 30], prefix_len=0)
+    q, k, v = _tensors(len(batch.input_ids), 4, 2, 16, seed=23)
+    k[25, 1, 3] = float("nan")  # second sequence, its 6th token, kv head 1
+    got = amx_attention(q, k, v, batch, None, False, 0.25)
+    assert torch.isfinite(got[:20]).all()
+    assert got[20:, 2:].isnan().any(dim=-1).all()  # query heads 2, 3 share kv head 1
+    assert torch.isfinite(got[20:, :2]).all()
+
+
+@needs_kernel
 def test_kernel_is_deterministic_and_batch_independent():
     """A sequence's output does not depend on what else is in the batch."""
     batch = _batch([50, 90, 17], prefix_len=20)
