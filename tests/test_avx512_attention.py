@@ -80,6 +80,19 @@ def test_online_softmax_over_peaked_rows():
 
 
 @needs_kernel
+def test_a_nan_key_poisons_its_own_sequence_only():
+    """As the AMX kernel: a NaN reaching attention stays NaN where it is attended to (the
+    clamp in the kernel's exp keeps NaN) and nowhere else."""
+    batch = _batch([20, 30], prefix_len=0)
+    q, k, v = _tensors(len(batch.input_ids), 4, 2, 16, seed=23)
+    k[25, 1, 3] = float("nan")
+    got = avx512_attention(q, k, v, batch, None, False, 0.25)
+    assert torch.isfinite(got[:20]).all()
+    assert got[20:, 2:].isnan().any(dim=-1).all()
+    assert torch.isfinite(got[20:, :2]).all()
+
+
+@needs_kernel
 @pytest.mark.parametrize("causal", [True, False])
 def test_kernel_without_prefix_and_into_strided_views(causal):
     """No prefix (encoders, the prefix stream itself), q/k/v as views of one fused projection
