@@ -191,3 +191,17 @@ def test_kernel_needs_both_amx_and_avx512_bf16(monkeypatch, flags):
         assert amx_kernel.load_kernel() is None
     finally:
         amx_kernel.load_kernel.cache_clear()
+
+
+def test_an_edited_header_gets_a_fresh_build_directory(tmp_path, monkeypatch):
+    """The kernels include headers beside them (softmax_exp.h): editing one must build
+    anew, never load the binary built from the old header."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "builds"))
+    source = tmp_path / "kernel.cpp"
+    source.write_text('#include "helper.h"\n')
+    header = tmp_path / "helper.h"
+    header.write_text("inline int f() { return 1; }\n")
+    first = amx_kernel.build_directory(source, "k")
+    assert amx_kernel.build_directory(source, "k") == first
+    header.write_text("inline int f() { return 2; }\n")
+    assert amx_kernel.build_directory(source, "k") != first

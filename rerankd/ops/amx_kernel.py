@@ -56,7 +56,11 @@ _STALE_LOCK_SECONDS = 600
 
 def build_directory(source: Path = SOURCE, name: str = "rerankd_amx_attention") -> Path:
     """Where this torch version's build of this exact kernel source lives."""
-    digest = hashlib.sha256(source.read_bytes() + " ".join(_CFLAGS).encode()).hexdigest()[:12]
+    # the headers beside it too (softmax_exp.h): an edited header must not load a stale build
+    headers = b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.h")))
+    digest = hashlib.sha256(
+        source.read_bytes() + headers + " ".join(_CFLAGS).encode()
+    ).hexdigest()[:12]
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions"
     version = torch.__version__.replace("+", "_")
     path = Path(root) / f"{name}-torch{version}-{digest}"

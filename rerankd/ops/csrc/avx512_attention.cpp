@@ -25,6 +25,8 @@
 #include <ATen/native/cpu/utils.h>
 #include <immintrin.h>
 
+#include "softmax_exp.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -179,27 +181,6 @@ void pack_values(const KeyRows& values, BFloat16* dst, int64_t width, int64_t D,
 }
 
 // --- online softmax -----------------------------------------------------------------------
-
-// e^x for x <= 0 (a softmax's shifted scores): 2^(x log2 e) split into an integer power
-// (vscalefps) and a fraction in [-0.5, 0.5] (degree-5 Taylor, < 3e-6 relative, far below
-// bf16's 2^-9). Ten vector ops, against exp_u20's longer range reduction: 3 % of a W-CPU
-// layer's attention (67.3 ms against 69.3, one thread, the AMX Xeon's cores, 7 rounds
-// interleaved), the same max |delta| to float32 SDPA. The AMX kernel has the same function.
-inline __m512 exp_nonpositive(__m512 x) {
-  // max's second operand wins when either is NaN: a NaN score stays NaN (the engine
-  // refuses NaN scores rather than serve them)
-  const __m512 t = _mm512_mul_ps(_mm512_max_ps(_mm512_set1_ps(-87.f), x),
-                                 _mm512_set1_ps(1.4426950408889634f));
-  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(t, n);
-  __m512 p = _mm512_set1_ps(1.3333558146428443e-3f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(p, n);
-}
 
 // One row's step over a block of keys: scores s[0:n) (n <= 64 valid keys, the rest of the
 // 64 ignored) update the running max m and sum l; probs[0:64) = bf16(exp(s scale - m)),
