@@ -58,9 +58,8 @@ def build_directory(source: Path = SOURCE, name: str = "rerankd_amx_attention") 
     """Where this torch version's build of this exact kernel source lives."""
     # the headers beside it too (softmax_exp.h): an edited header must not load a stale build
     headers = b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.h")))
-    digest = hashlib.sha256(
-        source.read_bytes() + headers + " ".join(_CFLAGS).encode()
-    ).hexdigest()[:12]
+    flags = " ".join(_CFLAGS).encode()
+    digest = hashlib.sha256(source.read_bytes() + headers + flags).hexdigest()[:12]
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions"
     version = torch.__version__.replace("+", "_")
     path = Path(root) / f"{name}-torch{version}-{digest}"
