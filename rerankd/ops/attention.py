@@ -106,6 +106,68 @@ def sdpa_attention(
     return out
 
 
+#: sequences per SDPA call of `last_token_attention`. Its mask spans the group's rows, so a
+#: query is also scored against its neighbours' keys (masked out): bounded work per group
+LAST_TOKEN_GROUP = 32
+
+
+def last_token_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    batch: PackedBatch,
+    shared: int,
+    scale: float,
+) -> torch.Tensor:
+    """Attention of each sequence's last token only: q (N, H, D) holds the last tokens'
+    queries; k/v (rows, KVH, D) are the whole stream's as the decoder lays it out (the
+    `shared` rows of the shared prefixes first, then the batch's rows) → (N, H, D).
+
+    A last token sees every key of its sequence, its prefix's and its own, so causality
+    needs no mask of its own: one SDPA call per group of sequences, over the prefixes' and
+    the group's rows, with a mask that keeps each query to its sequence's keys."""
+    out = torch.empty_like(q)
+    gqa = q.shape[1] != k.shape[1]
+    # no fused CUDA kernel takes a mask with GQA: expanded heads run the memory-efficient one
+    expand = gqa and q.device.type != "cpu"
+    prefix_starts, prefix_lengths = batch.prefix_starts, batch.prefix_lengths
+    for g0 in range(0, batch.num_sequences, LAST_TOKEN_GROUP):
+        g1 = min(batch.num_sequences, g0 + LAST_TOKEN_GROUP)
+        first = shared + batch.starts[g0]
+        end = shared + batch.starts[g1 - 1] + batch.lengths[g1 - 1]
+        # key columns: the prefixes' rows [0, shared), then the group's rows [first, end)
+        if shared == 0 or first == shared:  # adjacent in the stream: a view
+            kg, vg = k[first - shared : end], v[first - shared : end]
+        else:
+            kg, vg = torch.cat((k[:shared], k[first:end])), torch.cat((v[:shared], v[first:end]))
+        bounds = [[], [], [], []]  # per query: prefix columns [lo, hi), own columns [lo, hi)
+        for i in range(g0, g1):
+            prefix = batch.prefix_of[i]
+            p_lo = prefix_starts[prefix] if prefix >= 0 else 0
+            bounds[0].append(p_lo)
+            bounds[1].append(p_lo + prefix_lengths[prefix] if prefix >= 0 else 0)
+            o_lo = 2 * shared + batch.starts[i] - first  # its first row's column
+            bounds[2].append(o_lo)
+            bounds[3].append(o_lo + batch.lengths[i])
+        p_lo, p_hi, o_lo, o_hi = (b[:, None] for b in upload(bounds, q.device))
+        cols = torch.arange(len(kg), device=q.device)[None, :]
+        mask = ((cols >= p_lo) & (cols < p_hi)) | ((cols >= o_lo) & (cols < o_hi))
+        kh, vh = kg.transpose(0, 1)[None], vg.transpose(0, 1)[None]  # (1, KVH, keys, D)
+        if expand:
+            kh = kh.repeat_interleave(q.shape[1] // kh.shape[1], dim=1)
+            vh = vh.repeat_interleave(q.shape[1] // vh.shape[1], dim=1)
+        o = F.scaled_dot_product_attention(
+            q[g0:g1].transpose(0, 1)[None],  # (1, H, g, D)
+            kh,
+            vh,
+            attn_mask=mask[None, None],
+            scale=scale,
+            enable_gqa=gqa and not expand,
+        )
+        out[g0:g1] = o[0].transpose(0, 1)
+    return out
+
+
 def _layout(batch: PackedBatch) -> VarlenLayout:
     """The batch's varlen layout, built on first use (once per batch, then cached on it)."""
     return batch.varlen if batch.varlen is not None else batch.with_varlen_layout().varlen

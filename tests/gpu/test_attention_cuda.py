@@ -8,9 +8,11 @@ import random
 import pytest
 import torch
 
+from rerankd.models.modernbert import band_sdpa_attention, windowed_varlen_attention
 from rerankd.ops.attention import (
     ATTENTION,
     cuda_backends,
+    last_token_attention,
     sdpa_attention,
     takes,
     torch_varlen_kernel,
@@ -68,3 +70,37 @@ def test_torch_varlen_is_first_where_it_exists():
         pytest.skip(f"torch {torch.__version__} has no varlen_attn")
     expected = ["varlen"] if takes(kernel, "enable_gqa") else ["flash_gqa", "varlen"]
     assert cuda_backends()[: len(expected)] == expected
+
+
+@pytest.mark.parametrize("heads", [(16, 8), (16, 16)], ids=["gqa", "mha"])
+@pytest.mark.parametrize("shared", [True, False], ids=["shared-prefix", "no-prefix"])
+def test_last_token_attention_matches_float32_sdpa_at_the_last_rows(shared, heads):
+    """The decoder's last layer (`last_token_attention`, CUDA: expanded heads and the
+    memory-efficient kernel with a mask) against full causal attention's last rows."""
+    cpu_batch, gpu_batch = _batch(torch.device("cpu"), shared), _batch(CUDA, shared)
+    q, k, v, prefix = _qkv(cpu_batch, *heads)
+    expected = sdpa_attention(q, k, v, cpu_batch, prefix, True, 128**-0.5)[cpu_batch.last]
+    stream_k = torch.cat((prefix[0], k)) if prefix else k
+    stream_v = torch.cat((prefix[1], v)) if prefix else v
+    shared_rows = sum(cpu_batch.prefix_lengths)
+    q_last, k_s, v_s = (t.to(CUDA, torch.bfloat16) for t in (q[cpu_batch.last], stream_k, stream_v))
+    got = last_token_attention(q_last, k_s, v_s, gpu_batch, shared_rows, 128**-0.5)
+    torch.testing.assert_close(got.float().cpu(), expected, atol=3e-2, rtol=3e-2)
+
+
+def test_windowed_varlen_equals_band_sdpa_on_cuda():
+    """ModernBERT's sliding-window layers: varlen with a window against banded SDPA."""
+    kernel = torch_varlen_kernel()
+    if kernel is None or not takes(kernel, "window_size"):
+        pytest.skip("this torch's varlen_attn takes no window_size")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    lengths = [3, 9, 10, 200, 1, 130]
+    pairs = [EncodedPair(tuple(range(n))) for n in lengths]
+    batch = pack(pairs, None, torch.device("cuda"), share_prefix=False)
+    q, k, v = (
+        torch.randn(sum(lengths), 4, 64, generator=gen, device="cuda", dtype=torch.bfloat16)
+        for _ in range(3)
+    )
+    got = windowed_varlen_attention(q, k, v, batch, 64, 0.125)
+    expected = band_sdpa_attention(q, k, v, batch, 64, 0.125)
+    assert (got.float() - expected.float()).abs().max().item() < 2e-2

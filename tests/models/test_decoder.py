@@ -13,6 +13,7 @@ from rerankd.models.decoder import (
     EAGER_TOKENS,
     Decoder,
     DecoderConfig,
+    TokenFunctions,
     project_tokens,
 )
 from rerankd.models.kernels import Kernels
@@ -111,3 +112,42 @@ def test_a_forward_uses_the_attention_kernel_chosen(monkeypatch):
         got = decoder(batch)
     assert calls == [23, 23]  # once per layer, over the whole stream
     assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("row_multiple", [1, 16])
+@pytest.mark.parametrize("shared_prefix", [True, False])
+def test_the_last_layer_computes_only_the_last_tokens_and_gives_the_same_states(
+    monkeypatch, shared_prefix, row_multiple
+):
+    """`last_only`: the last layer's attention, output projection and MLP run for each
+    sequence's last token only (N rows, padded to the stream's row multiple), and those
+    rows' hidden states equal the full forward's (float32)."""
+    from rerankd.ops import attention
+    from rerankd.ops.batch import pack
+    from rerankd.types import EncodedPair
+
+    torch.manual_seed(0)
+    decoder = Decoder(DecoderConfig.from_hf_config(_qwen3(num_hidden_layers=3))).eval()
+    decoder.set_row_multiple(row_multiple)
+    common = tuple(range(100, 112))
+    pairs = [EncodedPair(common + tuple(range(i, i + n))) for i, n in enumerate((7, 1, 30, 3, 12))]
+    pairs.append(EncodedPair(tuple(range(40, 49))))  # its own group: no prefix
+    batch = pack(pairs, [0, 0, 0, 0, 0, 1] if shared_prefix else None, torch.device("cpu"))
+    assert bool(batch.prefixes) == shared_prefix
+    finished = []
+
+    def counting_finish(block, x, y):
+        finished.append(len(x))
+        return EAGER_TOKENS.finish(block, x, y)
+
+    monkeypatch.setattr(attention, "LAST_TOKEN_GROUP", 4)  # two groups: a copy and a view
+    with torch.inference_mode():
+        expected = decoder(batch)[batch.last]
+        decoder.tokens = TokenFunctions(EAGER_TOKENS.project, counting_finish)
+        got = decoder(batch, last_only=True)
+    rows = len(batch.input_ids) + sum(batch.prefix_lengths)
+    padded = rows + -rows % row_multiple
+    # two full layers over the padded stream, then 6 rows (row multiple 1) or 16
+    assert finished == [padded, padded, 6 if row_multiple == 1 else 16]
+    assert got.shape == (6, 64)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)

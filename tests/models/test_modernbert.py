@@ -28,7 +28,6 @@ from rerankd.models.modernbert import (
     ModernBertConfig,
     band_sdpa_attention,
     load_modernbert,
-    windowed_varlen_attention,
 )
 from rerankd.models.weights import open_checkpoint
 from rerankd.ops.amx_kernel import load_kernel
@@ -319,23 +318,3 @@ def test_band_sdpa_attention_is_the_banded_math(bucket_tokens, monkeypatch):
     q, k, v = (torch.randn(sum(lengths), 2, 16, generator=gen) for _ in range(3))
     got = band_sdpa_attention(q, k, v, batch, 8, 0.25)
     assert torch.allclose(got, _band_reference(q, k, v, lengths, 8, 0.25), atol=1e-5)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_windowed_varlen_equals_band_sdpa_on_cuda():
-    from rerankd.ops.attention import takes, torch_varlen_kernel
-
-    kernel = torch_varlen_kernel()
-    if kernel is None or not takes(kernel, "window_size"):
-        pytest.skip("this torch's varlen_attn takes no window_size")
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    lengths = [3, 9, 10, 200, 1, 130]
-    pairs = [EncodedPair(tuple(range(n))) for n in lengths]
-    batch = pack(pairs, None, torch.device("cuda"), share_prefix=False)
-    q, k, v = (
-        torch.randn(sum(lengths), 4, 64, generator=gen, device="cuda", dtype=torch.bfloat16)
-        for _ in range(3)
-    )
-    got = windowed_varlen_attention(q, k, v, batch, 64, 0.125)
-    expected = band_sdpa_attention(q, k, v, batch, 64, 0.125)
-    assert (got.float() - expected.float()).abs().max().item() < 2e-2
