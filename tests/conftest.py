@@ -21,6 +21,17 @@ from tests import harness  # noqa: E402
 from tests.fixtures.paths import fixture_dir  # noqa: E402
 
 SERVER_START_TIMEOUT_S = 120
+GPU_TESTS = Path(__file__).parent / "gpu"
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """`pytest -m gpu` looks in tests/gpu only: every GPU test lives there, and the GPU
+    machine lacks what other modules import at collection (hypothesis, ray, client
+    libraries)."""
+    if config.getoption("markexpr") != "gpu":
+        return None
+    inside = collection_path == GPU_TESTS or GPU_TESTS in collection_path.parents
+    return None if inside or collection_path in GPU_TESTS.parents else True
 
 
 @pytest.fixture(scope="session")
