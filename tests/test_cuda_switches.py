@@ -69,3 +69,25 @@ def test_cuda_switch_runs_each_layer_in_one_chunk_with_the_same_hidden_states():
     assert len(cuda_calls) == 2 * config.num_layers  # one project, one finish per layer
     assert cuda_calls[0] == ("project", 50 + 3 * 900)
     torch.testing.assert_close(outputs["cuda"], outputs["cpu"], atol=1e-5, rtol=1e-5)
+
+
+def test_cuda_attention_with_no_fused_kernel_left_warns_before_falling_back_to_sdpa(
+    monkeypatch, caplog
+):
+    """On CUDA, when every fused kernel fails to load or disagrees, the engine still serves
+    (per-sequence SDPA) but says at WARNING that this is the slow path."""
+    import logging
+    from types import SimpleNamespace
+
+    from rerankd.engine import packed_engine
+    from rerankd.engine.packed_engine import PackedEngine
+
+    monkeypatch.setattr(packed_engine, "cuda_backends", lambda: ["varlen", "flex"])
+    refusing = SimpleNamespace(_attention_agrees=lambda backend: False)
+    agreeing = SimpleNamespace(_attention_agrees=lambda backend: backend == "flex")
+    cuda = torch.device("cuda")
+    with caplog.at_level(logging.WARNING, logger=packed_engine.__name__):
+        assert PackedEngine._pick_attention(agreeing, "auto", cuda, torch.bfloat16) == "flex"
+        assert caplog.text == ""
+        assert PackedEngine._pick_attention(refusing, "auto", cuda, torch.bfloat16) == "sdpa"
+    assert "no fused CUDA attention kernel" in caplog.text and "math kernel" in caplog.text

@@ -360,7 +360,14 @@ class PackedEngine:
         if mode == "sdpa":
             return "sdpa"
         if device.type == "cuda":  # fused kernels only: see `attention.cuda_backends`
-            return next(filter(self._attention_agrees, cuda_backends()), "sdpa")
+            backend = next(filter(self._attention_agrees, cuda_backends()), None)
+            if backend is None:
+                log.warning(
+                    "no fused CUDA attention kernel loaded and agreed with SDPA (each "
+                    "refusal is logged above); using per-sequence SDPA, which with a shared "
+                    "prefix and GQA runs PyTorch's math kernel: slow"
+                )
+            return backend or "sdpa"
         cpu_bf16 = device.type == "cpu" and dtype == torch.bfloat16
         if mode == "auto":
             candidates = cpu_backends() if cpu_bf16 else iter(())
