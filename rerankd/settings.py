@@ -3,7 +3,10 @@
 Every flag `--some-flag` is also `RERANKD_SOME_FLAG`; a flag beats its variable. Lists
 (`--api-key`, `--served-model-name`, `--cors-origin`, `--models`) are repeatable flags or
 comma-separated variables; booleans are `--flag/--no-flag` or `true/false`. The object is
-passed down explicitly; no other module reads the environment for configuration.
+passed down explicitly; no other module reads the environment for a server setting. What
+others read is not one: `RERANKD_CPU_FLAGS` (ops/cpu.py, a CPU-class override for tests and
+benchmarks), the allocator preload (allocator.py, before Settings exist), and other tools'
+own variables (HF_HUB_OFFLINE, TORCH_EXTENSIONS_DIR, RAY_ADDRESS).
 """
 
 from __future__ import annotations
@@ -59,19 +62,6 @@ class Settings:
         "answers requests that do not send `cutoff_layers` (default: the last layer, as "
         "FlagEmbedding). An earlier layer is faster (no layer past it runs) but its head sits on "
         "a shallower model; the model card's example uses 28 of 40. Ignored by other models.",
-    )
-    compress_ratio: int | None = _opt(
-        None,
-        "Token-compressing rerankers (bge-reranker-v2.5-gemma2-lightweight): passage tokens "
-        "pooled into one for requests that do not send `compress_ratio` (default: the model "
-        "card's 2; 1: no compression, slower, scores as the uncompressed model). Ignored by "
-        "other models.",
-    )
-    compress_layers: list[str] = _opt(
-        [],
-        "Token-compressing rerankers: the layers before which the passage is pooled, for "
-        "requests that do not send `compress_layers` (repeatable or comma-separated; "
-        "default: the model card's 24,40). Ignored by other models.",
     )
     compress_ratio: int | None = _opt(
         None,
