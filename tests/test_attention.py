@@ -339,17 +339,17 @@ def test_cuda_backends_give_sdpa_scores_through_the_model(monkeypatch, fixture, 
 @pytest.mark.parametrize("group", [2, 32])
 @pytest.mark.parametrize("heads", HEADS.values(), ids=HEADS)
 @pytest.mark.parametrize("make_batch", BATCHES.values(), ids=BATCHES)
-def test_last_token_attention_equals_full_attention_at_the_last_rows(
+def test_one_query_attention_equals_full_attention_at_the_last_rows(
     monkeypatch, make_batch, heads, group
 ):
     """Each sequence's last token attending its prefix's and its own keys, over the stream
     as the decoder lays it out (prefix rows first), equals causal attention's last rows;
     groups of 2 sequences take the copy path (rows not next to the prefixes)."""
-    monkeypatch.setattr(attention, "LAST_TOKEN_GROUP", group)
+    monkeypatch.setattr(attention, "ONE_QUERY_GROUP", group)
     batch, q, k, v, prefix = _inputs(make_batch, heads)
     expected = sdpa_attention(q, k, v, batch, prefix, causal=True, scale=0.3)[batch.last]
     shared = sum(batch.prefix_lengths)
     stream_k = torch.cat((prefix[0], k)) if prefix else k
     stream_v = torch.cat((prefix[1], v)) if prefix else v
-    got = attention.last_token_attention(q[batch.last], stream_k, stream_v, batch, shared, 0.3)
+    got = attention.one_query_attention(q[batch.last], stream_k, stream_v, batch, shared, 0.3)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)

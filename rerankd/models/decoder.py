@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from rerankd.models.kernels import Kernels, refuse_unless
 from rerankd.models.loader import UnsupportedCheckpoint
-from rerankd.ops.attention import ATTENTION, PrefixKV, last_token_attention
+from rerankd.ops.attention import ATTENTION, PrefixKV, one_query_attention
 from rerankd.ops.attention_speed import AttentionShape
 from rerankd.ops.batch import PackedBatch
 from rerankd.ops.compile_cache import key_compile_cache_by_cpu_isa
@@ -315,7 +315,7 @@ class Block(nn.Module):
         q, k, v = self._project(x, stream)
         rows = stream.batch.last + stream.shared
         attention = self.self_attn
-        y = last_token_attention(
+        y = one_query_attention(
             q[rows], k, v, stream.batch, stream.shared, attention.config.scale
         ).view(len(rows), attention.q_size)
         n = len(rows)

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from rerankd.models.kernels import Kernels, refuse_unless
 from rerankd.models.loader import UnsupportedCheckpoint
 from rerankd.models.weights import Checkpoint
-from rerankd.ops.attention import ATTENTION
+from rerankd.ops.attention import ATTENTION, one_query_attention
 from rerankd.ops.attention_speed import AttentionShape
 from rerankd.ops.batch import PackedBatch
 from rerankd.ops.compile_cache import key_compile_cache_by_cpu_isa
@@ -31,6 +31,10 @@ from rerankd.ops.prepack import activated_linear, residual_linear
 from rerankd.ops.static_batch import StaticInputs
 
 #: position ids of RoBERTa-family models start after the padding index
+#: the last layer's first-token rows are padded to a multiple of this (`Block.first_tokens`):
+#: the decoders' stream multiple (engine/factory.py's ONEDNN_ROW_MULTIPLE)
+FIRST_TOKEN_ROWS = 16
+
 _ROBERTA_TYPES = {"xlm-roberta": "roberta", "roberta": "roberta", "camembert": "roberta"}
 _BERT_TYPES = {"bert": "bert"}
 
@@ -143,15 +147,27 @@ class Encoder(EncoderBackbone):
 
     def forward_rows(self, inputs: StaticInputs) -> Tensor:
         """Raw scores (sequence slots,) of a bucketed stream (ops/static_batch.py, unused
-        slots read row 0: the caller keeps the first N): the same forward, every shape set
-        by the bucket, so one captured CUDA graph serves its batches (engine/cuda_graphs.py)."""
-        return self(inputs.batch)
+        slots read row 0: the caller keeps the first N): every row of every layer computed,
+        every shape set by the bucket and no host data in the forward, so one captured CUDA
+        graph serves its batches (engine/cuda_graphs.py)."""
+        return self._score(self.first_tokens(inputs.batch, every_row=True))
 
     def forward(self, batch: PackedBatch) -> Tensor:
+        return self._score(self.first_tokens(batch))
+
+    def first_tokens(self, batch: PackedBatch, every_row: bool = False) -> Tensor:
+        """Hidden states (N, hidden) of each sequence's first token ([CLS] / <s>) after the
+        last layer, which computes those rows only (`Block.first_tokens`) unless
+        `every_row`."""
         x = self.embed(batch)
-        for layer in self.layers:
+        for index, layer in enumerate(self.layers):
+            if index == len(self.layers) - 1 and not every_row:
+                return layer.first_tokens(x, batch, self.kernels)
             x = layer(x, batch, self.kernels)
-        first = x[batch.first]  # (N, hidden): [CLS] / <s>
+        return x[batch.first]
+
+    def _score(self, first: Tensor) -> Tensor:
+        """The classification head on the first tokens' states: raw scores (N,)."""
         pooled = torch.tanh(self.head_dense(first))
         return self.head_out(pooled)[:, 0].float()
 
@@ -176,6 +192,28 @@ class Block(nn.Module):
         q, k, v = kernels.project(self, x).view(seqlen, 3, c.num_heads, c.head_dim).unbind(dim=1)
         y = self.attention.attend(q, k, v, batch, None, causal=False, scale=c.head_dim**-0.5)
         return kernels.finish(self, x, y.reshape(seqlen, c.hidden_size))
+
+    def first_tokens(
+        self, x: Tensor, batch: PackedBatch, kernels: EncoderKernels | None = None
+    ) -> Tensor:
+        """The block's output (N, hidden) at each sequence's first token only: keys and
+        values of every row, then attention, output projection, norms and MLP for those N
+        rows. A cross-encoder's last layer is read nowhere else (a 12-layer MiniLM: 1/12 of
+        its per-token work)."""
+        kernels = kernels or EAGER
+        c = self.attention.config
+        q, k, v = kernels.project(self, x).view(len(x), 3, c.num_heads, c.head_dim).unbind(dim=1)
+        rows = batch.first
+        y = one_query_attention(q[rows], k, v, batch, 0, c.head_dim**-0.5)
+        n = len(rows)
+        # a recurring row count (oneDNN builds a GEMM per new one; a compiled function
+        # would specialize on 1), padded with copies of the first row rather than zeros:
+        # biases and norms make zero rows nonzero, which could move an int8 linear's
+        # per-tensor activation scale; a copy of a real row cannot
+        pad = max(-n % FIRST_TOKEN_ROWS, 2 - n)
+        rows = torch.cat((rows, rows[:1].expand(pad)))
+        y = torch.cat((y, y[:1].expand(pad, *y.shape[1:]))).view(n + pad, c.hidden_size)
+        return kernels.finish(self, x[rows], y)[:n]
 
 
 class Attention(nn.Module):

@@ -106,12 +106,12 @@ def sdpa_attention(
     return out
 
 
-#: sequences per SDPA call of `last_token_attention`. Its mask spans the group's rows, so a
-#: query is also scored against its neighbours' keys (masked out): bounded work per group
-LAST_TOKEN_GROUP = 32
+#: sequences per SDPA call of `one_query_attention`. Its mask spans the group's rows, so a
+#: query is also scored against its neighbours' keys (masked out): bounded waste per group
+ONE_QUERY_GROUP = 32
 
 
-def last_token_attention(
+def one_query_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -119,20 +119,22 @@ def last_token_attention(
     shared: int,
     scale: float,
 ) -> torch.Tensor:
-    """Attention of each sequence's last token only: q (N, H, D) holds the last tokens'
-    queries; k/v (rows, KVH, D) are the whole stream's as the decoder lays it out (the
-    `shared` rows of the shared prefixes first, then the batch's rows) → (N, H, D).
+    """Attention for one query per sequence that sees every key of its sequence, its
+    prefix's and its own: a decoder's last token (causal masking hides nothing from it) or
+    an encoder's first ([CLS], bidirectional). q (N, H, D) holds those queries; k/v (rows,
+    KVH, D) are the whole stream's as the model lays it out (the `shared` rows of the shared
+    prefixes first, then the batch's rows) → (N, H, D).
 
-    A last token sees every key of its sequence, its prefix's and its own, so causality
-    needs no mask of its own: one SDPA call per group of sequences, over the prefixes' and
-    the group's rows, with a mask that keeps each query to its sequence's keys."""
+    For a model's last layer, whose output is read at those rows only. One SDPA call per
+    group of sequences, over the prefixes' and the group's rows, with a mask that keeps each
+    query to its sequence's keys."""
     out = torch.empty_like(q)
     gqa = q.shape[1] != k.shape[1]
     # no fused CUDA kernel takes a mask with GQA: expanded heads run the memory-efficient one
     expand = gqa and q.device.type != "cpu"
     prefix_starts, prefix_lengths = batch.prefix_starts, batch.prefix_lengths
-    for g0 in range(0, batch.num_sequences, LAST_TOKEN_GROUP):
-        g1 = min(batch.num_sequences, g0 + LAST_TOKEN_GROUP)
+    for g0 in range(0, batch.num_sequences, ONE_QUERY_GROUP):
+        g1 = min(batch.num_sequences, g0 + ONE_QUERY_GROUP)
         first = shared + batch.starts[g0]
         end = shared + batch.starts[g1 - 1] + batch.lengths[g1 - 1]
         # key columns: the prefixes' rows [0, shared), then the group's rows [first, end)

@@ -12,7 +12,7 @@ from rerankd.models.modernbert import band_sdpa_attention, windowed_varlen_atten
 from rerankd.ops.attention import (
     ATTENTION,
     cuda_backends,
-    last_token_attention,
+    one_query_attention,
     sdpa_attention,
     takes,
     torch_varlen_kernel,
@@ -74,8 +74,8 @@ def test_torch_varlen_is_first_where_it_exists():
 
 @pytest.mark.parametrize("heads", [(16, 8), (16, 16)], ids=["gqa", "mha"])
 @pytest.mark.parametrize("shared", [True, False], ids=["shared-prefix", "no-prefix"])
-def test_last_token_attention_matches_float32_sdpa_at_the_last_rows(shared, heads):
-    """The decoder's last layer (`last_token_attention`, CUDA: expanded heads and the
+def test_one_query_attention_matches_float32_sdpa_at_the_last_rows(shared, heads):
+    """The decoder's last layer (`one_query_attention`, CUDA: expanded heads and the
     memory-efficient kernel with a mask) against full causal attention's last rows."""
     cpu_batch, gpu_batch = _batch(torch.device("cpu"), shared), _batch(CUDA, shared)
     q, k, v, prefix = _qkv(cpu_batch, *heads)
@@ -84,7 +84,7 @@ def test_last_token_attention_matches_float32_sdpa_at_the_last_rows(shared, head
     stream_v = torch.cat((prefix[1], v)) if prefix else v
     shared_rows = sum(cpu_batch.prefix_lengths)
     q_last, k_s, v_s = (t.to(CUDA, torch.bfloat16) for t in (q[cpu_batch.last], stream_k, stream_v))
-    got = last_token_attention(q_last, k_s, v_s, gpu_batch, shared_rows, 128**-0.5)
+    got = one_query_attention(q_last, k_s, v_s, gpu_batch, shared_rows, 128**-0.5)
     torch.testing.assert_close(got.float().cpu(), expected, atol=3e-2, rtol=3e-2)
 
 

@@ -140,7 +140,7 @@ def test_the_last_layer_computes_only_the_last_tokens_and_gives_the_same_states(
         finished.append(len(x))
         return EAGER_TOKENS.finish(block, x, y)
 
-    monkeypatch.setattr(attention, "LAST_TOKEN_GROUP", 4)  # two groups: a copy and a view
+    monkeypatch.setattr(attention, "ONE_QUERY_GROUP", 4)  # two groups: a copy and a view
     with torch.inference_mode():
         expected = decoder(batch)[batch.last]
         decoder.tokens = TokenFunctions(EAGER_TOKENS.project, counting_finish)
