@@ -114,7 +114,9 @@ def test_every_model_answers_as_the_single_process_server(servers, model_dirs):
                 got, want = call(on_ray, method, path, body), call(single, method, path, body)
                 if path == "/v1/models":
                     got, want = _without_engine_facts(got), _without_engine_facts(want, ray=False)
-                assert_same_answer(got, want)
+                # float32 sums in another order with another thread count (the engine
+                # replica has one CPU, the single process two): equal within TOL
+                assert_same_answer(got, want, tol=TOL)
         listed = on_ray.get("/v1/models").json()["data"]
         assert [(m["id"], m["root"]) for m in listed] == [
             (name, str(path)) for name, path in model_dirs.items()

@@ -237,11 +237,16 @@ def test_bf16_is_close_and_keeps_clear_rankings(model_dir, golden, index):
     finally:
         bf16.close()
     reference = golden["float32"][index]
-    # 42 random-weight layers amplify bf16 rounding: FlagEmbedding's own bf16 run is 0.045 to
-    # 0.052 from its float32 scores here (and rerankd's 0.030 to 0.036), so the 2e-2 bound is
-    # held against the float32 reference where bf16 noise allows it, else rerankd's bf16 must be
-    # no farther from float32 than the reference's own bf16 is
-    own = max(abs(a - b) for a, b in zip(golden["bfloat16"][index], reference, strict=True))
+    # 42 random-weight layers amplify bf16 rounding: FlagEmbedding's own bf16 run is 0.045 and
+    # 0.052 from its float32 scores on these two settings (rerankd's: 0.030 to 0.036 on an AMX
+    # Xeon, 0.048 on a Zen 4, whose oneDNN kernels round in another order), so the 2e-2 bound
+    # is held against the float32 reference where bf16 noise allows it, else rerankd's bf16 must
+    # be no farther from float32 than the reference's own bf16 is on either setting: the noise
+    # is the fixture's depth, and which setting it lands on depends on the CPU
+    own = max(
+        max(abs(a - b) for a, b in zip(golden["bfloat16"][i], golden["float32"][i], strict=True))
+        for i in (0, 1)
+    )
     _close(got, reference, max(BF16_TOLERANCE, own))
     for q in range(len(QUERIES)):
         span = range(q * len(DOCUMENTS), (q + 1) * len(DOCUMENTS))
