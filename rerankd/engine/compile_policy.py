@@ -25,9 +25,10 @@ from rerankd.ops.cpu import cpu_flags
 
 #: (CPU class, model family, activation dtype, int8 linears) -> compile. The comment is the
 #: median paired speedup of compiled over eager (eager time / compiled time, 3 rounds; the
-#: rows measured 2026-12-04 say theirs) of `benchmarks/bench_compile.py --docs 8` on a shared
-#: 2-core Xeon with AMX, the other classes emulated on it (`rerankd.ops.cpu.CPU_CLASSES`);
-#: compiled at >= 1.05 (`bench_compile.PAYS_AT`).
+#: rows measured later say theirs) of `benchmarks/bench_compile.py --docs 8` on a shared
+#: 2-core Xeon with AMX, the avx512-vnni and avx2 classes emulated on it
+#: (`rerankd.ops.cpu.CPU_CLASSES`), zen4 on a real 2-core AMD EPYC Zen 4; compiled at >= 1.05
+#: (`bench_compile.PAYS_AT`).
 MEASURED: dict[tuple[str, str, str, bool], bool] = {
     # Intel Xeon with AMX (Sapphire Rapids and later)
     ("amx", "decoder", "bfloat16", False): True,  # 1.22
@@ -38,17 +39,18 @@ MEASURED: dict[tuple[str, str, str, bool], bool] = {
     ("amx", "encoder", "float32", False): False,  # 0.97
     ("amx", "encoder", "bfloat16", True): True,  # 1.44
     ("amx", "encoder", "float32", True): True,  # 1.05
-    # AVX512-BF16 + VNNI without AMX (AMD EPYC Zen 4/5, Cooper Lake), emulated
-    ("zen4", "decoder", "bfloat16", False): True,  # 1.13
-    ("zen4", "decoder", "float32", False): False,  # 1.04
-    ("zen4", "decoder", "bfloat16", True): True,  # 1.72
-    ("zen4", "decoder", "float32", True): True,  # 1.34
-    ("zen4", "encoder", "bfloat16", False): False,  # 0.97
-    # held eager while compiled float32 encoder kernels corrupted the heap: that was
-    # Inductor's ISA-blind cache (ops/compile_cache.py), fixed
-    ("zen4", "encoder", "float32", False): True,  # 1.44
-    ("zen4", "encoder", "bfloat16", True): True,  # 1.30
-    ("zen4", "encoder", "float32", True): False,  # 0.96
+    # AVX512-BF16 + VNNI without AMX (AMD EPYC Zen 4/5, Cooper Lake): measured on a real
+    # 2-core AMD EPYC Zen 4, 2026-12-05, quiet; the float32 rows are the median over the
+    # paired rounds of two runs (3 + 5 rounds). The emulated rows they replace (2026-12-04)
+    # had decoder float32 off (1.04), encoder float32 on (1.44), encoder int8-float32 off (0.96)
+    ("zen4", "decoder", "bfloat16", False): True,  # 1.12
+    ("zen4", "decoder", "float32", False): True,  # 1.07 (1.07, 1.09)
+    ("zen4", "decoder", "bfloat16", True): True,  # 1.31
+    ("zen4", "decoder", "float32", True): True,  # 1.23 (1.25, 1.22)
+    ("zen4", "encoder", "bfloat16", False): False,  # 0.98
+    ("zen4", "encoder", "float32", False): False,  # 1.00 (0.99, 1.01)
+    ("zen4", "encoder", "bfloat16", True): True,  # 1.06
+    ("zen4", "encoder", "float32", True): True,  # 1.06 (1.08, 1.06)
     # AVX512-VNNI without BF16 (Cascade Lake, Ice Lake server), emulated, 2026-12-04: float32
     # activations (`--dtype auto`), int8 on rerankd's brgemm kernel; median over the paired
     # rounds of two runs (3 + 5 rounds, load 2.5-6; each run's median in brackets)
