@@ -14,7 +14,9 @@ the scores (tokenization included):
 
 - ``rerankd-bf16`` / ``rerankd-int8``: rerankd's own service, in the worker's process, built as
   the server builds it (`Settings` → `runtime.build_service`; ``--dtype bfloat16``, then also
-  ``--quantize int8``), scored through `RerankService.rerank`;
+  ``--quantize int8``), scored through `RerankService.rerank`; on request (``--engines``),
+  ``rerankd-int8-fp32``: ``--quantize int8 --dtype float32``, int8 linears between float32
+  activations as ONNX's dynamic int8 has them, to tell int8's own cost from bf16's;
 - ``st-torch-fp32`` / ``st-torch-bf16``: sentence-transformers `CrossEncoder`, torch backend;
 - ``st-onnx-fp32`` / ``st-onnx-int8``: the ONNX Runtime backend, exported once by
   sentence-transformers, and its dynamic int8 model from
@@ -67,6 +69,7 @@ ONNX_INT8_CONFIG = "avx512_vnni"  # ST's preset: the x86 VNNI kernels (what AVX5
 ENGINES: dict[str, tuple[str, str]] = {
     "rerankd-bf16": ("main", "bf16"),
     "rerankd-int8": ("main", "int8"),
+    "rerankd-int8-fp32": ("main", "int8"),
     "st-torch-fp32": ("main", "fp32"),
     "st-torch-bf16": ("main", "bf16"),
     "st-onnx-fp32": ("onnx", "fp32"),
@@ -74,6 +77,8 @@ ENGINES: dict[str, tuple[str, str]] = {
     "st-openvino": ("openvino", "plugin default"),
     "infinity": ("infinity", "fp32"),
 }
+#: run unless `--engines` names others: all but the diagnostic rerankd-int8-fp32
+DEFAULT_ENGINES = [name for name in ENGINES if name != "rerankd-int8-fp32"]
 DEFAULT_VENVS = {
     "onnx": "~/.cache/rerankd-bench/enc-peers-onnx",
     "openvino": "~/.cache/rerankd-bench/enc-peers-ov",
@@ -103,13 +108,13 @@ class _Scorer:
 
 
 class _Rerankd(_Scorer):
-    def __init__(self, model: str, quantize: str) -> None:
+    def __init__(self, model: str, quantize: str, dtype: str) -> None:
         import asyncio
 
         from rerankd.runtime import build_service
         from rerankd.settings import Settings
 
-        settings = Settings(model=model, dtype="bfloat16", quantize=quantize)
+        settings = Settings(model=model, dtype=dtype, quantize=quantize)
         self.loop = asyncio.new_event_loop()
         self.service = build_service(settings)
         self.loop.run_until_complete(self.service.start())
@@ -248,7 +253,9 @@ def worker(name: str, model: str, cache: str) -> None:
     sys.stdout = sys.stderr  # libraries' prints must not corrupt the protocol
     started = time.perf_counter()
     if name.startswith("rerankd-"):
-        scorer: _Scorer = _Rerankd(model, "int8" if name.endswith("int8") else "none")
+        quantize = "int8" if "-int8" in name else "none"
+        dtype = "float32" if name.endswith("fp32") else "bfloat16"
+        scorer: _Scorer = _Rerankd(model, quantize, dtype)
     elif name == "infinity":
         scorer = _Infinity(model)
     else:
@@ -535,7 +542,7 @@ def report(out: dict) -> None:
     )
     res = out["results"]
     print(
-        f"{'engine':<15} {'precision':<15} {'docs/s':>7} {'TFLOP/s':>8} "
+        f"{'engine':<18} {'precision':<15} {'docs/s':>7} {'TFLOP/s':>8} "
         f"{'max|Δ| vs fp32':>15} {'pair agree':>10} {'same top':>8}"
     )
     for name, r in res.items():
@@ -548,7 +555,7 @@ def report(out: dict) -> None:
         prec = r["precision"]
         if "inference_precision" in r["info"]:
             prec = f"{r['info']['inference_precision']}"
-        print(f"{name:<15} {prec:<15} {r['docs_per_s']:>7.2f} {r['linear_tflops']:>8.2f} {fid}")
+        print(f"{name:<18} {prec:<15} {r['docs_per_s']:>7.2f} {r['linear_tflops']:>8.2f} {fid}")
     print("\nratios (rerankd over peer: total docs/s; median of per-round ratios)")
     for key, r in out["ratios"].items():
         print(f"  {key:<32} {r['total']:>5.2f}x  {r['median_paired']:>5.2f}x")
@@ -621,7 +628,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=24, help="layers of the 24 to build (default 24)")
     p.add_argument("--rounds", type=int, default=4, help="measured requests per engine (4)")
     p.add_argument("--warmup", type=int, default=1, help="warm-up requests per engine (1)")
-    p.add_argument("--engines", default=",".join(ENGINES), help="comma-separated engine names")
+    p.add_argument(
+        "--engines",
+        default=",".join(DEFAULT_ENGINES),
+        help="comma-separated engine names (default: all but rerankd-int8-fp32)",
+    )
     p.add_argument("--onnx-venv", help=f"default {DEFAULT_VENVS['onnx']}")
     p.add_argument("--openvino-venv", help=f"default {DEFAULT_VENVS['openvino']}")
     p.add_argument("--infinity-venv", help=f"default {DEFAULT_VENVS['infinity']}")
