@@ -72,15 +72,18 @@ MEASURED: dict[tuple[str, str, str, bool], bool] = {
 #: The listwise engine (engine/listwise.py: jina-reranker-v3, our decoder's per-token work on
 #: window prompts, SDPA, no int8): its own rows, measured as `MEASURED` is but with the
 #: jina-reranker-v3 shape (`bench_compile.py --families listwise --listwise-layers 7 --docs 8`,
-#: 7 of 28 layers; one window per request), 2026-12-04, load 2-8, zen4 and avx2 emulated.
+#: 7 of 28 layers; one window per request), 2026-12-04, load 2-8, avx2 emulated; zen4
+#: re-measured on a real 2-core AMD EPYC Zen 4, 2026-12-05, two runs of 5 rounds, load 1.2-1.7
+#: (the emulated medians were 1.09 and 1.12: the same decisions).
 #: The comment is the median over all paired rounds of 2-3 runs (each run's median in
 #: brackets); compiled at >= 1.05, as above.
 LISTWISE = "listwise"
 LISTWISE_MEASURED: dict[tuple[str, str, str, bool], bool] = {
     ("amx", LISTWISE, "bfloat16", False): True,  # 1.36 (1.31, 1.40)
     ("amx", LISTWISE, "float32", False): True,  # 1.10 (1.21, 1.09)
-    ("zen4", LISTWISE, "bfloat16", False): True,  # 1.09 (1.06, 1.03, 1.10)
-    ("zen4", LISTWISE, "float32", False): True,  # 1.12 (1.10, 1.10, 1.12)
+    ("zen4", LISTWISE, "bfloat16", False): True,  # 1.085 (1.08, 1.09)
+    # near the threshold: 2 of 10 rounds at 1.00, none below
+    ("zen4", LISTWISE, "float32", False): True,  # 1.055 (1.03, 1.06)
     ("avx512-vnni", LISTWISE, "float32", False): True,  # 1.10 (1.11, 1.09)
     # no gain shown: 5 of 13 rounds < 1, the quietest run (load 2.5) 0.88, a same-request
     # recheck at load 1.2 0.58; the pooled 1.06 is the threshold, not a resolved gain: eager
