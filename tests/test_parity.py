@@ -300,8 +300,7 @@ def test_row_padding_does_not_change_scores(engine, rows, monkeypatch):
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_onednn_linears_pad_the_stream(dtype):
     """bf16 on CPU runs oneDNN-prepacked linears, which pad to a row multiple; float32 not."""
-    from rerankd.engine.factory import ONEDNN_ROW_MULTIPLE
-    from rerankd.ops.prepack import PrepackedLinear, prepack_supported
+    from rerankd.ops.prepack import ONEDNN_ROW_MULTIPLE, PrepackedLinear, prepack_supported
 
     model = _model("qwen3", dtype, 512)
     packed = model.scheduler.engine.model

@@ -23,7 +23,7 @@ from rerankd.models.minicpm import LayerwiseConfig, load_layerwise
 from rerankd.models.modernbert import ModernBertConfig, load_modernbert
 from rerankd.models.weights import Checkpoint, open_checkpoint
 from rerankd.ops.fp8 import fp8_refusal, probe_fp8, quantize_fp8
-from rerankd.ops.prepack import prepack_linears
+from rerankd.ops.prepack import ONEDNN_ROW_MULTIPLE, prepack_linears
 from rerankd.ops.quantize import Int8Choice, choose_int8, quantize_int8
 from rerankd.types import ScoreHead
 
@@ -34,12 +34,6 @@ LAYERWISE = ("minicpm",)
 LIGHTWEIGHT = ("cost_wise_gemma",)
 
 __all__ = ["UnsupportedCheckpoint", "build_packed_engine"]
-
-#: oneDNN linears (prepacked bf16, W8A8 int8) JIT-compile GEMM kernels per new row count
-#: (~1 ms per linear; most of a small request's time on the tiny fixture: forward 18 -> 9 ms
-#: with padding); padding the token stream to 16 rows makes row counts recur for <= 15
-#: extra rows per batch
-ONEDNN_ROW_MULTIPLE = 16
 
 
 @dataclass(frozen=True)

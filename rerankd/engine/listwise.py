@@ -57,13 +57,12 @@ import torch
 
 from rerankd.engine.base import default_batch_tokens, split_on_oom
 from rerankd.engine.compile_policy import LISTWISE, scores_disagree, wants_compile
-from rerankd.engine.factory import ONEDNN_ROW_MULTIPLE
 from rerankd.engine.packed_engine import COMPILE_MODES, check_mode
 from rerankd.models.jina_v3 import load_jina_v3
 from rerankd.models.kernels import Kernels
 from rerankd.models.weights import open_checkpoint
 from rerankd.ops.batch import pack
-from rerankd.ops.prepack import prepack_linears
+from rerankd.ops.prepack import ONEDNN_ROW_MULTIPLE, prepack_linears
 from rerankd.types import Batch, EncodedPair
 
 log = logging.getLogger(__name__)

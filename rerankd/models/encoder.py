@@ -27,14 +27,10 @@ from rerankd.ops.attention import ATTENTION, one_query_attention
 from rerankd.ops.attention_speed import AttentionShape
 from rerankd.ops.batch import PackedBatch
 from rerankd.ops.compile_cache import key_compile_cache_by_cpu_isa
-from rerankd.ops.prepack import activated_linear, residual_linear
+from rerankd.ops.prepack import ONEDNN_ROW_MULTIPLE, activated_linear, residual_linear
 from rerankd.ops.static_batch import StaticInputs
 
 #: position ids of RoBERTa-family models start after the padding index
-#: the last layer's first-token rows are padded to a multiple of this (`Block.first_tokens`):
-#: the decoders' stream multiple (engine/factory.py's ONEDNN_ROW_MULTIPLE)
-FIRST_TOKEN_ROWS = 16
-
 _ROBERTA_TYPES = {"xlm-roberta": "roberta", "roberta": "roberta", "camembert": "roberta"}
 _BERT_TYPES = {"bert": "bert"}
 
@@ -187,11 +183,14 @@ class Block(nn.Module):
     ) -> Tensor:
         kernels = kernels or EAGER
         c = self.attention.config
-        seqlen = x.shape[0]
-        # (T, 3 * hidden) -> (T, 3, H, D) -> q, k, v (T, H, D) each
-        q, k, v = kernels.project(self, x).view(seqlen, 3, c.num_heads, c.head_dim).unbind(dim=1)
+        q, k, v = self._project(x, kernels)
         y = self.attention.attend(q, k, v, batch, None, causal=False, scale=c.head_dim**-0.5)
-        return kernels.finish(self, x, y.reshape(seqlen, c.hidden_size))
+        return kernels.finish(self, x, y.reshape(len(x), c.hidden_size))
+
+    def _project(self, x: Tensor, kernels: EncoderKernels) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k, v (T, H, D) each of every row: (T, 3 * hidden) -> (T, 3, H, D), split."""
+        c = self.attention.config
+        return kernels.project(self, x).view(len(x), 3, c.num_heads, c.head_dim).unbind(dim=1)
 
     def first_tokens(
         self, x: Tensor, batch: PackedBatch, kernels: EncoderKernels | None = None
@@ -202,7 +201,7 @@ class Block(nn.Module):
         its per-token work)."""
         kernels = kernels or EAGER
         c = self.attention.config
-        q, k, v = kernels.project(self, x).view(len(x), 3, c.num_heads, c.head_dim).unbind(dim=1)
+        q, k, v = self._project(x, kernels)
         rows = batch.first
         y = one_query_attention(q[rows], k, v, batch, 0, c.head_dim**-0.5)
         n = len(rows)
@@ -210,7 +209,7 @@ class Block(nn.Module):
         # would specialize on 1), padded with copies of the first row rather than zeros:
         # biases and norms make zero rows nonzero, which could move an int8 linear's
         # per-tensor activation scale; a copy of a real row cannot
-        pad = max(-n % FIRST_TOKEN_ROWS, 2 - n)
+        pad = max(-n % ONEDNN_ROW_MULTIPLE, 2 - n)
         rows = torch.cat((rows, rows[:1].expand(pad)))
         y = torch.cat((y, y[:1].expand(pad, *y.shape[1:]))).view(n + pad, c.hidden_size)
         return kernels.finish(self, x[rows], y)[:n]

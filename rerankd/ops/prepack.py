@@ -20,6 +20,12 @@ log = logging.getLogger(__name__)
 
 _PACKABLE = (torch.bfloat16, torch.float16)
 
+#: oneDNN linears (prepacked bf16, W8A8 int8) JIT-compile GEMM kernels per new row count
+#: (~1 ms per linear; most of a small request's time on the tiny fixture: forward 18 -> 9 ms
+#: with padding); padding the token stream to 16 rows makes row counts recur for <= 15
+#: extra rows per batch
+ONEDNN_ROW_MULTIPLE = 16
+
 
 def prepack_supported(device: torch.device, dtype: torch.dtype) -> bool:
     return (

@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from rerankd.models import encoder
 from rerankd.models.encoder import EAGER, Encoder, EncoderConfig, EncoderKernels
 from rerankd.ops import attention
 from rerankd.ops.batch import pack
+from rerankd.ops.prepack import ONEDNN_ROW_MULTIPLE
 from rerankd.types import EncodedPair
 
 CONFIG = EncoderConfig(
@@ -39,9 +39,9 @@ def _encoder() -> Encoder:
 def test_the_last_layer_computes_only_first_tokens_and_gives_the_same_scores(
     monkeypatch, lengths
 ):
-    """The last block's norms and MLP see N rows (padded to 16 with copies of the first, never
-    1), the other blocks every row; the first tokens' states and the scores equal the
-    every-row forward's (float32)."""
+    """The last block's norms and MLP see N rows (padded to oneDNN's row multiple, 16, with
+    copies of the first, never 1), the other blocks every row; the first tokens' states and
+    the scores equal the every-row forward's (float32)."""
     model = _encoder()
     pairs = [
         EncodedPair(tuple(range(i, i + n)), token_type_ids=(0,) * (n // 2) + (1,) * (n - n // 2))
@@ -62,15 +62,10 @@ def test_the_last_layer_computes_only_first_tokens_and_gives_the_same_scores(
         got = model.first_tokens(batch)
         scores = model(batch)
     n = len(lengths)
-    assert [len(x) for x in seen[:3]] == [sum(lengths), sum(lengths), 16]
+    assert [len(x) for x in seen[:3]] == [sum(lengths), sum(lengths), ONEDNN_ROW_MULTIPLE]
     padded = seen[2]
-    assert torch.equal(padded[n:], padded[:1].expand(16 - n, -1))  # copies of a real row
+    copies = padded[:1].expand(ONEDNN_ROW_MULTIPLE - n, -1)
+    assert torch.equal(padded[n:], copies)  # copies of a real row
     assert got.shape == (n, CONFIG.hidden_size)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(scores, expected_scores, atol=1e-5, rtol=1e-5)
-
-
-def test_first_token_rows_follow_the_decoders_row_multiple():
-    from rerankd.engine.factory import ONEDNN_ROW_MULTIPLE
-
-    assert encoder.FIRST_TOKEN_ROWS == ONEDNN_ROW_MULTIPLE
